@@ -1,0 +1,284 @@
+#include "config/config.h"
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <map>
+#include <utility>
+
+#include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
+
+namespace sps::config {
+namespace {
+
+// One accepted key: how to set it from a YAML scalar and read it back.
+struct Field {
+  std::string path;
+  // Sets the field from `node`; on failure returns a message without location.
+  std::function<Status(const YAML::Node&, Config&)> set;
+  std::function<nlohmann::json(const Config&)> get;
+};
+
+std::string scalar_text(const YAML::Node& n) {
+  if (n.IsNull()) return "<empty>";
+  if (!n.IsScalar()) return n.IsMap() ? "<a map>" : "<a list>";
+  return "'" + n.Scalar() + "'";
+}
+
+template <class Ref>
+Field integer_field(std::string path, Ref ref, int64_t lo, int64_t hi) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            int64_t v = 0;
+            if (!n.IsScalar() || !YAML::convert<int64_t>::decode(n, v))
+              return invalid_argument(fmt::format("expected an integer, got {}", scalar_text(n)));
+            if (v < lo || v > hi) return out_of_range(fmt::format("{} is outside [{}, {}]", v, lo, hi));
+            using T = std::remove_reference_t<decltype(ref(c))>;
+            ref(c) = static_cast<T>(v);
+            return {};
+          },
+          [=](const Config& c) { return nlohmann::json(ref(c)); }};
+}
+
+template <class Ref>
+Field real_field(std::string path, Ref ref, double lo, double hi, bool lo_open) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            double v = 0;
+            if (!n.IsScalar() || !YAML::convert<double>::decode(n, v) || !std::isfinite(v))
+              return invalid_argument(fmt::format("expected a finite number, got {}", scalar_text(n)));
+            if ((lo_open ? v <= lo : v < lo) || v > hi)
+              return out_of_range(fmt::format("{} is outside {}{}, {}]", v, lo_open ? "(" : "[", lo, hi));
+            ref(c) = v;
+            return {};
+          },
+          [=](const Config& c) { return nlohmann::json(ref(c)); }};
+}
+
+template <class Ref>
+Field bool_field(std::string path, Ref ref) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            bool v = false;
+            if (!n.IsScalar() || !YAML::convert<bool>::decode(n, v))
+              return invalid_argument(fmt::format("expected true or false, got {}", scalar_text(n)));
+            ref(c) = v;
+            return {};
+          },
+          [=](const Config& c) { return nlohmann::json(ref(c)); }};
+}
+
+// A string; when `choices` is non-empty the value must be one of them.
+template <class Ref>
+Field string_field(std::string path, Ref ref, std::vector<std::string> choices = {}, bool allow_empty = false) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            if (!n.IsScalar()) return invalid_argument(fmt::format("expected a string, got {}", scalar_text(n)));
+            const std::string& v = n.Scalar();
+            if (v.empty() && !allow_empty) return invalid_argument("must not be empty");
+            if (!choices.empty() && std::find(choices.begin(), choices.end(), v) == choices.end())
+              return invalid_argument(fmt::format("'{}' is not one of: {}", v, fmt::join(choices, ", ")));
+            ref(c) = v;
+            return {};
+          },
+          [=](const Config& c) { return nlohmann::json(ref(c)); }};
+}
+
+// An enum spelled by name in the YAML.
+template <class E, class Ref>
+Field enum_field(std::string path, Ref ref, std::vector<std::pair<std::string, E>> names) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            if (n.IsScalar()) {
+              for (const auto& [name, value] : names) {
+                if (n.Scalar() == name) {
+                  ref(c) = value;
+                  return {};
+                }
+              }
+            }
+            std::vector<std::string> all;
+            for (const auto& p : names) all.push_back(p.first);
+            return invalid_argument(fmt::format("{} is not one of: {}", scalar_text(n), fmt::join(all, ", ")));
+          },
+          [=](const Config& c) {
+            for (const auto& [name, value] : names)
+              if (ref(c) == value) return nlohmann::json(name);
+            return nlohmann::json(nullptr);
+          }};
+}
+
+#define SPS_REF(expr) [](auto& c) -> auto& { return c.expr; }
+
+const std::vector<Field>& fields() {
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  static const std::vector<Field> kFields = {
+      string_field("run.name", SPS_REF(run.name)),
+      string_field("run.dir", SPS_REF(run.dir)),
+      string_field("run.log_level", SPS_REF(run.log_level), {"debug", "info", "warn", "error"}),
+      bool_field("run.progress", SPS_REF(run.progress)),
+      integer_field("run.progress_lines", SPS_REF(run.progress_lines), 1, 1000),
+      bool_field("run.save_params", SPS_REF(run.save_params)),
+
+      string_field("cluster.scheduler_host", SPS_REF(cluster.scheduler_host)),
+      integer_field("cluster.scheduler_port", SPS_REF(cluster.scheduler_port), 0, 65535),
+      string_field("cluster.bind_host", SPS_REF(cluster.bind_host)),
+      integer_field("cluster.num_servers", SPS_REF(cluster.num_servers), 1, 1024),
+      integer_field("cluster.num_workers", SPS_REF(cluster.num_workers), 1, 4096),
+      integer_field("cluster.heartbeat_ms", SPS_REF(cluster.heartbeat_ms), 10, 60000),
+      integer_field("cluster.dead_after_ms", SPS_REF(cluster.dead_after_ms), 100, 3600000),
+      integer_field("cluster.startup_timeout_ms", SPS_REF(cluster.startup_timeout_ms), 100, 3600000),
+
+      enum_field<ModelKind>("model.name", SPS_REF(model.name), {{"logreg", ModelKind::kLogReg}}),
+      real_field("model.init_std", SPS_REF(model.init_std), 0.0, 10.0, false),
+
+      string_field("data.name", SPS_REF(data.name), {"fashion_mnist"}),
+      string_field("data.path", SPS_REF(data.path)),
+      integer_field("data.train_limit", SPS_REF(data.train_limit), 0, kInt32Max),
+      integer_field("data.test_limit", SPS_REF(data.test_limit), 0, kInt32Max),
+
+      integer_field("training.steps", SPS_REF(training.steps), 1, 1000000000),
+      integer_field("training.batch_size", SPS_REF(training.batch_size), 1, 1000000),
+      real_field("training.lr", SPS_REF(training.lr), 0.0, 1e3, true),
+      real_field("training.l2", SPS_REF(training.l2), 0.0, 1e3, false),
+      integer_field("training.seed", SPS_REF(training.seed), 0, std::numeric_limits<int64_t>::max()),
+
+      enum_field<CompressionMethod>("compression.method", SPS_REF(compression.method),
+                                    {{"dense", CompressionMethod::kDense}, {"topk", CompressionMethod::kTopK}}),
+      real_field("compression.ratio", SPS_REF(compression.ratio), 0.0, 1.0, true),
+      integer_field("compression.k", SPS_REF(compression.k), 0, kInt32Max),
+      enum_field<ErrorFeedback>("compression.error_feedback", SPS_REF(compression.error_feedback),
+                                {{"none", ErrorFeedback::kNone}, {"ef", ErrorFeedback::kEf}}),
+      enum_field<Scale>("compression.scale", SPS_REF(compression.scale), {{"lr", Scale::kLr}, {"1", Scale::kOne}}),
+
+      enum_field<ConsistencyMode>("consistency.mode", SPS_REF(consistency.mode), {{"bsp", ConsistencyMode::kBsp}}),
+  };
+  return kFields;
+}
+#undef SPS_REF
+
+const Field* find_field(const std::string& path) {
+  for (const auto& f : fields())
+    if (f.path == path) return &f;
+  return nullptr;
+}
+
+bool is_section(const std::string& prefix) {
+  for (const auto& f : fields())
+    if (f.path.rfind(prefix + ".", 0) == 0) return true;
+  return false;
+}
+
+std::string where(const std::string& source, const YAML::Mark& mark) {
+  if (mark.line < 0) return source;
+  return fmt::format("{}:{}:{}", source, mark.line + 1, mark.column + 1);
+}
+
+Status apply_map(const YAML::Node& map, const std::string& prefix, const std::string& source, Config& c) {
+  for (const auto& kv : map) {
+    const YAML::Node& key = kv.first;
+    const YAML::Node& value = kv.second;
+    if (!key.IsScalar()) return invalid_argument(fmt::format("{}: keys must be plain names", where(source, key.Mark())));
+    const std::string path = prefix.empty() ? key.Scalar() : prefix + "." + key.Scalar();
+    if (const Field* f = find_field(path)) {
+      Status s = f->set(value, c);
+      if (!s.ok()) return Status(s.code(), fmt::format("{}: {}: {}", where(source, value.Mark()), path, s.message()));
+    } else if (is_section(path)) {
+      if (value.IsNull()) continue;  // an empty section keeps its defaults
+      if (!value.IsMap())
+        return invalid_argument(fmt::format("{}: {}: expected a map of keys", where(source, value.Mark()), path));
+      SPS_RETURN_IF_ERROR(apply_map(value, path, source, c));
+    } else {
+      return invalid_argument(fmt::format("{}: unknown key '{}' (see docs/config.md)", where(source, key.Mark()), path));
+    }
+  }
+  return {};
+}
+
+Status apply_override(const std::string& text, Config& c) {
+  const std::string where_text = "--set " + text;
+  const auto eq = text.find('=');
+  if (eq == std::string::npos || eq == 0)
+    return invalid_argument(fmt::format("{}: expected key.path=value", where_text));
+  const std::string path = text.substr(0, eq);
+  const Field* f = find_field(path);
+  if (f == nullptr) return invalid_argument(fmt::format("{}: unknown key '{}' (see docs/config.md)", where_text, path));
+  YAML::Node value;
+  try {
+    value = YAML::Load(text.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    return invalid_argument(fmt::format("{}: {}: value does not parse: {}", where_text, path, e.msg));
+  }
+  Status s = f->set(value, c);
+  if (!s.ok()) return Status(s.code(), fmt::format("{}: {}: {}", where_text, path, s.message()));
+  return {};
+}
+
+Status check_cross_keys(const Config& c) {
+  if (c.run.name.find('/') != std::string::npos || c.run.name == "." || c.run.name == "..")
+    return invalid_argument(fmt::format("{}: run.name: '{}' must be a plain folder name", c.source, c.run.name));
+  if (c.cluster.dead_after_ms <= c.cluster.heartbeat_ms)
+    return invalid_argument(fmt::format("{}: cluster.dead_after_ms ({}) must exceed cluster.heartbeat_ms ({})",
+                                        c.source, c.cluster.dead_after_ms, c.cluster.heartbeat_ms));
+  return {};
+}
+
+Result<Config> load_node(const YAML::Node& root, const std::string& source, const std::vector<std::string>& overrides) {
+  Config c;
+  c.source = source;
+  if (root.IsDefined() && !root.IsNull()) {
+    if (!root.IsMap()) return invalid_argument(fmt::format("{}: the top level must be a map of sections", source));
+    SPS_RETURN_IF_ERROR(apply_map(root, "", source, c));
+  }
+  for (const auto& o : overrides) SPS_RETURN_IF_ERROR(apply_override(o, c));
+  SPS_RETURN_IF_ERROR(check_cross_keys(c));
+  return c;
+}
+
+}  // namespace
+
+Result<Config> load_from_string(const std::string& yaml, const std::string& source_name,
+                                const std::vector<std::string>& overrides) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    return invalid_argument(fmt::format("{}: {}", where(source_name, e.mark), e.msg));
+  }
+  return load_node(root, source_name, overrides);
+}
+
+Result<Config> load(const std::string& path, const std::vector<std::string>& overrides) {
+  if (path.empty()) return load_node(YAML::Node(), "<defaults>", overrides);
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::BadFile&) {
+    return unavailable(fmt::format("{}: cannot open the config file", path));
+  } catch (const YAML::Exception& e) {
+    return invalid_argument(fmt::format("{}: {}", where(path, e.mark), e.msg));
+  }
+  return load_node(root, path, overrides);
+}
+
+nlohmann::json to_json(const Config& c) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& f : fields()) {
+    const auto dot = f.path.find('.');
+    j[f.path.substr(0, dot)][f.path.substr(dot + 1)] = f.get(c);
+  }
+  return j;
+}
+
+std::vector<std::string> all_keys() {
+  std::vector<std::string> keys;
+  for (const auto& f : fields()) keys.push_back(f.path);
+  return keys;
+}
+
+const char* to_string(CompressionMethod m) { return m == CompressionMethod::kDense ? "dense" : "topk"; }
+const char* to_string(ErrorFeedback e) { return e == ErrorFeedback::kNone ? "none" : "ef"; }
+const char* to_string(ConsistencyMode) { return "bsp"; }
+
+}  // namespace sps::config

@@ -1,0 +1,141 @@
+// Typed job configuration: YAML file + `--set key.path=value` overrides ->
+// validated structs. Every key, its meaning, unit, default and valid range is
+// listed in docs/config.md (a test checks the two agree).
+//
+// Errors name the source and key: "config/demo.yaml:12:3: training.lr: ...",
+// or "--set training.lr=abc: ...". Unknown keys, wrong types and values out
+// of range are all errors; nothing is silently ignored.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/status.h"
+
+namespace sps::config {
+
+struct RunConfig {
+  // Run folder name: logs and summary go to <dir>/<name>/. Default: "run".
+  std::string name = "run";
+  // Parent folder of run folders. Default: "runs".
+  std::string dir = "runs";
+  // debug | info | warn | error. Default: info.
+  std::string log_level = "info";
+  // Print progress lines (worker 0). Default: true.
+  bool progress = true;
+  // Progress lines per run (evenly spaced). Default: 10. Range [1, 1000].
+  int progress_lines = 10;
+  // Worker 0 writes the final parameters to <run>/params.f32. Default: false.
+  bool save_params = false;
+};
+
+struct ClusterConfig {
+  // Scheduler host (address workers and servers connect to). Default: 127.0.0.1.
+  std::string scheduler_host = "127.0.0.1";
+  // Scheduler TCP port; 0 = pick a free port and write it to
+  // <run>/scheduler.port. Default: 0. Range [0, 65535].
+  int scheduler_port = 0;
+  // Address servers and the scheduler bind to. Default: 127.0.0.1.
+  std::string bind_host = "127.0.0.1";
+  // Number of server processes (shards). Default: 1. Range [1, 1024].
+  int num_servers = 1;
+  // Number of worker processes. Default: 1. Range [1, 4096].
+  int num_workers = 1;
+  // Milliseconds between heartbeats. Default: 500. Range [10, 60000].
+  int heartbeat_ms = 500;
+  // Silence after which a node is declared dead, ms. Default: 10000. Range [100, 3600000].
+  int dead_after_ms = 10000;
+  // How long to wait for every node to register, ms. Default: 60000. Range [100, 3600000].
+  int startup_timeout_ms = 60000;
+};
+
+enum class ModelKind { kLogReg };
+struct ModelConfig {
+  // logreg (softmax regression). Default: logreg.
+  ModelKind name = ModelKind::kLogReg;
+  // Scale of the random initial weights (normal, stddev). Default: 0. Range [0, 10].
+  double init_std = 0.0;
+};
+
+struct DataConfig {
+  // Dataset: fashion_mnist. Default: fashion_mnist.
+  std::string name = "fashion_mnist";
+  // Folder with the IDX files. Default: /usr/share/datasets/fashion-mnist.
+  std::string path = "/usr/share/datasets/fashion-mnist";
+  // Use only the first N training examples (0 = all). Default: 0.
+  int train_limit = 0;
+  // Use only the first N test examples (0 = all). Default: 0.
+  int test_limit = 0;
+};
+
+struct TrainingConfig {
+  // Steps (pushes) per worker. Default: 500. Range [1, 1e9].
+  int64_t steps = 500;
+  // Examples per worker per step. Default: 32. Range [1, 1e6].
+  int batch_size = 32;
+  // Learning rate (step size). Default: 0.1. Range (0, 1e3].
+  double lr = 0.1;
+  // L2 regularisation coefficient. Default: 0. Range [0, 1e3].
+  double l2 = 0.0;
+  // Seed for initialisation and data order. Default: 1.
+  int64_t seed = 1;
+};
+
+enum class CompressionMethod { kDense, kTopK };
+enum class ErrorFeedback { kNone, kEf };
+enum class Scale { kLr, kOne };
+struct CompressionConfig {
+  // dense | topk. Default: topk.
+  CompressionMethod method = CompressionMethod::kTopK;
+  // Fraction of entries sent per step (topk). Default: 0.01. Range (0, 1].
+  double ratio = 0.01;
+  // Entries sent per step; overrides ratio when > 0. Default: 0.
+  int64_t k = 0;
+  // none | ef. Default: ef.
+  ErrorFeedback error_feedback = ErrorFeedback::kEf;
+  // lr: the worker scales gradients by lr before compression (server adds);
+  // 1: the worker compresses raw gradients, the server multiplies by lr. Default: lr.
+  Scale scale = Scale::kLr;
+};
+
+enum class ConsistencyMode { kBsp };
+struct ConsistencyConfig {
+  // bsp. Default: bsp.
+  ConsistencyMode mode = ConsistencyMode::kBsp;
+};
+
+struct Config {
+  RunConfig run;
+  ClusterConfig cluster;
+  ModelConfig model;
+  DataConfig data;
+  TrainingConfig training;
+  CompressionConfig compression;
+  ConsistencyConfig consistency;
+
+  // Where the config came from (file path, or "<defaults>").
+  std::string source = "<defaults>";
+
+  std::string run_folder() const { return run.dir + "/" + run.name; }
+};
+
+// Loads `path` (empty = defaults only), then applies each "key.path=value"
+// override in order, then checks cross-key rules.
+Result<Config> load(const std::string& path, const std::vector<std::string>& overrides = {});
+// Parses YAML text (for tests); `source_name` is used in error messages.
+Result<Config> load_from_string(const std::string& yaml, const std::string& source_name,
+                                const std::vector<std::string>& overrides = {});
+
+// The effective configuration as JSON (every key), for logs and launchers.
+nlohmann::json to_json(const Config& c);
+// Every key path the loader accepts, in documentation order.
+std::vector<std::string> all_keys();
+
+const char* to_string(CompressionMethod m);
+const char* to_string(ErrorFeedback e);
+const char* to_string(ConsistencyMode m);
+
+}  // namespace sps::config

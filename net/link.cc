@@ -1,0 +1,106 @@
+#include "net/link.h"
+
+#include <cerrno>
+
+#include <fmt/format.h>
+
+namespace sps::net {
+
+zmq::socket_t make_socket(zmq::context_t& ctx, SocketKind kind, int linger_ms) {
+  zmq::socket_t s(ctx, kind == SocketKind::kRouter ? zmq::socket_type::router : zmq::socket_type::dealer);
+  s.set(zmq::sockopt::linger, linger_ms);
+  s.set(zmq::sockopt::sndtimeo, 5000);
+  s.set(zmq::sockopt::maxmsgsize, kMaxMessageBytes);
+  // High-water marks bound queued messages per peer in both directions.
+  s.set(zmq::sockopt::sndhwm, 10000);
+  s.set(zmq::sockopt::rcvhwm, 10000);
+  return s;
+}
+
+std::string bind_tcp(zmq::socket_t& s, const std::string& host, int port) {
+  const std::string ep = port == 0 ? fmt::format("tcp://{}:*", host) : fmt::format("tcp://{}:{}", host, port);
+  s.bind(ep);
+  return s.get(zmq::sockopt::last_endpoint);
+}
+
+Result<size_t> send(zmq::socket_t& s, const protocol::EncodedMessage& m, const zmq::message_t* routing_id) {
+  try {
+    if (routing_id != nullptr) {
+      zmq::message_t id(routing_id->data(), routing_id->size());
+      if (!s.send(id, zmq::send_flags::sndmore)) return deadline_exceeded("send timed out");
+    }
+    if (!s.send(zmq::buffer(m.header), zmq::send_flags::sndmore) ||
+        !s.send(zmq::buffer(m.frame1), zmq::send_flags::sndmore) || !s.send(zmq::buffer(m.frame2), zmq::send_flags::none))
+      return deadline_exceeded("send timed out (peer not reading)");
+  } catch (const zmq::error_t& e) {
+    if (e.num() == EHOSTUNREACH) return unavailable("peer is gone");
+    return unavailable(fmt::format("send failed: {}", e.what()));
+  }
+  return m.total_bytes();
+}
+
+size_t Received::bytes() const {
+  size_t n = 0;
+  for (const auto& f : frames) n += f.size();
+  return n;
+}
+
+std::optional<Received> try_recv(zmq::socket_t& s, bool routed) {
+  Received r;
+  zmq::message_t part;
+  bool first = true;
+  while (true) {
+    zmq::recv_result_t got;
+    try {
+      got = s.recv(part, first ? zmq::recv_flags::dontwait : zmq::recv_flags::none);
+    } catch (const zmq::error_t&) {
+      return std::nullopt;  // EINTR and friends: nothing consumed on a first part
+    }
+    if (!got) return std::nullopt;
+    const bool more = part.more();
+    if (first && routed) {
+      r.routing_id = std::move(part);
+    } else if (r.frames.size() < kMaxKeptFrames) {
+      r.frames.push_back(std::move(part));
+    } else {
+      ++r.dropped_frames;
+    }
+    part = zmq::message_t();
+    first = false;
+    if (!more) break;
+  }
+  return r;
+}
+
+Result<protocol::MessageView> decode(const Received& r) {
+  if (r.dropped_frames > 0)
+    return malformed(fmt::format("message has {} frames, expected {}", r.frames.size() + r.dropped_frames,
+                                 protocol::kFrameCount));
+  std::vector<protocol::ByteSpan> spans;
+  spans.reserve(r.frames.size());
+  for (const auto& f : r.frames) spans.emplace_back(static_cast<const std::byte*>(f.data()), f.size());
+  return protocol::decode_message(spans);
+}
+
+std::vector<bool> wait_readable(std::vector<zmq::socket_t*> sockets, std::chrono::milliseconds timeout) {
+  std::vector<zmq::pollitem_t> items;
+  items.reserve(sockets.size());
+  for (auto* s : sockets) items.push_back({s->handle(), 0, ZMQ_POLLIN, 0});
+  std::vector<bool> ready(sockets.size(), false);
+  try {
+    zmq::poll(items.data(), items.size(), timeout);
+  } catch (const zmq::error_t&) {
+    return ready;  // EINTR: the caller re-checks its stop flag
+  }
+  for (size_t i = 0; i < items.size(); ++i) ready[i] = (items[i].revents & ZMQ_POLLIN) != 0;
+  return ready;
+}
+
+std::string routing_id_hex(const zmq::message_t& id) {
+  std::string out;
+  const auto* p = static_cast<const unsigned char*>(id.data());
+  for (size_t i = 0; i < id.size(); ++i) out += fmt::format("{:02x}", p[i]);
+  return out;
+}
+
+}  // namespace sps::net

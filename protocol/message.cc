@@ -1,0 +1,336 @@
+#include "protocol/message.h"
+
+#include <cmath>
+
+#include <fmt/format.h>
+
+namespace sps::protocol {
+
+std::string Reader::get_string(size_t max_len) {
+  const uint32_t len = get<uint32_t>();
+  if (failed_ || len > max_len || !need(len)) {
+    failed_ = true;
+    return {};
+  }
+  std::string s(reinterpret_cast<const char*>(bytes_.data() + pos_), len);
+  pos_ += len;
+  return s;
+}
+
+Status Reader::finish(std::string_view what) const {
+  if (failed_) return malformed(fmt::format("{} payload truncated or a field is too long", what));
+  if (pos_ != bytes_.size())
+    return malformed(fmt::format("{} payload has {} trailing bytes", what, bytes_.size() - pos_));
+  return {};
+}
+
+const char* message_type_name(MessageType type) {
+  switch (type) {
+    case MessageType::kRegister: return "register";
+    case MessageType::kAssign: return "assign";
+    case MessageType::kBarrier: return "barrier";
+    case MessageType::kBarrierRelease: return "barrier_release";
+    case MessageType::kHeartbeat: return "heartbeat";
+    case MessageType::kShutdown: return "shutdown";
+    case MessageType::kError: return "error";
+    case MessageType::kPush: return "push";
+    case MessageType::kPullRequest: return "pull_request";
+    case MessageType::kPullResponse: return "pull_response";
+    case MessageType::kDone: return "done";
+    case MessageType::kNodeDead: return "node_dead";
+  }
+  return "unknown";
+}
+
+namespace {
+
+bool is_data_type(MessageType t) { return t == MessageType::kPush || t == MessageType::kPullResponse; }
+
+}  // namespace
+
+// Layout (offsets in bytes), all little-endian:
+//  0 magic u32 | 4 version u16 | 6 type u16 | 8 flags u16 | 10 index_encoding u8
+// 11 value_type u8 | 12 sender u32 | 16 clock u64 | 24 base_version u64
+// 32 shard u32 | 36 key_begin u32 | 40 key_end u32 | 44 nnz u32
+// 48 frame1_bytes u32 | 52 frame2_bytes u32 | 56 reserved u64 (zero)
+Bytes encode_header(const Header& h) {
+  Bytes out;
+  out.reserve(kHeaderBytes);
+  put_le<uint32_t>(out, kMagic);
+  put_le<uint16_t>(out, kVersion);
+  put_le<uint16_t>(out, static_cast<uint16_t>(h.type));
+  put_le<uint16_t>(out, h.flags);
+  put_le<uint8_t>(out, static_cast<uint8_t>(h.index_encoding));
+  put_le<uint8_t>(out, static_cast<uint8_t>(h.value_type));
+  put_le<uint32_t>(out, h.sender);
+  put_le<uint64_t>(out, h.clock);
+  put_le<uint64_t>(out, h.base_version);
+  put_le<uint32_t>(out, h.shard);
+  put_le<uint32_t>(out, h.key_begin);
+  put_le<uint32_t>(out, h.key_end);
+  put_le<uint32_t>(out, h.nnz);
+  put_le<uint32_t>(out, h.frame1_bytes);
+  put_le<uint32_t>(out, h.frame2_bytes);
+  put_le<uint64_t>(out, 0);
+  return out;
+}
+
+Result<Header> decode_header(ByteSpan bytes) {
+  if (bytes.size() != kHeaderBytes)
+    return malformed(fmt::format("header is {} bytes, expected {}", bytes.size(), kHeaderBytes));
+  Reader r(bytes);
+  const auto magic = r.get<uint32_t>();
+  if (magic != kMagic) return malformed(fmt::format("bad magic 0x{:08x}", magic));
+  const auto version = r.get<uint16_t>();
+  if (version != kVersion)
+    return malformed(fmt::format("unsupported protocol version {} (this build speaks {})", version, kVersion));
+  Header h;
+  const auto type = r.get<uint16_t>();
+  if (type == 0 || type > kMaxMessageType) return malformed(fmt::format("unknown message type {}", type));
+  h.type = static_cast<MessageType>(type);
+  h.flags = r.get<uint16_t>();
+  const auto enc = r.get<uint8_t>();
+  if (enc > static_cast<uint8_t>(IndexEncoding::kRawU32))
+    return malformed(fmt::format("unknown index encoding {}", enc));
+  h.index_encoding = static_cast<IndexEncoding>(enc);
+  const auto vt = r.get<uint8_t>();
+  if (vt > static_cast<uint8_t>(ValueType::kF32)) return malformed(fmt::format("unknown value type {}", vt));
+  h.value_type = static_cast<ValueType>(vt);
+  h.sender = r.get<uint32_t>();
+  h.clock = r.get<uint64_t>();
+  h.base_version = r.get<uint64_t>();
+  h.shard = r.get<uint32_t>();
+  h.key_begin = r.get<uint32_t>();
+  h.key_end = r.get<uint32_t>();
+  h.nnz = r.get<uint32_t>();
+  h.frame1_bytes = r.get<uint32_t>();
+  h.frame2_bytes = r.get<uint32_t>();
+  const auto reserved = r.get<uint64_t>();
+  SPS_RETURN_IF_ERROR(r.finish("header"));
+  if (reserved != 0) return malformed("reserved header bytes are not zero");
+  if (h.key_end < h.key_begin)
+    return malformed(fmt::format("key range [{}, {}) is reversed", h.key_begin, h.key_end));
+  if (uint64_t{h.key_end} - h.key_begin > kMaxKeys)
+    return malformed(fmt::format("key range of {} keys exceeds the limit {}", h.key_end - h.key_begin, kMaxKeys));
+  return h;
+}
+
+Result<MessageView> decode_message(std::span<const ByteSpan> frames) {
+  if (frames.size() != kFrameCount)
+    return malformed(fmt::format("message has {} frames, expected {}", frames.size(), kFrameCount));
+  SPS_ASSIGN_OR_RETURN(Header h, decode_header(frames[0]));
+  const char* name = message_type_name(h.type);
+  if (frames[1].size() != h.frame1_bytes || frames[2].size() != h.frame2_bytes)
+    return malformed(fmt::format("{}: frame sizes {}/{} differ from the header's {}/{}", name, frames[1].size(),
+                                 frames[2].size(), h.frame1_bytes, h.frame2_bytes));
+  if (is_data_type(h.type)) {
+    if (h.value_type != ValueType::kF32) return malformed(fmt::format("{}: values must be f32", name));
+    const uint64_t range = uint64_t{h.key_end} - h.key_begin;
+    if (h.nnz > range)
+      return malformed(fmt::format("{}: nnz {} exceeds the key range of {} keys", name, h.nnz, range));
+    if (uint64_t{h.frame2_bytes} != 4 * uint64_t{h.nnz})
+      return malformed(fmt::format("{}: value frame is {} bytes for nnz {}", name, h.frame2_bytes, h.nnz));
+    if (h.index_encoding == IndexEncoding::kNone) {
+      if (h.nnz != range) return malformed(fmt::format("{}: dense slice has nnz {} for {} keys", name, h.nnz, range));
+      if (h.frame1_bytes != 0) return malformed(fmt::format("{}: dense slice carries an index frame", name));
+    } else if (uint64_t{h.frame1_bytes} != 4 * uint64_t{h.nnz}) {
+      return malformed(fmt::format("{}: index frame is {} bytes for nnz {}", name, h.frame1_bytes, h.nnz));
+    }
+  } else {
+    if (h.frame2_bytes != 0 || h.nnz != 0 || h.value_type != ValueType::kNone ||
+        h.index_encoding != IndexEncoding::kNone)
+      return malformed(fmt::format("{}: control message carries data fields", name));
+    if (h.frame1_bytes > kMaxControlPayload)
+      return malformed(fmt::format("{}: control payload of {} bytes exceeds {}", name, h.frame1_bytes,
+                                   kMaxControlPayload));
+  }
+  return MessageView{h, frames[1], frames[2]};
+}
+
+EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, std::span<const float> values) {
+  Header out = h;
+  out.value_type = ValueType::kF32;
+  out.nnz = static_cast<uint32_t>(values.size());
+  EncodedMessage m;
+  if (out.index_encoding == IndexEncoding::kNone) {
+    SPS_CHECK(values.size() == uint64_t{h.key_end} - h.key_begin);
+  } else {
+    SPS_CHECK(indices.size() == values.size());
+    m.frame1.reserve(indices.size() * 4);
+    for (uint32_t k : indices) put_le<uint32_t>(m.frame1, k);
+  }
+  m.frame2.reserve(values.size() * 4);
+  for (float v : values) put_f32(m.frame2, v);
+  out.frame1_bytes = static_cast<uint32_t>(m.frame1.size());
+  out.frame2_bytes = static_cast<uint32_t>(m.frame2.size());
+  m.header = encode_header(out);
+  return m;
+}
+
+Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint32_t expected_end) {
+  const Header& h = m.header;
+  const char* name = message_type_name(h.type);
+  if (!is_data_type(h.type)) return malformed(fmt::format("{} is not a data message", name));
+  if (h.key_begin != expected_begin || h.key_end != expected_end)
+    return out_of_range(fmt::format("{}: key range [{}, {}) is not this shard's [{}, {})", name, h.key_begin,
+                                    h.key_end, expected_begin, expected_end));
+  DataView view(h, m.frame1, m.frame2);
+  if (!view.dense()) {
+    int64_t prev = static_cast<int64_t>(h.key_begin) - 1;
+    for (uint32_t i = 0; i < view.size(); ++i) {
+      const uint32_t k = view.key(i);
+      if (k < h.key_begin || k >= h.key_end)
+        return out_of_range(fmt::format("{}: key {} at entry {} is outside [{}, {})", name, k, i, h.key_begin,
+                                        h.key_end));
+      if (static_cast<int64_t>(k) <= prev)
+        return malformed(fmt::format("{}: keys not strictly increasing at entry {} ({} after {})", name, i, k, prev));
+      prev = k;
+    }
+  }
+  for (uint32_t i = 0; i < view.size(); ++i) {
+    if (!std::isfinite(view.value(i)))
+      return invalid_argument(fmt::format("{}: value at entry {} is not finite", name, i));
+  }
+  return view;
+}
+
+EncodedMessage encode_control(const Header& h, Bytes payload) {
+  Header out = h;
+  out.index_encoding = IndexEncoding::kNone;
+  out.value_type = ValueType::kNone;
+  out.nnz = 0;
+  out.frame1_bytes = static_cast<uint32_t>(payload.size());
+  out.frame2_bytes = 0;
+  EncodedMessage m;
+  m.header = encode_header(out);
+  m.frame1 = std::move(payload);
+  return m;
+}
+
+Bytes encode_register(const RegisterInfo& r) {
+  Bytes out;
+  put_le<uint8_t>(out, static_cast<uint8_t>(r.role));
+  put_le<uint64_t>(out, r.num_params);
+  put_string(out, r.endpoint);
+  put_string(out, r.host);
+  put_le<uint32_t>(out, r.pid);
+  return out;
+}
+
+Result<RegisterInfo> decode_register(ByteSpan payload) {
+  Reader rd(payload);
+  RegisterInfo r;
+  const auto role = rd.get<uint8_t>();
+  r.num_params = rd.get<uint64_t>();
+  r.endpoint = rd.get_string(kMaxStringBytes);
+  r.host = rd.get_string(kMaxStringBytes);
+  r.pid = rd.get<uint32_t>();
+  SPS_RETURN_IF_ERROR(rd.finish("register"));
+  if (role != static_cast<uint8_t>(Role::kWorker) && role != static_cast<uint8_t>(Role::kServer))
+    return malformed(fmt::format("register: unknown role {}", role));
+  r.role = static_cast<Role>(role);
+  if (r.num_params > kMaxKeys) return out_of_range(fmt::format("register: model size {} exceeds {}", r.num_params, kMaxKeys));
+  return r;
+}
+
+Bytes encode_assign(const AssignInfo& a) {
+  Bytes out;
+  put_le<uint32_t>(out, a.rank);
+  put_le<uint32_t>(out, a.num_workers);
+  put_le<uint32_t>(out, a.num_servers);
+  put_le<uint64_t>(out, a.num_params);
+  put_le<uint32_t>(out, static_cast<uint32_t>(a.shards.size()));
+  for (const auto& s : a.shards) {
+    put_le<uint32_t>(out, s.key_begin);
+    put_le<uint32_t>(out, s.key_end);
+    put_string(out, s.endpoint);
+  }
+  return out;
+}
+
+Result<AssignInfo> decode_assign(ByteSpan payload) {
+  Reader rd(payload);
+  AssignInfo a;
+  a.rank = rd.get<uint32_t>();
+  a.num_workers = rd.get<uint32_t>();
+  a.num_servers = rd.get<uint32_t>();
+  a.num_params = rd.get<uint64_t>();
+  const auto count = rd.get<uint32_t>();
+  if (count > kMaxShards) return malformed(fmt::format("assign: {} shards exceeds {}", count, kMaxShards));
+  for (uint32_t i = 0; i < count && !rd.failed(); ++i) {
+    ShardInfo s;
+    s.key_begin = rd.get<uint32_t>();
+    s.key_end = rd.get<uint32_t>();
+    s.endpoint = rd.get_string(kMaxStringBytes);
+    a.shards.push_back(std::move(s));
+  }
+  SPS_RETURN_IF_ERROR(rd.finish("assign"));
+  if (a.num_params > kMaxKeys) return out_of_range("assign: model size exceeds the key limit");
+  if (count != a.num_servers) return malformed(fmt::format("assign: {} shards for {} servers", count, a.num_servers));
+  uint64_t next = 0;
+  for (const auto& s : a.shards) {
+    if (s.key_begin != next || s.key_end < s.key_begin)
+      return malformed("assign: shards are not contiguous and increasing");
+    next = s.key_end;
+  }
+  if (next != a.num_params) return malformed("assign: shards do not cover the model");
+  return a;
+}
+
+Bytes encode_done(const DoneReport& d) {
+  Bytes out;
+  put_le<uint64_t>(out, d.steps);
+  put_le<uint64_t>(out, d.bytes_pushed);
+  put_le<uint64_t>(out, d.bytes_pushed_dense_equivalent);
+  put_le<uint64_t>(out, d.bytes_pulled);
+  put_le<uint64_t>(out, d.nnz_pushed);
+  put_f64(out, d.train_loss);
+  put_f64(out, d.test_accuracy);
+  put_f64(out, d.last_batch_loss);
+  put_f64(out, d.wall_seconds);
+  return out;
+}
+
+Result<DoneReport> decode_done(ByteSpan payload) {
+  Reader rd(payload);
+  DoneReport d;
+  d.steps = rd.get<uint64_t>();
+  d.bytes_pushed = rd.get<uint64_t>();
+  d.bytes_pushed_dense_equivalent = rd.get<uint64_t>();
+  d.bytes_pulled = rd.get<uint64_t>();
+  d.nnz_pushed = rd.get<uint64_t>();
+  d.train_loss = rd.get_f64();
+  d.test_accuracy = rd.get_f64();
+  d.last_batch_loss = rd.get_f64();
+  d.wall_seconds = rd.get_f64();
+  SPS_RETURN_IF_ERROR(rd.finish("done"));
+  return d;
+}
+
+Bytes encode_text(std::string_view text) {
+  Bytes out;
+  put_string(out, text.substr(0, kMaxStringBytes));
+  return out;
+}
+
+Result<std::string> decode_text(ByteSpan payload) {
+  Reader rd(payload);
+  std::string s = rd.get_string(kMaxStringBytes);
+  SPS_RETURN_IF_ERROR(rd.finish("text"));
+  return s;
+}
+
+Bytes encode_rank(uint32_t rank) {
+  Bytes out;
+  put_le<uint32_t>(out, rank);
+  return out;
+}
+
+Result<uint32_t> decode_rank(ByteSpan payload) {
+  Reader rd(payload);
+  const auto rank = rd.get<uint32_t>();
+  SPS_RETURN_IF_ERROR(rd.finish("rank"));
+  return rank;
+}
+
+}  // namespace sps::protocol

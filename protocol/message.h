@@ -1,0 +1,192 @@
+// The sps wire format: message types, the fixed header, and validated
+// encode/decode of every message. Pure functions over bytes; no sockets.
+//
+// Every message is exactly three ZeroMQ frames (see docs/protocol.md):
+//   frame 0  header, kHeaderBytes, little-endian, magic + version first
+//   frame 1  indices (data messages) or a control payload (may be empty)
+//   frame 2  values (data messages; empty for control messages)
+// Decoders take the frames as byte spans, validate everything the header
+// claims against the frames before trusting it, and return a Status on any
+// mismatch. Decoded views point into the caller's frames (no copy); the
+// frames must outlive the view.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "protocol/coding.h"
+
+namespace sps::protocol {
+
+inline constexpr uint32_t kMagic = 0x31535053;  // bytes "SPS1" on the wire
+inline constexpr uint16_t kVersion = 1;
+inline constexpr size_t kHeaderBytes = 64;
+inline constexpr size_t kFrameCount = 3;
+// Largest key range one message may address (indices are u32 keys).
+inline constexpr uint64_t kMaxKeys = uint64_t{1} << 31;
+// Largest control payload and string; control messages are small.
+inline constexpr size_t kMaxControlPayload = 1 << 20;
+inline constexpr size_t kMaxStringBytes = 4096;
+inline constexpr size_t kMaxShards = 4096;
+
+enum class MessageType : uint16_t {
+  kRegister = 1,         // node -> scheduler: role, data endpoint, model size
+  kAssign = 2,           // scheduler -> node: rank, sizes, shard map
+  kBarrier = 3,          // node -> scheduler: entered barrier `clock`
+  kBarrierRelease = 4,   // scheduler -> node: barrier `clock` released
+  kHeartbeat = 5,        // node <-> scheduler: alive (scheduler echoes)
+  kShutdown = 6,         // scheduler -> node: job over; flags kFlagError if failed
+  kError = 7,            // any -> any: a refused request, payload = reason
+  kPush = 8,             // worker -> server: sparse or dense update for a shard
+  kPullRequest = 9,      // worker -> server: parameters for clock `clock`
+  kPullResponse = 10,    // server -> worker: dense shard values at `base_version`
+  kDone = 11,            // worker -> scheduler: finished, with its report
+  kNodeDead = 12,        // scheduler -> server: a worker left the job
+};
+inline constexpr uint16_t kMaxMessageType = 12;
+
+enum class IndexEncoding : uint8_t {
+  kNone = 0,    // no index frame: dense over [key_begin, key_end)
+  kRawU32 = 1,  // nnz little-endian u32 keys, strictly increasing, in range
+};
+enum class ValueType : uint8_t {
+  kNone = 0,  // no values (control messages)
+  kF32 = 1,   // little-endian IEEE-754 binary32, finite
+};
+
+// Header flags.
+inline constexpr uint16_t kFlagInit = 1 << 0;   // kPush: initial parameters, set not add
+inline constexpr uint16_t kFlagError = 1 << 1;  // kShutdown: the job failed
+
+struct Header {
+  MessageType type = MessageType::kHeartbeat;
+  uint16_t flags = 0;
+  IndexEncoding index_encoding = IndexEncoding::kNone;
+  ValueType value_type = ValueType::kNone;
+  uint32_t sender = 0;        // rank of the sender within its role
+  uint64_t clock = 0;         // worker clock (pushes completed) or barrier id
+  uint64_t base_version = 0;  // parameter version a push was computed on / a pull answers with
+  uint32_t shard = 0;         // server shard the data refers to
+  uint32_t key_begin = 0;     // key range [key_begin, key_end) of the data
+  uint32_t key_end = 0;
+  uint32_t nnz = 0;           // entries in the value frame
+  uint32_t frame1_bytes = 0;  // size of frame 1
+  uint32_t frame2_bytes = 0;  // size of frame 2
+};
+
+// A message as three byte buffers ready to be sent as frames.
+struct EncodedMessage {
+  Bytes header;
+  Bytes frame1;
+  Bytes frame2;
+  size_t total_bytes() const { return header.size() + frame1.size() + frame2.size(); }
+};
+
+// A validated message whose frames are borrowed from the caller.
+struct MessageView {
+  Header header;
+  ByteSpan frame1;
+  ByteSpan frame2;
+};
+
+const char* message_type_name(MessageType type);
+
+Bytes encode_header(const Header& h);
+// Parses and validates the fixed header alone (magic, version, type, enums,
+// reserved bytes, key range).
+Result<Header> decode_header(ByteSpan bytes);
+// Validates header + frames: count, sizes against the header, per-type rules
+// (data messages need consistent nnz/encoding/value type; control messages
+// carry no values). Index order/range is checked by the typed decoders.
+Result<MessageView> decode_message(std::span<const ByteSpan> frames);
+
+// ---- data messages --------------------------------------------------------
+
+// A sparse or dense slice of values for one shard, viewing the frames.
+class DataView {
+ public:
+  DataView() = default;
+  DataView(const Header& h, ByteSpan indices, ByteSpan values)
+      : header_(h), indices_(indices), values_(values) {}
+  const Header& header() const { return header_; }
+  bool dense() const { return header_.index_encoding == IndexEncoding::kNone; }
+  uint32_t size() const { return header_.nnz; }
+  // Global key of entry i (dense: key_begin + i).
+  uint32_t key(uint32_t i) const {
+    return dense() ? header_.key_begin + i : load_le<uint32_t>(indices_.data() + 4 * size_t{i});
+  }
+  float value(uint32_t i) const {
+    return std::bit_cast<float>(load_le<uint32_t>(values_.data() + 4 * size_t{i}));
+  }
+
+ private:
+  Header header_;
+  ByteSpan indices_;
+  ByteSpan values_;
+};
+
+// Encodes a push or pull response. With h.index_encoding == kNone the values
+// are a dense slice over [key_begin, key_end) and `indices` is ignored;
+// with kRawU32 `indices` (sorted global keys) pairs with `values`.
+EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices,
+                           std::span<const float> values);
+// Full validation for kPush / kPullResponse against the range the receiver
+// owns: the header's range must equal `expected_begin/end`, keys must be
+// strictly increasing and inside the range, values finite.
+Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint32_t expected_end);
+
+// ---- control messages -----------------------------------------------------
+
+enum class Role : uint8_t { kWorker = 1, kServer = 2 };
+
+struct RegisterInfo {
+  Role role = Role::kWorker;
+  uint64_t num_params = 0;   // workers: model size (all workers must agree)
+  std::string endpoint;      // servers: where workers connect (tcp://host:port)
+  std::string host;          // informational: hostname of the process
+  uint32_t pid = 0;
+};
+
+struct ShardInfo {
+  uint32_t key_begin = 0;
+  uint32_t key_end = 0;
+  std::string endpoint;
+};
+
+struct AssignInfo {
+  uint32_t rank = 0;
+  uint32_t num_workers = 0;
+  uint32_t num_servers = 0;
+  uint64_t num_params = 0;
+  std::vector<ShardInfo> shards;  // one per server, contiguous, covering [0, num_params)
+};
+
+// A worker's end-of-run report; NaN where a figure was not measured.
+struct DoneReport {
+  uint64_t steps = 0;
+  uint64_t bytes_pushed = 0;
+  uint64_t bytes_pushed_dense_equivalent = 0;
+  uint64_t bytes_pulled = 0;
+  uint64_t nnz_pushed = 0;
+  double train_loss = 0;     // full-training-set loss of the final model (rank 0), or NaN
+  double test_accuracy = 0;  // test accuracy of the final model (rank 0), or NaN
+  double last_batch_loss = 0;
+  double wall_seconds = 0;
+};
+
+EncodedMessage encode_control(const Header& h, Bytes payload = {});
+Bytes encode_register(const RegisterInfo& r);
+Result<RegisterInfo> decode_register(ByteSpan payload);
+Bytes encode_assign(const AssignInfo& a);
+Result<AssignInfo> decode_assign(ByteSpan payload);
+Bytes encode_done(const DoneReport& d);
+Result<DoneReport> decode_done(ByteSpan payload);
+Bytes encode_text(std::string_view text);          // kError / kShutdown reason
+Result<std::string> decode_text(ByteSpan payload);
+Bytes encode_rank(uint32_t rank);                  // kNodeDead
+Result<uint32_t> decode_rank(ByteSpan payload);
+
+}  // namespace sps::protocol

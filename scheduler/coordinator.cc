@@ -1,0 +1,342 @@
+#include "scheduler/coordinator.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "net/link.h"
+
+namespace sps::scheduler {
+
+using protocol::Header;
+using protocol::MessageType;
+using protocol::Role;
+
+namespace {
+
+void write_file_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << text;
+  }
+  std::filesystem::rename(tmp, path);
+}
+
+nlohmann::json finite_or_null(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); }
+
+}  // namespace
+
+Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
+    : cfg_(cfg), socket_(net::make_socket(ctx, net::SocketKind::kRouter)) {
+  endpoint_ = net::bind_tcp(socket_, cfg_.cluster.bind_host, cfg_.cluster.scheduler_port);
+  std::filesystem::create_directories(cfg_.run_folder());
+  auto log = JsonlWriter::open(cfg_.run_folder() + "/scheduler.jsonl");
+  if (log.ok()) log_ = std::move(log).value();
+  log_.write({{"event", "start"}, {"endpoint", endpoint_}, {"config", config::to_json(cfg_)}});
+  // The launcher waits for this file to learn the port; write it last and atomically.
+  write_file_atomically(cfg_.run_folder() + "/scheduler.port", std::to_string(port()) + "\n");
+}
+
+Coordinator::~Coordinator() = default;
+
+int Coordinator::port() const {
+  const auto colon = endpoint_.rfind(':');
+  return std::stoi(endpoint_.substr(colon + 1));
+}
+
+uint32_t Coordinator::live_workers() const {
+  uint32_t n = 0;
+  for (const auto& [k, node] : nodes_) n += (node.role == Role::kWorker && node.alive) ? 1 : 0;
+  return n;
+}
+
+void Coordinator::send_to(const Node& n, const protocol::EncodedMessage& m) {
+  auto r = net::send(socket_, m, &n.routing_id);
+  if (!r.ok()) spdlog::warn("scheduler: cannot reach {} {}: {}", n.role == Role::kWorker ? "worker" : "server", n.rank,
+                            r.status().message());
+}
+
+int Coordinator::run() {
+  spdlog::info("scheduler: listening on {}, waiting for {} servers and {} workers", endpoint_,
+               cfg_.cluster.num_servers, cfg_.cluster.num_workers);
+  const auto tick = std::chrono::milliseconds(std::min(100, cfg_.cluster.heartbeat_ms));
+  while (!finished_) {
+    if (stop_requested()) {
+      fail(fmt::format("stopped by signal {}", stop_signal()));
+      break;
+    }
+    if (net::wait_readable({&socket_}, tick)[0]) {
+      // Drain what is waiting, bounded so timers still run under a flood.
+      for (int i = 0; i < 1000 && !finished_; ++i) {
+        auto r = net::try_recv(socket_, /*routed=*/true);
+        if (!r) break;
+        const std::string key = net::routing_id_hex(r->routing_id);
+        auto m = net::decode(*r);
+        if (!m.ok()) {
+          ++malformed_;
+          log_.write({{"event", "malformed"}, {"peer", key}, {"error", m.status().message()}, {"count", malformed_}});
+          continue;
+        }
+        handle(key, std::move(r->routing_id), *m);
+      }
+    }
+    if (!finished_) check_liveness();
+  }
+  return exit_status_;
+}
+
+void Coordinator::handle(const std::string& key, zmq::message_t routing_id, const protocol::MessageView& m) {
+  if (m.header.type == MessageType::kRegister) {
+    handle_register(key, std::move(routing_id), m);
+    return;
+  }
+  auto it = nodes_.find(key);
+  if (it == nodes_.end()) {
+    ++malformed_;
+    log_.write({{"event", "unknown_peer"}, {"peer", key}, {"type", protocol::message_type_name(m.header.type)}});
+    return;
+  }
+  Node& n = it->second;
+  n.last_seen = clock_.seconds();
+  switch (m.header.type) {
+    case MessageType::kHeartbeat: {
+      Header h;
+      h.type = MessageType::kHeartbeat;
+      send_to(n, protocol::encode_control(h));
+      break;
+    }
+    case MessageType::kBarrier:
+      n.in_barrier = true;
+      check_barrier();
+      break;
+    case MessageType::kDone: {
+      auto d = protocol::decode_done(m.frame1);
+      if (!d.ok() || n.role != Role::kWorker) {
+        ++malformed_;
+        break;
+      }
+      n.done = true;
+      n.report = *d;
+      log_.write({{"event", "worker_done"}, {"rank", n.rank}, {"steps", d->steps}, {"bytes_pushed", d->bytes_pushed}});
+      check_done();
+      break;
+    }
+    case MessageType::kError: {
+      auto text = protocol::decode_text(m.frame1);
+      fail(fmt::format("{} {} reported an error: {}", n.role == Role::kWorker ? "worker" : "server", n.rank,
+                       text.ok() ? *text : std::string("<unreadable>")));
+      break;
+    }
+    default:
+      ++malformed_;
+      log_.write({{"event", "unexpected"}, {"peer", key}, {"type", protocol::message_type_name(m.header.type)}});
+  }
+}
+
+void Coordinator::handle_register(const std::string& key, zmq::message_t routing_id, const protocol::MessageView& m) {
+  auto info = protocol::decode_register(m.frame1);
+  Header err;
+  err.type = MessageType::kError;
+  if (!info.ok()) {
+    ++malformed_;
+    auto msg = protocol::encode_control(err, protocol::encode_text(info.status().message()));
+    (void)net::send(socket_, msg, &routing_id);
+    return;
+  }
+  const bool worker = info->role == Role::kWorker;
+  const uint32_t have = worker ? workers_registered_ : servers_registered_;
+  const uint32_t want = static_cast<uint32_t>(worker ? cfg_.cluster.num_workers : cfg_.cluster.num_servers);
+  std::string refusal;
+  if (assigned_ || nodes_.count(key) != 0) refusal = "registration is closed (the job has started)";
+  else if (have >= want) refusal = fmt::format("the job already has {} {}s", want, worker ? "worker" : "server");
+  else if (worker && info->num_params == 0) refusal = "a worker must report a model size > 0";
+  else if (worker && num_params_ != 0 && info->num_params != num_params_)
+    refusal = fmt::format("model size {} differs from the first worker's {}", info->num_params, num_params_);
+  else if (!worker && info->endpoint.empty()) refusal = "a server must report its data endpoint";
+  if (!refusal.empty()) {
+    spdlog::warn("scheduler: refused registration from {} (pid {}): {}", info->host, info->pid, refusal);
+    auto msg = protocol::encode_control(err, protocol::encode_text(refusal));
+    (void)net::send(socket_, msg, &routing_id);
+    return;
+  }
+  Node n;
+  n.role = info->role;
+  n.rank = have;
+  n.routing_id = std::move(routing_id);
+  n.endpoint = info->endpoint;
+  n.host = info->host;
+  n.pid = info->pid;
+  n.last_seen = clock_.seconds();
+  if (worker) {
+    ++workers_registered_;
+    num_params_ = info->num_params;
+  } else {
+    ++servers_registered_;
+  }
+  log_.write({{"event", "register"}, {"role", worker ? "worker" : "server"}, {"rank", n.rank}, {"host", n.host},
+              {"pid", n.pid}, {"endpoint", n.endpoint}});
+  spdlog::info("scheduler: {} {} registered (pid {})", worker ? "worker" : "server", n.rank, n.pid);
+  nodes_.emplace(key, std::move(n));
+  if (workers_registered_ == static_cast<uint32_t>(cfg_.cluster.num_workers) &&
+      servers_registered_ == static_cast<uint32_t>(cfg_.cluster.num_servers))
+    assign_all();
+}
+
+void Coordinator::assign_all() {
+  protocol::AssignInfo a;
+  a.num_workers = workers_registered_;
+  a.num_servers = servers_registered_;
+  a.num_params = num_params_;
+  a.shards.resize(a.num_servers);
+  // Contiguous, near-equal key ranges; server rank s owns shard s.
+  for (const auto& [k, n] : nodes_) {
+    if (n.role != Role::kServer) continue;
+    const uint64_t b = num_params_ * n.rank / a.num_servers;
+    const uint64_t e = num_params_ * (n.rank + 1) / a.num_servers;
+    a.shards[n.rank] = {static_cast<uint32_t>(b), static_cast<uint32_t>(e), n.endpoint};
+  }
+  for (const auto& [k, n] : nodes_) {
+    a.rank = n.rank;
+    Header h;
+    h.type = MessageType::kAssign;
+    send_to(n, protocol::encode_control(h, protocol::encode_assign(a)));
+  }
+  assigned_ = true;
+  nlohmann::json shards = nlohmann::json::array();
+  for (const auto& s : a.shards) shards.push_back({{"begin", s.key_begin}, {"end", s.key_end}, {"endpoint", s.endpoint}});
+  log_.write({{"event", "assign"}, {"num_params", num_params_}, {"shards", shards}});
+  spdlog::info("scheduler: model of {} parameters over {} shards; waiting at the start barrier", num_params_,
+               a.num_servers);
+}
+
+void Coordinator::check_barrier() {
+  if (!assigned_ || released_) return;
+  for (const auto& [k, n] : nodes_)
+    if (n.alive && !n.in_barrier) return;
+  released_ = true;
+  release_time_ = clock_.seconds();
+  Header h;
+  h.type = MessageType::kBarrierRelease;
+  const auto msg = protocol::encode_control(h);
+  for (const auto& [k, n] : nodes_)
+    if (n.alive) send_to(n, msg);
+  log_.write({{"event", "barrier_release"}, {"barrier", 0}});
+  spdlog::info("scheduler: all nodes ready, training starts");
+}
+
+void Coordinator::check_liveness() {
+  const double now = clock_.seconds();
+  if (!assigned_ && now * 1000.0 > cfg_.cluster.startup_timeout_ms) {
+    fail(fmt::format("only {}/{} servers and {}/{} workers registered within {} ms", servers_registered_,
+                     cfg_.cluster.num_servers, workers_registered_, cfg_.cluster.num_workers,
+                     cfg_.cluster.startup_timeout_ms));
+    return;
+  }
+  const double limit = cfg_.cluster.dead_after_ms / 1000.0;
+  for (auto& [k, n] : nodes_) {
+    if (!n.alive || n.done || finished_) continue;
+    if (now - n.last_seen > limit) node_died(n, fmt::format("silent for {:.1f} s", now - n.last_seen));
+  }
+}
+
+void Coordinator::node_died(Node& n, const std::string& why) {
+  n.alive = false;
+  const bool worker = n.role == Role::kWorker;
+  log_.write({{"event", "node_dead"}, {"role", worker ? "worker" : "server"}, {"rank", n.rank}, {"why", why}});
+  spdlog::warn("scheduler: {} {} is dead ({})", worker ? "worker" : "server", n.rank, why);
+  if (!worker) {
+    fail(fmt::format("server {} died ({}); its shard is lost", n.rank, why));
+    return;
+  }
+  dead_workers_.push_back(n.rank);
+  if (live_workers() == 0) {
+    fail("every worker died");
+    return;
+  }
+  // Servers stop waiting for the dead worker; the job goes on without it.
+  Header h;
+  h.type = MessageType::kNodeDead;
+  const auto msg = protocol::encode_control(h, protocol::encode_rank(n.rank));
+  for (const auto& [k, s] : nodes_)
+    if (s.role == Role::kServer && s.alive) send_to(s, msg);
+  check_barrier();
+  check_done();
+}
+
+void Coordinator::check_done() {
+  if (finished_ || !released_) return;
+  for (const auto& [k, n] : nodes_)
+    if (n.role == Role::kWorker && n.alive && !n.done) return;
+  write_summary();
+  shutdown_all(false, "job complete");
+  exit_status_ = 0;
+  finished_ = true;
+}
+
+void Coordinator::fail(const std::string& reason) {
+  if (finished_) return;
+  spdlog::error("scheduler: job failed: {}", reason);
+  log_.write({{"event", "job_failed"}, {"reason", reason}});
+  shutdown_all(true, reason);
+  exit_status_ = 1;
+  finished_ = true;
+}
+
+void Coordinator::shutdown_all(bool error, const std::string& reason) {
+  Header h;
+  h.type = MessageType::kShutdown;
+  h.flags = error ? protocol::kFlagError : 0;
+  const auto msg = protocol::encode_control(h, protocol::encode_text(reason));
+  for (const auto& [k, n] : nodes_)
+    if (n.alive) send_to(n, msg);
+  log_.write({{"event", "shutdown"}, {"error", error}, {"reason", reason}, {"malformed", malformed_}});
+}
+
+void Coordinator::write_summary() {
+  protocol::DoneReport total;
+  double train_loss = NAN, test_accuracy = NAN, last_batch_loss = NAN;
+  double max_wall = 0;
+  for (const auto& [k, n] : nodes_) {
+    if (n.role != Role::kWorker || !n.report) continue;
+    const auto& r = *n.report;
+    total.steps = std::max(total.steps, r.steps);
+    total.bytes_pushed += r.bytes_pushed;
+    total.bytes_pushed_dense_equivalent += r.bytes_pushed_dense_equivalent;
+    total.bytes_pulled += r.bytes_pulled;
+    total.nnz_pushed += r.nnz_pushed;
+    max_wall = std::max(max_wall, r.wall_seconds);
+    if (std::isfinite(r.train_loss)) train_loss = r.train_loss;
+    if (std::isfinite(r.test_accuracy)) test_accuracy = r.test_accuracy;
+    if (n.rank == 0) last_batch_loss = r.last_batch_loss;
+  }
+  const double now = clock_.seconds();
+  nlohmann::json s = {
+      {"run", cfg_.run.name},
+      {"steps", total.steps},
+      {"train_loss", finite_or_null(train_loss)},
+      {"test_accuracy", finite_or_null(test_accuracy)},
+      {"last_batch_loss", finite_or_null(last_batch_loss)},
+      {"bytes_pushed", total.bytes_pushed},
+      {"bytes_pushed_dense_equivalent", total.bytes_pushed_dense_equivalent},
+      {"push_compression", total.bytes_pushed > 0 ? double(total.bytes_pushed_dense_equivalent) / double(total.bytes_pushed) : 0.0},
+      {"bytes_pulled", total.bytes_pulled},
+      {"nnz_pushed", total.nnz_pushed},
+      {"wall_seconds", now},
+      {"train_seconds", now - release_time_},
+      {"num_params", num_params_},
+      {"workers", cfg_.cluster.num_workers},
+      {"servers", cfg_.cluster.num_servers},
+      {"dead_workers", dead_workers_},
+      {"malformed_messages_at_scheduler", malformed_},
+      {"config", config::to_json(cfg_)},
+  };
+  write_file_atomically(cfg_.run_folder() + "/summary.json", s.dump(2) + "\n");
+  log_.write({{"event", "summary"}, {"summary", s}});
+}
+
+}  // namespace sps::scheduler

@@ -1,0 +1,88 @@
+// The coordinator (sps-scheduler): membership, rank and key-range
+// assignment, the start barrier, heartbeats and dead-node detection, the end
+// of the job and its summary. Not on the data path.
+//
+// Threading: single-threaded; run() owns its socket and returns when the job
+// ends. Failure behaviour: a dead worker is announced to the servers (they
+// stop waiting for it) and the job goes on while one worker lives; a dead
+// server, a startup timeout or a stop signal ends the job with an error
+// shutdown to every node.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <zmq.hpp>
+
+#include "common/jsonl.h"
+#include "common/process.h"
+#include "config/config.h"
+#include "protocol/message.h"
+
+namespace sps::scheduler {
+
+class Coordinator {
+ public:
+  // Binds the scheduler socket (throws zmq::error_t when it cannot: setup).
+  Coordinator(const config::Config& cfg, zmq::context_t& ctx);
+  ~Coordinator();
+  Coordinator(const Coordinator&) = delete;
+  Coordinator& operator=(const Coordinator&) = delete;
+
+  const std::string& endpoint() const { return endpoint_; }
+  int port() const;
+  // Runs the job to its end; returns the process exit status (0 = success).
+  int run();
+
+ private:
+  struct Node {
+    protocol::Role role = protocol::Role::kWorker;
+    uint32_t rank = 0;
+    zmq::message_t routing_id;
+    std::string endpoint;
+    std::string host;
+    uint32_t pid = 0;
+    bool alive = true;
+    bool in_barrier = false;
+    bool done = false;
+    std::optional<protocol::DoneReport> report;
+    double last_seen = 0;
+  };
+
+  void handle(const std::string& key, zmq::message_t routing_id, const protocol::MessageView& m);
+  void handle_register(const std::string& key, zmq::message_t routing_id, const protocol::MessageView& m);
+  void assign_all();
+  void check_barrier();
+  void check_liveness();
+  void check_done();
+  void node_died(Node& n, const std::string& why);
+  void fail(const std::string& reason);
+  void send_to(const Node& n, const protocol::EncodedMessage& m);
+  void shutdown_all(bool error, const std::string& reason);
+  void write_summary();
+  uint32_t live_workers() const;
+
+  config::Config cfg_;
+  zmq::socket_t socket_;
+  std::string endpoint_;
+  JsonlWriter log_;
+  Stopwatch clock_;
+  std::map<std::string, Node> nodes_;  // by routing id (hex)
+  uint32_t workers_registered_ = 0;
+  uint32_t servers_registered_ = 0;
+  uint64_t num_params_ = 0;
+  bool assigned_ = false;
+  bool released_ = false;
+  double release_time_ = 0;
+  bool finished_ = false;
+  int exit_status_ = 0;
+  uint64_t malformed_ = 0;
+  std::vector<uint32_t> dead_workers_;
+};
+
+}  // namespace sps::scheduler

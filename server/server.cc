@@ -1,0 +1,260 @@
+#include "server/server.h"
+
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+namespace sps::server {
+
+using protocol::Header;
+using protocol::MessageType;
+
+namespace {
+std::string local_hostname() {
+  char buf[256] = {0};
+  if (gethostname(buf, sizeof(buf) - 1) != 0) return "unknown";
+  return buf;
+}
+}  // namespace
+
+Server::Server(const config::Config& cfg, zmq::context_t& ctx)
+    : cfg_(cfg),
+      data_(net::make_socket(ctx, net::SocketKind::kRouter)),
+      control_(net::make_socket(ctx, net::SocketKind::kDealer)) {
+  endpoint_ = net::bind_tcp(data_, cfg_.cluster.bind_host, 0);
+  control_.connect(fmt::format("tcp://{}:{}", cfg_.cluster.scheduler_host, cfg_.cluster.scheduler_port));
+}
+
+void Server::send_control(MessageType type, protocol::Bytes payload) {
+  Header h;
+  h.type = type;
+  h.sender = rank_;
+  auto r = net::send(control_, protocol::encode_control(h, std::move(payload)));
+  if (!r.ok()) spdlog::warn("server {}: cannot reach the scheduler: {}", rank_, r.status().message());
+}
+
+int Server::run() {
+  protocol::RegisterInfo reg;
+  reg.role = protocol::Role::kServer;
+  reg.endpoint = endpoint_;
+  reg.host = local_hostname();
+  reg.pid = static_cast<uint32_t>(getpid());
+  send_control(MessageType::kRegister, protocol::encode_register(reg));
+  last_scheduler_seen_ = clock_.seconds();
+  const auto tick = std::chrono::milliseconds(std::min(100, cfg_.cluster.heartbeat_ms));
+  while (!done_) {
+    if (stop_requested()) {
+      finish(fmt::format("stopped by signal {}", stop_signal()));
+      exit_status_ = 128 + stop_signal();
+      break;
+    }
+    const auto ready = net::wait_readable({&control_, &data_}, tick);
+    if (ready[0]) {
+      while (auto r = net::try_recv(control_, false)) {
+        handle_control(*r);
+        if (done_) break;
+      }
+    }
+    if (ready[1] && !done_) {
+      for (int i = 0; i < 10000; ++i) {  // bounded so heartbeats still go out under a flood
+        auto r = net::try_recv(data_, true);
+        if (!r) break;
+        handle_data(*r);
+      }
+    }
+    heartbeat_if_due();
+  }
+  return exit_status_;
+}
+
+void Server::heartbeat_if_due() {
+  if (done_) return;
+  const double now = clock_.seconds();
+  if ((now - last_heartbeat_sent_) * 1000.0 >= cfg_.cluster.heartbeat_ms) {
+    send_control(MessageType::kHeartbeat);
+    last_heartbeat_sent_ = now;
+  }
+  const double limit = cfg_.cluster.dead_after_ms / 1000.0;
+  if (now - last_scheduler_seen_ > limit) {
+    spdlog::error("server {}: the scheduler has been silent for {:.1f} s; exiting", rank_, now - last_scheduler_seen_);
+    finish("scheduler lost");
+    exit_status_ = 1;
+  }
+}
+
+void Server::handle_control(const net::Received& r) {
+  auto m = net::decode(r);
+  if (!m.ok()) {
+    spdlog::warn("server {}: malformed message from the scheduler: {}", rank_, m.status().message());
+    return;
+  }
+  last_scheduler_seen_ = clock_.seconds();
+  switch (m->header.type) {
+    case MessageType::kAssign: {
+      auto a = protocol::decode_assign(m->frame1);
+      if (!a.ok() || a->rank >= a->shards.size()) {
+        spdlog::error("server: bad assignment from the scheduler: {}", a.status().message());
+        finish("bad assignment");
+        exit_status_ = 1;
+        return;
+      }
+      on_assign(*a);
+      break;
+    }
+    case MessageType::kBarrierRelease:
+      running_ = true;
+      log_.write({{"event", "start"}});
+      break;
+    case MessageType::kNodeDead: {
+      auto w = protocol::decode_rank(m->frame1);
+      if (!w.ok() || !shard_) break;
+      shard_->remove_worker(*w);
+      log_.write({{"event", "worker_dead"}, {"worker", *w}, {"version", shard_->version()}});
+      spdlog::warn("server {}: worker {} left; continuing with {} workers", rank_, *w,
+                   shard_->pushed().live_count());
+      stats_.versions += shard_->apply_ready();
+      answer_pulls();
+      break;
+    }
+    case MessageType::kShutdown: {
+      auto text = protocol::decode_text(m->frame1);
+      const bool error = (m->header.flags & protocol::kFlagError) != 0;
+      finish(text.ok() ? *text : "shutdown");
+      exit_status_ = error ? 1 : 0;
+      break;
+    }
+    case MessageType::kError: {
+      auto text = protocol::decode_text(m->frame1);
+      spdlog::error("server: the scheduler refused us: {}", text.ok() ? *text : "<unreadable>");
+      finish("refused by the scheduler");
+      exit_status_ = 1;
+      break;
+    }
+    case MessageType::kHeartbeat:
+      break;
+    default:
+      spdlog::warn("server {}: unexpected {} from the scheduler", rank_, protocol::message_type_name(m->header.type));
+  }
+}
+
+void Server::on_assign(const protocol::AssignInfo& a) {
+  rank_ = a.rank;
+  num_workers_ = a.num_workers;
+  const auto& s = a.shards[a.rank];
+  const float apply_scale =
+      cfg_.compression.scale == config::Scale::kLr ? 1.0f : static_cast<float>(cfg_.training.lr);
+  shard_.emplace(s.key_begin, s.key_end, a.num_workers, apply_scale, scheduler::make_policy(cfg_.consistency));
+  auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_));
+  if (log.ok()) log_ = std::move(log).value();
+  log_.write({{"event", "assign"}, {"rank", rank_}, {"key_begin", s.key_begin}, {"key_end", s.key_end},
+              {"workers", num_workers_}, {"endpoint", endpoint_}});
+  spdlog::info("server {}: shard [{}, {}) on {}", rank_, s.key_begin, s.key_end, endpoint_);
+}
+
+void Server::count_malformed(const std::string& peer, const Status& why) {
+  ++stats_.malformed;
+  // Log once per sender so a flood cannot fill the disk; the count is exact.
+  if (reported_peers_.insert(peer).second) {
+    log_.write({{"event", "malformed"}, {"peer", peer}, {"error", why.to_string()}});
+    spdlog::warn("server {}: dropped a malformed message from {}: {}", rank_, peer, why.message());
+  }
+}
+
+void Server::handle_data(net::Received& r) {
+  stats_.bytes_in += r.bytes();
+  const std::string peer = net::routing_id_hex(r.routing_id);
+  auto m = net::decode(r);
+  if (!m.ok()) return count_malformed(peer, m.status());
+  if (!shard_) return count_malformed(peer, failed_precondition("data message before the shard was assigned"));
+  const Header& h = m->header;
+  if (h.type == MessageType::kPush) {
+    auto data = protocol::decode_data(*m, shard_->key_begin(), shard_->key_end());
+    if (!data.ok()) return count_malformed(peer, data.status());
+    if ((h.flags & protocol::kFlagInit) != 0) {
+      if (initialised_ || h.sender != 0 || !data->dense())
+        return count_malformed(peer, failed_precondition("unexpected initialisation push"));
+      std::vector<float> values(data->size());
+      for (uint32_t i = 0; i < data->size(); ++i) values[i] = data->value(i);
+      shard_->set_params(values);
+      initialised_ = true;
+      log_.write({{"event", "init"}, {"from", h.sender}});
+      send_control(MessageType::kBarrier);
+      return;
+    }
+    if (!initialised_) return count_malformed(peer, failed_precondition("push before initialisation"));
+    Status s = shard_->add_push(h.sender, h.clock, *data);
+    if (!s.ok()) {
+      ++stats_.pushes_rejected;
+      return count_malformed(peer, s);
+    }
+    Stopwatch sw;
+    const int applied = shard_->apply_ready();
+    if (applied > 0) {
+      stats_.apply_seconds += sw.seconds();
+      stats_.versions += applied;
+      stats_.pushes_applied += shard_->pushed().live_count();
+      answer_pulls();
+    }
+    return;
+  }
+  if (h.type == MessageType::kPullRequest) {
+    if (h.key_begin != shard_->key_begin() || h.key_end != shard_->key_end())
+      return count_malformed(peer, out_of_range("pull for a key range this server does not own"));
+    if (!initialised_) return count_malformed(peer, failed_precondition("pull before initialisation"));
+    if (shard_->may_answer_pull(h.clock)) {
+      answer_pull(r.routing_id, h.clock);
+    } else {
+      pending_pulls_.push_back({std::move(r.routing_id), h.clock, clock_.seconds()});
+    }
+    return;
+  }
+  count_malformed(peer, malformed(fmt::format("a server does not take {} messages", protocol::message_type_name(h.type))));
+}
+
+void Server::answer_pull(const zmq::message_t& routing_id, uint64_t clock) {
+  Header h;
+  h.type = MessageType::kPullResponse;
+  h.sender = rank_;
+  h.shard = rank_;
+  h.clock = clock;
+  h.base_version = shard_->version();
+  h.key_begin = shard_->key_begin();
+  h.key_end = shard_->key_end();
+  h.index_encoding = protocol::IndexEncoding::kNone;
+  auto msg = protocol::encode_data(h, {}, shard_->params());
+  auto sent = net::send(data_, msg, &routing_id);
+  if (sent.ok()) {
+    stats_.bytes_out += *sent;
+    ++stats_.pulls_answered;
+  }
+}
+
+void Server::answer_pulls() {
+  for (auto it = pending_pulls_.begin(); it != pending_pulls_.end();) {
+    if (shard_->may_answer_pull(it->clock)) {
+      answer_pull(it->routing_id, it->clock);
+      it = pending_pulls_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Server::finish(const std::string& reason) {
+  done_ = true;
+  log_.write({{"event", "stats"},
+              {"reason", reason},
+              {"version", shard_ ? shard_->version() : 0},
+              {"pushes_applied", stats_.pushes_applied},
+              {"pushes_rejected", stats_.pushes_rejected},
+              {"malformed", stats_.malformed},
+              {"pulls_answered", stats_.pulls_answered},
+              {"bytes_in", stats_.bytes_in},
+              {"bytes_out", stats_.bytes_out},
+              {"apply_seconds", stats_.apply_seconds}});
+  spdlog::info("server {}: {} ({} versions, {} malformed messages dropped)", rank_, reason, stats_.versions,
+               stats_.malformed);
+}
+
+}  // namespace sps::server

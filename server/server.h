@@ -1,0 +1,84 @@
+// Server (sps-server): owns one shard, applies pushes, answers pulls and
+// enforces the consistency policy for its shard.
+//
+// Threading: single-threaded; run() owns both sockets (data ROUTER, control
+// DEALER to the scheduler). Bad input: a message that fails validation, or a
+// push the shard refuses, is counted, logged once per sender and dropped;
+// the shard is never touched by a message that failed validation.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+
+#include <zmq.hpp>
+
+#include "common/jsonl.h"
+#include "common/process.h"
+#include "config/config.h"
+#include "net/link.h"
+#include "protocol/message.h"
+#include "server/shard.h"
+
+namespace sps::server {
+
+struct ServerStats {
+  uint64_t pushes_applied = 0;   // pushes accepted into an applied clock
+  uint64_t pushes_rejected = 0;  // well-formed pushes the shard refused
+  uint64_t malformed = 0;        // messages that failed validation
+  uint64_t pulls_answered = 0;
+  uint64_t bytes_in = 0;
+  uint64_t bytes_out = 0;
+  uint64_t versions = 0;
+  double apply_seconds = 0;
+};
+
+class Server {
+ public:
+  // Binds the data socket and connects to the scheduler (throws on setup errors).
+  Server(const config::Config& cfg, zmq::context_t& ctx);
+  // Runs until the scheduler ends the job or a stop signal arrives; returns
+  // the exit status (0 after a clean job end).
+  int run();
+  const std::string& endpoint() const { return endpoint_; }
+
+ private:
+  struct PendingPull {
+    zmq::message_t routing_id;
+    uint64_t clock = 0;
+    double since = 0;
+  };
+  void handle_control(const net::Received& r);
+  void handle_data(net::Received& r);
+  void count_malformed(const std::string& peer, const Status& why);
+  void on_assign(const protocol::AssignInfo& a);
+  void answer_pulls();
+  void answer_pull(const zmq::message_t& routing_id, uint64_t clock);
+  void heartbeat_if_due();
+  void send_control(protocol::MessageType type, protocol::Bytes payload = {});
+  void finish(const std::string& reason);
+
+  config::Config cfg_;
+  zmq::socket_t data_;
+  zmq::socket_t control_;
+  std::string endpoint_;
+  JsonlWriter log_;
+  Stopwatch clock_;
+  std::optional<Shard> shard_;
+  uint32_t rank_ = 0;
+  uint32_t num_workers_ = 0;
+  bool initialised_ = false;
+  bool running_ = false;
+  bool done_ = false;
+  int exit_status_ = 0;
+  double last_heartbeat_sent_ = -1e9;
+  double last_scheduler_seen_ = 0;
+  std::deque<PendingPull> pending_pulls_;
+  std::set<std::string> reported_peers_;  // malformed senders already logged
+  ServerStats stats_;
+};
+
+}  // namespace sps::server

@@ -1,0 +1,112 @@
+#include "server/shard.h"
+
+#include <fmt/format.h>
+
+namespace sps::server {
+
+Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, float apply_scale,
+             std::unique_ptr<scheduler::ConsistencyPolicy> policy)
+    : key_begin_(key_begin),
+      key_end_(key_end),
+      apply_scale_(apply_scale),
+      policy_(std::move(policy)),
+      params_(key_end - key_begin, 0.0f),
+      sum_(key_end - key_begin, 0.0f),
+      touched_(key_end - key_begin, 0),
+      pending_(num_workers),
+      pushed_(num_workers) {
+  SPS_CHECK(key_end >= key_begin);
+}
+
+void Shard::set_params(std::span<const float> values) {
+  SPS_CHECK(values.size() == params_.size());
+  std::copy(values.begin(), values.end(), params_.begin());
+}
+
+Status Shard::check_push(uint32_t w, uint64_t clock) const {
+  if (w >= pushed_.size()) return out_of_range(fmt::format("push from worker {} but the job has {}", w, pushed_.size()));
+  if (!pushed_.live(w)) return failed_precondition(fmt::format("push from worker {}, which left the job", w));
+  // BSP: the next push from w is for clock pushed_.clock(w), and it can only be
+  // the clock being aggregated now.
+  if (clock != pushed_.clock(w) || clock != version_)
+    return failed_precondition(fmt::format("push from worker {} for clock {}, expected clock {}", w, clock,
+                                           pushed_.clock(w)));
+  return {};
+}
+
+Status Shard::add_push(uint32_t w, uint64_t clock, const protocol::DataView& data) {
+  SPS_RETURN_IF_ERROR(check_push(w, clock));
+  Pending& p = pending_[w];
+  p.dense = data.dense();
+  p.keys.resize(data.size());
+  p.values.resize(data.size());
+  for (uint32_t i = 0; i < data.size(); ++i) {
+    p.keys[i] = data.key(i) - key_begin_;
+    p.values[i] = data.value(i);
+  }
+  pushed_.set_clock(w, clock + 1);
+  return {};
+}
+
+Status Shard::add_push(uint32_t w, uint64_t clock, std::span<const uint32_t> keys, std::span<const float> values) {
+  SPS_RETURN_IF_ERROR(check_push(w, clock));
+  if (keys.size() != values.size()) return invalid_argument("keys and values differ in length");
+  int64_t prev = int64_t{key_begin_} - 1;
+  for (uint32_t k : keys) {
+    if (k < key_begin_ || k >= key_end_ || int64_t{k} <= prev) return out_of_range(fmt::format("bad key {}", k));
+    prev = k;
+  }
+  Pending& p = pending_[w];
+  p.dense = false;
+  p.keys.resize(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) p.keys[i] = keys[i] - key_begin_;
+  p.values.assign(values.begin(), values.end());
+  pushed_.set_clock(w, clock + 1);
+  return {};
+}
+
+void Shard::apply_clock() {
+  const uint32_t live = pushed_.live_count();
+  for (uint32_t w = 0; w < pushed_.size(); ++w) {
+    if (!pushed_.live(w)) continue;
+    Pending& p = pending_[w];
+    for (size_t i = 0; i < p.keys.size(); ++i) {
+      const uint32_t j = p.keys[i];
+      if (!touched_[j]) {
+        touched_[j] = 1;
+        touched_list_.push_back(j);
+      }
+      sum_[j] += p.values[i];
+    }
+    p.keys.clear();
+    p.values.clear();
+  }
+  const float factor = apply_scale_ / static_cast<float>(live);
+  for (uint32_t j : touched_list_) {
+    params_[j] -= factor * sum_[j];
+    sum_[j] = 0.0f;
+    touched_[j] = 0;
+  }
+  touched_list_.clear();
+  ++version_;
+}
+
+int Shard::apply_ready() {
+  int applied = 0;
+  while (policy_->ready_to_apply(version_, pushed_)) {
+    apply_clock();
+    ++applied;
+  }
+  return applied;
+}
+
+void Shard::remove_worker(uint32_t w) {
+  if (w >= pushed_.size() || !pushed_.live(w)) return;
+  pushed_.mark_dead(w);
+  pending_[w].keys.clear();
+  pending_[w].values.clear();
+}
+
+bool Shard::may_answer_pull(uint64_t clock) const { return policy_->may_answer_pull(clock, version_, pushed_); }
+
+}  // namespace sps::server

@@ -1,0 +1,251 @@
+#include "worker/client.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "net/link.h"
+
+namespace sps::worker {
+
+using protocol::Header;
+using protocol::MessageType;
+
+PsClient::PsClient(const config::Config& cfg, zmq::context_t& ctx)
+    : cfg_(cfg), ctx_(ctx), control_(net::make_socket(ctx, net::SocketKind::kDealer)) {
+  control_.connect(fmt::format("tcp://{}:{}", cfg_.cluster.scheduler_host, cfg_.cluster.scheduler_port));
+}
+
+Status PsClient::send_control(MessageType type, protocol::Bytes payload) {
+  Header h;
+  h.type = type;
+  h.sender = assign_.rank;
+  auto r = net::send(control_, protocol::encode_control(h, std::move(payload)));
+  if (!r.ok()) return r.status().with_context("cannot reach the scheduler");
+  return {};
+}
+
+void PsClient::heartbeat_if_due() {
+  const double now = clock_.seconds();
+  if ((now - last_heartbeat_sent_) * 1000.0 < cfg_.cluster.heartbeat_ms) return;
+  last_heartbeat_sent_ = now;
+  (void)send_control(MessageType::kHeartbeat);
+}
+
+Status PsClient::check_alive() {
+  if (stop_requested()) return unavailable(fmt::format("stopped by signal {}", stop_signal()));
+  if (shutdown_seen_ && !shutdown_status_.ok()) return shutdown_status_;
+  const double silent = clock_.seconds() - last_scheduler_seen_;
+  if (silent * 1000.0 > cfg_.cluster.dead_after_ms)
+    return unavailable(fmt::format("the scheduler has been silent for {:.1f} s", silent));
+  heartbeat_if_due();
+  return {};
+}
+
+Status PsClient::handle_scheduler_message(const protocol::MessageView& m) {
+  last_scheduler_seen_ = clock_.seconds();
+  switch (m.header.type) {
+    case MessageType::kAssign: {
+      SPS_ASSIGN_OR_RETURN(assign_, protocol::decode_assign(m.frame1));
+      if (assign_.rank >= assign_.num_workers) return malformed("assignment rank out of range");
+      assigned_ = true;
+      return {};
+    }
+    case MessageType::kBarrierRelease:
+      released_ = true;
+      return {};
+    case MessageType::kShutdown: {
+      auto text = protocol::decode_text(m.frame1);
+      shutdown_seen_ = true;
+      if ((m.header.flags & protocol::kFlagError) != 0)
+        shutdown_status_ = unavailable(fmt::format("the job was stopped: {}", text.ok() ? *text : "<no reason>"));
+      return shutdown_status_;
+    }
+    case MessageType::kError: {
+      auto text = protocol::decode_text(m.frame1);
+      return failed_precondition(fmt::format("the scheduler refused this worker: {}", text.ok() ? *text : "?"));
+    }
+    case MessageType::kHeartbeat:
+      return {};
+    default:
+      spdlog::warn("worker: unexpected {} from the scheduler", protocol::message_type_name(m.header.type));
+      return {};
+  }
+}
+
+Status PsClient::pump_scheduler(int timeout_ms) {
+  if (net::wait_readable({&control_}, std::chrono::milliseconds(timeout_ms))[0]) {
+    while (auto r = net::try_recv(control_, false)) {
+      auto m = net::decode(*r);
+      if (!m.ok()) return m.status().with_context("malformed message from the scheduler");
+      SPS_RETURN_IF_ERROR(handle_scheduler_message(*m));
+    }
+  }
+  return check_alive();
+}
+
+Status PsClient::register_worker(uint64_t num_params) {
+  protocol::RegisterInfo reg;
+  reg.role = protocol::Role::kWorker;
+  reg.num_params = num_params;
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  reg.host = host;
+  reg.pid = static_cast<uint32_t>(getpid());
+  SPS_RETURN_IF_ERROR(send_control(MessageType::kRegister, protocol::encode_register(reg)));
+  last_scheduler_seen_ = clock_.seconds();
+  const double deadline = clock_.seconds() + cfg_.cluster.startup_timeout_ms / 1000.0;
+  while (!assigned_) {
+    SPS_RETURN_IF_ERROR(pump_scheduler(100));
+    if (clock_.seconds() > deadline) return deadline_exceeded("no assignment from the scheduler in time");
+  }
+  if (assign_.num_params != num_params)
+    return failed_precondition(fmt::format("assigned model size {} differs from ours ({})", assign_.num_params,
+                                           num_params));
+  for (const auto& shard : assign_.shards) {
+    servers_.push_back(net::make_socket(ctx_, net::SocketKind::kDealer));
+    servers_.back().connect(shard.endpoint);
+  }
+  return {};
+}
+
+Status PsClient::send_to_server(size_t s, const protocol::EncodedMessage& m) {
+  auto r = net::send(servers_[s], m, nullptr);
+  if (!r.ok()) return r.status().with_context(fmt::format("server {}", s));
+  return {};
+}
+
+Status PsClient::init_params(std::span<const float> params) {
+  for (size_t s = 0; s < assign_.shards.size(); ++s) {
+    const auto& shard = assign_.shards[s];
+    Header h;
+    h.type = MessageType::kPush;
+    h.flags = protocol::kFlagInit;
+    h.sender = assign_.rank;
+    h.shard = static_cast<uint32_t>(s);
+    h.key_begin = shard.key_begin;
+    h.key_end = shard.key_end;
+    h.index_encoding = protocol::IndexEncoding::kNone;
+    SPS_RETURN_IF_ERROR(send_to_server(
+        s, protocol::encode_data(h, {}, params.subspan(shard.key_begin, shard.key_end - shard.key_begin))));
+  }
+  return {};
+}
+
+Status PsClient::start_barrier() {
+  SPS_RETURN_IF_ERROR(send_control(MessageType::kBarrier));
+  while (!released_) SPS_RETURN_IF_ERROR(pump_scheduler(100));
+  return {};
+}
+
+Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params) {
+  Stopwatch wait;
+  const size_t n = servers_.size();
+  for (size_t s = 0; s < n; ++s) {
+    const auto& shard = assign_.shards[s];
+    Header h;
+    h.type = MessageType::kPullRequest;
+    h.sender = assign_.rank;
+    h.clock = clock;
+    h.shard = static_cast<uint32_t>(s);
+    h.key_begin = shard.key_begin;
+    h.key_end = shard.key_end;
+    SPS_RETURN_IF_ERROR(send_to_server(s, protocol::encode_control(h)));
+  }
+  std::vector<bool> got(n, false);
+  size_t remaining = n;
+  uint64_t min_version = UINT64_MAX;
+  std::vector<zmq::socket_t*> socks;
+  for (auto& s : servers_) socks.push_back(&s);
+  socks.push_back(&control_);
+  while (remaining > 0) {
+    const auto ready = net::wait_readable(socks, std::chrono::milliseconds(100));
+    for (size_t s = 0; s < n; ++s) {
+      if (!ready[s]) continue;
+      while (auto r = net::try_recv(servers_[s], false)) {
+        auto m = net::decode(*r);
+        if (!m.ok()) return m.status().with_context(fmt::format("pull response from server {}", s));
+        const auto& shard = assign_.shards[s];
+        auto data = protocol::decode_data(*m, shard.key_begin, shard.key_end);
+        if (!data.ok()) return data.status().with_context(fmt::format("pull response from server {}", s));
+        if (m->header.type != MessageType::kPullResponse || !data->dense() || m->header.clock != clock || got[s])
+          return malformed(fmt::format("unexpected reply from server {} to the pull for clock {}", s, clock));
+        for (uint32_t i = 0; i < data->size(); ++i) params[shard.key_begin + i] = data->value(i);
+        counters_.bytes_pulled += r->bytes();
+        min_version = std::min(min_version, m->header.base_version);
+        got[s] = true;
+        --remaining;
+      }
+    }
+    if (ready[n]) {
+      SPS_RETURN_IF_ERROR(pump_scheduler(0));
+    } else {
+      SPS_RETURN_IF_ERROR(check_alive());
+    }
+    if (shutdown_seen_) return unavailable("the job ended while this worker waited for parameters");
+  }
+  last_pull_wait_ = wait.seconds();
+  return min_version;
+}
+
+Status PsClient::push_sparse(uint64_t clock, uint64_t base_version, const kernels::SparseVector& sel) {
+  size_t pos = 0;
+  for (size_t s = 0; s < assign_.shards.size(); ++s) {
+    const auto& shard = assign_.shards[s];
+    // Selections are sorted, so each shard's entries are one contiguous run.
+    const size_t begin = pos;
+    while (pos < sel.size() && sel.indices[pos] < shard.key_end) ++pos;
+    Header h;
+    h.type = MessageType::kPush;
+    h.sender = assign_.rank;
+    h.clock = clock;
+    h.base_version = base_version;
+    h.shard = static_cast<uint32_t>(s);
+    h.key_begin = shard.key_begin;
+    h.key_end = shard.key_end;
+    h.index_encoding = protocol::IndexEncoding::kRawU32;
+    const auto msg = protocol::encode_data(h, std::span(sel.indices).subspan(begin, pos - begin),
+                                           std::span(sel.values).subspan(begin, pos - begin));
+    SPS_RETURN_IF_ERROR(send_to_server(s, msg));
+    counters_.bytes_pushed += msg.total_bytes();
+    counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
+    counters_.nnz_pushed += pos - begin;
+  }
+  return {};
+}
+
+Status PsClient::push_dense(uint64_t clock, uint64_t base_version, std::span<const float> values) {
+  for (size_t s = 0; s < assign_.shards.size(); ++s) {
+    const auto& shard = assign_.shards[s];
+    Header h;
+    h.type = MessageType::kPush;
+    h.sender = assign_.rank;
+    h.clock = clock;
+    h.base_version = base_version;
+    h.shard = static_cast<uint32_t>(s);
+    h.key_begin = shard.key_begin;
+    h.key_end = shard.key_end;
+    h.index_encoding = protocol::IndexEncoding::kNone;
+    const auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin));
+    SPS_RETURN_IF_ERROR(send_to_server(s, msg));
+    counters_.bytes_pushed += msg.total_bytes();
+    counters_.bytes_pushed_dense_equivalent += msg.total_bytes();
+    counters_.nnz_pushed += shard.key_end - shard.key_begin;
+  }
+  return {};
+}
+
+Status PsClient::finish(const protocol::DoneReport& report) {
+  SPS_RETURN_IF_ERROR(send_control(MessageType::kDone, protocol::encode_done(report)));
+  while (!shutdown_seen_) SPS_RETURN_IF_ERROR(pump_scheduler(100));
+  return shutdown_status_;
+}
+
+void PsClient::report_error(const std::string& what) {
+  (void)send_control(MessageType::kError, protocol::encode_text(what));
+}
+
+}  // namespace sps::worker

@@ -1,0 +1,92 @@
+// PsClient: a worker's connection to the job — the scheduler (registration,
+// barrier, heartbeats, end of job) and every server (push, pull).
+//
+// Blocking calls wait with a poll loop that also sends heartbeats, watches
+// the scheduler for an early shutdown and checks the stop flag, so a worker
+// never hangs on a dead job: every wait ends in a value or a Status.
+// Threading: one thread owns a client and all its sockets.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <zmq.hpp>
+
+#include "common/process.h"
+#include "common/status.h"
+#include "config/config.h"
+#include "kernels/sparsify.h"
+#include "protocol/message.h"
+
+namespace sps::worker {
+
+struct ClientCounters {
+  uint64_t bytes_pushed = 0;
+  uint64_t bytes_pushed_dense_equivalent = 0;  // what dense pushes of the same shards would cost
+  uint64_t bytes_pulled = 0;
+  uint64_t nnz_pushed = 0;
+};
+
+class PsClient {
+ public:
+  PsClient(const config::Config& cfg, zmq::context_t& ctx);
+  PsClient(const PsClient&) = delete;
+  PsClient& operator=(const PsClient&) = delete;
+
+  // Registers as a worker with a model of `num_params` and waits for the
+  // assignment (rank, shard map), then connects to every server.
+  Status register_worker(uint64_t num_params);
+  // Rank 0 only: sends the initial parameters to every shard.
+  Status init_params(std::span<const float> params);
+  // Enters the start barrier and waits for its release.
+  Status start_barrier();
+  // Fetches every shard's parameters for `clock` into `params` (blocks while
+  // the consistency policy holds the pull back). Returns the oldest shard
+  // version received.
+  Result<uint64_t> pull(uint64_t clock, std::span<float> params);
+  // Pushes a sparse selection (global keys, ascending) tagged with `clock`
+  // and `base_version`; every shard receives a message, empty or not, so
+  // clocks advance everywhere.
+  Status push_sparse(uint64_t clock, uint64_t base_version, const kernels::SparseVector& sel);
+  // Pushes the whole vector as dense slices.
+  Status push_dense(uint64_t clock, uint64_t base_version, std::span<const float> values);
+  // Reports the end of this worker's run and waits until the scheduler ends the job.
+  Status finish(const protocol::DoneReport& report);
+  // Tells the scheduler this worker failed (best effort).
+  void report_error(const std::string& what);
+
+  uint32_t rank() const { return assign_.rank; }
+  const protocol::AssignInfo& assignment() const { return assign_; }
+  const ClientCounters& counters() const { return counters_; }
+  double last_pull_wait_seconds() const { return last_pull_wait_; }
+
+ private:
+  // Handles every waiting scheduler message (waiting up to timeout_ms for
+  // the first); fails when the job ended with an error, the scheduler went
+  // silent, or a stop signal arrived.
+  Status pump_scheduler(int timeout_ms);
+  Status handle_scheduler_message(const protocol::MessageView& m);
+  Status check_alive();
+  void heartbeat_if_due();
+  Status send_to_server(size_t s, const protocol::EncodedMessage& m);
+  Status send_control(protocol::MessageType type, protocol::Bytes payload = {});
+
+  config::Config cfg_;
+  zmq::context_t& ctx_;
+  zmq::socket_t control_;
+  std::vector<zmq::socket_t> servers_;
+  protocol::AssignInfo assign_;
+  ClientCounters counters_;
+  Stopwatch clock_;
+  double last_heartbeat_sent_ = -1e9;
+  double last_scheduler_seen_ = 0;
+  bool assigned_ = false;
+  bool released_ = false;
+  bool shutdown_seen_ = false;
+  Status shutdown_status_;  // non-OK when the job ended with an error
+  double last_pull_wait_ = 0;
+};
+
+}  // namespace sps::worker

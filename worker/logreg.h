@@ -1,0 +1,28 @@
+// Multinomial logistic (softmax) regression: logits = W x + b, cross-entropy
+// loss, optional L2 on W. Parameters are W (classes x features, row-major)
+// followed by b (classes).
+#pragma once
+
+#include "worker/model.h"
+
+namespace sps::worker {
+
+class LogisticRegression final : public Model {
+ public:
+  LogisticRegression(size_t features, size_t classes, double l2 = 0.0, double init_std = 0.0);
+  size_t num_params() const override { return classes_ * features_ + classes_; }
+  void init(std::span<float> params, uint64_t seed) const override;
+  double loss_and_gradient(std::span<const float> params, const Batch& batch, std::span<float> grad) const override;
+  Evaluation evaluate(std::span<const float> params, const Dataset& data) const override;
+
+ private:
+  // Softmax probabilities of one example into `p`; returns the example's loss.
+  double forward_row(std::span<const float> params, const float* x, int32_t y, float* p) const;
+
+  size_t features_;
+  size_t classes_;
+  float l2_;
+  double init_std_;
+};
+
+}  // namespace sps::worker

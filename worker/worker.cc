@@ -1,0 +1,160 @@
+#include "worker/worker.h"
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "common/jsonl.h"
+#include "common/process.h"
+#include "kernels/sparsify.h"
+#include "worker/client.h"
+#include "worker/logreg.h"
+
+namespace sps::worker {
+
+Result<std::unique_ptr<Model>> make_model(const config::Config& cfg, const Dataset& train) {
+  switch (cfg.model.name) {
+    case config::ModelKind::kLogReg:
+      return std::unique_ptr<Model>(
+          std::make_unique<LogisticRegression>(train.cols, train.num_classes, cfg.training.l2, cfg.model.init_std));
+  }
+  return invalid_argument("unknown model");
+}
+
+Status load_data(const config::Config& cfg, Dataset& train, Dataset& test) {
+  SPS_ASSIGN_OR_RETURN(train, load_fashion_mnist(cfg.data.path, true, static_cast<size_t>(cfg.data.train_limit)));
+  SPS_ASSIGN_OR_RETURN(test, load_fashion_mnist(cfg.data.path, false, static_cast<size_t>(cfg.data.test_limit)));
+  return {};
+}
+
+Worker::Worker(config::Config cfg) : cfg_(std::move(cfg)) {}
+
+Status Worker::train(zmq::context_t& ctx) {
+  Stopwatch wall;
+  Dataset train_set, test_set;
+  SPS_RETURN_IF_ERROR(load_data(cfg_, train_set, test_set));
+  SPS_ASSIGN_OR_RETURN(auto model, make_model(cfg_, train_set));
+  const size_t n = model->num_params();
+
+  PsClient client(cfg_, ctx);
+  SPS_RETURN_IF_ERROR(client.register_worker(n));
+  const uint32_t rank = client.rank();
+  const uint32_t world = client.assignment().num_workers;
+  SPS_ASSIGN_OR_RETURN(auto log, JsonlWriter::open(fmt::format("{}/worker-{}.jsonl", cfg_.run_folder(), rank)));
+  log.write({{"event", "assign"}, {"rank", rank}, {"workers", world}, {"num_params", n},
+             {"config", config::to_json(cfg_)}});
+
+  std::vector<float> params(n), grad(n);
+  if (rank == 0) {
+    model->init(params, static_cast<uint64_t>(cfg_.training.seed));
+    SPS_RETURN_IF_ERROR(client.init_params(params));
+  }
+  SPS_RETURN_IF_ERROR(client.start_barrier());
+
+  const auto& cc = cfg_.compression;
+  const size_t k = cc.method == config::CompressionMethod::kDense
+                       ? n
+                       : (cc.k > 0 ? std::min<size_t>(n, static_cast<size_t>(cc.k)) : kernels::k_from_ratio(cc.ratio, n));
+  kernels::ErrorFeedbackCompressor compressor(
+      n, cc.method == config::CompressionMethod::kDense ? kernels::Method::kDense : kernels::Method::kTopK,
+      cc.error_feedback == config::ErrorFeedback::kEf ? kernels::ErrorFeedbackMode::kEf
+                                                      : kernels::ErrorFeedbackMode::kNone,
+      k);
+  const float scale = cc.scale == config::Scale::kLr ? static_cast<float>(cfg_.training.lr) : 1.0f;
+  BatchSampler sampler(train_set.rows, rank, world, static_cast<uint64_t>(cfg_.training.seed));
+  std::vector<uint32_t> ids;
+  Batch batch;
+  kernels::SparseVector sel;
+
+  const int64_t steps = cfg_.training.steps;
+  const int64_t progress_every = std::max<int64_t>(1, steps / cfg_.run.progress_lines);
+  double loss = NAN, loss_window = 0;
+  int64_t window = 0;
+  Stopwatch train_clock;
+  if (rank == 0 && cfg_.run.progress)
+    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}", world, n, steps,
+                 config::to_string(cc.method), k, config::to_string(cc.error_feedback));
+  for (int64_t step = 0; step < steps; ++step) {
+    const auto clock = static_cast<uint64_t>(step);
+    SPS_ASSIGN_OR_RETURN(const uint64_t version, client.pull(clock, params));
+    const double pull_wait = client.last_pull_wait_seconds();
+    Stopwatch sw;
+    sampler.next(static_cast<size_t>(cfg_.training.batch_size), ids);
+    make_batch(train_set, ids, batch);
+    loss = model->loss_and_gradient(params, batch, grad);
+    const double compute_s = sw.seconds();
+    sw.reset();
+    SPS_RETURN_IF_ERROR(compressor.compress(grad, scale, sel).with_context(fmt::format("step {}", step)));
+    const double select_s = sw.seconds();
+    sw.reset();
+    const auto before = client.counters();
+    if (cc.method == config::CompressionMethod::kDense) {
+      SPS_RETURN_IF_ERROR(client.push_dense(clock, version, sel.values));
+    } else {
+      SPS_RETURN_IF_ERROR(client.push_sparse(clock, version, sel));
+    }
+    const auto& after = client.counters();
+    log.write({{"step", step},
+               {"clock", clock},
+               {"version", version},
+               {"loss", loss},
+               {"nnz", sel.size()},
+               {"bytes_pushed", after.bytes_pushed - before.bytes_pushed},
+               {"bytes_pulled", after.bytes_pulled - before.bytes_pulled},
+               {"compute_s", compute_s},
+               {"select_s", select_s},
+               {"push_s", sw.seconds()},
+               {"pull_wait_s", pull_wait}});
+    loss_window += loss;
+    ++window;
+    if (rank == 0 && cfg_.run.progress && ((step + 1) % progress_every == 0 || step + 1 == steps)) {
+      const double elapsed = train_clock.seconds();
+      spdlog::info("step {:>6}/{} ({:3.0f}%)  loss {:.4f}  pushed {:.1f} KiB/step ({:.1f}x less than dense)  "
+                   "{:.0f} steps/s",
+                   step + 1, steps, 100.0 * double(step + 1) / double(steps), loss_window / double(window),
+                   double(after.bytes_pushed) / 1024.0 / double(step + 1),
+                   after.bytes_pushed > 0 ? double(after.bytes_pushed_dense_equivalent) / double(after.bytes_pushed) : 0.0,
+                   double(step + 1) / std::max(elapsed, 1e-9));
+      loss_window = 0;
+      window = 0;
+    }
+  }
+
+  protocol::DoneReport report;
+  report.steps = static_cast<uint64_t>(steps);
+  report.last_batch_loss = loss;
+  report.train_loss = NAN;
+  report.test_accuracy = NAN;
+  if (rank == 0) {
+    SPS_ASSIGN_OR_RETURN(const uint64_t final_version, client.pull(static_cast<uint64_t>(steps), params));
+    const Evaluation tr = model->evaluate(params, train_set);
+    const Evaluation te = model->evaluate(params, test_set);
+    report.train_loss = tr.loss;
+    report.test_accuracy = te.accuracy;
+    log.write({{"event", "eval"}, {"version", final_version}, {"train_loss", tr.loss}, {"train_accuracy", tr.accuracy},
+               {"test_loss", te.loss}, {"test_accuracy", te.accuracy}});
+    if (cfg_.run.progress)
+      spdlog::info("final model: train loss {:.4f}, train accuracy {:.4f}, test accuracy {:.4f}", tr.loss,
+                   tr.accuracy, te.accuracy);
+    if (cfg_.run.save_params) {
+      std::ofstream f(cfg_.run_folder() + "/params.f32", std::ios::binary | std::ios::trunc);
+      f.write(reinterpret_cast<const char*>(params.data()), static_cast<std::streamsize>(params.size() * sizeof(float)));
+      if (!f) return unavailable("cannot write params.f32");
+    }
+  }
+  const auto& c = client.counters();
+  report.bytes_pushed = c.bytes_pushed;
+  report.bytes_pushed_dense_equivalent = c.bytes_pushed_dense_equivalent;
+  report.bytes_pulled = c.bytes_pulled;
+  report.nnz_pushed = c.nnz_pushed;
+  report.wall_seconds = wall.seconds();
+  log.write({{"event", "done"}, {"steps", steps}, {"bytes_pushed", c.bytes_pushed},
+             {"bytes_pushed_dense_equivalent", c.bytes_pushed_dense_equivalent}, {"bytes_pulled", c.bytes_pulled},
+             {"nnz_pushed", c.nnz_pushed}, {"residual_norm", std::sqrt(compressor.residual_norm_sq())}});
+  return client.finish(report);
+}
+
+}  // namespace sps::worker

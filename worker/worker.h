@@ -1,0 +1,38 @@
+// Worker: the training loop of one worker process.
+//
+//   pull(clock) -> gradient on a mini-batch -> error feedback + selection
+//   -> push(clock) -> clock + 1
+//
+// then rank 0 evaluates the final model and every worker reports to the
+// scheduler. One JSON line per step goes to <run>/worker-<rank>.jsonl.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <zmq.hpp>
+
+#include "common/status.h"
+#include "config/config.h"
+#include "worker/dataset.h"
+#include "worker/model.h"
+
+namespace sps::worker {
+
+// Builds the model a config names; `train` supplies feature/class counts.
+Result<std::unique_ptr<Model>> make_model(const config::Config& cfg, const Dataset& train);
+
+// Loads the training and test sets a config names.
+Status load_data(const config::Config& cfg, Dataset& train, Dataset& test);
+
+class Worker {
+ public:
+  explicit Worker(config::Config cfg);
+  // Runs the whole job for this worker; returns the first error.
+  Status train(zmq::context_t& ctx);
+
+ private:
+  config::Config cfg_;
+};
+
+}  // namespace sps::worker
