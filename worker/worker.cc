@@ -41,6 +41,17 @@ Status Worker::train(zmq::context_t& ctx) {
 
   PsClient client(cfg_, ctx);
   SPS_RETURN_IF_ERROR(client.register_worker(n));
+  // From here on the scheduler knows us: tell it why we stop, so the job
+  // ends with our reason instead of waiting for a heartbeat timeout.
+  Status s = run_registered(client, *model, train_set, test_set, wall);
+  if (!s.ok()) client.report_error(s.to_string());
+  return s;
+}
+
+Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset& train_set, const Dataset& test_set,
+                              const Stopwatch& wall) {
+  Model* model = &model_ref;
+  const size_t n = model->num_params();
   const uint32_t rank = client.rank();
   const uint32_t world = client.assignment().num_workers;
   SPS_ASSIGN_OR_RETURN(auto log, JsonlWriter::open(fmt::format("{}/worker-{}.jsonl", cfg_.run_folder(), rank)));

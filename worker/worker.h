@@ -12,12 +12,15 @@
 
 #include <zmq.hpp>
 
+#include "common/process.h"
 #include "common/status.h"
 #include "config/config.h"
 #include "worker/dataset.h"
 #include "worker/model.h"
 
 namespace sps::worker {
+
+class PsClient;
 
 // Builds the model a config names; `train` supplies feature/class counts.
 Result<std::unique_ptr<Model>> make_model(const config::Config& cfg, const Dataset& train);
@@ -32,6 +35,8 @@ class Worker {
   Status train(zmq::context_t& ctx);
 
  private:
+  Status run_registered(PsClient& client, Model& model, const Dataset& train_set, const Dataset& test_set,
+                        const Stopwatch& wall);
   config::Config cfg_;
 };
 

@@ -1,0 +1,131 @@
+#include "config/config.h"
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <sstream>
+
+namespace sps::config {
+namespace {
+
+TEST(ConfigTest, DefaultsAreValid) {
+  auto c = load("");
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(c->training.steps, 500);
+  EXPECT_EQ(c->compression.method, CompressionMethod::kTopK);
+  EXPECT_EQ(c->cluster.num_servers, 1);
+}
+
+TEST(ConfigTest, DemoConfigLoads) {
+  auto c = load(std::string(SPS_SOURCE_DIR) + "/config/demo.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(c->cluster.num_workers, 4);
+  EXPECT_EQ(c->cluster.num_servers, 2);
+  EXPECT_EQ(c->model.name, ModelKind::kLogReg);
+  EXPECT_EQ(c->compression.ratio, 0.01);
+  EXPECT_EQ(c->compression.error_feedback, ErrorFeedback::kEf);
+  EXPECT_EQ(c->consistency.mode, ConsistencyMode::kBsp);
+  EXPECT_EQ(c->run_folder(), "runs/demo");
+}
+
+TEST(ConfigTest, ParsesEveryKind) {
+  auto c = load_from_string(R"(
+run: {name: x, progress: false}
+training:
+  lr: 1e-2
+  steps: 10
+compression:
+  method: dense
+  scale: 1
+)",
+                            "t.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_FALSE(c->run.progress);
+  EXPECT_DOUBLE_EQ(c->training.lr, 0.01);
+  EXPECT_EQ(c->training.steps, 10);
+  EXPECT_EQ(c->compression.method, CompressionMethod::kDense);
+  EXPECT_EQ(c->compression.scale, Scale::kOne);
+}
+
+void expect_error(const std::string& yaml, const std::string& fragment, const std::vector<std::string>& sets = {}) {
+  auto c = load_from_string(yaml, "job.yaml", sets);
+  ASSERT_FALSE(c.ok()) << "accepted: " << yaml;
+  EXPECT_NE(c.status().message().find(fragment), std::string::npos)
+      << "message '" << c.status().message() << "' lacks '" << fragment << "'";
+}
+
+TEST(ConfigTest, UnknownKeyNamesFileLineAndKey) {
+  expect_error("training:\n  steps: 5\n  lrr: 0.1\n", "job.yaml:3:3: unknown key 'training.lrr'");
+  expect_error("trainin:\n  steps: 5\n", "job.yaml:1:1: unknown key 'trainin'");
+}
+
+TEST(ConfigTest, WrongTypesNameFileLineAndKey) {
+  expect_error("training:\n  steps: many\n", "job.yaml:2:10: training.steps: expected an integer, got 'many'");
+  expect_error("training:\n  lr: fast\n", "training.lr: expected a finite number");
+  expect_error("run:\n  progress: sometimes\n", "run.progress: expected true or false");
+  expect_error("compression:\n  method: magic\n", "compression.method: 'magic' is not one of: dense, topk");
+  expect_error("training: 5\n", "training: expected a map of keys");
+  expect_error("training:\n  steps: [1, 2]\n", "got <a list>");
+  expect_error("- a\n- b\n", "top level must be a map");
+}
+
+TEST(ConfigTest, OutOfRangeValues) {
+  expect_error("training:\n  lr: 0\n", "job.yaml:2:7: training.lr: 0 is outside (0, 1000]");
+  expect_error("compression:\n  ratio: 1.5\n", "compression.ratio");
+  expect_error("cluster:\n  num_workers: 0\n", "cluster.num_workers: 0 is outside [1, 4096]");
+  expect_error("training:\n  lr: .nan\n", "training.lr: expected a finite number");
+}
+
+TEST(ConfigTest, CrossKeyRules) {
+  expect_error("cluster:\n  heartbeat_ms: 1000\n  dead_after_ms: 500\n", "must exceed cluster.heartbeat_ms");
+  expect_error("run:\n  name: a/b\n", "run.name");
+}
+
+TEST(ConfigTest, YamlSyntaxErrorNamesTheLine) { expect_error("training:\n  steps: [1,\n", "job.yaml:"); }
+
+TEST(ConfigTest, OverridesApplyInOrderAndAreValidated) {
+  auto c = load_from_string("training:\n  lr: 0.1\n", "job.yaml",
+                            {"training.lr=0.5", "cluster.num_workers=3", "training.lr=0.25", "run.name=abc"});
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_DOUBLE_EQ(c->training.lr, 0.25);
+  EXPECT_EQ(c->cluster.num_workers, 3);
+  EXPECT_EQ(c->run.name, "abc");
+  expect_error("", "--set training.lrr=1: unknown key 'training.lrr'", {"training.lrr=1"});
+  expect_error("", "--set training.steps=x: training.steps: expected an integer", {"training.steps=x"});
+  expect_error("", "--set nonsense: expected key.path=value", {"nonsense"});
+  expect_error("", "cluster.num_servers: 0 is outside", {"cluster.num_servers=0"});
+}
+
+TEST(ConfigTest, MissingFileIsAClearError) {
+  auto c = load("/nonexistent/job.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("/nonexistent/job.yaml"), std::string::npos);
+}
+
+TEST(ConfigTest, JsonHasEveryKeyAndRoundTripsThroughOverrides) {
+  auto c = load_from_string("training:\n  lr: 0.3\ncompression:\n  method: dense\n", "job.yaml");
+  ASSERT_TRUE(c.ok());
+  const auto j = to_json(*c);
+  std::vector<std::string> sets;
+  for (const auto& key : all_keys()) {
+    const auto dot = key.find('.');
+    const auto& v = j.at(key.substr(0, dot)).at(key.substr(dot + 1));
+    sets.push_back(key + "=" + (v.is_string() ? v.get<std::string>() : v.dump()));
+  }
+  auto again = load("", sets);
+  ASSERT_TRUE(again.ok()) << again.status().to_string();
+  EXPECT_EQ(to_json(*again), j);
+}
+
+TEST(ConfigTest, DocsListEveryKey) {
+  std::ifstream f(std::string(SPS_SOURCE_DIR) + "/docs/config.md");
+  ASSERT_TRUE(f) << "docs/config.md is missing";
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string doc = ss.str();
+  for (const auto& key : all_keys())
+    EXPECT_NE(doc.find("`" + key + "`"), std::string::npos) << key << " is not documented in docs/config.md";
+}
+
+}  // namespace
+}  // namespace sps::config

@@ -1,0 +1,91 @@
+// Failure injection with real processes: SIGKILL a worker or a server,
+// SIGTERM the scheduler. A dead node never hangs the job, and no process is
+// left behind.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+
+#include <fstream>
+
+#include "tests/integration/harness.h"
+
+namespace sps::testing {
+namespace {
+
+const std::vector<std::string> kFastFailure = {"cluster.heartbeat_ms=100", "cluster.dead_after_ms=1500",
+                                               "data.train_limit=2000", "data.test_limit=500"};
+
+std::vector<std::string> with(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+TEST(FaultTest, KilledWorkerIsDroppedAndTheJobCompletes) {
+  Job job("kill_worker", 3, 2, with(kFastFailure, {"training.steps=1500", "training.batch_size=8"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_GE(wait_for_lines(job.path("worker-2.jsonl"), 50, 60), 50u) << "worker 2 never got going";
+  job.workers[2].send_signal(SIGKILL);
+  ASSERT_TRUE(job.wait_all(120)) << "the job hung after a worker died";
+  EXPECT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  EXPECT_EQ(job.workers[0].exit_status(), 0);
+  EXPECT_EQ(job.workers[1].exit_status(), 0);
+  EXPECT_EQ(job.servers[0].exit_status(), 0);
+  const auto s = read_json(job.path("summary.json"));
+  ASSERT_TRUE(s.is_object());
+  EXPECT_EQ(s["steps"].get<int64_t>(), 1500);
+  ASSERT_EQ(s["dead_workers"].size(), 1u);
+  // Ranks follow registration order, so find which rank the killed process had.
+  bool server_saw_it = false;
+  for (const auto& line : read_jsonl(job.path("server-0.jsonl")))
+    if (line.value("event", "") == "worker_dead") server_saw_it = true;
+  EXPECT_TRUE(server_saw_it);
+}
+
+TEST(FaultTest, KilledServerEndsTheJobWithAnErrorNotAHang) {
+  Job job("kill_server", 2, 2, with(kFastFailure, {"training.steps=1000000"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_GE(wait_for_lines(job.path("worker-0.jsonl"), 20, 60), 20u);
+  job.servers[1].send_signal(SIGKILL);
+  ASSERT_TRUE(job.wait_all(60)) << "processes hung after a server died";
+  EXPECT_EQ(job.scheduler.exit_status(), 1);
+  EXPECT_NE(job.workers[0].exit_status(), 0);
+  EXPECT_NE(job.workers[1].exit_status(), 0);
+  EXPECT_NE(read_text(job.path("scheduler.out")).find("server"), std::string::npos);
+}
+
+TEST(FaultTest, SigtermToTheSchedulerStopsEveryProcess) {
+  Job job("sigterm", 2, 1, with(kFastFailure, {"training.steps=1000000"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_GE(wait_for_lines(job.path("worker-1.jsonl"), 20, 60), 20u);
+  job.scheduler.send_signal(SIGTERM);
+  ASSERT_TRUE(job.wait_all(30)) << "processes kept running after the scheduler was stopped";
+  EXPECT_NE(job.scheduler.exit_status(), 0);
+  for (auto& w : job.workers) EXPECT_NE(w.exit_status(), 0);
+}
+
+TEST(FaultTest, SigintToAWorkerStopsItCleanly) {
+  Job job("sigint_worker", 1, 1, with(kFastFailure, {"training.steps=1000000"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_GE(wait_for_lines(job.path("worker-0.jsonl"), 20, 60), 20u);
+  job.workers[0].send_signal(SIGINT);
+  EXPECT_EQ(job.workers[0].wait(10), 128 + SIGINT);
+  // With its only worker gone the scheduler ends the job with an error.
+  ASSERT_TRUE(job.wait_all(30));
+  EXPECT_EQ(job.scheduler.exit_status(), 1);
+}
+
+TEST(FaultTest, BadConfigNamesFileLineAndKey) {
+  const auto dir = fresh_run_dir("bad_config");
+  const std::string cfg = dir + "/bad.yaml";
+  {
+    std::ofstream f(cfg);
+    f << "training:\n  steps: 10\n  learning_rate: 0.1\n";
+  }
+  Process p({bin("sps-worker"), "--config", cfg}, dir + "/out.txt");
+  EXPECT_EQ(p.wait(10), 2);
+  EXPECT_NE(read_text(dir + "/out.txt").find("bad.yaml:3:3: unknown key 'training.learning_rate'"), std::string::npos)
+      << read_text(dir + "/out.txt");
+}
+
+}  // namespace
+}  // namespace sps::testing

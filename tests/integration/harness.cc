@@ -1,0 +1,194 @@
+#include "tests/integration/harness.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace sps::testing {
+
+Process::Process(const std::vector<std::string>& argv, const std::string& log_path) {
+  std::vector<char*> cargv;
+  for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+  cargv.push_back(nullptr);
+  pid_ = fork();
+  if (pid_ == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the test binary
+    const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) {
+      dup2(fd, 1);
+      dup2(fd, 2);
+      close(fd);
+    }
+    execv(cargv[0], cargv.data());
+    _exit(127);
+  }
+}
+
+Process::~Process() {
+  if (pid_ > 0 && !reaped_) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+}
+
+Process::Process(Process&& o) noexcept : pid_(o.pid_), status_(o.status_), reaped_(o.reaped_) { o.pid_ = -1; }
+
+Process& Process::operator=(Process&& o) noexcept {
+  if (this != &o) {
+    if (pid_ > 0 && !reaped_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    pid_ = o.pid_;
+    status_ = o.status_;
+    reaped_ = o.reaped_;
+    o.pid_ = -1;
+  }
+  return *this;
+}
+
+bool Process::running() { return pid_ > 0 && !reaped_ && wait(0) == -1; }
+
+void Process::send_signal(int sig) {
+  if (pid_ > 0 && !reaped_) kill(pid_, sig);
+}
+
+int Process::wait(double timeout_s) {
+  if (pid_ <= 0) return -1;
+  if (reaped_) return status_;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  while (true) {
+    int st = 0;
+    const pid_t r = waitpid(pid_, &st, WNOHANG);
+    if (r == pid_) {
+      reaped_ = true;
+      status_ = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      return status_;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+std::string bin(const std::string& name) { return std::string(SPS_BIN_DIR) + "/" + name; }
+
+std::string fresh_run_dir(const std::string& name) {
+  const auto dir = std::filesystem::path(::testing::TempDir()) / ("sps-" + std::to_string(getpid())) / name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir.string();
+}
+
+Job::Job(const std::string& name, int worker_count, int server_count, std::vector<std::string> extra)
+    : run_dir(fresh_run_dir(name)), num_workers(worker_count), num_servers(server_count) {
+  const auto parent = std::filesystem::path(run_dir).parent_path().string();
+  sets = {"run.dir=" + parent,
+          "run.name=" + name,
+          "cluster.num_workers=" + std::to_string(worker_count),
+          "cluster.num_servers=" + std::to_string(server_count),
+          "run.progress=false",
+          "cluster.startup_timeout_ms=30000"};
+  sets.insert(sets.end(), extra.begin(), extra.end());
+}
+
+std::vector<std::string> Job::node_args() const {
+  std::vector<std::string> a = {"--config", std::string(SPS_SOURCE_DIR) + "/config/demo.yaml"};
+  for (const auto& s : sets) {
+    a.push_back("--set");
+    a.push_back(s);
+  }
+  return a;
+}
+
+bool Job::start() {
+  auto args = node_args();
+  std::vector<std::string> argv = {bin("sps-scheduler")};
+  argv.insert(argv.end(), args.begin(), args.end());
+  scheduler = Process(argv, path("scheduler.out"));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (port == 0) {
+    std::ifstream f(path("scheduler.port"));
+    if (f >> port) break;
+    if (std::chrono::steady_clock::now() > deadline || !scheduler.running()) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  args.push_back("--set");
+  args.push_back("cluster.scheduler_port=" + std::to_string(port));
+  for (int s = 0; s < num_servers; ++s) {
+    std::vector<std::string> v = {bin("sps-server")};
+    v.insert(v.end(), args.begin(), args.end());
+    servers.emplace_back(v, path("server-" + std::to_string(s) + ".out"));
+  }
+  for (int w = 0; w < num_workers; ++w) {
+    std::vector<std::string> v = {bin("sps-worker")};
+    v.insert(v.end(), args.begin(), args.end());
+    workers.emplace_back(v, path("worker-" + std::to_string(w) + ".out"));
+  }
+  return true;
+}
+
+bool Job::wait_all(double timeout_s) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  auto left = [&] {
+    return std::max(0.0, std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count());
+  };
+  bool ok = scheduler.wait(left()) != -1;
+  for (auto& p : servers) ok &= p.wait(left()) != -1;
+  for (auto& p : workers) ok &= p.wait(left()) != -1;
+  return ok;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) return nullptr;
+  return nlohmann::json::parse(f, nullptr, false);
+}
+
+std::vector<nlohmann::json> read_jsonl(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded()) out.push_back(std::move(j));
+  }
+  return out;
+}
+
+std::vector<float> read_f32(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  std::vector<float> out(bytes.size() / sizeof(float));
+  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
+  return out;
+}
+
+size_t wait_for_lines(const std::string& path, size_t lines, double timeout_s) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  size_t n = 0;
+  while (true) {
+    n = read_jsonl(path).size();
+    if (n >= lines || std::chrono::steady_clock::now() > deadline) return n;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+}  // namespace sps::testing

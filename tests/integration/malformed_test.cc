@@ -1,0 +1,129 @@
+// A real sps-scheduler and sps-server; this test is the job's only worker
+// (through the worker library's PsClient) and, on a second raw ZeroMQ
+// socket, a hostile peer. Every malformed message must be counted and
+// dropped, the parameters must stay unchanged, and the server must keep
+// serving the real worker.
+#include <gtest/gtest.h>
+
+#include <zmq.hpp>
+
+#include "net/link.h"
+#include "protocol/message.h"
+#include "tests/integration/harness.h"
+#include "worker/client.h"
+
+namespace sps::testing {
+namespace {
+
+using protocol::Bytes;
+using protocol::Header;
+using protocol::MessageType;
+
+void set_u32(Bytes& b, size_t offset, uint32_t v) {
+  for (int i = 0; i < 4; ++i) b[offset + i] = static_cast<std::byte>((v >> (8 * i)) & 0xFF);
+}
+
+void send_frames(zmq::socket_t& s, const std::vector<Bytes>& frames) {
+  for (size_t i = 0; i < frames.size(); ++i)
+    s.send(zmq::buffer(frames[i]), i + 1 < frames.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
+}
+
+TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
+  const int n = 7850;  // the logreg model size this config implies
+  Job job("malformed", 1, 1, {"cluster.heartbeat_ms=100", "cluster.dead_after_ms=5000"});
+  std::vector<std::string> argv = {bin("sps-scheduler")};
+  auto args = job.node_args();
+  argv.insert(argv.end(), args.begin(), args.end());
+  job.scheduler = Process(argv, job.path("scheduler.out"));
+  ASSERT_GT(wait_for_lines(job.path("scheduler.jsonl"), 1, 20), 0u);
+  job.port = std::stoi(read_text(job.path("scheduler.port")));
+  args.push_back("--set");
+  args.push_back("cluster.scheduler_port=" + std::to_string(job.port));
+  std::vector<std::string> sv = {bin("sps-server")};
+  sv.insert(sv.end(), args.begin(), args.end());
+  job.servers.emplace_back(sv, job.path("server-0.out"));
+
+  auto cfg = config::load(std::string(SPS_SOURCE_DIR) + "/config/demo.yaml", job.sets);
+  ASSERT_TRUE(cfg.ok());
+  cfg->cluster.scheduler_port = job.port;
+  zmq::context_t ctx(1);
+  worker::PsClient client(*cfg, ctx);
+  ASSERT_TRUE(client.register_worker(n).ok());
+  std::vector<float> init(n);
+  for (int i = 0; i < n; ++i) init[i] = 0.001f * static_cast<float>(i % 97);
+  ASSERT_TRUE(client.init_params(init).ok());
+  ASSERT_TRUE(client.start_barrier().ok());
+  std::vector<float> params(n);
+  ASSERT_TRUE(client.pull(0, params).ok());
+  ASSERT_EQ(params, init);
+
+  // The hostile peer.
+  zmq::socket_t evil(ctx, zmq::socket_type::dealer);
+  evil.set(zmq::sockopt::linger, 0);
+  evil.connect(client.assignment().shards[0].endpoint);
+  Header h;
+  h.type = MessageType::kPush;
+  h.sender = 0;
+  h.clock = 0;
+  h.key_begin = 0;
+  h.key_end = n;
+  h.index_encoding = protocol::IndexEncoding::kRawU32;
+  const auto good = protocol::encode_data(h, std::vector<uint32_t>{1, 2}, std::vector<float>{5, 5});
+  auto variant = [&](auto mutate) {
+    std::vector<Bytes> f = {good.header, good.frame1, good.frame2};
+    mutate(f);
+    return f;
+  };
+  std::vector<std::vector<Bytes>> bad = {
+      variant([](auto& f) { f[0][0] = std::byte{'X'}; }),                  // wrong magic
+      variant([](auto& f) { f[0][4] = std::byte{9}; }),                    // unknown version
+      variant([](auto& f) { f[0][6] = std::byte{99}; }),                   // unknown type
+      variant([](auto& f) { f[0].resize(10); }),                           // truncated header
+      variant([](auto& f) { f.resize(1); }),                               // frames missing
+      variant([](auto& f) { f.push_back(Bytes(8)); f.push_back(Bytes(8)); }),  // extra frames
+      variant([](auto& f) { f[1].resize(4); }),                            // truncated index frame
+      variant([](auto& f) { set_u32(f[0], 44, 0x7FFFFFFF); }),             // huge count
+      variant([&](auto& f) { set_u32(f[1], 4, static_cast<uint32_t>(n + 5)); }),  // index out of range
+      variant([](auto& f) { set_u32(f[1], 4, 1); }),                       // not increasing
+      variant([](auto& f) { set_u32(f[2], 4, 0x7FC00000); }),              // NaN value
+      variant([](auto& f) { set_u32(f[0], 40, 100); }),                    // another shard's range
+      variant([](auto& f) { set_u32(f[0], 12, 7); }),                      // unknown worker
+      variant([](auto& f) { f[0][16] = std::byte{5}; }),                   // clock from the future
+      variant([](auto& f) { f[0][60] = std::byte{1}; }),                   // reserved bytes set
+      {Bytes{}},                                                           // one empty frame
+      variant([](auto& f) { f[0][6] = std::byte{static_cast<uint8_t>(MessageType::kPullResponse)}; }),
+  };
+  for (const auto& f : bad) send_frames(evil, f);
+
+  // Parameters unchanged, and the server still answers the real worker.
+  ASSERT_TRUE(client.pull(0, params).ok());
+  EXPECT_EQ(params, init);
+  kernels::SparseVector sel;
+  sel.indices = {3, 4000};
+  sel.values = {1.0f, -2.0f};
+  ASSERT_TRUE(client.push_sparse(0, 0, sel).ok());
+  ASSERT_TRUE(client.pull(1, params).ok());
+  std::vector<float> expected = init;
+  expected[3] -= 1.0f;
+  expected[4000] += 2.0f;
+  EXPECT_EQ(params, expected);
+
+  protocol::DoneReport report;
+  report.steps = 1;
+  ASSERT_TRUE(client.finish(report).ok());
+  ASSERT_TRUE(job.wait_all(30));
+  EXPECT_EQ(job.servers[0].exit_status(), 0);
+  uint64_t malformed = 0;
+  bool found = false;
+  for (const auto& line : read_jsonl(job.path("server-0.jsonl"))) {
+    if (line.value("event", "") == "stats") {
+      malformed = line["malformed"].get<uint64_t>();
+      found = true;
+    }
+  }
+  ASSERT_TRUE(found) << "the server wrote no stats line";
+  EXPECT_EQ(malformed, bad.size());
+}
+
+}  // namespace
+}  // namespace sps::testing

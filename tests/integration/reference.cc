@@ -1,0 +1,76 @@
+#include "tests/integration/reference.h"
+
+#include <memory>
+
+#include "kernels/sparsify.h"
+#include "scheduler/consistency.h"
+#include "server/shard.h"
+#include "worker/worker.h"
+
+namespace sps::testing {
+
+Result<ReferenceResult> run_reference(const config::Config& cfg) {
+  worker::Dataset train, test;
+  SPS_RETURN_IF_ERROR(worker::load_data(cfg, train, test));
+  SPS_ASSIGN_OR_RETURN(auto model, worker::make_model(cfg, train));
+  const size_t n = model->num_params();
+  const auto W = static_cast<uint32_t>(cfg.cluster.num_workers);
+  const auto S = static_cast<uint32_t>(cfg.cluster.num_servers);
+  const auto& cc = cfg.compression;
+  const bool dense = cc.method == config::CompressionMethod::kDense;
+  const size_t k = dense ? n : (cc.k > 0 ? static_cast<size_t>(cc.k) : kernels::k_from_ratio(cc.ratio, n));
+  const float scale = cc.scale == config::Scale::kLr ? static_cast<float>(cfg.training.lr) : 1.0f;
+  const float apply_scale = cc.scale == config::Scale::kLr ? 1.0f : static_cast<float>(cfg.training.lr);
+
+  std::vector<float> params(n);
+  model->init(params, static_cast<uint64_t>(cfg.training.seed));
+  std::vector<server::Shard> shards;
+  for (uint32_t s = 0; s < S; ++s) {
+    const auto b = static_cast<uint32_t>(n * s / S), e = static_cast<uint32_t>(n * (s + 1) / S);
+    shards.emplace_back(b, e, W, apply_scale, scheduler::make_policy(cfg.consistency));
+    shards.back().set_params(std::span<const float>(params).subspan(b, e - b));
+  }
+  std::vector<std::unique_ptr<kernels::ErrorFeedbackCompressor>> compressors;
+  std::vector<worker::BatchSampler> samplers;
+  for (uint32_t w = 0; w < W; ++w) {
+    compressors.push_back(std::make_unique<kernels::ErrorFeedbackCompressor>(
+        n, dense ? kernels::Method::kDense : kernels::Method::kTopK,
+        cc.error_feedback == config::ErrorFeedback::kEf ? kernels::ErrorFeedbackMode::kEf
+                                                        : kernels::ErrorFeedbackMode::kNone,
+        k));
+    samplers.emplace_back(train.rows, w, W, static_cast<uint64_t>(cfg.training.seed));
+  }
+  std::vector<float> grad(n);
+  std::vector<uint32_t> ids;
+  worker::Batch batch;
+  kernels::SparseVector sel;
+  for (int64_t step = 0; step < cfg.training.steps; ++step) {
+    for (auto& sh : shards)
+      std::copy(sh.params().begin(), sh.params().end(), params.begin() + sh.key_begin());
+    for (uint32_t w = 0; w < W; ++w) {
+      samplers[w].next(static_cast<size_t>(cfg.training.batch_size), ids);
+      worker::make_batch(train, ids, batch);
+      model->loss_and_gradient(params, batch, grad);
+      SPS_RETURN_IF_ERROR(compressors[w]->compress(grad, scale, sel));
+      size_t pos = 0;
+      for (auto& sh : shards) {
+        const size_t begin = pos;
+        while (pos < sel.size() && sel.indices[pos] < sh.key_end()) ++pos;
+        SPS_RETURN_IF_ERROR(sh.add_push(w, static_cast<uint64_t>(step),
+                                        std::span(sel.indices).subspan(begin, pos - begin),
+                                        std::span(sel.values).subspan(begin, pos - begin)));
+      }
+    }
+    for (auto& sh : shards) {
+      if (sh.apply_ready() != 1) return internal_error("reference shard did not apply exactly one clock");
+    }
+  }
+  for (auto& sh : shards) std::copy(sh.params().begin(), sh.params().end(), params.begin() + sh.key_begin());
+  ReferenceResult r;
+  r.train_loss = model->evaluate(params, train).loss;
+  r.test_accuracy = model->evaluate(params, test).accuracy;
+  r.params = std::move(params);
+  return r;
+}
+
+}  // namespace sps::testing

@@ -1,0 +1,309 @@
+#include "protocol/message.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace sps::protocol {
+namespace {
+
+std::vector<ByteSpan> spans(const EncodedMessage& m) { return {m.header, m.frame1, m.frame2}; }
+
+Header push_header(uint32_t begin, uint32_t end) {
+  Header h;
+  h.type = MessageType::kPush;
+  h.sender = 3;
+  h.clock = 42;
+  h.base_version = 41;
+  h.shard = 1;
+  h.key_begin = begin;
+  h.key_end = end;
+  h.index_encoding = IndexEncoding::kRawU32;
+  return h;
+}
+
+TEST(HeaderTest, RoundTripsEveryField) {
+  Header h = push_header(10, 20);
+  h.flags = kFlagInit;
+  h.nnz = 3;
+  h.frame1_bytes = 12;
+  h.frame2_bytes = 12;
+  h.value_type = ValueType::kF32;
+  const Bytes b = encode_header(h);
+  ASSERT_EQ(b.size(), kHeaderBytes);
+  auto d = decode_header(b);
+  ASSERT_TRUE(d.ok()) << d.status().to_string();
+  EXPECT_EQ(d->type, MessageType::kPush);
+  EXPECT_EQ(d->flags, kFlagInit);
+  EXPECT_EQ(d->sender, 3u);
+  EXPECT_EQ(d->clock, 42u);
+  EXPECT_EQ(d->base_version, 41u);
+  EXPECT_EQ(d->shard, 1u);
+  EXPECT_EQ(d->key_begin, 10u);
+  EXPECT_EQ(d->key_end, 20u);
+  EXPECT_EQ(d->nnz, 3u);
+  EXPECT_EQ(d->frame1_bytes, 12u);
+  EXPECT_EQ(d->frame2_bytes, 12u);
+  EXPECT_EQ(d->index_encoding, IndexEncoding::kRawU32);
+  EXPECT_EQ(d->value_type, ValueType::kF32);
+}
+
+TEST(HeaderTest, LittleEndianMagicFirst) {
+  const Bytes b = encode_header(Header{});
+  EXPECT_EQ(static_cast<char>(b[0]), 'S');
+  EXPECT_EQ(static_cast<char>(b[1]), 'P');
+  EXPECT_EQ(static_cast<char>(b[2]), 'S');
+  EXPECT_EQ(static_cast<char>(b[3]), '1');
+  EXPECT_EQ(static_cast<uint8_t>(b[4]), kVersion);  // version LSB
+}
+
+TEST(DataTest, SparsePushRoundTrip) {
+  const std::vector<uint32_t> keys = {100, 105, 199};
+  const std::vector<float> values = {1.5f, -2.0f, 3.25f};
+  const auto m = encode_data(push_header(100, 200), keys, values);
+  auto f = spans(m);
+  auto view = decode_message(f);
+  ASSERT_TRUE(view.ok()) << view.status().to_string();
+  auto data = decode_data(*view, 100, 200);
+  ASSERT_TRUE(data.ok()) << data.status().to_string();
+  ASSERT_EQ(data->size(), 3u);
+  EXPECT_FALSE(data->dense());
+  for (uint32_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(data->key(i), keys[i]);
+    EXPECT_EQ(data->value(i), values[i]);
+  }
+}
+
+TEST(DataTest, DenseRoundTripAndEmptySparse) {
+  Header h = push_header(5, 9);
+  h.index_encoding = IndexEncoding::kNone;
+  const std::vector<float> values = {1, 2, 3, 4};
+  const auto m = encode_data(h, {}, values);
+  EXPECT_TRUE(m.frame1.empty());
+  auto f = spans(m);
+  auto data = decode_data(*decode_message(f), 5, 9);
+  ASSERT_TRUE(data.ok());
+  EXPECT_TRUE(data->dense());
+  EXPECT_EQ(data->key(3), 8u);
+  EXPECT_EQ(data->value(3), 4.0f);
+
+  const auto e = encode_data(push_header(5, 9), {}, {});
+  auto fe = spans(e);
+  auto empty = decode_data(*decode_message(fe), 5, 9);
+  ASSERT_TRUE(empty.ok());
+  EXPECT_EQ(empty->size(), 0u);
+}
+
+TEST(ControlTest, PayloadsRoundTrip) {
+  RegisterInfo r{Role::kServer, 0, "tcp://127.0.0.1:5555", "host-a", 1234};
+  auto rr = decode_register(encode_register(r));
+  ASSERT_TRUE(rr.ok());
+  EXPECT_EQ(rr->role, Role::kServer);
+  EXPECT_EQ(rr->endpoint, r.endpoint);
+  EXPECT_EQ(rr->host, "host-a");
+  EXPECT_EQ(rr->pid, 1234u);
+
+  AssignInfo a{1, 4, 2, 100, {{0, 50, "tcp://a:1"}, {50, 100, "tcp://b:2"}}};
+  auto ar = decode_assign(encode_assign(a));
+  ASSERT_TRUE(ar.ok()) << ar.status().to_string();
+  EXPECT_EQ(ar->rank, 1u);
+  EXPECT_EQ(ar->shards[1].endpoint, "tcp://b:2");
+  EXPECT_EQ(ar->shards[1].key_begin, 50u);
+
+  DoneReport d;
+  d.steps = 7;
+  d.bytes_pushed = 99;
+  d.test_accuracy = NAN;
+  d.train_loss = 0.25;
+  auto dr = decode_done(encode_done(d));
+  ASSERT_TRUE(dr.ok());
+  EXPECT_EQ(dr->steps, 7u);
+  EXPECT_EQ(dr->bytes_pushed, 99u);
+  EXPECT_TRUE(std::isnan(dr->test_accuracy));
+  EXPECT_EQ(dr->train_loss, 0.25);
+
+  auto t = decode_text(encode_text("job complete"));
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(*t, "job complete");
+  EXPECT_EQ(*decode_rank(encode_rank(17)), 17u);
+}
+
+// ---- malformed input: every case is an error, never a crash ---------------
+
+Status decode_push_frames(const std::vector<Bytes>& frames, uint32_t begin = 100, uint32_t end = 200) {
+  std::vector<ByteSpan> s(frames.begin(), frames.end());
+  auto m = decode_message(s);
+  if (!m.ok()) return m.status();
+  auto d = decode_data(*m, begin, end);
+  return d.status();
+}
+
+std::vector<Bytes> good_push() {
+  const auto m = encode_data(push_header(100, 200), std::vector<uint32_t>{101, 150}, std::vector<float>{1, 2});
+  return {m.header, m.frame1, m.frame2};
+}
+
+void set_u32(Bytes& b, size_t offset, uint32_t v) {
+  for (int i = 0; i < 4; ++i) b[offset + i] = static_cast<std::byte>((v >> (8 * i)) & 0xFF);
+}
+
+TEST(MalformedTest, GoodPushIsAccepted) { EXPECT_TRUE(decode_push_frames(good_push()).ok()); }
+
+TEST(MalformedTest, WrongMagic) {
+  auto f = good_push();
+  f[0][0] = std::byte{'X'};
+  EXPECT_EQ(decode_push_frames(f).code(), StatusCode::kMalformed);
+}
+
+TEST(MalformedTest, UnknownVersionTypeEncodingValueType) {
+  for (size_t offset : {4, 6, 10, 11}) {
+    auto f = good_push();
+    f[0][offset] = std::byte{0x7F};
+    EXPECT_EQ(decode_push_frames(f).code(), StatusCode::kMalformed) << "offset " << offset;
+  }
+}
+
+TEST(MalformedTest, ReservedBytesMustBeZero) {
+  auto f = good_push();
+  f[0][60] = std::byte{1};
+  EXPECT_EQ(decode_push_frames(f).code(), StatusCode::kMalformed);
+}
+
+TEST(MalformedTest, TruncatedAndOversizedHeader) {
+  for (size_t size : {0, 1, 10, 63, 65, 200}) {
+    auto f = good_push();
+    f[0].resize(size, std::byte{0});
+    EXPECT_FALSE(decode_push_frames(f).ok()) << "size " << size;
+  }
+}
+
+TEST(MalformedTest, WrongFrameCount) {
+  auto f = good_push();
+  EXPECT_FALSE(decode_push_frames({f[0]}).ok());
+  EXPECT_FALSE(decode_push_frames({f[0], f[1]}).ok());
+  EXPECT_FALSE(decode_push_frames({f[0], f[1], f[2], f[2]}).ok());
+  EXPECT_FALSE(decode_push_frames({}).ok());
+}
+
+TEST(MalformedTest, TruncatedFrames) {
+  auto f = good_push();
+  f[1].resize(4);
+  EXPECT_EQ(decode_push_frames(f).code(), StatusCode::kMalformed);
+  f = good_push();
+  f[2].pop_back();
+  EXPECT_EQ(decode_push_frames(f).code(), StatusCode::kMalformed);
+}
+
+TEST(MalformedTest, HugeCountsAreRefusedBeforeAnyAllocation) {
+  auto f = good_push();
+  set_u32(f[0], 44, 0x7FFFFFFF);  // nnz
+  EXPECT_FALSE(decode_push_frames(f).ok());
+  set_u32(f[0], 48, 0xFFFFFFFF);  // frame1_bytes
+  set_u32(f[0], 52, 0xFFFFFFFF);  // frame2_bytes
+  EXPECT_FALSE(decode_push_frames(f).ok());
+  auto g = good_push();
+  set_u32(g[0], 36, 0);           // key_begin
+  set_u32(g[0], 40, 0xFFFFFFFF);  // key_end: range larger than kMaxKeys
+  EXPECT_EQ(decode_push_frames(g).code(), StatusCode::kMalformed);
+}
+
+TEST(MalformedTest, ReversedKeyRange) {
+  auto f = good_push();
+  set_u32(f[0], 36, 300);
+  EXPECT_EQ(decode_push_frames(f).code(), StatusCode::kMalformed);
+}
+
+TEST(MalformedTest, IndicesOutOfRangeOrNotIncreasing) {
+  const std::vector<std::vector<uint32_t>> bad = {{99, 150}, {101, 200}, {150, 150}, {150, 101}, {0xFFFFFFFF, 5}};
+  for (const auto& keys : bad) {
+    const auto m = encode_data(push_header(100, 200), keys, std::vector<float>{1, 2});
+    EXPECT_FALSE(decode_push_frames({m.header, m.frame1, m.frame2}).ok()) << keys[0] << "," << keys[1];
+  }
+}
+
+TEST(MalformedTest, NonFiniteValues) {
+  for (float v : {NAN, INFINITY, -INFINITY}) {
+    const auto m = encode_data(push_header(100, 200), std::vector<uint32_t>{101, 102}, std::vector<float>{1, v});
+    EXPECT_EQ(decode_push_frames({m.header, m.frame1, m.frame2}).code(), StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(MalformedTest, KeyRangeOfAnotherShard) {
+  EXPECT_EQ(decode_push_frames(good_push(), 0, 100).code(), StatusCode::kOutOfRange);
+}
+
+TEST(MalformedTest, DenseSliceWithWrongCountOrIndexFrame) {
+  Header h = push_header(100, 104);
+  h.index_encoding = IndexEncoding::kNone;
+  auto m = encode_data(h, {}, std::vector<float>{1, 2, 3, 4});
+  std::vector<Bytes> f = {m.header, m.frame1, m.frame2};
+  set_u32(f[0], 44, 3);  // nnz 3 for a 4-key dense range
+  EXPECT_FALSE(decode_push_frames(f, 100, 104).ok());
+  f = {m.header, Bytes(4), m.frame2};
+  set_u32(f[0], 48, 4);  // dense with an index frame
+  EXPECT_FALSE(decode_push_frames(f, 100, 104).ok());
+}
+
+TEST(MalformedTest, ControlMessageWithDataFields) {
+  Header h;
+  h.type = MessageType::kHeartbeat;
+  auto m = encode_control(h);
+  std::vector<Bytes> f = {m.header, m.frame1, Bytes(4)};
+  set_u32(f[0], 52, 4);
+  std::vector<ByteSpan> s(f.begin(), f.end());
+  EXPECT_FALSE(decode_message(s).ok());
+}
+
+TEST(MalformedTest, ControlPayloadsTruncatedOrTrailing) {
+  Bytes reg = encode_register({Role::kWorker, 10, "", "h", 1});
+  for (size_t cut = 0; cut < reg.size(); ++cut) {
+    Bytes t(reg.begin(), reg.begin() + static_cast<std::ptrdiff_t>(cut));
+    EXPECT_FALSE(decode_register(t).ok()) << "cut " << cut;
+  }
+  reg.push_back(std::byte{0});
+  EXPECT_FALSE(decode_register(reg).ok());
+  Bytes huge_string;
+  put_le<uint32_t>(huge_string, 0xFFFFFFFF);
+  EXPECT_FALSE(decode_text(huge_string).ok());
+  Bytes bad_role = encode_register({Role::kWorker, 10, "", "h", 1});
+  bad_role[0] = std::byte{9};
+  EXPECT_FALSE(decode_register(bad_role).ok());
+}
+
+TEST(MalformedTest, AssignMustCoverTheModelContiguously) {
+  AssignInfo a{0, 1, 2, 100, {{0, 40, "x"}, {50, 100, "y"}}};
+  EXPECT_FALSE(decode_assign(encode_assign(a)).ok());
+  a.shards[1].key_begin = 40;
+  a.num_params = 120;
+  EXPECT_FALSE(decode_assign(encode_assign(a)).ok());
+  a.num_params = 100;
+  EXPECT_TRUE(decode_assign(encode_assign(a)).ok());
+  Bytes many;
+  put_le<uint32_t>(many, 0);
+  put_le<uint32_t>(many, 1);
+  put_le<uint32_t>(many, 1);
+  put_le<uint64_t>(many, 1);
+  put_le<uint32_t>(many, 0xFFFFFFFF);  // shard count
+  EXPECT_FALSE(decode_assign(many).ok());
+}
+
+// Every single-byte corruption of a valid message decodes or fails cleanly.
+TEST(MalformedTest, EveryByteFlipIsHandled) {
+  const auto good = good_push();
+  int rejected = 0;
+  for (size_t frame = 0; frame < 3; ++frame) {
+    for (size_t i = 0; i < good[frame].size(); ++i) {
+      for (uint8_t mask : {0x01, 0x80, 0xFF}) {
+        auto f = good;
+        f[frame][i] ^= static_cast<std::byte>(mask);
+        if (!decode_push_frames(f).ok()) ++rejected;
+      }
+    }
+  }
+  EXPECT_GT(rejected, 100);
+}
+
+}  // namespace
+}  // namespace sps::protocol
