@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 
 #include <fmt/format.h>
@@ -15,7 +16,7 @@ size_t k_from_ratio(double ratio, size_t n) {
   return std::min(n, static_cast<size_t>(k));
 }
 
-void topk_select(std::span<const float> acc, size_t k, SparseVector& out, std::vector<uint32_t>& scratch) {
+void topk_select(std::span<const float> acc, size_t k, SparseVector& out, std::vector<float>& scratch) {
   const size_t n = acc.size();
   out.clear();
   if (k == 0 || n == 0) return;
@@ -25,20 +26,30 @@ void topk_select(std::span<const float> acc, size_t k, SparseVector& out, std::v
     out.values.assign(acc.begin(), acc.end());
     return;
   }
+  // Find the k-th largest magnitude on a contiguous copy (cache-friendly,
+  // unlike comparing through an index array), then collect in index order:
+  // everything above it, and of the entries equal to it only the first
+  // (k - above) — which is exactly "ties go to the smaller index", with no
+  // final sort because the scan is already in index order.
   scratch.resize(n);
-  std::iota(scratch.begin(), scratch.end(), 0u);
-  // A strict total order (magnitude desc, then index asc) makes the selected
-  // set unique, whatever nth_element's internal choices.
-  const auto before = [&](uint32_t a, uint32_t b) {
-    const float fa = std::fabs(acc[a]);
-    const float fb = std::fabs(acc[b]);
-    return fa > fb || (fa == fb && a < b);
-  };
-  std::nth_element(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(k - 1), scratch.end(), before);
-  out.indices.assign(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(k));
-  std::sort(out.indices.begin(), out.indices.end());
-  out.values.resize(k);
-  for (size_t i = 0; i < k; ++i) out.values[i] = acc[out.indices[i]];
+  for (size_t i = 0; i < n; ++i) scratch[i] = std::fabs(acc[i]);
+  const auto kth = scratch.begin() + static_cast<std::ptrdiff_t>(k - 1);
+  std::nth_element(scratch.begin(), kth, scratch.end(), std::greater<float>());
+  const float threshold = *kth;
+  // Everything strictly above the threshold sits in front of the k-th slot.
+  size_t above = 0;
+  for (auto it = scratch.begin(); it != kth; ++it) above += (*it > threshold) ? 1 : 0;
+  size_t ties_left = k - above;
+  out.indices.reserve(k);
+  out.values.reserve(k);
+  for (size_t i = 0; i < n && out.indices.size() < k; ++i) {
+    const float m = std::fabs(acc[i]);
+    if (m > threshold || (m == threshold && ties_left > 0)) {
+      if (m == threshold) --ties_left;
+      out.indices.push_back(static_cast<uint32_t>(i));
+      out.values.push_back(acc[i]);
+    }
+  }
 }
 
 ErrorFeedbackCompressor::ErrorFeedbackCompressor(size_t n, Method method, ErrorFeedbackMode mode, size_t k)
@@ -73,7 +84,7 @@ Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scal
         "non-finite value at index {} (gradient {}, residual {}); refusing to compress it", bad,
         bad < n ? grad[bad] : 0.0f, bad < n ? residual_[bad] : 0.0f));
   }
-  topk_select(acc_, k_, out, index_scratch_);
+  topk_select(acc_, k_, out, magnitude_scratch_);
   if (mode_ == ErrorFeedbackMode::kEf) {
     for (uint32_t i : out.indices) acc_[i] = 0.0f;  // residual = acc - sent
     residual_.swap(acc_);

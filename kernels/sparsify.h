@@ -37,9 +37,11 @@ struct SparseVector {
 size_t k_from_ratio(double ratio, size_t n);
 
 // Exact top-k of |acc| (ties: smaller index first). k >= n selects all.
-// `scratch` is reused across calls to avoid allocation on the hot path.
+// O(n): one pass to copy magnitudes, nth_element to find the k-th largest,
+// one pass to collect in index order. `scratch` is reused across calls to
+// avoid allocation on the hot path.
 // REQUIRES: every acc[i] is finite (callers validate).
-void topk_select(std::span<const float> acc, size_t k, SparseVector& out, std::vector<uint32_t>& scratch);
+void topk_select(std::span<const float> acc, size_t k, SparseVector& out, std::vector<float>& scratch);
 
 // Owns one worker's residual and applies the fused error-feedback step:
 //   acc = residual + scale * grad;  sel = select(acc);  residual = acc - sent
@@ -67,7 +69,7 @@ class ErrorFeedbackCompressor {
   size_t k_;
   std::vector<float> residual_;
   std::vector<float> acc_;  // scratch; swapped with residual_ on success
-  std::vector<uint32_t> index_scratch_;
+  std::vector<float> magnitude_scratch_;  // |acc| for the k-th-largest search
 };
 
 }  // namespace sps::kernels

@@ -22,7 +22,7 @@ std::vector<uint32_t> reference_topk(const std::vector<float>& a, size_t k) {
 
 void expect_matches_reference(const std::vector<float>& a, size_t k) {
   SparseVector out;
-  std::vector<uint32_t> scratch;
+  std::vector<float> scratch;
   topk_select(a, k, out, scratch);
   const auto want = reference_topk(a, k);
   ASSERT_EQ(out.indices, want) << "n=" << a.size() << " k=" << k;
@@ -45,7 +45,7 @@ TEST(TopKTest, TiesGoToTheSmallerIndex) {
   std::vector<float> a = {1, -1, 2, 1, -2, 0.0f, -0.0f, 1, 2, -1};
   for (size_t k = 0; k <= a.size(); ++k) expect_matches_reference(a, k);
   SparseVector out;
-  std::vector<uint32_t> scratch;
+  std::vector<float> scratch;
   topk_select(a, 3, out, scratch);
   EXPECT_EQ(out.indices, (std::vector<uint32_t>{2, 4, 8}));  // the three |2| entries
   topk_select(a, 4, out, scratch);
@@ -60,7 +60,7 @@ TEST(TopKTest, TiesGoToTheSmallerIndex) {
 TEST(TopKTest, KZeroAndKAtLeastN) {
   std::vector<float> a = {3, -1, 2};
   SparseVector out;
-  std::vector<uint32_t> scratch;
+  std::vector<float> scratch;
   topk_select(a, 0, out, scratch);
   EXPECT_EQ(out.size(), 0u);
   topk_select(a, 3, out, scratch);
