@@ -214,6 +214,7 @@ Bytes encode_register(const RegisterInfo& r) {
   put_string(out, r.endpoint);
   put_string(out, r.host);
   put_le<uint32_t>(out, r.pid);
+  put_le<int32_t>(out, r.requested_rank);
   return out;
 }
 
@@ -225,10 +226,12 @@ Result<RegisterInfo> decode_register(ByteSpan payload) {
   r.endpoint = rd.get_string(kMaxStringBytes);
   r.host = rd.get_string(kMaxStringBytes);
   r.pid = rd.get<uint32_t>();
+  r.requested_rank = rd.get<int32_t>();
   SPS_RETURN_IF_ERROR(rd.finish("register"));
   if (role != static_cast<uint8_t>(Role::kWorker) && role != static_cast<uint8_t>(Role::kServer))
     return malformed(fmt::format("register: unknown role {}", role));
   r.role = static_cast<Role>(role);
+  if (r.requested_rank < -1) return malformed(fmt::format("register: requested rank {} is negative", r.requested_rank));
   if (r.num_params > kMaxKeys) return out_of_range(fmt::format("register: model size {} exceeds {}", r.num_params, kMaxKeys));
   return r;
 }

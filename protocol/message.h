@@ -148,6 +148,7 @@ struct RegisterInfo {
   std::string endpoint;      // servers: where workers connect (tcp://host:port)
   std::string host;          // informational: hostname of the process
   uint32_t pid = 0;
+  int32_t requested_rank = -1;  // a specific rank within the role, or -1 for any
 };
 
 struct ShardInfo {

@@ -49,6 +49,12 @@ int Coordinator::port() const {
   return std::stoi(endpoint_.substr(colon + 1));
 }
 
+bool Coordinator::rank_taken(protocol::Role role, uint32_t rank) const {
+  for (const auto& [k, node] : nodes_)
+    if (node.role == role && node.rank == rank) return true;
+  return false;
+}
+
 uint32_t Coordinator::live_workers() const {
   uint32_t n = 0;
   for (const auto& [k, node] : nodes_) n += (node.role == Role::kWorker && node.alive) ? 1 : 0;
@@ -158,6 +164,11 @@ void Coordinator::handle_register(const std::string& key, zmq::message_t routing
   else if (worker && num_params_ != 0 && info->num_params != num_params_)
     refusal = fmt::format("model size {} differs from the first worker's {}", info->num_params, num_params_);
   else if (!worker && info->endpoint.empty()) refusal = "a server must report its data endpoint";
+  else if (info->requested_rank >= static_cast<int32_t>(want))
+    refusal = fmt::format("requested rank {} but the job has {} {}s", info->requested_rank, want,
+                          worker ? "worker" : "server");
+  else if (info->requested_rank >= 0 && rank_taken(info->role, static_cast<uint32_t>(info->requested_rank)))
+    refusal = fmt::format("rank {} is already taken", info->requested_rank);
   if (!refusal.empty()) {
     spdlog::warn("scheduler: refused registration from {} (pid {}): {}", info->host, info->pid, refusal);
     auto msg = protocol::encode_control(err, protocol::encode_text(refusal));
@@ -166,7 +177,14 @@ void Coordinator::handle_register(const std::string& key, zmq::message_t routing
   }
   Node n;
   n.role = info->role;
-  n.rank = have;
+  // A requested rank (the launcher passes each process its index) is kept;
+  // otherwise the smallest free rank is given.
+  if (info->requested_rank >= 0) {
+    n.rank = static_cast<uint32_t>(info->requested_rank);
+  } else {
+    n.rank = 0;
+    while (rank_taken(info->role, n.rank)) ++n.rank;
+  }
   n.routing_id = std::move(routing_id);
   n.endpoint = info->endpoint;
   n.host = info->host;

@@ -66,6 +66,7 @@ class Coordinator {
   void shutdown_all(bool error, const std::string& reason);
   void write_summary();
   uint32_t live_workers() const;
+  bool rank_taken(protocol::Role role, uint32_t rank) const;
 
   config::Config cfg_;
   zmq::socket_t socket_;

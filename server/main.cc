@@ -13,6 +13,9 @@ int main(int argc, char** argv) {
                "Connects to the scheduler at cluster.scheduler_host:cluster.scheduler_port."};
   sps::config::CliOptions opts;
   sps::config::add_config_options(app, opts);
+  int rank = -1;
+  app.add_option("--rank", rank, "Ask the scheduler for this shard rank (default: any free rank)")
+      ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
   sps::config::Config cfg;
   if (!sps::config::load_or_report(opts, cfg, "sps-server")) return 2;
@@ -30,7 +33,7 @@ int main(int argc, char** argv) {
   sps::install_stop_signal_handlers();
   try {
     zmq::context_t ctx(1);
-    sps::server::Server server(cfg, ctx);
+    sps::server::Server server(cfg, ctx, rank);
     return server.run();
   } catch (const std::exception& e) {
     std::cerr << "sps-server: " << e.what() << "\n";

@@ -18,10 +18,11 @@ std::string local_hostname() {
 }
 }  // namespace
 
-Server::Server(const config::Config& cfg, zmq::context_t& ctx)
+Server::Server(const config::Config& cfg, zmq::context_t& ctx, int requested_rank)
     : cfg_(cfg),
       data_(net::make_socket(ctx, net::SocketKind::kRouter)),
-      control_(net::make_socket(ctx, net::SocketKind::kDealer)) {
+      control_(net::make_socket(ctx, net::SocketKind::kDealer)),
+      requested_rank_(requested_rank) {
   endpoint_ = net::bind_tcp(data_, cfg_.cluster.bind_host, 0);
   control_.connect(fmt::format("tcp://{}:{}", cfg_.cluster.scheduler_host, cfg_.cluster.scheduler_port));
 }
@@ -40,6 +41,7 @@ int Server::run() {
   reg.endpoint = endpoint_;
   reg.host = local_hostname();
   reg.pid = static_cast<uint32_t>(getpid());
+  reg.requested_rank = requested_rank_;
   send_control(MessageType::kRegister, protocol::encode_register(reg));
   last_scheduler_seen_ = clock_.seconds();
   const auto tick = std::chrono::milliseconds(std::min(100, cfg_.cluster.heartbeat_ms));

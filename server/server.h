@@ -39,7 +39,8 @@ struct ServerStats {
 class Server {
  public:
   // Binds the data socket and connects to the scheduler (throws on setup errors).
-  Server(const config::Config& cfg, zmq::context_t& ctx);
+  // `requested_rank` >= 0 asks the scheduler for that shard rank.
+  Server(const config::Config& cfg, zmq::context_t& ctx, int requested_rank = -1);
   // Runs until the scheduler ends the job or a stop signal arrives; returns
   // the exit status (0 after a clean job end).
   int run();
@@ -68,6 +69,7 @@ class Server {
   JsonlWriter log_;
   Stopwatch clock_;
   std::optional<Shard> shard_;
+  int requested_rank_ = -1;
   uint32_t rank_ = 0;
   uint32_t num_workers_ = 0;
   bool initialised_ = false;

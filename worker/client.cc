@@ -87,7 +87,7 @@ Status PsClient::pump_scheduler(int timeout_ms) {
   return check_alive();
 }
 
-Status PsClient::register_worker(uint64_t num_params) {
+Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
   protocol::RegisterInfo reg;
   reg.role = protocol::Role::kWorker;
   reg.num_params = num_params;
@@ -95,6 +95,7 @@ Status PsClient::register_worker(uint64_t num_params) {
   gethostname(host, sizeof(host) - 1);
   reg.host = host;
   reg.pid = static_cast<uint32_t>(getpid());
+  reg.requested_rank = requested_rank;
   SPS_RETURN_IF_ERROR(send_control(MessageType::kRegister, protocol::encode_register(reg)));
   last_scheduler_seen_ = clock_.seconds();
   const double deadline = clock_.seconds() + cfg_.cluster.startup_timeout_ms / 1000.0;

@@ -37,7 +37,8 @@ class PsClient {
 
   // Registers as a worker with a model of `num_params` and waits for the
   // assignment (rank, shard map), then connects to every server.
-  Status register_worker(uint64_t num_params);
+  // `requested_rank` >= 0 asks for that rank (the scheduler refuses a taken one).
+  Status register_worker(uint64_t num_params, int requested_rank = -1);
   // Rank 0 only: sends the initial parameters to every shard.
   Status init_params(std::span<const float> params);
   // Enters the start barrier and waits for its release.

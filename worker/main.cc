@@ -13,6 +13,9 @@ int main(int argc, char** argv) {
                "updates to the servers. Connects to the scheduler at cluster.scheduler_host:cluster.scheduler_port."};
   sps::config::CliOptions opts;
   sps::config::add_config_options(app, opts);
+  int rank = -1;
+  app.add_option("--rank", rank, "Ask the scheduler for this worker rank (default: any free rank)")
+      ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
   sps::config::Config cfg;
   if (!sps::config::load_or_report(opts, cfg, "sps-worker")) return 2;
@@ -30,7 +33,7 @@ int main(int argc, char** argv) {
   sps::install_stop_signal_handlers();
   try {
     zmq::context_t ctx(1);
-    sps::worker::Worker worker(cfg);
+    sps::worker::Worker worker(cfg, rank);
     const sps::Status s = worker.train(ctx);
     if (!s.ok()) {
       std::cerr << "sps-worker: " << s.to_string() << "\n";

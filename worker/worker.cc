@@ -30,7 +30,7 @@ Status load_data(const config::Config& cfg, Dataset& train, Dataset& test) {
   return {};
 }
 
-Worker::Worker(config::Config cfg) : cfg_(std::move(cfg)) {}
+Worker::Worker(config::Config cfg, int requested_rank) : cfg_(std::move(cfg)), requested_rank_(requested_rank) {}
 
 Status Worker::train(zmq::context_t& ctx) {
   Stopwatch wall;
@@ -40,7 +40,7 @@ Status Worker::train(zmq::context_t& ctx) {
   const size_t n = model->num_params();
 
   PsClient client(cfg_, ctx);
-  SPS_RETURN_IF_ERROR(client.register_worker(n));
+  SPS_RETURN_IF_ERROR(client.register_worker(n, requested_rank_));
   // From here on the scheduler knows us: tell it why we stop, so the job
   // ends with our reason instead of waiting for a heartbeat timeout.
   Status s = run_registered(client, *model, train_set, test_set, wall);

@@ -30,7 +30,8 @@ Status load_data(const config::Config& cfg, Dataset& train, Dataset& test);
 
 class Worker {
  public:
-  explicit Worker(config::Config cfg);
+  // `requested_rank` >= 0 asks the scheduler for that worker rank.
+  explicit Worker(config::Config cfg, int requested_rank = -1);
   // Runs the whole job for this worker; returns the first error.
   Status train(zmq::context_t& ctx);
 
@@ -38,6 +39,7 @@ class Worker {
   Status run_registered(PsClient& client, Model& model, const Dataset& train_set, const Dataset& test_set,
                         const Stopwatch& wall);
   config::Config cfg_;
+  int requested_rank_;
 };
 
 }  // namespace sps::worker

@@ -126,12 +126,12 @@ bool Job::start() {
   args.push_back("--set");
   args.push_back("cluster.scheduler_port=" + std::to_string(port));
   for (int s = 0; s < num_servers; ++s) {
-    std::vector<std::string> v = {bin("sps-server")};
+    std::vector<std::string> v = {bin("sps-server"), "--rank", std::to_string(s)};
     v.insert(v.end(), args.begin(), args.end());
     servers.emplace_back(v, path("server-" + std::to_string(s) + ".out"));
   }
   for (int w = 0; w < num_workers; ++w) {
-    std::vector<std::string> v = {bin("sps-worker")};
+    std::vector<std::string> v = {bin("sps-worker"), "--rank", std::to_string(w)};
     v.insert(v.end(), args.begin(), args.end());
     workers.emplace_back(v, path("worker-" + std::to_string(w) + ".out"));
   }

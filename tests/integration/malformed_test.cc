@@ -5,6 +5,10 @@
 // serving the real worker.
 #include <gtest/gtest.h>
 
+#include <signal.h>
+
+#include <thread>
+
 #include <zmq.hpp>
 
 #include "net/link.h"
@@ -123,6 +127,62 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   }
   ASSERT_TRUE(found) << "the server wrote no stats line";
   EXPECT_EQ(malformed, bad.size());
+}
+
+// The scheduler refuses registrations it cannot honour, with a reason, and
+// keeps the job's registration open for the right peers.
+TEST(RegistrationTest, RefusesTakenRanksWrongSizesAndExtraNodes) {
+  Job job("registration", 2, 1, {"cluster.heartbeat_ms=100"});
+  std::vector<std::string> argv = {bin("sps-scheduler")};
+  auto args = job.node_args();
+  argv.insert(argv.end(), args.begin(), args.end());
+  job.scheduler = Process(argv, job.path("scheduler.out"));
+  ASSERT_GT(wait_for_lines(job.path("scheduler.jsonl"), 1, 20), 0u);
+  job.port = std::stoi(read_text(job.path("scheduler.port")));
+  auto cfg = config::load(std::string(SPS_SOURCE_DIR) + "/config/demo.yaml", job.sets);
+  ASSERT_TRUE(cfg.ok());
+  cfg->cluster.scheduler_port = job.port;
+  zmq::context_t ctx(1);
+
+  worker::PsClient first(*cfg, ctx);
+  Status first_status;
+  std::thread t([&] { first_status = first.register_worker(100, 1); });
+  ASSERT_GT(wait_for_lines(job.path("scheduler.jsonl"), 2, 20), 1u);  // "register" logged
+
+  worker::PsClient same_rank(*cfg, ctx);
+  Status s = same_rank.register_worker(100, 1);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("rank 1 is already taken"), std::string::npos) << s.message();
+
+  worker::PsClient other_size(*cfg, ctx);
+  s = other_size.register_worker(99);
+  EXPECT_NE(s.message().find("model size 99 differs"), std::string::npos) << s.message();
+
+  worker::PsClient bad_rank(*cfg, ctx);
+  s = bad_rank.register_worker(100, 5);
+  EXPECT_NE(s.message().find("requested rank 5"), std::string::npos) << s.message();
+
+  worker::PsClient second(*cfg, ctx);
+  Status second_status;
+  std::thread t2([&] { second_status = second.register_worker(100); });
+  args.push_back("--set");
+  args.push_back("cluster.scheduler_port=" + std::to_string(job.port));
+  std::vector<std::string> sv = {bin("sps-server")};
+  sv.insert(sv.end(), args.begin(), args.end());
+  job.servers.emplace_back(sv, job.path("server-0.out"));
+  t.join();
+  t2.join();
+  ASSERT_TRUE(first_status.ok()) << first_status.to_string();
+  ASSERT_TRUE(second_status.ok()) << second_status.to_string();
+  EXPECT_EQ(first.rank(), 1u);
+  EXPECT_EQ(second.rank(), 0u);  // the smallest free rank
+  EXPECT_EQ(second.assignment().shards.size(), 1u);
+
+  worker::PsClient late(*cfg, ctx);
+  s = late.register_worker(100);
+  EXPECT_NE(s.message().find("registration is closed"), std::string::npos) << s.message();
+  job.scheduler.send_signal(SIGTERM);
+  EXPECT_TRUE(job.wait_all(20));
 }
 
 }  // namespace

@@ -97,13 +97,16 @@ TEST(DataTest, DenseRoundTripAndEmptySparse) {
 }
 
 TEST(ControlTest, PayloadsRoundTrip) {
-  RegisterInfo r{Role::kServer, 0, "tcp://127.0.0.1:5555", "host-a", 1234};
+  RegisterInfo r{Role::kServer, 0, "tcp://127.0.0.1:5555", "host-a", 1234, 3};
   auto rr = decode_register(encode_register(r));
   ASSERT_TRUE(rr.ok());
   EXPECT_EQ(rr->role, Role::kServer);
   EXPECT_EQ(rr->endpoint, r.endpoint);
   EXPECT_EQ(rr->host, "host-a");
   EXPECT_EQ(rr->pid, 1234u);
+  EXPECT_EQ(rr->requested_rank, 3);
+  r.requested_rank = -2;
+  EXPECT_FALSE(decode_register(encode_register(r)).ok());
 
   AssignInfo a{1, 4, 2, 100, {{0, 50, "tcp://a:1"}, {50, 100, "tcp://b:2"}}};
   auto ar = decode_assign(encode_assign(a));
@@ -257,7 +260,7 @@ TEST(MalformedTest, ControlMessageWithDataFields) {
 }
 
 TEST(MalformedTest, ControlPayloadsTruncatedOrTrailing) {
-  Bytes reg = encode_register({Role::kWorker, 10, "", "h", 1});
+  Bytes reg = encode_register({Role::kWorker, 10, "", "h", 1, -1});
   for (size_t cut = 0; cut < reg.size(); ++cut) {
     Bytes t(reg.begin(), reg.begin() + static_cast<std::ptrdiff_t>(cut));
     EXPECT_FALSE(decode_register(t).ok()) << "cut " << cut;
@@ -267,7 +270,7 @@ TEST(MalformedTest, ControlPayloadsTruncatedOrTrailing) {
   Bytes huge_string;
   put_le<uint32_t>(huge_string, 0xFFFFFFFF);
   EXPECT_FALSE(decode_text(huge_string).ok());
-  Bytes bad_role = encode_register({Role::kWorker, 10, "", "h", 1});
+  Bytes bad_role = encode_register({Role::kWorker, 10, "", "h", 1, -1});
   bad_role[0] = std::byte{9};
   EXPECT_FALSE(decode_register(bad_role).ok());
 }

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Tests for scripts/sps-launch with the real binaries: a job runs to its
+summary; Ctrl-C stops every process; a bad config fails before anything
+starts. Usage: launcher_test.py BIN_DIR"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCH = os.path.join(ROOT, "scripts", "sps-launch")
+DEMO = os.path.join(ROOT, "config", "demo.yaml")
+BIN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build", "bin")
+
+
+def processes_mentioning(token):
+    """PIDs of live processes whose command line contains token."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if token in cmd and state != "Z" and "launcher_test" not in cmd:
+            found.append(int(pid))
+    return found
+
+
+class LauncherTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="sps-launch-")
+
+    def launch(self, name, *sets):
+        argv = [sys.executable, LAUNCH, DEMO, "--bin", BIN, "--set", f"run.dir={self.tmp}",
+                "--set", f"run.name={name}", "--set", "data.train_limit=2000", "--set", "data.test_limit=500"]
+        for s in sets:
+            argv += ["--set", s]
+        return argv
+
+    def test_job_runs_and_prints_the_summary(self):
+        r = subprocess.run(self.launch("ok", "training.steps=100", "cluster.num_workers=2"),
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("test accuracy", r.stdout)
+        self.assertIn("[worker-0  ]", r.stdout)  # prefixed process output
+        with open(os.path.join(self.tmp, "ok", "summary.json")) as f:
+            s = json.load(f)
+        for key in ("steps", "train_loss", "test_accuracy", "bytes_pushed", "bytes_pushed_dense_equivalent",
+                    "bytes_pulled", "wall_seconds"):
+            self.assertIn(key, s)
+        self.assertEqual(s["steps"], 100)
+        self.assertLess(s["bytes_pushed"] * 20, s["bytes_pushed_dense_equivalent"])
+        self.assertEqual(processes_mentioning(self.tmp), [])
+
+    def test_ctrl_c_stops_every_process(self):
+        name = "interrupted"
+        p = subprocess.Popen(self.launch(name, "training.steps=100000000"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        log = os.path.join(self.tmp, name, "worker-0.jsonl")
+        deadline = time.time() + 60
+        while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 2000):
+            time.sleep(0.05)
+        self.assertGreater(len(processes_mentioning(self.tmp)), 5)  # scheduler + 2 servers + 4 workers
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=30)
+        self.assertEqual(p.returncode, 130, out)
+        time.sleep(0.2)
+        self.assertEqual(processes_mentioning(self.tmp), [], out)
+
+    def test_killed_launcher_leaves_nothing_behind(self):
+        name = "killed"
+        p = subprocess.Popen(self.launch(name, "training.steps=100000000"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        log = os.path.join(self.tmp, name, "worker-0.jsonl")
+        deadline = time.time() + 60
+        while time.time() < deadline and not os.path.exists(log):
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and processes_mentioning(self.tmp):
+            time.sleep(0.1)
+        self.assertEqual(processes_mentioning(self.tmp), [])
+
+    def test_bad_config_fails_before_starting(self):
+        r = subprocess.run(self.launch("bad", "training.lr=-1"), capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("training.lr", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "bad")))
+
+    def test_help(self):
+        r = subprocess.run([sys.executable, LAUNCH, "--help"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("--set", r.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main(argv=[sys.argv[0], "-v"])
