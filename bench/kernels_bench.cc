@@ -94,7 +94,7 @@ void BM_ShardApply(benchmark::State& state) {
   uint64_t clock = 0;
   for (auto _ : state) {
     for (uint32_t w = 0; w < 4; ++w)
-      if (!shard.add_push(w, clock, keys[w], values).ok()) state.SkipWithError("push refused");
+      if (!shard.add_push(w, clock, clock, keys[w], values).ok()) state.SkipWithError("push refused");
     if (shard.apply_ready() != 1) state.SkipWithError("no apply");
     ++clock;
   }

@@ -85,6 +85,30 @@ Field string_field(std::string path, Ref ref, std::vector<std::string> choices =
           [=](const Config& c) { return nlohmann::json(ref(c)); }};
 }
 
+// A list of numbers, each in [lo, hi]: YAML `[1, 2]` or, from --set, "[1, 2]".
+template <class Ref>
+Field real_list_field(std::string path, Ref ref, double lo, double hi) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            if (n.IsNull()) {
+              ref(c).clear();
+              return {};
+            }
+            if (!n.IsSequence()) return invalid_argument(fmt::format("expected a list of numbers, got {}", scalar_text(n)));
+            std::vector<double> out;
+            for (size_t i = 0; i < n.size(); ++i) {
+              double v = 0;
+              if (!n[i].IsScalar() || !YAML::convert<double>::decode(n[i], v) || !std::isfinite(v))
+                return invalid_argument(fmt::format("entry {}: expected a finite number, got {}", i, scalar_text(n[i])));
+              if (v < lo || v > hi) return out_of_range(fmt::format("entry {}: {} is outside [{}, {}]", i, v, lo, hi));
+              out.push_back(v);
+            }
+            ref(c) = std::move(out);
+            return {};
+          },
+          [=](const Config& c) { return nlohmann::json(ref(c)); }};
+}
+
 // An enum spelled by name in the YAML.
 template <class E, class Ref>
 Field enum_field(std::string path, Ref ref, std::vector<std::pair<std::string, E>> names) {
@@ -127,7 +151,9 @@ const std::vector<Field>& fields() {
       integer_field("cluster.num_servers", SPS_REF(cluster.num_servers), 1, 1024),
       integer_field("cluster.num_workers", SPS_REF(cluster.num_workers), 1, 4096),
       integer_field("cluster.heartbeat_ms", SPS_REF(cluster.heartbeat_ms), 10, 60000),
-      integer_field("cluster.dead_after_ms", SPS_REF(cluster.dead_after_ms), 100, 3600000),
+      integer_field("cluster.heartbeat_timeout_ms", SPS_REF(cluster.heartbeat_timeout_ms), 100, 3600000),
+      enum_field<WorkerLoss>("cluster.on_worker_loss", SPS_REF(cluster.on_worker_loss),
+                             {{"continue", WorkerLoss::kContinue}, {"abort", WorkerLoss::kAbort}}),
       integer_field("cluster.startup_timeout_ms", SPS_REF(cluster.startup_timeout_ms), 100, 3600000),
 
       enum_field<ModelKind>("model.name", SPS_REF(model.name), {{"logreg", ModelKind::kLogReg}}),
@@ -152,7 +178,15 @@ const std::vector<Field>& fields() {
                                 {{"none", ErrorFeedback::kNone}, {"ef", ErrorFeedback::kEf}}),
       enum_field<Scale>("compression.scale", SPS_REF(compression.scale), {{"lr", Scale::kLr}, {"1", Scale::kOne}}),
 
-      enum_field<ConsistencyMode>("consistency.mode", SPS_REF(consistency.mode), {{"bsp", ConsistencyMode::kBsp}}),
+      enum_field<ConsistencyMode>("consistency.mode", SPS_REF(consistency.mode),
+                                  {{"bsp", ConsistencyMode::kBsp},
+                                   {"ssp", ConsistencyMode::kSsp},
+                                   {"asp", ConsistencyMode::kAsp}}),
+      integer_field("consistency.staleness", SPS_REF(consistency.staleness), 0, 1000000),
+      bool_field("consistency.sparse_pull", SPS_REF(consistency.sparse_pull)),
+
+      real_list_field("workers.delay_ms", SPS_REF(workers.delay_ms), 0.0, 3.6e6),
+      real_list_field("workers.slowdown", SPS_REF(workers.slowdown), 1.0, 1000.0),
   };
   return kFields;
 }
@@ -218,9 +252,14 @@ Status apply_override(const std::string& text, Config& c) {
 Status check_cross_keys(const Config& c) {
   if (c.run.name.find('/') != std::string::npos || c.run.name == "." || c.run.name == "..")
     return invalid_argument(fmt::format("{}: run.name: '{}' must be a plain folder name", c.source, c.run.name));
-  if (c.cluster.dead_after_ms <= c.cluster.heartbeat_ms)
-    return invalid_argument(fmt::format("{}: cluster.dead_after_ms ({}) must exceed cluster.heartbeat_ms ({})",
-                                        c.source, c.cluster.dead_after_ms, c.cluster.heartbeat_ms));
+  if (c.cluster.heartbeat_timeout_ms <= c.cluster.heartbeat_ms)
+    return invalid_argument(fmt::format("{}: cluster.heartbeat_timeout_ms ({}) must exceed cluster.heartbeat_ms ({})",
+                                        c.source, c.cluster.heartbeat_timeout_ms, c.cluster.heartbeat_ms));
+  if (c.workers.delay_ms.size() > static_cast<size_t>(c.cluster.num_workers) ||
+      c.workers.slowdown.size() > static_cast<size_t>(c.cluster.num_workers))
+    return invalid_argument(fmt::format("{}: workers.delay_ms / workers.slowdown list more ranks than "
+                                        "cluster.num_workers ({})",
+                                        c.source, c.cluster.num_workers));
   return {};
 }
 
@@ -279,6 +318,18 @@ std::vector<std::string> all_keys() {
 
 const char* to_string(CompressionMethod m) { return m == CompressionMethod::kDense ? "dense" : "topk"; }
 const char* to_string(ErrorFeedback e) { return e == ErrorFeedback::kNone ? "none" : "ef"; }
-const char* to_string(ConsistencyMode) { return "bsp"; }
+const char* to_string(ConsistencyMode m) {
+  switch (m) {
+    case ConsistencyMode::kBsp: return "bsp";
+    case ConsistencyMode::kSsp: return "ssp";
+    case ConsistencyMode::kAsp: return "asp";
+  }
+  return "?";
+}
+
+std::string consistency_name(const ConsistencyConfig& c) {
+  if (c.mode == ConsistencyMode::kSsp) return fmt::format("ssp({})", c.staleness);
+  return to_string(c.mode);
+}
 
 }  // namespace sps::config

@@ -32,6 +32,8 @@ struct RunConfig {
   bool save_params = false;
 };
 
+enum class WorkerLoss { kContinue, kAbort };
+
 struct ClusterConfig {
   // Scheduler host (address workers and servers connect to). Default: 127.0.0.1.
   std::string scheduler_host = "127.0.0.1";
@@ -47,7 +49,9 @@ struct ClusterConfig {
   // Milliseconds between heartbeats. Default: 500. Range [10, 60000].
   int heartbeat_ms = 500;
   // Silence after which a node is declared dead, ms. Default: 10000. Range [100, 3600000].
-  int dead_after_ms = 10000;
+  int heartbeat_timeout_ms = 10000;
+  // continue: the job goes on without a dead worker; abort: it ends with an error.
+  WorkerLoss on_worker_loss = WorkerLoss::kContinue;
   // How long to wait for every node to register, ms. Default: 60000. Range [100, 3600000].
   int startup_timeout_ms = 60000;
 };
@@ -101,10 +105,24 @@ struct CompressionConfig {
   Scale scale = Scale::kLr;
 };
 
-enum class ConsistencyMode { kBsp };
+enum class ConsistencyMode { kBsp, kSsp, kAsp };
 struct ConsistencyConfig {
-  // bsp. Default: bsp.
+  // bsp | ssp | asp. Default: bsp.
   ConsistencyMode mode = ConsistencyMode::kBsp;
+  // SSP bound s: a pull at clock c waits until every live worker has clock
+  // >= c - s. Default: 0. Range [0, 1e6].
+  int staleness = 0;
+  // Answer pulls with only the keys changed since the worker's last pull
+  // when that is smaller than the dense slice. Default: true.
+  bool sparse_pull = true;
+};
+
+struct WorkersConfig {
+  // Extra milliseconds each worker sleeps per step, by rank (missing = 0).
+  std::vector<double> delay_ms;
+  // Per-rank slowdown factor >= 1: a worker with factor f sleeps (f - 1) x
+  // its own step time (compute + selection + sending) every step. Default: [].
+  std::vector<double> slowdown;
 };
 
 struct Config {
@@ -115,6 +133,7 @@ struct Config {
   TrainingConfig training;
   CompressionConfig compression;
   ConsistencyConfig consistency;
+  WorkersConfig workers;
 
   // Where the config came from (file path, or "<defaults>").
   std::string source = "<defaults>";
@@ -137,5 +156,7 @@ std::vector<std::string> all_keys();
 const char* to_string(CompressionMethod m);
 const char* to_string(ErrorFeedback e);
 const char* to_string(ConsistencyMode m);
+// "bsp", "ssp(4)", "ssp(0)", "asp".
+std::string consistency_name(const ConsistencyConfig& c);
 
 }  // namespace sps::config

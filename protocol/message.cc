@@ -1,5 +1,6 @@
 #include "protocol/message.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -38,6 +39,7 @@ const char* message_type_name(MessageType type) {
     case MessageType::kPullResponse: return "pull_response";
     case MessageType::kDone: return "done";
     case MessageType::kNodeDead: return "node_dead";
+    case MessageType::kServerReport: return "server_report";
   }
   return "unknown";
 }
@@ -308,6 +310,47 @@ Result<DoneReport> decode_done(ByteSpan payload) {
   d.wall_seconds = rd.get_f64();
   SPS_RETURN_IF_ERROR(rd.finish("done"));
   return d;
+}
+
+Bytes encode_server_report(const ServerReport& r) {
+  Bytes out;
+  for (uint64_t v : {r.version, r.pushes_applied, r.pushes_rejected, r.malformed, r.pulls_answered, r.sparse_pulls,
+                     r.bytes_in, r.bytes_out})
+    put_le<uint64_t>(out, v);
+  const size_t pairs = std::min(r.staleness.size(), kMaxReportEntries);
+  put_le<uint32_t>(out, static_cast<uint32_t>(pairs));
+  for (size_t i = 0; i < pairs; ++i) {
+    put_le<uint64_t>(out, r.staleness[i].first);
+    put_le<uint64_t>(out, r.staleness[i].second);
+  }
+  const size_t buckets = std::min(r.wait_buckets.size(), kMaxReportEntries);
+  put_le<uint32_t>(out, static_cast<uint32_t>(buckets));
+  for (size_t i = 0; i < buckets; ++i) put_le<uint64_t>(out, r.wait_buckets[i]);
+  put_f64(out, r.wait_sum);
+  put_f64(out, r.wait_max);
+  return out;
+}
+
+Result<ServerReport> decode_server_report(ByteSpan payload) {
+  Reader rd(payload);
+  ServerReport r;
+  for (uint64_t* v : {&r.version, &r.pushes_applied, &r.pushes_rejected, &r.malformed, &r.pulls_answered,
+                      &r.sparse_pulls, &r.bytes_in, &r.bytes_out})
+    *v = rd.get<uint64_t>();
+  const auto pairs = rd.get<uint32_t>();
+  if (pairs > kMaxReportEntries) return malformed("server report: too many staleness entries");
+  for (uint32_t i = 0; i < pairs && !rd.failed(); ++i) {
+    const auto value = rd.get<uint64_t>();
+    const auto count = rd.get<uint64_t>();
+    r.staleness.emplace_back(value, count);
+  }
+  const auto buckets = rd.get<uint32_t>();
+  if (buckets > kMaxReportEntries) return malformed("server report: too many wait buckets");
+  for (uint32_t i = 0; i < buckets && !rd.failed(); ++i) r.wait_buckets.push_back(rd.get<uint64_t>());
+  r.wait_sum = rd.get_f64();
+  r.wait_max = rd.get_f64();
+  SPS_RETURN_IF_ERROR(rd.finish("server report"));
+  return r;
 }
 
 Bytes encode_text(std::string_view text) {

@@ -45,8 +45,9 @@ enum class MessageType : uint16_t {
   kPullResponse = 10,    // server -> worker: dense shard values at `base_version`
   kDone = 11,            // worker -> scheduler: finished, with its report
   kNodeDead = 12,        // scheduler -> server: a worker left the job
+  kServerReport = 13,    // server -> scheduler: end-of-job statistics
 };
-inline constexpr uint16_t kMaxMessageType = 12;
+inline constexpr uint16_t kMaxMessageType = 13;
 
 enum class IndexEncoding : uint8_t {
   kNone = 0,    // no index frame: dense over [key_begin, key_end)
@@ -60,6 +61,9 @@ enum class ValueType : uint8_t {
 // Header flags.
 inline constexpr uint16_t kFlagInit = 1 << 0;   // kPush: initial parameters, set not add
 inline constexpr uint16_t kFlagError = 1 << 1;  // kShutdown: the job failed
+// kPullRequest: base_version is the version this worker last received for
+// the shard, so the server may answer with only the keys changed since.
+inline constexpr uint16_t kFlagHaveVersion = 1 << 2;
 
 struct Header {
   MessageType type = MessageType::kHeartbeat;
@@ -178,7 +182,27 @@ struct DoneReport {
   double wall_seconds = 0;
 };
 
+// A server's end-of-job statistics. Staleness as exact (value, count) pairs;
+// pull waits as log-spaced bucket counts plus sum and max (seconds).
+struct ServerReport {
+  uint64_t version = 0;
+  uint64_t pushes_applied = 0;
+  uint64_t pushes_rejected = 0;
+  uint64_t malformed = 0;
+  uint64_t pulls_answered = 0;
+  uint64_t sparse_pulls = 0;
+  uint64_t bytes_in = 0;
+  uint64_t bytes_out = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> staleness;
+  std::vector<uint64_t> wait_buckets;
+  double wait_sum = 0;
+  double wait_max = 0;
+};
+inline constexpr size_t kMaxReportEntries = 16384;
+
 EncodedMessage encode_control(const Header& h, Bytes payload = {});
+Bytes encode_server_report(const ServerReport& r);
+Result<ServerReport> decode_server_report(ByteSpan payload);
 Bytes encode_register(const RegisterInfo& r);
 Result<RegisterInfo> decode_register(ByteSpan payload);
 Bytes encode_assign(const AssignInfo& a);

@@ -1,10 +1,21 @@
-// The consistency controller: which pulls a shard may answer and when a
-// shard may apply what it received. Used by every server for its own shard;
-// pure logic over a clock table, no sockets, so tests can script it.
+// The consistency controller: which pushes a shard accepts, when it applies
+// them, and which pulls it may answer. Every server runs one policy for its
+// own shard; it is pure logic over a clock table (no sockets, no time), so
+// tests can drive it with scripted clock sequences.
 //
-// BSP (this file's only policy so far): the server averages all live
-// workers' clock-c pushes, applies them at once (version c -> c+1), and
-// answers a pull for clock c only once its version is >= c.
+// Clocks: a worker's clock at a shard = the number of its pushes the shard
+// has received. A worker at clock c pulls "the parameters for clock c".
+//
+//   bsp     the shard aggregates: when every live worker has pushed clock c
+//           it applies their average at once (version c -> c+1); a pull for
+//           clock c waits until the version is >= c. Staleness is always 0.
+//   ssp(s)  pushes are applied on arrival (one version per push); a pull for
+//           clock c waits until every live worker has clock >= c - s.
+//           ssp(0) is a distinct algorithm from bsp: nobody runs ahead, but
+//           updates are applied one by one as they arrive.
+//   asp     pushes applied on arrival; pulls never wait.
+//
+// Dead workers leave the table (mark_dead) and are never waited for.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +27,7 @@
 
 namespace sps::scheduler {
 
-// Per-worker push clocks (pushes received) and liveness for one shard.
+// Per-worker push clocks and liveness for one shard.
 class ClockTable {
  public:
   explicit ClockTable(uint32_t num_workers) : clocks_(num_workers, 0), live_(num_workers, true) {}
@@ -26,6 +37,8 @@ class ClockTable {
   bool live(uint32_t w) const { return live_[w]; }
   void mark_dead(uint32_t w) { live_[w] = false; }
   uint32_t live_count() const;
+  // Smallest clock among live workers (UINT64_MAX when none is live).
+  uint64_t min_live_clock() const;
 
  private:
   std::vector<uint64_t> clocks_;
@@ -35,20 +48,55 @@ class ClockTable {
 class ConsistencyPolicy {
  public:
   virtual ~ConsistencyPolicy() = default;
-  // May a pull asking for the parameters of clock `pull_clock` be answered
-  // now, with the shard at `version`?
-  virtual bool may_answer_pull(uint64_t pull_clock, uint64_t version, const ClockTable& pushed) const = 0;
-  // May the shard apply the aggregate of its pending clock-`clock` pushes?
-  // `pushed` holds, per worker, how many pushes the shard has received.
-  virtual bool ready_to_apply(uint64_t clock, const ClockTable& pushed) const = 0;
+  // "bsp", "ssp(4)", "ssp(0)", "asp".
   virtual std::string name() const = 0;
+  // True: each push is applied when it arrives. False: pushes are held and
+  // applied per clock as an average (ready_to_apply).
+  virtual bool apply_on_arrival() const = 0;
+  // Whether a push from live worker w for `clock` is acceptable now, given
+  // the shard's `version`. In every mode pushes come in clock order with no
+  // gaps or repeats (clock == pushed.clock(w)).
+  virtual bool accepts_push(uint32_t w, uint64_t clock, uint64_t version, const ClockTable& pushed) const;
+  // May a pull for the parameters of `pull_clock` be answered now?
+  virtual bool may_answer_pull(uint64_t pull_clock, uint64_t version, const ClockTable& pushed) const = 0;
+  // Aggregating policies: may the pending clock-`clock` pushes be applied?
+  virtual bool ready_to_apply(uint64_t clock, const ClockTable& pushed) const;
+  // Largest staleness (shard versions) an applied push can have with
+  // `workers` workers, or UINT64_MAX when unbounded (asp).
+  virtual uint64_t staleness_bound(uint32_t workers) const = 0;
 };
 
 class BspPolicy final : public ConsistencyPolicy {
  public:
+  std::string name() const override { return "bsp"; }
+  bool apply_on_arrival() const override { return false; }
+  bool accepts_push(uint32_t w, uint64_t clock, uint64_t version, const ClockTable& pushed) const override;
   bool may_answer_pull(uint64_t pull_clock, uint64_t version, const ClockTable& pushed) const override;
   bool ready_to_apply(uint64_t clock, const ClockTable& pushed) const override;
-  std::string name() const override { return "bsp"; }
+  uint64_t staleness_bound(uint32_t) const override { return 0; }
+};
+
+class SspPolicy final : public ConsistencyPolicy {
+ public:
+  explicit SspPolicy(uint64_t staleness) : s_(staleness) {}
+  std::string name() const override;
+  bool apply_on_arrival() const override { return true; }
+  bool may_answer_pull(uint64_t pull_clock, uint64_t version, const ClockTable& pushed) const override;
+  // While one worker computes, every other worker can push at most 2s + 1
+  // times (docs/consistency.md): (W - 1)(2s + 1).
+  uint64_t staleness_bound(uint32_t workers) const override;
+  uint64_t staleness() const { return s_; }
+
+ private:
+  uint64_t s_;
+};
+
+class AspPolicy final : public ConsistencyPolicy {
+ public:
+  std::string name() const override { return "asp"; }
+  bool apply_on_arrival() const override { return true; }
+  bool may_answer_pull(uint64_t, uint64_t, const ClockTable&) const override { return true; }
+  uint64_t staleness_bound(uint32_t) const override { return UINT64_MAX; }
 };
 
 std::unique_ptr<ConsistencyPolicy> make_policy(const config::ConsistencyConfig& c);

@@ -8,7 +8,9 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "common/histogram.h"
 #include "net/link.h"
+#include "scheduler/consistency.h"
 
 namespace sps::scheduler {
 
@@ -92,6 +94,7 @@ int Coordinator::run() {
       }
     }
     if (!finished_) check_liveness();
+    if (finishing_ && !finished_) check_reports();
   }
   return exit_status_;
 }
@@ -130,6 +133,16 @@ void Coordinator::handle(const std::string& key, zmq::message_t routing_id, cons
       n.report = *d;
       log_.write({{"event", "worker_done"}, {"rank", n.rank}, {"steps", d->steps}, {"bytes_pushed", d->bytes_pushed}});
       check_done();
+      break;
+    }
+    case MessageType::kServerReport: {
+      auto r = protocol::decode_server_report(m.frame1);
+      if (!r.ok() || n.role != Role::kServer) {
+        ++malformed_;
+        break;
+      }
+      n.server_report = *r;
+      check_reports();
       break;
     }
     case MessageType::kError: {
@@ -255,9 +268,10 @@ void Coordinator::check_liveness() {
                      cfg_.cluster.startup_timeout_ms));
     return;
   }
-  const double limit = cfg_.cluster.dead_after_ms / 1000.0;
+  const double limit = cfg_.cluster.heartbeat_timeout_ms / 1000.0;
   for (auto& [k, n] : nodes_) {
-    if (!n.alive || n.done || finished_) continue;
+    // Done workers and servers shutting down stop heartbeating; do not call them dead.
+    if (!n.alive || n.done || finished_ || finishing_) continue;
     if (now - n.last_seen > limit) node_died(n, fmt::format("silent for {:.1f} s", now - n.last_seen));
   }
 }
@@ -276,6 +290,10 @@ void Coordinator::node_died(Node& n, const std::string& why) {
     fail("every worker died");
     return;
   }
+  if (cfg_.cluster.on_worker_loss == config::WorkerLoss::kAbort) {
+    fail(fmt::format("worker {} died ({}) and cluster.on_worker_loss is abort", n.rank, why));
+    return;
+  }
   // Servers stop waiting for the dead worker; the job goes on without it.
   Header h;
   h.type = MessageType::kNodeDead;
@@ -287,11 +305,25 @@ void Coordinator::node_died(Node& n, const std::string& why) {
 }
 
 void Coordinator::check_done() {
-  if (finished_ || !released_) return;
+  if (finished_ || finishing_ || !released_) return;
   for (const auto& [k, n] : nodes_)
     if (n.role == Role::kWorker && n.alive && !n.done) return;
-  write_summary();
+  // Every worker is done: stop the job, then give the servers a moment to
+  // send their statistics (staleness, pull waits) for the summary.
   shutdown_all(false, "job complete");
+  finishing_ = true;
+  finish_deadline_ = clock_.seconds() + 5.0;
+  check_reports();
+}
+
+void Coordinator::check_reports() {
+  if (!finishing_ || finished_) return;
+  bool all = true;
+  for (const auto& [k, n] : nodes_)
+    if (n.role == Role::kServer && n.alive && !n.server_report) all = false;
+  if (!all && clock_.seconds() < finish_deadline_) return;
+  if (!all) spdlog::warn("scheduler: not every server sent its statistics; the summary lacks them");
+  write_summary();
   exit_status_ = 0;
   finished_ = true;
 }
@@ -332,8 +364,29 @@ void Coordinator::write_summary() {
     if (std::isfinite(r.test_accuracy)) test_accuracy = r.test_accuracy;
     if (n.rank == 0) last_batch_loss = r.last_batch_loss;
   }
+  CountHistogram staleness;
+  LogHistogram pull_wait;
+  uint64_t sparse_pulls = 0, pulls = 0, malformed_at_servers = 0;
+  for (const auto& [k, n] : nodes_) {
+    if (n.role != Role::kServer || !n.server_report) continue;
+    const auto& r = *n.server_report;
+    for (const auto& [value, count] : r.staleness) staleness.add(value, count);
+    pull_wait.merge(LogHistogram::from_raw(r.wait_buckets, r.wait_sum, r.wait_max));
+    sparse_pulls += r.sparse_pulls;
+    pulls += r.pulls_answered;
+    malformed_at_servers += r.malformed;
+  }
+  auto policy = make_policy(cfg_.consistency);
+  const uint64_t bound = policy->staleness_bound(static_cast<uint32_t>(cfg_.cluster.num_workers));
   const double now = clock_.seconds();
   nlohmann::json s = {
+      {"consistency", policy->name()},
+      {"staleness", staleness.summary()},
+      {"staleness_bound", bound == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(bound)},
+      {"pull_wait_seconds", pull_wait.summary()},
+      {"pulls", pulls},
+      {"sparse_pulls", sparse_pulls},
+      {"malformed_messages_at_servers", malformed_at_servers},
       {"run", cfg_.run.name},
       {"steps", total.steps},
       {"train_loss", finite_or_null(train_loss)},
@@ -354,6 +407,10 @@ void Coordinator::write_summary() {
       {"config", config::to_json(cfg_)},
   };
   write_file_atomically(cfg_.run_folder() + "/summary.json", s.dump(2) + "\n");
+  spdlog::info("scheduler: staleness mean {:.2f}, p50 {}, p99 {}, max {} (bound {}); pull wait p50 {:.2g} s, p99 {:.2g} s",
+               staleness.mean(), staleness.quantile(0.5), staleness.quantile(0.99), staleness.max(),
+               bound == UINT64_MAX ? std::string("none") : std::to_string(bound), pull_wait.quantile(0.5),
+               pull_wait.quantile(0.99));
   log_.write({{"event", "summary"}, {"summary", s}});
 }
 

@@ -51,6 +51,7 @@ class Coordinator {
     bool in_barrier = false;
     bool done = false;
     std::optional<protocol::DoneReport> report;
+    std::optional<protocol::ServerReport> server_report;
     double last_seen = 0;
   };
 
@@ -60,6 +61,7 @@ class Coordinator {
   void check_barrier();
   void check_liveness();
   void check_done();
+  void check_reports();
   void node_died(Node& n, const std::string& why);
   void fail(const std::string& reason);
   void send_to(const Node& n, const protocol::EncodedMessage& m);
@@ -80,6 +82,8 @@ class Coordinator {
   bool assigned_ = false;
   bool released_ = false;
   double release_time_ = 0;
+  bool finishing_ = false;      // all workers done; collecting server reports
+  double finish_deadline_ = 0;
   bool finished_ = false;
   int exit_status_ = 0;
   uint64_t malformed_ = 0;

@@ -77,7 +77,7 @@ void Server::heartbeat_if_due() {
     send_control(MessageType::kHeartbeat);
     last_heartbeat_sent_ = now;
   }
-  const double limit = cfg_.cluster.dead_after_ms / 1000.0;
+  const double limit = cfg_.cluster.heartbeat_timeout_ms / 1000.0;
   if (now - last_scheduler_seen_ > limit) {
     spdlog::error("server {}: the scheduler has been silent for {:.1f} s; exiting", rank_, now - last_scheduler_seen_);
     finish("scheduler lost");
@@ -115,13 +115,15 @@ void Server::handle_control(const net::Received& r) {
       log_.write({{"event", "worker_dead"}, {"worker", *w}, {"version", shard_->version()}});
       spdlog::warn("server {}: worker {} left; continuing with {} workers", rank_, *w,
                    shard_->pushed().live_count());
-      stats_.versions += shard_->apply_ready();
+      shard_->apply_ready();
+      record_applied();
       answer_pulls();
       break;
     }
     case MessageType::kShutdown: {
       auto text = protocol::decode_text(m->frame1);
       const bool error = (m->header.flags & protocol::kFlagError) != 0;
+      if (!error) send_report();
       finish(text.ok() ? *text : "shutdown");
       exit_status_ = error ? 1 : 0;
       break;
@@ -149,8 +151,10 @@ void Server::on_assign(const protocol::AssignInfo& a) {
   shard_.emplace(s.key_begin, s.key_end, a.num_workers, apply_scale, scheduler::make_policy(cfg_.consistency));
   auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_));
   if (log.ok()) log_ = std::move(log).value();
+  const uint64_t bound = shard_->policy().staleness_bound(num_workers_);
   log_.write({{"event", "assign"}, {"rank", rank_}, {"key_begin", s.key_begin}, {"key_end", s.key_end},
-              {"workers", num_workers_}, {"endpoint", endpoint_}});
+              {"workers", num_workers_}, {"endpoint", endpoint_}, {"policy", shard_->policy().name()},
+              {"staleness_bound", bound == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(bound)}});
   spdlog::info("server {}: shard [{}, {}) on {}", rank_, s.key_begin, s.key_end, endpoint_);
 }
 
@@ -185,62 +189,109 @@ void Server::handle_data(net::Received& r) {
       return;
     }
     if (!initialised_) return count_malformed(peer, failed_precondition("push before initialisation"));
-    Status s = shard_->add_push(h.sender, h.clock, *data);
+    Stopwatch sw;
+    Status s = shard_->add_push(h.sender, h.clock, h.base_version, *data);
     if (!s.ok()) {
       ++stats_.pushes_rejected;
       return count_malformed(peer, s);
     }
-    Stopwatch sw;
-    const int applied = shard_->apply_ready();
-    if (applied > 0) {
-      stats_.apply_seconds += sw.seconds();
-      stats_.versions += applied;
-      stats_.pushes_applied += shard_->pushed().live_count();
-      answer_pulls();
-    }
+    shard_->apply_ready();
+    stats_.apply_seconds += sw.seconds();
+    record_applied();
+    answer_pulls();
     return;
   }
   if (h.type == MessageType::kPullRequest) {
     if (h.key_begin != shard_->key_begin() || h.key_end != shard_->key_end())
       return count_malformed(peer, out_of_range("pull for a key range this server does not own"));
+    if (h.sender >= num_workers_) return count_malformed(peer, out_of_range("pull from an unknown worker"));
     if (!initialised_) return count_malformed(peer, failed_precondition("pull before initialisation"));
+    PendingPull pull{std::move(r.routing_id), h.sender, h.clock, (h.flags & protocol::kFlagHaveVersion) != 0,
+                     h.base_version, clock_.seconds()};
     if (shard_->may_answer_pull(h.clock)) {
-      answer_pull(r.routing_id, h.clock);
+      answer_pull(pull);
     } else {
-      pending_pulls_.push_back({std::move(r.routing_id), h.clock, clock_.seconds()});
+      pending_pulls_.push_back(std::move(pull));
     }
     return;
   }
   count_malformed(peer, malformed(fmt::format("a server does not take {} messages", protocol::message_type_name(h.type))));
 }
 
-void Server::answer_pull(const zmq::message_t& routing_id, uint64_t clock) {
+void Server::record_applied() {
+  for (const auto& a : shard_->take_applied()) {
+    ++stats_.pushes_applied;
+    stats_.staleness.add(a.staleness);
+    log_.write({{"event", "apply"}, {"worker", a.worker}, {"clock", a.clock}, {"base_version", a.base_version},
+                {"version", a.version}, {"staleness", a.staleness}, {"nnz", a.nnz}});
+  }
+}
+
+void Server::answer_pull(const PendingPull& pull) {
   Header h;
   h.type = MessageType::kPullResponse;
   h.sender = rank_;
   h.shard = rank_;
-  h.clock = clock;
+  h.clock = pull.clock;
   h.base_version = shard_->version();
   h.key_begin = shard_->key_begin();
   h.key_end = shard_->key_end();
-  h.index_encoding = protocol::IndexEncoding::kNone;
-  auto msg = protocol::encode_data(h, {}, shard_->params());
-  auto sent = net::send(data_, msg, &routing_id);
-  if (sent.ok()) {
-    stats_.bytes_out += *sent;
-    ++stats_.pulls_answered;
+  // Sparse when the worker holds an older copy and the changed keys cost
+  // less than the dense slice (8 bytes per key+value against 4 per value).
+  bool sparse = false;
+  if (cfg_.consistency.sparse_pull && pull.have_version && pull.worker_version <= shard_->version()) {
+    sparse = shard_->changed_since(pull.worker_version, shard_->size() / 2, changed_keys_);
   }
+  protocol::EncodedMessage msg;
+  if (sparse) {
+    h.index_encoding = protocol::IndexEncoding::kRawU32;
+    changed_values_.resize(changed_keys_.size());
+    const auto params = shard_->params();
+    for (size_t i = 0; i < changed_keys_.size(); ++i) changed_values_[i] = params[changed_keys_[i] - h.key_begin];
+    msg = protocol::encode_data(h, changed_keys_, changed_values_);
+  } else {
+    h.index_encoding = protocol::IndexEncoding::kNone;
+    msg = protocol::encode_data(h, {}, shard_->params());
+  }
+  auto sent = net::send(data_, msg, &pull.routing_id);
+  if (!sent.ok()) return;
+  const double waited = clock_.seconds() - pull.since;
+  stats_.bytes_out += *sent;
+  ++stats_.pulls_answered;
+  stats_.sparse_pulls += sparse ? 1 : 0;
+  stats_.pull_wait.add(waited);
+  const uint64_t min_clock = shard_->pushed().min_live_clock();
+  log_.write({{"event", "pull"}, {"worker", pull.worker}, {"clock", pull.clock}, {"version", shard_->version()},
+              {"min_clock", min_clock == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(min_clock)},
+              {"wait_s", waited}, {"sparse", sparse}, {"bytes", *sent}});
 }
 
 void Server::answer_pulls() {
   for (auto it = pending_pulls_.begin(); it != pending_pulls_.end();) {
     if (shard_->may_answer_pull(it->clock)) {
-      answer_pull(it->routing_id, it->clock);
+      answer_pull(*it);
       it = pending_pulls_.erase(it);
     } else {
       ++it;
     }
   }
+}
+
+void Server::send_report() {
+  protocol::ServerReport r;
+  r.version = shard_ ? shard_->version() : 0;
+  r.pushes_applied = stats_.pushes_applied;
+  r.pushes_rejected = stats_.pushes_rejected;
+  r.malformed = stats_.malformed;
+  r.pulls_answered = stats_.pulls_answered;
+  r.sparse_pulls = stats_.sparse_pulls;
+  r.bytes_in = stats_.bytes_in;
+  r.bytes_out = stats_.bytes_out;
+  r.staleness = stats_.staleness.pairs();
+  r.wait_buckets = stats_.pull_wait.buckets();
+  r.wait_sum = stats_.pull_wait.sum();
+  r.wait_max = stats_.pull_wait.max();
+  send_control(MessageType::kServerReport, protocol::encode_server_report(r));
 }
 
 void Server::finish(const std::string& reason) {
@@ -254,9 +305,12 @@ void Server::finish(const std::string& reason) {
               {"pulls_answered", stats_.pulls_answered},
               {"bytes_in", stats_.bytes_in},
               {"bytes_out", stats_.bytes_out},
-              {"apply_seconds", stats_.apply_seconds}});
-  spdlog::info("server {}: {} ({} versions, {} malformed messages dropped)", rank_, reason, stats_.versions,
-               stats_.malformed);
+              {"sparse_pulls", stats_.sparse_pulls},
+              {"apply_seconds", stats_.apply_seconds},
+              {"staleness", stats_.staleness.summary()},
+              {"pull_wait_s", stats_.pull_wait.summary()}});
+  spdlog::info("server {}: {} ({} versions, {} malformed messages dropped)", rank_, reason,
+               shard_ ? shard_->version() : 0, stats_.malformed);
 }
 
 }  // namespace sps::server

@@ -16,6 +16,7 @@
 
 #include <zmq.hpp>
 
+#include "common/histogram.h"
 #include "common/jsonl.h"
 #include "common/process.h"
 #include "config/config.h"
@@ -26,14 +27,16 @@
 namespace sps::server {
 
 struct ServerStats {
-  uint64_t pushes_applied = 0;   // pushes accepted into an applied clock
+  uint64_t pushes_applied = 0;   // pushes applied to the shard
   uint64_t pushes_rejected = 0;  // well-formed pushes the shard refused
   uint64_t malformed = 0;        // messages that failed validation
   uint64_t pulls_answered = 0;
+  uint64_t sparse_pulls = 0;     // of those, answered with changed keys only
   uint64_t bytes_in = 0;
   uint64_t bytes_out = 0;
-  uint64_t versions = 0;
   double apply_seconds = 0;
+  CountHistogram staleness;      // per applied push, in shard versions
+  LogHistogram pull_wait;        // per answered pull, seconds held back by the policy
 };
 
 class Server {
@@ -49,7 +52,10 @@ class Server {
  private:
   struct PendingPull {
     zmq::message_t routing_id;
+    uint32_t worker = 0;
     uint64_t clock = 0;
+    bool have_version = false;
+    uint64_t worker_version = 0;
     double since = 0;
   };
   void handle_control(const net::Received& r);
@@ -57,10 +63,12 @@ class Server {
   void count_malformed(const std::string& peer, const Status& why);
   void on_assign(const protocol::AssignInfo& a);
   void answer_pulls();
-  void answer_pull(const zmq::message_t& routing_id, uint64_t clock);
+  void answer_pull(const PendingPull& pull);
+  void record_applied();
   void heartbeat_if_due();
   void send_control(protocol::MessageType type, protocol::Bytes payload = {});
   void finish(const std::string& reason);
+  void send_report();
 
   config::Config cfg_;
   zmq::socket_t data_;
@@ -81,6 +89,8 @@ class Server {
   std::deque<PendingPull> pending_pulls_;
   std::set<std::string> reported_peers_;  // malformed senders already logged
   ServerStats stats_;
+  std::vector<uint32_t> changed_keys_;  // scratch for sparse pulls
+  std::vector<float> changed_values_;
 };
 
 }  // namespace sps::server

@@ -11,6 +11,7 @@ Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, float a
       apply_scale_(apply_scale),
       policy_(std::move(policy)),
       params_(key_end - key_begin, 0.0f),
+      stamp_(key_end - key_begin, 0),
       sum_(key_end - key_begin, 0.0f),
       touched_(key_end - key_begin, 0),
       pending_(num_workers),
@@ -23,33 +24,40 @@ void Shard::set_params(std::span<const float> values) {
   std::copy(values.begin(), values.end(), params_.begin());
 }
 
-Status Shard::check_push(uint32_t w, uint64_t clock) const {
+Status Shard::check_push(uint32_t w, uint64_t clock, uint64_t base_version) const {
   if (w >= pushed_.size()) return out_of_range(fmt::format("push from worker {} but the job has {}", w, pushed_.size()));
   if (!pushed_.live(w)) return failed_precondition(fmt::format("push from worker {}, which left the job", w));
-  // BSP: the next push from w is for clock pushed_.clock(w), and it can only be
-  // the clock being aggregated now.
-  if (clock != pushed_.clock(w) || clock != version_)
-    return failed_precondition(fmt::format("push from worker {} for clock {}, expected clock {}", w, clock,
-                                           pushed_.clock(w)));
+  if (base_version > version_)
+    return out_of_range(fmt::format("push from worker {} claims version {} but the shard is at {}", w, base_version,
+                                    version_));
+  if (!policy_->accepts_push(w, clock, version_, pushed_))
+    return failed_precondition(fmt::format("{} refuses worker {}'s push for clock {} (expected clock {}, version {})",
+                                           policy_->name(), w, clock, pushed_.clock(w), version_));
   return {};
 }
 
-Status Shard::add_push(uint32_t w, uint64_t clock, const protocol::DataView& data) {
-  SPS_RETURN_IF_ERROR(check_push(w, clock));
+void Shard::accept(uint32_t w, uint64_t clock) {
+  pushed_.set_clock(w, clock + 1);
+  if (policy_->apply_on_arrival()) apply_one(w);
+}
+
+Status Shard::add_push(uint32_t w, uint64_t clock, uint64_t base_version, const protocol::DataView& data) {
+  SPS_RETURN_IF_ERROR(check_push(w, clock, base_version));
   Pending& p = pending_[w];
-  p.dense = data.dense();
+  p.base_version = base_version;
   p.keys.resize(data.size());
   p.values.resize(data.size());
   for (uint32_t i = 0; i < data.size(); ++i) {
     p.keys[i] = data.key(i) - key_begin_;
     p.values[i] = data.value(i);
   }
-  pushed_.set_clock(w, clock + 1);
+  accept(w, clock);
   return {};
 }
 
-Status Shard::add_push(uint32_t w, uint64_t clock, std::span<const uint32_t> keys, std::span<const float> values) {
-  SPS_RETURN_IF_ERROR(check_push(w, clock));
+Status Shard::add_push(uint32_t w, uint64_t clock, uint64_t base_version, std::span<const uint32_t> keys,
+                       std::span<const float> values) {
+  SPS_RETURN_IF_ERROR(check_push(w, clock, base_version));
   if (keys.size() != values.size()) return invalid_argument("keys and values differ in length");
   int64_t prev = int64_t{key_begin_} - 1;
   for (uint32_t k : keys) {
@@ -57,16 +65,33 @@ Status Shard::add_push(uint32_t w, uint64_t clock, std::span<const uint32_t> key
     prev = k;
   }
   Pending& p = pending_[w];
-  p.dense = false;
+  p.base_version = base_version;
   p.keys.resize(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) p.keys[i] = keys[i] - key_begin_;
   p.values.assign(values.begin(), values.end());
-  pushed_.set_clock(w, clock + 1);
+  accept(w, clock);
   return {};
+}
+
+void Shard::apply_one(uint32_t w) {
+  Pending& p = pending_[w];
+  const float factor = apply_scale_ / static_cast<float>(pushed_.live_count());
+  const uint64_t next = version_ + 1;
+  for (size_t i = 0; i < p.keys.size(); ++i) {
+    const uint32_t j = p.keys[i];
+    params_[j] -= factor * p.values[i];
+    stamp_[j] = next;
+  }
+  applied_.push_back({w, pushed_.clock(w) - 1, p.base_version, next, version_ - p.base_version,
+                      static_cast<uint32_t>(p.keys.size())});
+  version_ = next;
+  p.keys.clear();
+  p.values.clear();
 }
 
 void Shard::apply_clock() {
   const uint32_t live = pushed_.live_count();
+  const uint64_t next = version_ + 1;
   for (uint32_t w = 0; w < pushed_.size(); ++w) {
     if (!pushed_.live(w)) continue;
     Pending& p = pending_[w];
@@ -78,22 +103,25 @@ void Shard::apply_clock() {
       }
       sum_[j] += p.values[i];
     }
+    applied_.push_back({w, version_, p.base_version, next, version_ - p.base_version,
+                        static_cast<uint32_t>(p.keys.size())});
     p.keys.clear();
     p.values.clear();
   }
   const float factor = apply_scale_ / static_cast<float>(live);
   for (uint32_t j : touched_list_) {
     params_[j] -= factor * sum_[j];
+    stamp_[j] = next;
     sum_[j] = 0.0f;
     touched_[j] = 0;
   }
   touched_list_.clear();
-  ++version_;
+  version_ = next;
 }
 
 int Shard::apply_ready() {
   int applied = 0;
-  while (policy_->ready_to_apply(version_, pushed_)) {
+  while (!policy_->apply_on_arrival() && policy_->ready_to_apply(version_, pushed_)) {
     apply_clock();
     ++applied;
   }
@@ -108,5 +136,22 @@ void Shard::remove_worker(uint32_t w) {
 }
 
 bool Shard::may_answer_pull(uint64_t clock) const { return policy_->may_answer_pull(clock, version_, pushed_); }
+
+bool Shard::changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const {
+  keys.clear();
+  for (uint32_t j = 0; j < stamp_.size(); ++j) {
+    if (stamp_[j] > since_version) {
+      if (keys.size() == limit) return false;
+      keys.push_back(key_begin_ + j);
+    }
+  }
+  return true;
+}
+
+std::vector<AppliedPush> Shard::take_applied() {
+  std::vector<AppliedPush> out;
+  out.swap(applied_);
+  return out;
+}
 
 }  // namespace sps::server

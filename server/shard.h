@@ -1,12 +1,21 @@
 // Shard: one contiguous key range of the flat parameter vector, the pushes
-// waiting to be applied, and the apply rule. Pure state, no sockets, so the
-// single-process reference run in the tests uses exactly this code.
+// waiting to be applied, the apply rule and per-key change stamps. Pure
+// state, no sockets, so the single-process reference run in the tests uses
+// exactly this code.
 //
-// BSP apply: when every live worker has pushed clock c, the shard sums the
-// pushes in worker-rank order (a fixed order, so reruns agree bit for bit),
-// then for each touched key j: x[j] -= (apply_scale / live_workers) * sum[j],
-// and the version goes c -> c+1. apply_scale is 1 for lr-scaled error
-// feedback (the lr is inside the pushed values) or lr for gradient-domain.
+// Apply rules (the policy decides which):
+// - aggregating (bsp): when every live worker has pushed clock c, the shard
+//   sums the pushes in worker-rank order (a fixed order, so reruns agree bit
+//   for bit), then for each touched key j: x[j] -= (apply_scale / live) *
+//   sum[j]; the version goes c -> c+1.
+// - on arrival (ssp, asp): each push is applied at once as
+//   x[j] -= (apply_scale / live) * v_j, one version per push, so W pushes
+//   move the model as far as one averaged synchronous step.
+// apply_scale is 1 for lr-scaled error feedback (the lr is inside the pushed
+// values) or lr for gradient-domain pushes.
+//
+// Staleness of an applied push = shard version when it is applied - the
+// version the worker computed it on (base_version).
 // Not thread-safe: owned by the server's loop thread.
 #pragma once
 
@@ -22,6 +31,15 @@
 
 namespace sps::server {
 
+struct AppliedPush {
+  uint32_t worker = 0;
+  uint64_t clock = 0;
+  uint64_t base_version = 0;
+  uint64_t version = 0;    // shard version after the apply
+  uint64_t staleness = 0;  // version before the apply - base_version
+  uint32_t nnz = 0;
+};
+
 class Shard {
  public:
   Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, float apply_scale,
@@ -29,45 +47,61 @@ class Shard {
 
   uint32_t key_begin() const { return key_begin_; }
   uint32_t key_end() const { return key_end_; }
+  uint32_t size() const { return key_end_ - key_begin_; }
   uint64_t version() const { return version_; }
   std::span<const float> params() const { return params_; }
   const scheduler::ClockTable& pushed() const { return pushed_; }
+  const scheduler::ConsistencyPolicy& policy() const { return *policy_; }
 
   // Sets the initial parameters (dense over the range). REQUIRES: size matches.
   void set_params(std::span<const float> values);
 
-  // Queues worker `w`'s push for `clock`. Refuses (state unchanged) a worker
-  // that is unknown or dead, a clock other than the one the policy expects
-  // next from that worker, or keys outside the range / not increasing.
-  Status add_push(uint32_t w, uint64_t clock, const protocol::DataView& data);
-  Status add_push(uint32_t w, uint64_t clock, std::span<const uint32_t> keys, std::span<const float> values);
+  // Takes worker `w`'s push for `clock`, computed on `base_version`: applied
+  // at once (on-arrival policies) or held for its clock (aggregating).
+  // Refuses, with the state unchanged, a push the policy does not accept
+  // (unknown or dead worker, clock out of order, base_version from the
+  // future) or keys outside the range / not increasing.
+  Status add_push(uint32_t w, uint64_t clock, uint64_t base_version, const protocol::DataView& data);
+  Status add_push(uint32_t w, uint64_t clock, uint64_t base_version, std::span<const uint32_t> keys,
+                  std::span<const float> values);
 
-  // Applies every clock that is complete; returns how many were applied.
+  // Aggregating policies: applies every complete clock; returns how many.
   int apply_ready();
-  // Worker `w` left the job: its pending push is dropped and nobody waits for it.
+  // Worker `w` left the job: its held push is dropped and nobody waits for it.
   void remove_worker(uint32_t w);
   bool may_answer_pull(uint64_t clock) const;
+
+  // Keys (global) changed after `since_version`, ascending, into `keys`;
+  // false (and `keys` unspecified) when there are more than `limit`.
+  bool changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const;
+
+  // Pushes applied since the last take_applied() (for logs and statistics).
+  std::vector<AppliedPush> take_applied();
 
  private:
   struct Pending {
     std::vector<uint32_t> keys;  // local offsets
     std::vector<float> values;
-    bool dense = false;
+    uint64_t base_version = 0;
   };
-  Status check_push(uint32_t w, uint64_t clock) const;
+  Status check_push(uint32_t w, uint64_t clock, uint64_t base_version) const;
+  void accept(uint32_t w, uint64_t clock);
   void apply_clock();
+  void apply_one(uint32_t w);
 
   uint32_t key_begin_;
   uint32_t key_end_;
   float apply_scale_;
   std::unique_ptr<scheduler::ConsistencyPolicy> policy_;
   std::vector<float> params_;
+  std::vector<uint64_t> stamp_;   // per key: the version that last changed it (0 = initial)
   std::vector<float> sum_;        // aggregation buffer, zero between applies
   std::vector<uint8_t> touched_;  // marks keys in touched_list_
   std::vector<uint32_t> touched_list_;
-  std::vector<Pending> pending_;  // per worker, the push for clock version_
+  std::vector<Pending> pending_;  // per worker: the held (aggregating) or in-flight push
   scheduler::ClockTable pushed_;  // per worker, pushes received
   uint64_t version_ = 0;
+  std::vector<AppliedPush> applied_;
 };
 
 }  // namespace sps::server

@@ -39,7 +39,7 @@ Status PsClient::check_alive() {
   if (stop_requested()) return unavailable(fmt::format("stopped by signal {}", stop_signal()));
   if (shutdown_seen_ && !shutdown_status_.ok()) return shutdown_status_;
   const double silent = clock_.seconds() - last_scheduler_seen_;
-  if (silent * 1000.0 > cfg_.cluster.dead_after_ms)
+  if (silent * 1000.0 > cfg_.cluster.heartbeat_timeout_ms)
     return unavailable(fmt::format("the scheduler has been silent for {:.1f} s", silent));
   heartbeat_if_due();
   return {};
@@ -110,6 +110,8 @@ Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
     servers_.push_back(net::make_socket(ctx_, net::SocketKind::kDealer));
     servers_.back().connect(shard.endpoint);
   }
+  versions_.assign(assign_.shards.size(), 0);
+  pulled_.assign(assign_.shards.size(), false);
   return {};
 }
 
@@ -154,6 +156,10 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params) {
     h.shard = static_cast<uint32_t>(s);
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
+    if (pulled_[s]) {
+      h.flags = protocol::kFlagHaveVersion;
+      h.base_version = versions_[s];
+    }
     SPS_RETURN_IF_ERROR(send_to_server(s, protocol::encode_control(h)));
   }
   std::vector<bool> got(n, false);
@@ -172,10 +178,14 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params) {
         const auto& shard = assign_.shards[s];
         auto data = protocol::decode_data(*m, shard.key_begin, shard.key_end);
         if (!data.ok()) return data.status().with_context(fmt::format("pull response from server {}", s));
-        if (m->header.type != MessageType::kPullResponse || !data->dense() || m->header.clock != clock || got[s])
+        if (m->header.type != MessageType::kPullResponse || m->header.clock != clock || got[s] ||
+            (!data->dense() && !pulled_[s]))
           return malformed(fmt::format("unexpected reply from server {} to the pull for clock {}", s, clock));
-        for (uint32_t i = 0; i < data->size(); ++i) params[shard.key_begin + i] = data->value(i);
+        for (uint32_t i = 0; i < data->size(); ++i) params[data->key(i)] = data->value(i);
         counters_.bytes_pulled += r->bytes();
+        counters_.sparse_pulls += data->dense() ? 0 : 1;
+        versions_[s] = m->header.base_version;
+        pulled_[s] = true;
         min_version = std::min(min_version, m->header.base_version);
         got[s] = true;
         --remaining;
@@ -192,7 +202,7 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params) {
   return min_version;
 }
 
-Status PsClient::push_sparse(uint64_t clock, uint64_t base_version, const kernels::SparseVector& sel) {
+Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel) {
   size_t pos = 0;
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
@@ -203,7 +213,7 @@ Status PsClient::push_sparse(uint64_t clock, uint64_t base_version, const kernel
     h.type = MessageType::kPush;
     h.sender = assign_.rank;
     h.clock = clock;
-    h.base_version = base_version;
+    h.base_version = versions_[s];
     h.shard = static_cast<uint32_t>(s);
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
@@ -218,14 +228,14 @@ Status PsClient::push_sparse(uint64_t clock, uint64_t base_version, const kernel
   return {};
 }
 
-Status PsClient::push_dense(uint64_t clock, uint64_t base_version, std::span<const float> values) {
+Status PsClient::push_dense(uint64_t clock, std::span<const float> values) {
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
     Header h;
     h.type = MessageType::kPush;
     h.sender = assign_.rank;
     h.clock = clock;
-    h.base_version = base_version;
+    h.base_version = versions_[s];
     h.shard = static_cast<uint32_t>(s);
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;

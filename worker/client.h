@@ -26,6 +26,7 @@ struct ClientCounters {
   uint64_t bytes_pushed = 0;
   uint64_t bytes_pushed_dense_equivalent = 0;  // what dense pushes of the same shards would cost
   uint64_t bytes_pulled = 0;
+  uint64_t sparse_pulls = 0;  // shard pulls answered with changed keys only
   uint64_t nnz_pushed = 0;
 };
 
@@ -44,15 +45,18 @@ class PsClient {
   // Enters the start barrier and waits for its release.
   Status start_barrier();
   // Fetches every shard's parameters for `clock` into `params` (blocks while
-  // the consistency policy holds the pull back). Returns the oldest shard
-  // version received.
+  // the consistency policy holds the pull back). After the first pull a
+  // server may send only the keys changed since this client's last pull of
+  // that shard, so `params` must hold what the previous pull left there.
+  // Returns the oldest shard version received.
   Result<uint64_t> pull(uint64_t clock, std::span<float> params);
-  // Pushes a sparse selection (global keys, ascending) tagged with `clock`
-  // and `base_version`; every shard receives a message, empty or not, so
-  // clocks advance everywhere.
-  Status push_sparse(uint64_t clock, uint64_t base_version, const kernels::SparseVector& sel);
+  // Pushes a sparse selection (global keys, ascending) tagged with `clock`;
+  // each shard's part carries the version of that shard this client last
+  // pulled. Every shard receives a message, empty or not, so clocks advance
+  // everywhere.
+  Status push_sparse(uint64_t clock, const kernels::SparseVector& sel);
   // Pushes the whole vector as dense slices.
-  Status push_dense(uint64_t clock, uint64_t base_version, std::span<const float> values);
+  Status push_dense(uint64_t clock, std::span<const float> values);
   // Reports the end of this worker's run and waits until the scheduler ends the job.
   Status finish(const protocol::DoneReport& report);
   // Tells the scheduler this worker failed (best effort).
@@ -88,6 +92,8 @@ class PsClient {
   bool shutdown_seen_ = false;
   Status shutdown_status_;  // non-OK when the job ended with an error
   double last_pull_wait_ = 0;
+  std::vector<uint64_t> versions_;  // per shard: the version last pulled
+  std::vector<bool> pulled_;        // per shard: pulled at least once
 };
 
 }  // namespace sps::worker

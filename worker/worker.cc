@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -28,6 +29,13 @@ Status load_data(const config::Config& cfg, Dataset& train, Dataset& test) {
   SPS_ASSIGN_OR_RETURN(train, load_fashion_mnist(cfg.data.path, true, static_cast<size_t>(cfg.data.train_limit)));
   SPS_ASSIGN_OR_RETURN(test, load_fashion_mnist(cfg.data.path, false, static_cast<size_t>(cfg.data.test_limit)));
   return {};
+}
+
+double Worker::straggle_seconds(uint32_t rank, double work_seconds) const {
+  double s = 0;
+  if (rank < cfg_.workers.delay_ms.size()) s += cfg_.workers.delay_ms[rank] / 1000.0;
+  if (rank < cfg_.workers.slowdown.size()) s += (cfg_.workers.slowdown[rank] - 1.0) * work_seconds;
+  return s;
 }
 
 Worker::Worker(config::Config cfg, int requested_rank) : cfg_(std::move(cfg)), requested_rank_(requested_rank) {}
@@ -86,8 +94,9 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
   int64_t window = 0;
   Stopwatch train_clock;
   if (rank == 0 && cfg_.run.progress)
-    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}", world, n, steps,
-                 config::to_string(cc.method), k, config::to_string(cc.error_feedback));
+    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}, {}", world, n,
+                 steps, config::to_string(cc.method), k, config::to_string(cc.error_feedback),
+                 config::consistency_name(cfg_.consistency));
   for (int64_t step = 0; step < steps; ++step) {
     const auto clock = static_cast<uint64_t>(step);
     SPS_ASSIGN_OR_RETURN(const uint64_t version, client.pull(clock, params));
@@ -101,13 +110,16 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
     SPS_RETURN_IF_ERROR(compressor.compress(grad, scale, sel).with_context(fmt::format("step {}", step)));
     const double select_s = sw.seconds();
     sw.reset();
-    const auto before = client.counters();
+    const auto before = client.counters();  // copy: the deltas below are per step
     if (cc.method == config::CompressionMethod::kDense) {
-      SPS_RETURN_IF_ERROR(client.push_dense(clock, version, sel.values));
+      SPS_RETURN_IF_ERROR(client.push_dense(clock, sel.values));
     } else {
-      SPS_RETURN_IF_ERROR(client.push_sparse(clock, version, sel));
+      SPS_RETURN_IF_ERROR(client.push_sparse(clock, sel));
     }
     const auto& after = client.counters();
+    const double work_s = compute_s + select_s + sw.seconds();
+    const double delay_s = straggle_seconds(rank, work_s);
+    if (delay_s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(delay_s));
     log.write({{"step", step},
                {"clock", clock},
                {"version", version},
@@ -118,7 +130,8 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
                {"compute_s", compute_s},
                {"select_s", select_s},
                {"push_s", sw.seconds()},
-               {"pull_wait_s", pull_wait}});
+               {"pull_wait_s", pull_wait},
+               {"delay_s", delay_s}});
     loss_window += loss;
     ++window;
     if (rank == 0 && cfg_.run.progress && ((step + 1) % progress_every == 0 || step + 1 == steps)) {

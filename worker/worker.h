@@ -36,6 +36,8 @@ class Worker {
   Status train(zmq::context_t& ctx);
 
  private:
+  // Seconds a straggling rank sleeps after a step whose own work took `work_seconds`.
+  double straggle_seconds(uint32_t rank, double work_seconds) const;
   Status run_registered(PsClient& client, Model& model, const Dataset& train_set, const Dataset& test_set,
                         const Stopwatch& wall);
   config::Config cfg_;

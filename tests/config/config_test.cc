@@ -77,7 +77,7 @@ TEST(ConfigTest, OutOfRangeValues) {
 }
 
 TEST(ConfigTest, CrossKeyRules) {
-  expect_error("cluster:\n  heartbeat_ms: 1000\n  dead_after_ms: 500\n", "must exceed cluster.heartbeat_ms");
+  expect_error("cluster:\n  heartbeat_ms: 1000\n  heartbeat_timeout_ms: 500\n", "must exceed cluster.heartbeat_ms");
   expect_error("run:\n  name: a/b\n", "run.name");
 }
 

@@ -12,7 +12,7 @@
 namespace sps::testing {
 namespace {
 
-const std::vector<std::string> kFastFailure = {"cluster.heartbeat_ms=100", "cluster.dead_after_ms=1500",
+const std::vector<std::string> kFastFailure = {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=1500",
                                                "data.train_limit=2000", "data.test_limit=500"};
 
 std::vector<std::string> with(std::vector<std::string> a, const std::vector<std::string>& b) {

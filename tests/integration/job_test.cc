@@ -72,7 +72,7 @@ TEST(JobTest, DenseGradientDomainMatchesTheReferenceBitForBit) {
 
 TEST(JobTest, SummaryCountsBytesConsistently) {
   Job job("bytes", 2, 2, {"data.train_limit=1000", "data.test_limit=200", "training.steps=50",
-                          "compression.ratio=0.01"});
+                          "compression.ratio=0.01", "consistency.sparse_pull=false"});
   ASSERT_TRUE(job.start());
   ASSERT_TRUE(job.wait_all(120));
   ASSERT_EQ(job.scheduler.exit_status(), 0);
@@ -92,6 +92,35 @@ TEST(JobTest, SummaryCountsBytesConsistently) {
     for (const auto& line : read_jsonl(job.path("worker-" + std::to_string(w) + ".jsonl")))
       if (line.contains("step")) logged += line["bytes_pushed"].get<uint64_t>();
   EXPECT_EQ(logged, s["bytes_pushed"].get<uint64_t>());
+}
+
+// Sparse pulls (changed keys only) must leave every worker with exactly the
+// parameters dense pulls give, for less traffic.
+TEST(JobTest, SparsePullsEqualDensePullsBitForBit) {
+  const std::vector<std::string> common = {"data.train_limit=2000", "data.test_limit=500", "training.steps=120",
+                                           "training.batch_size=16", "compression.ratio=0.01", "run.save_params=true"};
+  auto run = [&](const std::string& name, bool sparse) {
+    auto sets = common;
+    sets.push_back(std::string("consistency.sparse_pull=") + (sparse ? "true" : "false"));
+    auto job = std::make_unique<Job>(name, 3, 2, sets);
+    EXPECT_TRUE(job->start());
+    EXPECT_TRUE(job->wait_all(120));
+    EXPECT_EQ(job->scheduler.exit_status(), 0);
+    return job;
+  };
+  auto sparse = run("pull_sparse", true);
+  auto dense = run("pull_dense", false);
+  const auto ps = read_f32(sparse->path("params.f32"));
+  const auto pd = read_f32(dense->path("params.f32"));
+  ASSERT_FALSE(ps.empty());
+  EXPECT_EQ(ps, pd);
+  const auto ss = read_json(sparse->path("summary.json"));
+  const auto sd = read_json(dense->path("summary.json"));
+  EXPECT_EQ(ss["train_loss"], sd["train_loss"]);
+  EXPECT_EQ(sd["sparse_pulls"].get<uint64_t>(), 0u);
+  // Every pull after each worker's first, per shard, can go sparse: 3 x 2 x 119 (+1 final pull x 2 shards).
+  EXPECT_GE(ss["sparse_pulls"].get<uint64_t>(), 3u * 2 * 119);
+  EXPECT_LT(ss["bytes_pulled"].get<uint64_t>() * 4, sd["bytes_pulled"].get<uint64_t>());
 }
 
 }  // namespace

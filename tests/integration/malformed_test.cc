@@ -34,7 +34,7 @@ void send_frames(zmq::socket_t& s, const std::vector<Bytes>& frames) {
 
 TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   const int n = 7850;  // the logreg model size this config implies
-  Job job("malformed", 1, 1, {"cluster.heartbeat_ms=100", "cluster.dead_after_ms=5000"});
+  Job job("malformed", 1, 1, {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=5000"});
   std::vector<std::string> argv = {bin("sps-scheduler")};
   auto args = job.node_args();
   argv.insert(argv.end(), args.begin(), args.end());
@@ -105,7 +105,7 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   kernels::SparseVector sel;
   sel.indices = {3, 4000};
   sel.values = {1.0f, -2.0f};
-  ASSERT_TRUE(client.push_sparse(0, 0, sel).ok());
+  ASSERT_TRUE(client.push_sparse(0, sel).ok());
   ASSERT_TRUE(client.pull(1, params).ok());
   std::vector<float> expected = init;
   expected[3] -= 1.0f;

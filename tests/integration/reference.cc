@@ -56,7 +56,7 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
       for (auto& sh : shards) {
         const size_t begin = pos;
         while (pos < sel.size() && sel.indices[pos] < sh.key_end()) ++pos;
-        SPS_RETURN_IF_ERROR(sh.add_push(w, static_cast<uint64_t>(step),
+        SPS_RETURN_IF_ERROR(sh.add_push(w, static_cast<uint64_t>(step), static_cast<uint64_t>(step),
                                         std::span(sel.indices).subspan(begin, pos - begin),
                                         std::span(sel.values).subspan(begin, pos - begin)));
       }
