@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -79,6 +80,23 @@ int Process::wait(double timeout_s) {
     if (std::chrono::steady_clock::now() >= deadline) return -1;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+}
+
+std::vector<int> processes_mentioning(const std::string& token) {
+  std::vector<int> found;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const int pid = std::stoi(name);
+    if (pid == getpid()) continue;
+    std::string cmd = read_text("/proc/" + name + "/cmdline");
+    std::replace(cmd.begin(), cmd.end(), '\0', ' ');
+    const std::string stat = read_text("/proc/" + name + "/stat");
+    const auto paren = stat.rfind(')');
+    const bool zombie = paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'Z';
+    if (!zombie && cmd.find(token) != std::string::npos) found.push_back(pid);
+  }
+  return found;
 }
 
 std::string bin(const std::string& name) { return std::string(SPS_BIN_DIR) + "/" + name; }

@@ -65,5 +65,8 @@ std::string read_text(const std::string& path);
 // Waits until `path` has at least `lines` lines (or timeout); returns the count.
 size_t wait_for_lines(const std::string& path, size_t lines, double timeout_s);
 std::string bin(const std::string& name);
+// PIDs of live (non-zombie) processes whose command line contains `token`
+// (e.g. a run folder), excluding this test process.
+std::vector<int> processes_mentioning(const std::string& token);
 
 }  // namespace sps::testing

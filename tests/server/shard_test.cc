@@ -62,3 +62,55 @@ TEST(ShardTest, DeadWorkerReleasesTheClockAndItsPushIsDropped) {
 
 }  // namespace
 }  // namespace sps::server
+
+namespace sps::server {
+namespace {
+
+Shard async_shard(uint32_t workers, uint64_t s) {
+  return Shard(0, 8, workers, 1.0f, std::make_unique<scheduler::SspPolicy>(s));
+}
+
+TEST(ShardAsyncTest, AppliesOnArrivalScaledByLiveWorkersAndRecordsStaleness) {
+  Shard s = async_shard(2, 1);
+  ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{1}, std::vector<float>{4.0f}).ok());
+  EXPECT_EQ(s.version(), 1u);
+  EXPECT_FLOAT_EQ(s.params()[1], -2.0f);  // 4 / 2 workers
+  ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{2}, std::vector<float>{2.0f}).ok());
+  // Worker 1 computed on version 0, applied at version 2: staleness 2.
+  ASSERT_TRUE(s.add_push(1, 0, 0, std::vector<uint32_t>{1}, std::vector<float>{2.0f}).ok());
+  EXPECT_FLOAT_EQ(s.params()[1], -3.0f);
+  const auto applied = s.take_applied();
+  ASSERT_EQ(applied.size(), 3u);
+  EXPECT_EQ(applied[0].staleness, 0u);
+  EXPECT_EQ(applied[1].staleness, 0u);
+  EXPECT_EQ(applied[2].staleness, 2u);
+  EXPECT_EQ(applied[2].worker, 1u);
+  EXPECT_EQ(applied[2].version, 3u);
+  EXPECT_TRUE(s.take_applied().empty());
+  EXPECT_EQ(s.apply_ready(), 0);  // nothing is ever held
+}
+
+TEST(ShardAsyncTest, RefusesVersionsFromTheFuture) {
+  Shard s = async_shard(1, 0);
+  EXPECT_EQ(s.add_push(0, 0, 5, std::vector<uint32_t>{1}, std::vector<float>{1}).code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(s.version(), 0u);
+}
+
+TEST(ShardChangeTest, ChangedSinceListsKeysStampedAfterAVersion) {
+  Shard s = async_shard(1, 0);
+  std::vector<uint32_t> keys;
+  ASSERT_TRUE(s.changed_since(0, 8, keys));
+  EXPECT_TRUE(keys.empty());
+  ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{1, 5}, std::vector<float>{1, 1}).ok());
+  ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{5, 6}, std::vector<float>{1, 1}).ok());
+  ASSERT_TRUE(s.changed_since(0, 8, keys));
+  EXPECT_EQ(keys, (std::vector<uint32_t>{1, 5, 6}));
+  ASSERT_TRUE(s.changed_since(1, 8, keys));
+  EXPECT_EQ(keys, (std::vector<uint32_t>{5, 6}));
+  ASSERT_TRUE(s.changed_since(2, 8, keys));
+  EXPECT_TRUE(keys.empty());
+  EXPECT_FALSE(s.changed_since(0, 2, keys));  // more than the limit: answer dense
+}
+
+}  // namespace
+}  // namespace sps::server
