@@ -169,6 +169,7 @@ const std::vector<Field>& fields() {
       real_field("training.lr", SPS_REF(training.lr), 0.0, 1e3, true),
       real_field("training.l2", SPS_REF(training.l2), 0.0, 1e3, false),
       integer_field("training.seed", SPS_REF(training.seed), 0, std::numeric_limits<int64_t>::max()),
+      integer_field("training.eval_every", SPS_REF(training.eval_every), 0, 1000000000),
 
       enum_field<CompressionMethod>("compression.method", SPS_REF(compression.method),
                                     {{"dense", CompressionMethod::kDense}, {"topk", CompressionMethod::kTopK}}),

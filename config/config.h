@@ -86,6 +86,9 @@ struct TrainingConfig {
   double l2 = 0.0;
   // Seed for initialisation and data order. Default: 1.
   int64_t seed = 1;
+  // Worker 0 evaluates test accuracy every N steps on the parameters it
+  // pulled (0 = only at the end). Default: 0.
+  int64_t eval_every = 0;
 };
 
 enum class CompressionMethod { kDense, kTopK };

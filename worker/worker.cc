@@ -132,6 +132,13 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
                {"push_s", sw.seconds()},
                {"pull_wait_s", pull_wait},
                {"delay_s", delay_s}});
+    if (rank == 0 && cfg_.training.eval_every > 0 && step % cfg_.training.eval_every == 0) {
+      // Evaluate the parameters this step pulled: what the job has reached by now.
+      const double at = train_clock.seconds();
+      const Evaluation te = model->evaluate(params, test_set);
+      log.write({{"event", "eval"}, {"step", step}, {"train_seconds", at}, {"test_accuracy", te.accuracy},
+                 {"test_loss", te.loss}});
+    }
     loss_window += loss;
     ++window;
     if (rank == 0 && cfg_.run.progress && ((step + 1) % progress_every == 0 || step + 1 == steps)) {
