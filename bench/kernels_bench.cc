@@ -87,7 +87,8 @@ void BM_ScatterAdd(benchmark::State& state) {
 void BM_ShardApply(benchmark::State& state) {
   const size_t n = static_cast<size_t>(state.range(0));
   const size_t k = sps::kernels::k_from_ratio(static_cast<double>(state.range(1)) / 1000.0, n);
-  sps::server::Shard shard(0, static_cast<uint32_t>(n), 4, 1.0f, std::make_unique<sps::scheduler::BspPolicy>());
+  sps::server::Shard shard(0, static_cast<uint32_t>(n), 4, sps::server::Optimizer::plain(1.0f),
+                           std::make_unique<sps::scheduler::BspPolicy>());
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
   const std::vector<float> values(k, 0.5f);

@@ -179,6 +179,16 @@ const std::vector<Field>& fields() {
                                 {{"none", ErrorFeedback::kNone}, {"ef", ErrorFeedback::kEf}}),
       enum_field<Scale>("compression.scale", SPS_REF(compression.scale), {{"lr", Scale::kLr}, {"1", Scale::kOne}}),
 
+      real_field("optimizer.momentum", SPS_REF(optimizer.momentum), 0.0, 0.999999, false),
+      real_field("optimizer.weight_decay", SPS_REF(optimizer.weight_decay), 0.0, 1.0, false),
+      enum_field<LrSchedule>("optimizer.lr_schedule", SPS_REF(optimizer.lr_schedule),
+                             {{"constant", LrSchedule::kConstant},
+                              {"step", LrSchedule::kStep},
+                              {"cosine", LrSchedule::kCosine}}),
+      integer_field("optimizer.warmup_steps", SPS_REF(optimizer.warmup_steps), 0, 1000000000),
+      integer_field("optimizer.step_every", SPS_REF(optimizer.step_every), 1, 1000000000),
+      real_field("optimizer.step_gamma", SPS_REF(optimizer.step_gamma), 0.0, 1.0, true),
+
       enum_field<ConsistencyMode>("consistency.mode", SPS_REF(consistency.mode),
                                   {{"bsp", ConsistencyMode::kBsp},
                                    {"ssp", ConsistencyMode::kSsp},
@@ -309,6 +319,23 @@ nlohmann::json to_json(const Config& c) {
     j[f.path.substr(0, dot)][f.path.substr(dot + 1)] = f.get(c);
   }
   return j;
+}
+
+double learning_rate(const Config& c, int64_t step) {
+  const auto& o = c.optimizer;
+  double lr = c.training.lr;
+  switch (o.lr_schedule) {
+    case LrSchedule::kConstant: break;
+    case LrSchedule::kStep: lr *= std::pow(o.step_gamma, static_cast<double>(step / o.step_every)); break;
+    case LrSchedule::kCosine: {
+      const double progress = std::min(1.0, static_cast<double>(step) / static_cast<double>(c.training.steps));
+      lr *= 0.5 * (1.0 + std::cos(3.141592653589793 * progress));
+      break;
+    }
+  }
+  if (o.warmup_steps > 0 && step < o.warmup_steps)
+    lr *= static_cast<double>(step + 1) / static_cast<double>(o.warmup_steps);
+  return lr;
 }
 
 std::vector<std::string> all_keys() {

@@ -108,6 +108,23 @@ struct CompressionConfig {
   Scale scale = Scale::kLr;
 };
 
+enum class LrSchedule { kConstant, kStep, kCosine };
+struct OptimizerConfig {
+  // Momentum coefficient, applied on the servers after aggregation (never
+  // inside the residual). 0 = plain SGD. Default: 0. Range [0, 1).
+  double momentum = 0.0;
+  // Decoupled weight decay applied densely by the servers each update. Default: 0. Range [0, 1].
+  double weight_decay = 0.0;
+  // constant | step | cosine. Default: constant.
+  LrSchedule lr_schedule = LrSchedule::kConstant;
+  // Linear warm-up from lr/warmup_steps to lr over the first steps. Default: 0.
+  int64_t warmup_steps = 0;
+  // step schedule: multiply the lr by step_gamma every step_every steps. Default: 1000.
+  int64_t step_every = 1000;
+  // Default: 0.1. Range (0, 1].
+  double step_gamma = 0.1;
+};
+
 enum class ConsistencyMode { kBsp, kSsp, kAsp };
 struct ConsistencyConfig {
   // bsp | ssp | asp. Default: bsp.
@@ -135,6 +152,7 @@ struct Config {
   DataConfig data;
   TrainingConfig training;
   CompressionConfig compression;
+  OptimizerConfig optimizer;
   ConsistencyConfig consistency;
   WorkersConfig workers;
 
@@ -150,6 +168,10 @@ Result<Config> load(const std::string& path, const std::vector<std::string>& ove
 // Parses YAML text (for tests); `source_name` is used in error messages.
 Result<Config> load_from_string(const std::string& yaml, const std::string& source_name,
                                 const std::vector<std::string>& overrides = {});
+
+// The learning rate at worker step t (0-based) under the configured schedule
+// and warm-up; the same function on workers and servers.
+double learning_rate(const Config& c, int64_t step);
 
 // The effective configuration as JSON (every key), for logs and launchers.
 nlohmann::json to_json(const Config& c);

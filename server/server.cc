@@ -146,9 +146,8 @@ void Server::on_assign(const protocol::AssignInfo& a) {
   rank_ = a.rank;
   num_workers_ = a.num_workers;
   const auto& s = a.shards[a.rank];
-  const float apply_scale =
-      cfg_.compression.scale == config::Scale::kLr ? 1.0f : static_cast<float>(cfg_.training.lr);
-  shard_.emplace(s.key_begin, s.key_end, a.num_workers, apply_scale, scheduler::make_policy(cfg_.consistency));
+  shard_.emplace(s.key_begin, s.key_end, a.num_workers, Optimizer::from_config(cfg_, s.key_end - s.key_begin),
+                 scheduler::make_policy(cfg_.consistency));
   auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_));
   if (log.ok()) log_ = std::move(log).value();
   const uint64_t bound = shard_->policy().staleness_bound(num_workers_);

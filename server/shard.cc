@@ -4,11 +4,11 @@
 
 namespace sps::server {
 
-Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, float apply_scale,
+Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimizer optimizer,
              std::unique_ptr<scheduler::ConsistencyPolicy> policy)
     : key_begin_(key_begin),
       key_end_(key_end),
-      apply_scale_(apply_scale),
+      optimizer_(std::move(optimizer)),
       policy_(std::move(policy)),
       params_(key_end - key_begin, 0.0f),
       stamp_(key_end - key_begin, 0),
@@ -75,13 +75,9 @@ Status Shard::add_push(uint32_t w, uint64_t clock, uint64_t base_version, std::s
 
 void Shard::apply_one(uint32_t w) {
   Pending& p = pending_[w];
-  const float factor = apply_scale_ / static_cast<float>(pushed_.live_count());
   const uint64_t next = version_ + 1;
-  for (size_t i = 0; i < p.keys.size(); ++i) {
-    const uint32_t j = p.keys[i];
-    params_[j] -= factor * p.values[i];
-    stamp_[j] = next;
-  }
+  optimizer_.apply(params_, stamp_, next, p.keys, p.values, pushed_.live_count(),
+                   static_cast<int64_t>(pushed_.clock(w) - 1));
   applied_.push_back({w, pushed_.clock(w) - 1, p.base_version, next, version_ - p.base_version,
                       static_cast<uint32_t>(p.keys.size())});
   version_ = next;
@@ -108,13 +104,14 @@ void Shard::apply_clock() {
     p.keys.clear();
     p.values.clear();
   }
-  const float factor = apply_scale_ / static_cast<float>(live);
-  for (uint32_t j : touched_list_) {
-    params_[j] -= factor * sum_[j];
-    stamp_[j] = next;
+  sum_values_.resize(touched_list_.size());
+  for (size_t i = 0; i < touched_list_.size(); ++i) {
+    const uint32_t j = touched_list_[i];
+    sum_values_[i] = sum_[j];
     sum_[j] = 0.0f;
     touched_[j] = 0;
   }
+  optimizer_.apply(params_, stamp_, next, touched_list_, sum_values_, live, static_cast<int64_t>(version_));
   touched_list_.clear();
   version_ = next;
 }

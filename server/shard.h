@@ -6,13 +6,13 @@
 // Apply rules (the policy decides which):
 // - aggregating (bsp): when every live worker has pushed clock c, the shard
 //   sums the pushes in worker-rank order (a fixed order, so reruns agree bit
-//   for bit), then for each touched key j: x[j] -= (apply_scale / live) *
-//   sum[j]; the version goes c -> c+1.
-// - on arrival (ssp, asp): each push is applied at once as
-//   x[j] -= (apply_scale / live) * v_j, one version per push, so W pushes
-//   move the model as far as one averaged synchronous step.
-// apply_scale is 1 for lr-scaled error feedback (the lr is inside the pushed
-// values) or lr for gradient-domain pushes.
+//   for bit) and hands sum / live to the optimizer; version c -> c+1.
+// - on arrival (ssp, asp): each push v goes to the optimizer at once as
+//   v / live, one version per push, so W pushes move the model as far as
+//   one averaged synchronous step.
+// The optimizer (optimizer.h) turns that average into a parameter change:
+// plain SGD is x[j] -= a * avg[j], with a = 1 for lr-scaled pushes (the lr
+// is inside the values) or lr for gradient pushes.
 //
 // Staleness of an applied push = shard version when it is applied - the
 // version the worker computed it on (base_version).
@@ -28,6 +28,7 @@
 #include "common/status.h"
 #include "protocol/message.h"
 #include "scheduler/consistency.h"
+#include "server/optimizer.h"
 
 namespace sps::server {
 
@@ -42,7 +43,7 @@ struct AppliedPush {
 
 class Shard {
  public:
-  Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, float apply_scale,
+  Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimizer optimizer,
         std::unique_ptr<scheduler::ConsistencyPolicy> policy);
 
   uint32_t key_begin() const { return key_begin_; }
@@ -91,7 +92,8 @@ class Shard {
 
   uint32_t key_begin_;
   uint32_t key_end_;
-  float apply_scale_;
+  Optimizer optimizer_;
+  std::vector<float> sum_values_;  // scratch: sum_ gathered in touched_list_ order
   std::unique_ptr<scheduler::ConsistencyPolicy> policy_;
   std::vector<float> params_;
   std::vector<uint64_t> stamp_;   // per key: the version that last changed it (0 = initial)

@@ -82,7 +82,6 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
       cc.error_feedback == config::ErrorFeedback::kEf ? kernels::ErrorFeedbackMode::kEf
                                                       : kernels::ErrorFeedbackMode::kNone,
       k);
-  const float scale = cc.scale == config::Scale::kLr ? static_cast<float>(cfg_.training.lr) : 1.0f;
   BatchSampler sampler(train_set.rows, rank, world, static_cast<uint64_t>(cfg_.training.seed));
   std::vector<uint32_t> ids;
   Batch batch;
@@ -107,6 +106,9 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
     loss = model->loss_and_gradient(params, batch, grad);
     const double compute_s = sw.seconds();
     sw.reset();
+    // lr-scaled error feedback takes this step's lr from the schedule.
+    const float scale =
+        cc.scale == config::Scale::kLr ? static_cast<float>(config::learning_rate(cfg_, step)) : 1.0f;
     SPS_RETURN_IF_ERROR(compressor.compress(grad, scale, sel).with_context(fmt::format("step {}", step)));
     const double select_s = sw.seconds();
     sw.reset();

@@ -68,10 +68,10 @@ TEST(FaultTest, SigintToAWorkerStopsItCleanly) {
   ASSERT_TRUE(job.start());
   ASSERT_GE(wait_for_lines(job.path("worker-0.jsonl"), 20, 60), 20u);
   job.workers[0].send_signal(SIGINT);
-  EXPECT_EQ(job.workers[0].wait(10), 128 + SIGINT);
+  EXPECT_EQ(job.workers[0].wait(10), 128 + SIGINT) << read_text(job.path("worker-0.out"));
   // With its only worker gone the scheduler ends the job with an error.
   ASSERT_TRUE(job.wait_all(30));
-  EXPECT_EQ(job.scheduler.exit_status(), 1);
+  EXPECT_EQ(job.scheduler.exit_status(), 1) << read_text(job.path("scheduler.out"));
 }
 
 TEST(FaultTest, BadConfigNamesFileLineAndKey) {

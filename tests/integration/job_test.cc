@@ -70,6 +70,13 @@ TEST(JobTest, DenseGradientDomainMatchesTheReferenceBitForBit) {
                    "compression.error_feedback=none"});
 }
 
+TEST(JobTest, ServerMomentumWeightDecayAndScheduleMatchTheReferenceBitForBit) {
+  run_and_compare("optimizer", 2, 2,
+                  {"data.train_limit=2000", "data.test_limit=500", "training.steps=150", "training.batch_size=16",
+                   "training.lr=0.05", "compression.ratio=0.05", "optimizer.momentum=0.9",
+                   "optimizer.weight_decay=0.0001", "optimizer.lr_schedule=cosine", "optimizer.warmup_steps=20"});
+}
+
 TEST(JobTest, SummaryCountsBytesConsistently) {
   Job job("bytes", 2, 2, {"data.train_limit=1000", "data.test_limit=200", "training.steps=50",
                           "compression.ratio=0.01", "consistency.sparse_pull=false"});

@@ -98,6 +98,20 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
       variant([](auto& f) { f[0][6] = std::byte{static_cast<uint8_t>(MessageType::kPullResponse)}; }),
   };
   for (const auto& f : bad) send_frames(evil, f);
+  // Messages on one connection are handled in order: once a valid pull sent
+  // after the bad messages is answered, the server has judged every one.
+  Header pull;
+  pull.type = MessageType::kPullRequest;
+  pull.key_begin = 0;
+  pull.key_end = n;
+  const auto pull_msg = protocol::encode_control(pull);
+  send_frames(evil, {pull_msg.header, pull_msg.frame1, pull_msg.frame2});
+  ASSERT_TRUE(net::wait_readable({&evil}, std::chrono::seconds(10))[0]) << "the server stopped answering";
+  auto reply = net::try_recv(evil, false);
+  ASSERT_TRUE(reply.has_value());
+  auto reply_view = net::decode(*reply);
+  ASSERT_TRUE(reply_view.ok()) << reply_view.status().to_string();
+  EXPECT_EQ(reply_view->header.type, MessageType::kPullResponse);
 
   // Parameters unchanged, and the server still answers the real worker.
   ASSERT_TRUE(client.pull(0, params).ok());

@@ -19,15 +19,13 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
   const auto& cc = cfg.compression;
   const bool dense = cc.method == config::CompressionMethod::kDense;
   const size_t k = dense ? n : (cc.k > 0 ? static_cast<size_t>(cc.k) : kernels::k_from_ratio(cc.ratio, n));
-  const float scale = cc.scale == config::Scale::kLr ? static_cast<float>(cfg.training.lr) : 1.0f;
-  const float apply_scale = cc.scale == config::Scale::kLr ? 1.0f : static_cast<float>(cfg.training.lr);
 
   std::vector<float> params(n);
   model->init(params, static_cast<uint64_t>(cfg.training.seed));
   std::vector<server::Shard> shards;
   for (uint32_t s = 0; s < S; ++s) {
     const auto b = static_cast<uint32_t>(n * s / S), e = static_cast<uint32_t>(n * (s + 1) / S);
-    shards.emplace_back(b, e, W, apply_scale, scheduler::make_policy(cfg.consistency));
+    shards.emplace_back(b, e, W, server::Optimizer::from_config(cfg, e - b), scheduler::make_policy(cfg.consistency));
     shards.back().set_params(std::span<const float>(params).subspan(b, e - b));
   }
   std::vector<std::unique_ptr<kernels::ErrorFeedbackCompressor>> compressors;
@@ -51,6 +49,8 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
       samplers[w].next(static_cast<size_t>(cfg.training.batch_size), ids);
       worker::make_batch(train, ids, batch);
       model->loss_and_gradient(params, batch, grad);
+      const float scale =
+          cc.scale == config::Scale::kLr ? static_cast<float>(config::learning_rate(cfg, step)) : 1.0f;
       SPS_RETURN_IF_ERROR(compressors[w]->compress(grad, scale, sel));
       size_t pos = 0;
       for (auto& sh : shards) {

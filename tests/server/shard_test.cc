@@ -6,7 +6,7 @@ namespace sps::server {
 namespace {
 
 Shard make_shard(uint32_t workers, float scale = 1.0f) {
-  return Shard(100, 110, workers, scale, std::make_unique<scheduler::BspPolicy>());
+  return Shard(100, 110, workers, Optimizer::plain(scale), std::make_unique<scheduler::BspPolicy>());
 }
 
 TEST(ShardTest, AppliesTheAverageOnceEveryWorkerPushed) {
@@ -67,7 +67,7 @@ namespace sps::server {
 namespace {
 
 Shard async_shard(uint32_t workers, uint64_t s) {
-  return Shard(0, 8, workers, 1.0f, std::make_unique<scheduler::SspPolicy>(s));
+  return Shard(0, 8, workers, Optimizer::plain(1.0f), std::make_unique<scheduler::SspPolicy>(s));
 }
 
 TEST(ShardAsyncTest, AppliesOnArrivalScaledByLiveWorkersAndRecordsStaleness) {

@@ -1,0 +1,60 @@
+#include "server/optimizer.h"
+
+#include <algorithm>
+
+namespace sps::server {
+
+Optimizer Optimizer::plain(float apply_scale) {
+  Optimizer o;
+  o.fixed_scale_ = apply_scale;
+  return o;
+}
+
+Optimizer Optimizer::from_config(const config::Config& cfg, uint32_t shard_size) {
+  Optimizer o;
+  o.lr_in_values_ = cfg.compression.scale == config::Scale::kLr;
+  o.scheduled_ = true;
+  o.cfg_ = cfg;
+  o.momentum_ = static_cast<float>(cfg.optimizer.momentum);
+  o.weight_decay_ = static_cast<float>(cfg.optimizer.weight_decay);
+  if (o.dense()) {
+    o.velocity_.assign(shard_size, 0.0f);
+    o.update_.assign(shard_size, 0.0f);
+  }
+  return o;
+}
+
+float Optimizer::rate(int64_t step) const {
+  return static_cast<float>(config::learning_rate(cfg_, step));
+}
+
+void Optimizer::apply(std::span<float> params, std::span<uint64_t> stamps, uint64_t version,
+                      std::span<const uint32_t> keys, std::span<const float> sums, uint32_t count, int64_t step) {
+  if (!dense()) {
+    const float scale = !scheduled_ ? fixed_scale_ : (lr_in_values_ ? 1.0f : rate(step));
+    const float factor = scale / static_cast<float>(count);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      params[keys[i]] -= factor * sums[i];
+      stamps[keys[i]] = version;
+    }
+    return;
+  }
+  const float inv = 1.0f / static_cast<float>(count);
+  for (size_t i = 0; i < keys.size(); ++i) update_[keys[i]] = sums[i] * inv;
+  const float lr = rate(step);
+  const float mu = momentum_;
+  const float wd = weight_decay_;
+  for (size_t j = 0; j < params.size(); ++j) {
+    if (lr_in_values_) {
+      velocity_[j] = mu * velocity_[j] + update_[j];
+      params[j] -= velocity_[j] + lr * wd * params[j];
+    } else {
+      velocity_[j] = mu * velocity_[j] + (update_[j] + wd * params[j]);
+      params[j] -= lr * velocity_[j];
+    }
+    update_[j] = 0.0f;
+  }
+  std::fill(stamps.begin(), stamps.end(), version);
+}
+
+}  // namespace sps::server

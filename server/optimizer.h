@@ -1,0 +1,54 @@
+// Optimizer: how a shard turns the average of what workers pushed into a
+// parameter change — server-side, after aggregation, so momentum and weight
+// decay never pass through the sparsifier or the residual (ALGORITHMS.md §1).
+//
+// With lr-scaled pushes (compression.scale: lr) the average u is already an
+// update in parameter units:     m = mu*m + u;            x -= m + lr(t)*wd*x
+// With gradient pushes (scale: 1) u is a gradient:
+//                                m = mu*m + (u + wd*x);  x -= lr(t)*m
+// Plain SGD (mu = 0, wd = 0) touches only the pushed keys:
+//                                x[j] -= a * u[j],  a = 1 or lr(t)
+// and is bit-identical to the plain rule the reference tests replay.
+// Momentum or weight decay change every key each update (dense, O(shard)).
+// Not thread-safe: owned by its shard.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "config/config.h"
+
+namespace sps::server {
+
+class Optimizer {
+ public:
+  // Plain SGD that scales the averaged update by `apply_scale` (1 for
+  // lr-scaled pushes, lr for gradient pushes); no schedule.
+  static Optimizer plain(float apply_scale);
+  // The optimizer a job config asks for, for a shard of `shard_size` keys.
+  static Optimizer from_config(const config::Config& cfg, uint32_t shard_size);
+
+  // Applies sum/count to the keys `keys` (local offsets) of `params`, as
+  // update number `step` (the worker step the update belongs to); stamps
+  // every changed key with `version`.
+  void apply(std::span<float> params, std::span<uint64_t> stamps, uint64_t version, std::span<const uint32_t> keys,
+             std::span<const float> sums, uint32_t count, int64_t step);
+
+  bool dense() const { return momentum_ != 0.0f || weight_decay_ != 0.0f; }
+
+ private:
+  Optimizer() = default;
+  float rate(int64_t step) const;
+
+  bool lr_in_values_ = true;
+  float fixed_scale_ = 1.0f;    // plain(): the scale; from_config(): unused
+  bool scheduled_ = false;      // from_config(): take the lr from the schedule
+  config::Config cfg_;          // for config::learning_rate
+  float momentum_ = 0.0f;
+  float weight_decay_ = 0.0f;
+  std::vector<float> velocity_;  // momentum buffer (dense optimizers)
+  std::vector<float> update_;    // scratch: the averaged update, dense
+};
+
+}  // namespace sps::server
