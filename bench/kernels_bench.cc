@@ -1,13 +1,18 @@
-// Selection and apply cost against one memory pass over the same data.
+// Selection and apply cost against baselines measured in the same run.
 //
-//   BM_MemoryPass/n        baseline: copy n floats once (memcpy, read + write)
-//   BM_TopK/n/permille     exact top-k selection alone
-//   BM_EfCompress/n/perm.  the whole worker step: acc = e + lr*g, check, top-k, residual update
-//   BM_ScatterAdd/n/perm.  baseline for apply: a plain scatter-add of k entries
-//   BM_ShardApply/n/perm.  the server's BSP apply of 4 workers' k-entry pushes
+//   BM_FusedPass/n           baseline A: one fused pass r = r + s*g (read g, read r,
+//                            write r) — the bandwidth bound of an error-feedback step
+//   BM_NthElementEf/n/pm     baseline B: the straightforward EF + top-k
+//                            (acc = r + s*g; nth_element on |acc|; gather; zero)
+//   BM_Ef<Method>/n/pm       the sps compressor step for each method
+//                            (pm = ratio in per mille: 1 = 0.1 %, 10 = 1 %)
+//   BM_ScatterAdd/n/pm       baseline for apply: a plain scatter-add of 4 x k entries
+//   BM_ShardApply/n/pm       the server's BSP apply of 4 workers' k-entry pushes
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <random>
 #include <vector>
 
@@ -17,50 +22,87 @@
 
 namespace {
 
-std::vector<float> gaussian(size_t n, uint32_t seed) {
+using sps::kernels::Method;
+
+std::vector<float> gaussian(size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
+  std::normal_distribution<float> normal(0.0f, scale);
   std::vector<float> v(n);
   for (auto& x : v) x = normal(rng);
   return v;
 }
 
-void BM_MemoryPass(benchmark::State& state) {
-  const auto x = gaussian(static_cast<size_t>(state.range(0)), 1);
-  std::vector<float> y(x.size());
+size_t k_of(const benchmark::State& state) {
+  return sps::kernels::k_from_ratio(static_cast<double>(state.range(1)) / 1000.0,
+                                    static_cast<size_t>(state.range(0)));
+}
+
+void BM_FusedPass(benchmark::State& state) {
+  const auto g = gaussian(static_cast<size_t>(state.range(0)), 1);
+  std::vector<float> r(g.size(), 0.0f);
   for (auto _ : state) {
-    std::copy(x.begin(), x.end(), y.begin());  // memcpy: one read + one write of n floats
-    benchmark::DoNotOptimize(y.data());
+    for (size_t i = 0; i < g.size(); ++i) r[i] = r[i] + 0.01f * g[i];
+    benchmark::DoNotOptimize(r.data());
     benchmark::ClobberMemory();
   }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * state.range(0) * 4);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * state.range(0) * 12);
 }
 
-void BM_TopK(benchmark::State& state) {
+void BM_NthElementEf(benchmark::State& state) {
   const size_t n = static_cast<size_t>(state.range(0));
-  const auto x = gaussian(n, 2);
-  const size_t k = sps::kernels::k_from_ratio(static_cast<double>(state.range(1)) / 1000.0, n);
-  sps::kernels::SparseVector out;
-  std::vector<float> scratch;
+  const size_t k = k_of(state);
+  const auto g = gaussian(n, 2);
+  std::vector<float> r(n, 0.0f), mag(n);
+  std::vector<uint32_t> idx(k);
+  std::vector<float> val(k);
   for (auto _ : state) {
-    sps::kernels::topk_select(x, k, out, scratch);
-    benchmark::DoNotOptimize(out.indices.data());
+    for (size_t i = 0; i < n; ++i) {
+      r[i] = r[i] + 0.01f * g[i];
+      mag[i] = std::fabs(r[i]);
+    }
+    std::nth_element(mag.begin(), mag.begin() + static_cast<std::ptrdiff_t>(k - 1), mag.end(), std::greater<float>());
+    const float t = mag[k - 1];
+    size_t j = 0;
+    for (size_t i = 0; i < n && j < k; ++i) {
+      if (std::fabs(r[i]) >= t) {
+        idx[j] = static_cast<uint32_t>(i);
+        val[j++] = r[i];
+        r[i] = 0.0f;
+      }
+    }
+    benchmark::DoNotOptimize(val.data());
   }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * state.range(0) * 4);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * state.range(0) * 12);
 }
 
-void BM_EfCompress(benchmark::State& state) {
+void run_compressor(benchmark::State& state, Method m) {
   const size_t n = static_cast<size_t>(state.range(0));
   const auto g = gaussian(n, 3);
-  const size_t k = sps::kernels::k_from_ratio(static_cast<double>(state.range(1)) / 1000.0, n);
-  sps::kernels::ErrorFeedbackCompressor c(n, sps::kernels::Method::kTopK, sps::kernels::ErrorFeedbackMode::kEf, k);
+  sps::kernels::SelectionParams p;
+  p.method = m;
+  p.k = k_of(state);
+  p.seed = 1;
+  // A lambda that passes about k entries of the first step's |0.01 g|.
+  p.lambda = 0.01f * static_cast<float>(sps::kernels::normal_two_sided_quantile(
+                         static_cast<double>(p.k) / static_cast<double>(n)));
+  sps::kernels::ErrorFeedbackCompressor c(n, p, sps::kernels::ErrorFeedbackMode::kEf);
   sps::kernels::SparseVector out;
+  uint64_t step = 0;
+  size_t nnz = 0;
   for (auto _ : state) {
-    if (!c.compress(g, 0.01f, out).ok()) state.SkipWithError("compress failed");
+    if (!c.compress(g, 0.01f, out, step++).ok()) state.SkipWithError("compress failed");
+    nnz += out.size();
     benchmark::DoNotOptimize(out.indices.data());
   }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * state.range(0) * 4);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * state.range(0) * 12);
+  state.counters["nnz_per_k"] = static_cast<double>(nnz) / static_cast<double>(state.iterations()) /
+                                static_cast<double>(p.k);
 }
+
+void BM_EfTopK(benchmark::State& s) { run_compressor(s, Method::kTopK); }
+void BM_EfThreshold(benchmark::State& s) { run_compressor(s, Method::kThreshold); }
+void BM_EfGaussianK(benchmark::State& s) { run_compressor(s, Method::kGaussianK); }
+void BM_EfRandomK(benchmark::State& s) { run_compressor(s, Method::kRandomK); }
 
 std::vector<uint32_t> sorted_keys(size_t n, size_t k, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -71,7 +113,7 @@ std::vector<uint32_t> sorted_keys(size_t n, size_t k, uint32_t seed) {
 
 void BM_ScatterAdd(benchmark::State& state) {
   const size_t n = static_cast<size_t>(state.range(0));
-  const size_t k = sps::kernels::k_from_ratio(static_cast<double>(state.range(1)) / 1000.0, n);
+  const size_t k = k_of(state);
   std::vector<float> params(n, 0.0f);
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
@@ -86,7 +128,7 @@ void BM_ScatterAdd(benchmark::State& state) {
 
 void BM_ShardApply(benchmark::State& state) {
   const size_t n = static_cast<size_t>(state.range(0));
-  const size_t k = sps::kernels::k_from_ratio(static_cast<double>(state.range(1)) / 1000.0, n);
+  const size_t k = k_of(state);
   sps::server::Shard shard(0, static_cast<uint32_t>(n), 4, sps::server::Optimizer::plain(1.0f),
                            std::make_unique<sps::scheduler::BspPolicy>());
   std::vector<std::vector<uint32_t>> keys;
@@ -97,21 +139,26 @@ void BM_ShardApply(benchmark::State& state) {
     for (uint32_t w = 0; w < 4; ++w)
       if (!shard.add_push(w, clock, clock, keys[w], values).ok()) state.SkipWithError("push refused");
     if (shard.apply_ready() != 1) state.SkipWithError("no apply");
+    (void)shard.take_applied();
     ++clock;
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
 }
 
 void sizes(benchmark::internal::Benchmark* b) {
-  for (int64_t n : {10'000, 100'000, 1'000'000, 10'000'000})
+  for (int64_t n : {1'000'000, 25'000'000})
     for (int64_t permille : {1, 10}) b->Args({n, permille});
+  b->Unit(benchmark::kMillisecond);
 }
 
 }  // namespace
 
-BENCHMARK(BM_MemoryPass)->Arg(10'000)->Arg(100'000)->Arg(1'000'000)->Arg(10'000'000);
-BENCHMARK(BM_TopK)->Apply(sizes);
-BENCHMARK(BM_EfCompress)->Apply(sizes);
+BENCHMARK(BM_FusedPass)->Arg(1'000'000)->Arg(25'000'000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_NthElementEf)->Apply(sizes);
+BENCHMARK(BM_EfTopK)->Apply(sizes);
+BENCHMARK(BM_EfThreshold)->Apply(sizes);
+BENCHMARK(BM_EfGaussianK)->Apply(sizes);
+BENCHMARK(BM_EfRandomK)->Apply(sizes);
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK_MAIN();

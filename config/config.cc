@@ -172,9 +172,16 @@ const std::vector<Field>& fields() {
       integer_field("training.eval_every", SPS_REF(training.eval_every), 0, 1000000000),
 
       enum_field<CompressionMethod>("compression.method", SPS_REF(compression.method),
-                                    {{"dense", CompressionMethod::kDense}, {"topk", CompressionMethod::kTopK}}),
+                                    {{"dense", CompressionMethod::kDense},
+                                     {"topk", CompressionMethod::kTopK},
+                                     {"threshold", CompressionMethod::kThreshold},
+                                     {"gaussiank", CompressionMethod::kGaussianK},
+                                     {"randomk", CompressionMethod::kRandomK}}),
       real_field("compression.ratio", SPS_REF(compression.ratio), 0.0, 1.0, true),
       integer_field("compression.k", SPS_REF(compression.k), 0, kInt32Max),
+      real_field("compression.lambda", SPS_REF(compression.lambda), 0.0, 1e30, false),
+      integer_field("compression.max_nnz", SPS_REF(compression.max_nnz), 0, kInt32Max),
+      bool_field("compression.randomk_unbiased", SPS_REF(compression.randomk_unbiased)),
       enum_field<ErrorFeedback>("compression.error_feedback", SPS_REF(compression.error_feedback),
                                 {{"none", ErrorFeedback::kNone}, {"ef", ErrorFeedback::kEf}}),
       enum_field<Scale>("compression.scale", SPS_REF(compression.scale), {{"lr", Scale::kLr}, {"1", Scale::kOne}}),
@@ -266,6 +273,13 @@ Status check_cross_keys(const Config& c) {
   if (c.cluster.heartbeat_timeout_ms <= c.cluster.heartbeat_ms)
     return invalid_argument(fmt::format("{}: cluster.heartbeat_timeout_ms ({}) must exceed cluster.heartbeat_ms ({})",
                                         c.source, c.cluster.heartbeat_timeout_ms, c.cluster.heartbeat_ms));
+  if (c.compression.method == CompressionMethod::kThreshold && !(c.compression.lambda > 0))
+    return invalid_argument(fmt::format("{}: compression.lambda must be > 0 for method threshold", c.source));
+  if (c.compression.randomk_unbiased && c.compression.error_feedback != ErrorFeedback::kNone)
+    return invalid_argument(fmt::format(
+        "{}: compression.randomk_unbiased sends (n/k)-scaled values, which error feedback cannot account for; "
+        "set compression.error_feedback: none",
+        c.source));
   if (c.workers.delay_ms.size() > static_cast<size_t>(c.cluster.num_workers) ||
       c.workers.slowdown.size() > static_cast<size_t>(c.cluster.num_workers))
     return invalid_argument(fmt::format("{}: workers.delay_ms / workers.slowdown list more ranks than "
@@ -344,7 +358,16 @@ std::vector<std::string> all_keys() {
   return keys;
 }
 
-const char* to_string(CompressionMethod m) { return m == CompressionMethod::kDense ? "dense" : "topk"; }
+const char* to_string(CompressionMethod m) {
+  switch (m) {
+    case CompressionMethod::kDense: return "dense";
+    case CompressionMethod::kTopK: return "topk";
+    case CompressionMethod::kThreshold: return "threshold";
+    case CompressionMethod::kGaussianK: return "gaussiank";
+    case CompressionMethod::kRandomK: return "randomk";
+  }
+  return "?";
+}
 const char* to_string(ErrorFeedback e) { return e == ErrorFeedback::kNone ? "none" : "ef"; }
 const char* to_string(ConsistencyMode m) {
   switch (m) {

@@ -91,7 +91,7 @@ struct TrainingConfig {
   int64_t eval_every = 0;
 };
 
-enum class CompressionMethod { kDense, kTopK };
+enum class CompressionMethod { kDense, kTopK, kThreshold, kGaussianK, kRandomK };
 enum class ErrorFeedback { kNone, kEf };
 enum class Scale { kLr, kOne };
 struct CompressionConfig {
@@ -101,6 +101,12 @@ struct CompressionConfig {
   double ratio = 0.01;
   // Entries sent per step; overrides ratio when > 0. Default: 0.
   int64_t k = 0;
+  // threshold: send every entry with |acc| >= lambda (units of acc: see scale). Default: 0.
+  double lambda = 0.0;
+  // threshold: at most this many entries per step, the largest (0 = no cap). Default: 0.
+  int64_t max_nnz = 0;
+  // randomk: send (n/k) * acc[S] (unbiased; requires error_feedback: none). Default: false.
+  bool randomk_unbiased = false;
   // none | ef. Default: ef.
   ErrorFeedback error_feedback = ErrorFeedback::kEf;
   // lr: the worker scales gradients by lr before compression (server adds);

@@ -1,13 +1,97 @@
 #include "kernels/sparsify.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <functional>
 #include <numeric>
+#include <random>
 
 #include <fmt/format.h>
 
 namespace sps::kernels {
+namespace {
+
+// |x| as its IEEE-754 bit pattern: for finite values, ordering these
+// integers orders the magnitudes, and +0/-0 both map to 0.
+inline uint32_t magnitude_bits(float x) { return std::bit_cast<uint32_t>(x) & 0x7FFFFFFFu; }
+inline bool finite_bits(uint32_t m) { return (m & 0x7F800000u) != 0x7F800000u; }
+
+// 2048 buckets: the 8 exponent bits and the top 3 mantissa bits, so each
+// bucket spans 1/8 of an octave of magnitude.
+constexpr int kBucketShift = 20;
+constexpr size_t kBuckets = size_t{1} << (31 - kBucketShift);
+
+// From `candidates` (ascending indices), keeps the `keep` of largest |acc|,
+// ties to the smaller index, into `kept` (ascending). Returns the smallest
+// kept magnitude (as bits). REQUIRES: 0 < keep <= candidates.size().
+uint32_t keep_largest(std::span<const float> acc, const std::vector<uint32_t>& candidates, size_t keep,
+                      std::vector<uint32_t>& kept, std::vector<uint32_t>& magnitudes) {
+  kept.clear();
+  if (keep == candidates.size()) {
+    kept = candidates;
+    uint32_t low = UINT32_MAX;
+    for (uint32_t i : candidates) low = std::min(low, magnitude_bits(acc[i]));
+    return low;
+  }
+  magnitudes.resize(candidates.size());
+  for (size_t i = 0; i < candidates.size(); ++i) magnitudes[i] = magnitude_bits(acc[candidates[i]]);
+  const auto kth = magnitudes.begin() + static_cast<std::ptrdiff_t>(keep - 1);
+  std::nth_element(magnitudes.begin(), kth, magnitudes.end(), std::greater<uint32_t>());
+  const uint32_t t = *kth;
+  size_t greater = 0;
+  for (auto it = magnitudes.begin(); it != kth; ++it) greater += (*it > t) ? 1 : 0;
+  size_t ties_left = keep - greater;
+  for (uint32_t i : candidates) {
+    const uint32_t m = magnitude_bits(acc[i]);
+    if (m > t || (m == t && ties_left > 0)) {
+      if (m == t) --ties_left;
+      kept.push_back(i);
+    }
+  }
+  return t;
+}
+
+void gather(std::span<const float> acc, SparseVector& out) {
+  out.values.resize(out.indices.size());
+  for (size_t i = 0; i < out.indices.size(); ++i) out.values[i] = acc[out.indices[i]];
+}
+
+void select_all(std::span<const float> acc, SparseVector& out) {
+  out.indices.resize(acc.size());
+  std::iota(out.indices.begin(), out.indices.end(), 0u);
+  out.values.assign(acc.begin(), acc.end());
+}
+
+// Top-k given the magnitude histogram of acc.
+void select_from_histogram(std::span<const float> acc, const uint32_t* hist, size_t k, SparseVector& out,
+                           TopKScratch& s) {
+  const size_t n = acc.size();
+  out.clear();
+  if (k == 0 || n == 0) return;
+  if (k >= n) return select_all(acc, out);
+  size_t above = 0;
+  size_t b = kBuckets - 1;
+  while (above + hist[b] < k) above += hist[b--];  // terminates: the counts sum to n > k
+  const size_t need = k - above;  // taken from bucket b
+  s.above.clear();
+  s.boundary.clear();
+  const auto bucket = static_cast<uint32_t>(b);
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t key = magnitude_bits(acc[i]) >> kBucketShift;
+    if (key > bucket) {
+      s.above.push_back(static_cast<uint32_t>(i));
+    } else if (key == bucket) {
+      s.boundary.push_back(static_cast<uint32_t>(i));
+    }
+  }
+  keep_largest(acc, s.boundary, need, s.kept, s.magnitudes);
+  out.indices.resize(k);
+  std::merge(s.above.begin(), s.above.end(), s.kept.begin(), s.kept.end(), out.indices.begin());
+  gather(acc, out);
+}
+
+}  // namespace
 
 size_t k_from_ratio(double ratio, size_t n) {
   if (n == 0) return 0;
@@ -16,80 +100,223 @@ size_t k_from_ratio(double ratio, size_t n) {
   return std::min(n, static_cast<size_t>(k));
 }
 
-void topk_select(std::span<const float> acc, size_t k, SparseVector& out, std::vector<float>& scratch) {
-  const size_t n = acc.size();
-  out.clear();
-  if (k == 0 || n == 0) return;
-  if (k >= n) {
-    out.indices.resize(n);
-    std::iota(out.indices.begin(), out.indices.end(), 0u);
-    out.values.assign(acc.begin(), acc.end());
-    return;
-  }
-  // Find the k-th largest magnitude on a contiguous copy (cache-friendly,
-  // unlike comparing through an index array), then collect in index order:
-  // everything above it, and of the entries equal to it only the first
-  // (k - above) — which is exactly "ties go to the smaller index", with no
-  // final sort because the scan is already in index order.
-  scratch.resize(n);
-  for (size_t i = 0; i < n; ++i) scratch[i] = std::fabs(acc[i]);
-  const auto kth = scratch.begin() + static_cast<std::ptrdiff_t>(k - 1);
-  std::nth_element(scratch.begin(), kth, scratch.end(), std::greater<float>());
-  const float threshold = *kth;
-  // Everything strictly above the threshold sits in front of the k-th slot.
-  size_t above = 0;
-  for (auto it = scratch.begin(); it != kth; ++it) above += (*it > threshold) ? 1 : 0;
-  size_t ties_left = k - above;
-  out.indices.reserve(k);
-  out.values.reserve(k);
-  for (size_t i = 0; i < n && out.indices.size() < k; ++i) {
-    const float m = std::fabs(acc[i]);
-    if (m > threshold || (m == threshold && ties_left > 0)) {
-      if (m == threshold) --ties_left;
-      out.indices.push_back(static_cast<uint32_t>(i));
-      out.values.push_back(acc[i]);
-    }
-  }
+void topk_select(std::span<const float> acc, size_t k, SparseVector& out, TopKScratch& scratch) {
+  scratch.histogram.assign(kBuckets, 0);
+  for (float a : acc) ++scratch.histogram[magnitude_bits(a) >> kBucketShift];
+  select_from_histogram(acc, scratch.histogram.data(), k, out, scratch);
 }
 
-ErrorFeedbackCompressor::ErrorFeedbackCompressor(size_t n, Method method, ErrorFeedbackMode mode, size_t k)
-    : method_(method), mode_(mode), k_(method == Method::kDense ? n : k), residual_(n, 0.0f), acc_(n, 0.0f) {
-  SPS_CHECK(k_ <= n);
+double normal_two_sided_quantile(double p) {
+  if (p >= 1) return 0;
+  if (p <= 0) return INFINITY;
+  // Solve erfc(z / sqrt 2) = p by bisection: erfc is monotone, and 200
+  // halvings of [0, 40] are far below double precision.
+  double lo = 0, hi = 40;
+  for (int i = 0; i < 200; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    if (std::erfc(mid / std::sqrt(2.0)) > p) lo = mid; else hi = mid;
+  }
+  return 0.5 * (lo + hi);
 }
 
-Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scale, SparseVector& out) {
+ErrorFeedbackCompressor::ErrorFeedbackCompressor(size_t n, SelectionParams params, ErrorFeedbackMode mode)
+    : params_(params), mode_(mode), residual_(n, 0.0f), acc_(n, 0.0f) {
+  if (params_.method == Method::kDense) params_.k = n;
+  params_.k = std::min(params_.k, n);
+}
+
+Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step) {
   const size_t n = residual_.size();
   if (grad.size() != n)
     return invalid_argument(fmt::format("gradient has {} entries, the model has {}", grad.size(), n));
-  // Fused pass: build acc in scratch and check finiteness; the residual is
-  // only replaced when the whole step succeeds.
-  bool finite = true;
-  if (mode_ == ErrorFeedbackMode::kEf) {
-    for (size_t i = 0; i < n; ++i) {
-      const float a = residual_[i] + scale * grad[i];
-      finite &= std::isfinite(a);
+  const bool ef = mode_ == ErrorFeedbackMode::kEf;
+  const Method method = params_.method;
+  out.clear();
+  stats_ = {};
+  topk_.above.clear();
+
+  // Pass 1, fused: acc = residual + scale * g into scratch (the residual is
+  // only replaced when the whole step succeeds), a finiteness check, and
+  // what the method needs from the data on the way.
+  uint32_t all_bits = 0;  // OR of !finite flags
+  double sum = 0, sum_sq = 0;
+  if (method == Method::kTopK) {
+    // Two interleaved histograms break the increment dependency chain.
+    topk_.histogram.assign(2 * kBuckets, 0);
+    uint32_t* h0 = topk_.histogram.data();
+    uint32_t* h1 = h0 + kBuckets;
+    size_t i = 0;
+    for (; i + 1 < n; i += 2) {
+      const float a0 = (ef ? residual_[i] : 0.0f) + scale * grad[i];
+      const float a1 = (ef ? residual_[i + 1] : 0.0f) + scale * grad[i + 1];
+      acc_[i] = a0;
+      acc_[i + 1] = a1;
+      const uint32_t m0 = magnitude_bits(a0), m1 = magnitude_bits(a1);
+      all_bits |= static_cast<uint32_t>(!finite_bits(m0)) | static_cast<uint32_t>(!finite_bits(m1));
+      ++h0[m0 >> kBucketShift];
+      ++h1[m1 >> kBucketShift];
+    }
+    for (; i < n; ++i) {
+      const float a = (ef ? residual_[i] : 0.0f) + scale * grad[i];
       acc_[i] = a;
+      const uint32_t m = magnitude_bits(a);
+      all_bits |= static_cast<uint32_t>(!finite_bits(m));
+      ++h0[m >> kBucketShift];
+    }
+    for (size_t b = 0; b < kBuckets; ++b) h0[b] += h1[b];
+  } else if (method == Method::kThreshold) {
+    // Select in the same pass; discarded below if the input is not finite.
+    const uint32_t lambda_bits = magnitude_bits(params_.lambda);
+    for (size_t i = 0; i < n; ++i) {
+      const float a = (ef ? residual_[i] : 0.0f) + scale * grad[i];
+      acc_[i] = a;
+      const uint32_t m = magnitude_bits(a);
+      all_bits |= static_cast<uint32_t>(!finite_bits(m));
+      if (m >= lambda_bits) topk_.above.push_back(static_cast<uint32_t>(i));
+    }
+  } else if (method == Method::kGaussianK) {
+    // Moments in float blocks folded into doubles: accurate and vectorisable.
+    constexpr size_t kBlock = 256;
+    for (size_t start = 0; start < n; start += kBlock) {
+      const size_t end = std::min(n, start + kBlock);
+      float s = 0, sq = 0;
+      for (size_t i = start; i < end; ++i) {
+        const float a = (ef ? residual_[i] : 0.0f) + scale * grad[i];
+        acc_[i] = a;
+        all_bits |= static_cast<uint32_t>(!finite_bits(magnitude_bits(a)));
+        s += a;
+        sq += a * a;
+      }
+      sum += s;
+      sum_sq += sq;
     }
   } else {
     for (size_t i = 0; i < n; ++i) {
-      const float a = scale * grad[i];
-      finite &= std::isfinite(a);
+      const float a = (ef ? residual_[i] : 0.0f) + scale * grad[i];
       acc_[i] = a;
+      all_bits |= static_cast<uint32_t>(!finite_bits(magnitude_bits(a)));
     }
   }
-  if (!finite) {
+  if (all_bits != 0) {
+    topk_.above.clear();
     size_t bad = 0;
     while (bad < n && std::isfinite(acc_[bad])) ++bad;
     return invalid_argument(fmt::format(
         "non-finite value at index {} (gradient {}, residual {}); refusing to compress it", bad,
         bad < n ? grad[bad] : 0.0f, bad < n ? residual_[bad] : 0.0f));
   }
-  topk_select(acc_, k_, out, magnitude_scratch_);
-  if (mode_ == ErrorFeedbackMode::kEf) {
-    for (uint32_t i : out.indices) acc_[i] = 0.0f;  // residual = acc - sent
+
+  switch (method) {
+    case Method::kDense: select_all(acc_, out); break;
+    case Method::kTopK: {
+      select_from_histogram(acc_, topk_.histogram.data(), params_.k, out, topk_);
+      uint32_t low = UINT32_MAX;
+      for (float v : out.values) low = std::min(low, magnitude_bits(v));
+      stats_.threshold = out.size() > 0 ? std::bit_cast<float>(low) : 0.0;
+      break;
+    }
+    case Method::kThreshold: select_threshold(out); break;
+    case Method::kGaussianK: {
+      const double mean = n > 0 ? sum / static_cast<double>(n) : 0.0;
+      const double var = n > 1 ? std::max(0.0, (sum_sq - sum * mean) / static_cast<double>(n - 1)) : 0.0;
+      select_gaussiank(mean, std::sqrt(var), out);
+      break;
+    }
+    case Method::kRandomK: select_randomk(step, out); break;
+  }
+  stats_.nnz = out.size();
+
+  if (ef) {
+    // residual = acc - sent: zero what was selected (random-k's unbiased
+    // scaling is refused with EF by the config, so sent == acc there).
+    for (uint32_t i : out.indices) acc_[i] = 0.0f;
     residual_.swap(acc_);
   }
+  if (method == Method::kRandomK && params_.randomk_unbiased && params_.k > 0) {
+    const float factor = static_cast<float>(static_cast<double>(n) / static_cast<double>(params_.k));
+    for (float& v : out.values) v *= factor;
+  }
   return {};
+}
+
+void ErrorFeedbackCompressor::select_threshold(SparseVector& out) {
+  stats_.threshold = params_.lambda;
+  if (params_.max_nnz > 0 && topk_.above.size() > params_.max_nnz) {
+    // Safety cap: fall back to the max_nnz largest of what passed.
+    const uint32_t t = keep_largest(acc_, topk_.above, params_.max_nnz, topk_.kept, topk_.magnitudes);
+    out.indices = topk_.kept;
+    stats_.threshold = std::bit_cast<float>(t);
+  } else {
+    out.indices = topk_.above;
+  }
+  topk_.above.clear();
+  gather(acc_, out);
+}
+
+void ErrorFeedbackCompressor::select_gaussiank(double mean, double stddev, SparseVector& out) {
+  // Shi et al.'s estimate, then the sps correction (docs/kernels.md): up to
+  // 4 rounds, recounting after every adjustment; too many -> the exact top
+  // ceil(4k/3) of the candidates; too few after 4 rounds -> accept.
+  const size_t n = acc_.size();
+  const double k = static_cast<double>(params_.k);
+  const double ratio = k / static_cast<double>(std::max<size_t>(n, 1));
+  double thr = mean + stddev * normal_two_sided_quantile(ratio);
+  auto count_above = [&](double t) {
+    const auto tf = static_cast<float>(t);
+    size_t c = 0;
+    for (float a : acc_) c += (std::fabs(a) > tf) ? 1 : 0;
+    return c;
+  };
+  size_t c = count_above(thr);
+  int rounds = 1;
+  while (rounds < 4) {
+    if (static_cast<double>(c) < 2.0 * k / 3.0) {
+      thr *= 0.5;
+    } else if (static_cast<double>(c) > 4.0 * k / 3.0) {
+      thr *= 1.5;
+    } else {
+      break;
+    }
+    c = count_above(thr);
+    ++rounds;
+  }
+  stats_.rounds = rounds;
+  stats_.threshold = thr;
+  const auto tf = static_cast<float>(thr);
+  topk_.above.clear();
+  for (size_t i = 0; i < n; ++i)
+    if (std::fabs(acc_[i]) > tf) topk_.above.push_back(static_cast<uint32_t>(i));
+  const auto cap = static_cast<size_t>(std::ceil(4.0 * k / 3.0));
+  if (topk_.above.size() > cap) {
+    keep_largest(acc_, topk_.above, cap, topk_.kept, topk_.magnitudes);
+    out.indices = topk_.kept;
+  } else {
+    out.indices = topk_.above;
+  }
+  topk_.above.clear();
+  gather(acc_, out);
+}
+
+void ErrorFeedbackCompressor::select_randomk(uint64_t step, SparseVector& out) {
+  const size_t n = acc_.size();
+  const size_t k = params_.k;
+  if (k >= n) return select_all(acc_, out);
+  // Floyd's algorithm: k distinct indices with one draw each. The generator
+  // depends only on (seed, step), so every backend and rerun agrees.
+  std::seed_seq seq{static_cast<uint32_t>(params_.seed), static_cast<uint32_t>(params_.seed >> 32),
+                    static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)};
+  std::mt19937_64 rng(seq);
+  topk_.kept.clear();
+  topk_.magnitudes.assign(n, 0);  // membership marks
+  for (size_t j = n - k; j < n; ++j) {
+    const auto t = static_cast<uint32_t>(rng() % (j + 1));
+    const uint32_t pick = topk_.magnitudes[t] ? static_cast<uint32_t>(j) : t;
+    topk_.magnitudes[pick] = 1;
+    topk_.kept.push_back(pick);
+  }
+  std::sort(topk_.kept.begin(), topk_.kept.end());
+  out.indices = topk_.kept;
+  gather(acc_, out);
 }
 
 double ErrorFeedbackCompressor::residual_norm_sq() const {

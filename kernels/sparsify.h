@@ -1,10 +1,11 @@
 // CPU sparsifiers and error feedback on flat float buffers.
 //
-// Semantics (docs/kernels.md): exact top-k selects the k entries of largest
-// |acc|, ties broken by the smaller index, so every backend selects the same
-// set; output indices are ascending and values are acc at those indices,
-// bit for bit. Non-finite input is refused with an error and changes no
-// state. Nothing here knows about sockets, processes or configs.
+// Semantics (docs/kernels.md): every method returns indices strictly
+// ascending and values equal to acc at those indices, bit for bit (random-k
+// may scale them by n/k when asked). Exact top-k breaks ties by the smaller
+// index so every backend selects the same set. Non-finite input is refused
+// with an error and changes no state. Nothing here knows about sockets,
+// processes or configs.
 #pragma once
 
 #include <cstddef>
@@ -16,10 +17,27 @@
 
 namespace sps::kernels {
 
-enum class Method { kDense, kTopK };
+enum class Method {
+  kDense,      // every entry
+  kTopK,       // the k entries of largest |acc| (exact; ties to the smaller index)
+  kThreshold,  // every entry with |acc| >= lambda (optionally capped at max_nnz)
+  kGaussianK,  // approximate top-k: threshold from mean/std, corrected toward k
+  kRandomK,    // k distinct uniformly random indices (seeded per step)
+};
 enum class ErrorFeedbackMode {
   kNone,  // plain compressed SGD: what is not sent is dropped
   kEf,    // classic error feedback: what is not sent waits in the residual
+};
+
+// What to select; one struct for every method (fields a method does not use
+// are ignored).
+struct SelectionParams {
+  Method method = Method::kTopK;
+  size_t k = 1;                 // topk, gaussiank, randomk
+  float lambda = 0.0f;          // threshold
+  size_t max_nnz = 0;           // threshold cap (0 = none): keep the max_nnz largest
+  bool randomk_unbiased = false;  // randomk: send (n/k) * acc[S] (use without EF)
+  uint64_t seed = 0;            // randomk: indices depend on (seed, step) only
 };
 
 // (index, value) pairs with strictly increasing indices.
@@ -33,43 +51,67 @@ struct SparseVector {
   }
 };
 
+// What one compress() step did, for logs.
+struct SelectionStats {
+  size_t nnz = 0;
+  double threshold = 0;  // the magnitude threshold used (topk: the k-th largest |acc|)
+  int rounds = 0;        // gaussiank: counting rounds
+};
+
 // k = max(1, floor(ratio * n)) for n > 0, capped at n; 0 for n = 0.
 size_t k_from_ratio(double ratio, size_t n);
 
+// Reusable scratch for top-k selection (grown on demand, never shrunk).
+struct TopKScratch {
+  std::vector<uint32_t> histogram;  // magnitude-bucket counts
+  std::vector<uint32_t> above;      // indices in buckets above the boundary
+  std::vector<uint32_t> boundary;   // indices in the boundary bucket
+  std::vector<uint32_t> kept;
+  std::vector<uint32_t> magnitudes;
+};
+
 // Exact top-k of |acc| (ties: smaller index first). k >= n selects all.
-// O(n): one pass to copy magnitudes, nth_element to find the k-th largest,
-// one pass to collect in index order. `scratch` is reused across calls to
-// avoid allocation on the hot path.
+// O(n): a histogram of magnitude buckets finds the bucket holding the k-th
+// largest, one collecting pass, then an exact select inside that bucket only.
 // REQUIRES: every acc[i] is finite (callers validate).
-void topk_select(std::span<const float> acc, size_t k, SparseVector& out, std::vector<float>& scratch);
+void topk_select(std::span<const float> acc, size_t k, SparseVector& out, TopKScratch& scratch);
 
 // Owns one worker's residual and applies the fused error-feedback step:
-//   acc = residual + scale * grad;  sel = select(acc);  residual = acc - sent
+//   acc = residual + scale * grad;  S = select(acc);  residual = acc - sent
+// The first pass reads grad and the residual once and writes acc once, and
+// gathers what the method needs (magnitude histogram, moments) on the way.
 // Not thread-safe; one instance per worker (or per tensor).
 class ErrorFeedbackCompressor {
  public:
-  // REQUIRES: k <= n (Method::kDense ignores k).
-  ErrorFeedbackCompressor(size_t n, Method method, ErrorFeedbackMode mode, size_t k);
+  ErrorFeedbackCompressor(size_t n, SelectionParams params, ErrorFeedbackMode mode);
   ErrorFeedbackCompressor(const ErrorFeedbackCompressor&) = delete;
   ErrorFeedbackCompressor& operator=(const ErrorFeedbackCompressor&) = delete;
 
-  // Runs one step. Fails with kInvalidArgument (and leaves the residual as
-  // it was) when grad has the wrong size or any acc entry is NaN or Inf.
-  Status compress(std::span<const float> grad, float scale, SparseVector& out);
+  // Runs step `step`. Fails with kInvalidArgument (and leaves the residual
+  // as it was) when grad has the wrong size or any acc entry is NaN or Inf.
+  Status compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step = 0);
 
   std::span<const float> residual() const { return residual_; }
   size_t size() const { return residual_.size(); }
-  size_t k() const { return k_; }
+  const SelectionParams& params() const { return params_; }
+  const SelectionStats& last_stats() const { return stats_; }
   // Squared L2 norm of the residual after the last step (0 with kNone).
   double residual_norm_sq() const;
 
  private:
-  Method method_;
+  void select_threshold(SparseVector& out);
+  void select_gaussiank(double mean, double stddev, SparseVector& out);
+  void select_randomk(uint64_t step, SparseVector& out);
+
+  SelectionParams params_;
   ErrorFeedbackMode mode_;
-  size_t k_;
   std::vector<float> residual_;
   std::vector<float> acc_;  // scratch; swapped with residual_ on success
-  std::vector<float> magnitude_scratch_;  // |acc| for the k-th-largest search
+  TopKScratch topk_;
+  SelectionStats stats_;
 };
+
+// The two-sided normal quantile z with P(|X| > z) = p for X ~ N(0, 1).
+double normal_two_sided_quantile(double p);
 
 }  // namespace sps::kernels

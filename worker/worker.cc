@@ -25,6 +25,32 @@ Result<std::unique_ptr<Model>> make_model(const config::Config& cfg, const Datas
   return invalid_argument("unknown model");
 }
 
+kernels::SelectionParams selection_params(const config::Config& cfg, size_t n, uint32_t rank) {
+  const auto& cc = cfg.compression;
+  kernels::SelectionParams p;
+  switch (cc.method) {
+    case config::CompressionMethod::kDense: p.method = kernels::Method::kDense; break;
+    case config::CompressionMethod::kTopK: p.method = kernels::Method::kTopK; break;
+    case config::CompressionMethod::kThreshold: p.method = kernels::Method::kThreshold; break;
+    case config::CompressionMethod::kGaussianK: p.method = kernels::Method::kGaussianK; break;
+    case config::CompressionMethod::kRandomK: p.method = kernels::Method::kRandomK; break;
+  }
+  p.k = cc.method == config::CompressionMethod::kDense
+            ? n
+            : (cc.k > 0 ? std::min<size_t>(n, static_cast<size_t>(cc.k)) : kernels::k_from_ratio(cc.ratio, n));
+  p.lambda = static_cast<float>(cc.lambda);
+  p.max_nnz = static_cast<size_t>(cc.max_nnz);
+  p.randomk_unbiased = cc.randomk_unbiased;
+  // Each worker draws its own random-k indices, reproducibly.
+  p.seed = static_cast<uint64_t>(cfg.training.seed) * 1000003u + rank;
+  return p;
+}
+
+kernels::ErrorFeedbackMode error_feedback_mode(const config::Config& cfg) {
+  return cfg.compression.error_feedback == config::ErrorFeedback::kEf ? kernels::ErrorFeedbackMode::kEf
+                                                                      : kernels::ErrorFeedbackMode::kNone;
+}
+
 Status load_data(const config::Config& cfg, Dataset& train, Dataset& test) {
   SPS_ASSIGN_OR_RETURN(train, load_fashion_mnist(cfg.data.path, true, static_cast<size_t>(cfg.data.train_limit)));
   SPS_ASSIGN_OR_RETURN(test, load_fashion_mnist(cfg.data.path, false, static_cast<size_t>(cfg.data.test_limit)));
@@ -74,14 +100,8 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
   SPS_RETURN_IF_ERROR(client.start_barrier());
 
   const auto& cc = cfg_.compression;
-  const size_t k = cc.method == config::CompressionMethod::kDense
-                       ? n
-                       : (cc.k > 0 ? std::min<size_t>(n, static_cast<size_t>(cc.k)) : kernels::k_from_ratio(cc.ratio, n));
-  kernels::ErrorFeedbackCompressor compressor(
-      n, cc.method == config::CompressionMethod::kDense ? kernels::Method::kDense : kernels::Method::kTopK,
-      cc.error_feedback == config::ErrorFeedback::kEf ? kernels::ErrorFeedbackMode::kEf
-                                                      : kernels::ErrorFeedbackMode::kNone,
-      k);
+  kernels::ErrorFeedbackCompressor compressor(n, selection_params(cfg_, n, rank), error_feedback_mode(cfg_));
+  const size_t k = compressor.params().k;
   BatchSampler sampler(train_set.rows, rank, world, static_cast<uint64_t>(cfg_.training.seed));
   std::vector<uint32_t> ids;
   Batch batch;
@@ -109,7 +129,8 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
     // lr-scaled error feedback takes this step's lr from the schedule.
     const float scale =
         cc.scale == config::Scale::kLr ? static_cast<float>(config::learning_rate(cfg_, step)) : 1.0f;
-    SPS_RETURN_IF_ERROR(compressor.compress(grad, scale, sel).with_context(fmt::format("step {}", step)));
+    SPS_RETURN_IF_ERROR(
+        compressor.compress(grad, scale, sel, clock).with_context(fmt::format("worker {} step {}", rank, step)));
     const double select_s = sw.seconds();
     sw.reset();
     const auto before = client.counters();  // copy: the deltas below are per step
@@ -127,6 +148,7 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
                {"version", version},
                {"loss", loss},
                {"nnz", sel.size()},
+               {"threshold", compressor.last_stats().threshold},
                {"bytes_pushed", after.bytes_pushed - before.bytes_pushed},
                {"bytes_pulled", after.bytes_pulled - before.bytes_pulled},
                {"compute_s", compute_s},

@@ -63,7 +63,8 @@ TEST(ConfigTest, WrongTypesNameFileLineAndKey) {
   expect_error("training:\n  steps: many\n", "job.yaml:2:10: training.steps: expected an integer, got 'many'");
   expect_error("training:\n  lr: fast\n", "training.lr: expected a finite number");
   expect_error("run:\n  progress: sometimes\n", "run.progress: expected true or false");
-  expect_error("compression:\n  method: magic\n", "compression.method: 'magic' is not one of: dense, topk");
+  expect_error("compression:\n  method: magic\n",
+               "compression.method: 'magic' is not one of: dense, topk, threshold, gaussiank, randomk");
   expect_error("training: 5\n", "training: expected a map of keys");
   expect_error("training:\n  steps: [1, 2]\n", "got <a list>");
   expect_error("- a\n- b\n", "top level must be a map");
@@ -77,6 +78,8 @@ TEST(ConfigTest, OutOfRangeValues) {
 }
 
 TEST(ConfigTest, CrossKeyRules) {
+  expect_error("compression:\n  method: threshold\n", "compression.lambda must be > 0");
+  expect_error("compression:\n  method: randomk\n  randomk_unbiased: true\n", "error_feedback: none");
   expect_error("cluster:\n  heartbeat_ms: 1000\n  heartbeat_timeout_ms: 500\n", "must exceed cluster.heartbeat_ms");
   expect_error("run:\n  name: a/b\n", "run.name");
 }

@@ -17,8 +17,6 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
   const auto W = static_cast<uint32_t>(cfg.cluster.num_workers);
   const auto S = static_cast<uint32_t>(cfg.cluster.num_servers);
   const auto& cc = cfg.compression;
-  const bool dense = cc.method == config::CompressionMethod::kDense;
-  const size_t k = dense ? n : (cc.k > 0 ? static_cast<size_t>(cc.k) : kernels::k_from_ratio(cc.ratio, n));
 
   std::vector<float> params(n);
   model->init(params, static_cast<uint64_t>(cfg.training.seed));
@@ -32,10 +30,7 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
   std::vector<worker::BatchSampler> samplers;
   for (uint32_t w = 0; w < W; ++w) {
     compressors.push_back(std::make_unique<kernels::ErrorFeedbackCompressor>(
-        n, dense ? kernels::Method::kDense : kernels::Method::kTopK,
-        cc.error_feedback == config::ErrorFeedback::kEf ? kernels::ErrorFeedbackMode::kEf
-                                                        : kernels::ErrorFeedbackMode::kNone,
-        k));
+        n, worker::selection_params(cfg, n, w), worker::error_feedback_mode(cfg)));
     samplers.emplace_back(train.rows, w, W, static_cast<uint64_t>(cfg.training.seed));
   }
   std::vector<float> grad(n);
@@ -51,7 +46,7 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
       model->loss_and_gradient(params, batch, grad);
       const float scale =
           cc.scale == config::Scale::kLr ? static_cast<float>(config::learning_rate(cfg, step)) : 1.0f;
-      SPS_RETURN_IF_ERROR(compressors[w]->compress(grad, scale, sel));
+      SPS_RETURN_IF_ERROR(compressors[w]->compress(grad, scale, sel, static_cast<uint64_t>(step)));
       size_t pos = 0;
       for (auto& sh : shards) {
         const size_t begin = pos;
