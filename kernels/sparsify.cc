@@ -6,6 +6,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <type_traits>
 
 #include <fmt/format.h>
 
@@ -15,7 +16,8 @@ namespace {
 // |x| as its IEEE-754 bit pattern: for finite values, ordering these
 // integers orders the magnitudes, and +0/-0 both map to 0.
 inline uint32_t magnitude_bits(float x) { return std::bit_cast<uint32_t>(x) & 0x7FFFFFFFu; }
-inline bool finite_bits(uint32_t m) { return (m & 0x7F800000u) != 0x7F800000u; }
+// 1 when the exponent is all ones (Inf or NaN), else 0; branch-free.
+inline uint32_t non_finite(uint32_t m) { return ((m & 0x7F800000u) + 0x00800000u) >> 31; }
 
 // 2048 buckets: the 8 exponent bits and the top 3 mantissa bits, so each
 // bucket spans 1/8 of an octave of magnitude.
@@ -138,8 +140,21 @@ Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scal
   // Pass 1, fused: acc = residual + scale * g into scratch (the residual is
   // only replaced when the whole step succeeds), a finiteness check, and
   // what the method needs from the data on the way.
-  uint32_t all_bits = 0;  // OR of !finite flags
+  uint32_t all_bits = 0;  // OR of non-finite flags
   double sum = 0, sum_sq = 0;
+  // The EF branch is hoisted out of the loops (two instantiations) and the
+  // finiteness test is branch-free, so the simple passes vectorise.
+  auto first_pass = [&](auto ef_tag) {
+  constexpr bool kEf = decltype(ef_tag)::value;
+  const float* r = residual_.data();
+  const float* gp = grad.data();
+  auto load = [&](size_t i) -> float {
+    if constexpr (kEf) {
+      return r[i] + scale * gp[i];
+    } else {
+      return scale * gp[i];
+    }
+  };
   if (method == Method::kTopK) {
     // Two interleaved histograms break the increment dependency chain.
     topk_.histogram.assign(2 * kBuckets, 0);
@@ -147,20 +162,20 @@ Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scal
     uint32_t* h1 = h0 + kBuckets;
     size_t i = 0;
     for (; i + 1 < n; i += 2) {
-      const float a0 = (ef ? residual_[i] : 0.0f) + scale * grad[i];
-      const float a1 = (ef ? residual_[i + 1] : 0.0f) + scale * grad[i + 1];
+      const float a0 = load(i);
+      const float a1 = load(i + 1);
       acc_[i] = a0;
       acc_[i + 1] = a1;
       const uint32_t m0 = magnitude_bits(a0), m1 = magnitude_bits(a1);
-      all_bits |= static_cast<uint32_t>(!finite_bits(m0)) | static_cast<uint32_t>(!finite_bits(m1));
+      all_bits |= non_finite(m0) | non_finite(m1);
       ++h0[m0 >> kBucketShift];
       ++h1[m1 >> kBucketShift];
     }
     for (; i < n; ++i) {
-      const float a = (ef ? residual_[i] : 0.0f) + scale * grad[i];
+      const float a = load(i);
       acc_[i] = a;
       const uint32_t m = magnitude_bits(a);
-      all_bits |= static_cast<uint32_t>(!finite_bits(m));
+      all_bits |= non_finite(m);
       ++h0[m >> kBucketShift];
     }
     for (size_t b = 0; b < kBuckets; ++b) h0[b] += h1[b];
@@ -168,10 +183,10 @@ Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scal
     // Select in the same pass; discarded below if the input is not finite.
     const uint32_t lambda_bits = magnitude_bits(params_.lambda);
     for (size_t i = 0; i < n; ++i) {
-      const float a = (ef ? residual_[i] : 0.0f) + scale * grad[i];
+      const float a = load(i);
       acc_[i] = a;
       const uint32_t m = magnitude_bits(a);
-      all_bits |= static_cast<uint32_t>(!finite_bits(m));
+      all_bits |= non_finite(m);
       if (m >= lambda_bits) topk_.above.push_back(static_cast<uint32_t>(i));
     }
   } else if (method == Method::kGaussianK) {
@@ -181,9 +196,9 @@ Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scal
       const size_t end = std::min(n, start + kBlock);
       float s = 0, sq = 0;
       for (size_t i = start; i < end; ++i) {
-        const float a = (ef ? residual_[i] : 0.0f) + scale * grad[i];
+        const float a = load(i);
         acc_[i] = a;
-        all_bits |= static_cast<uint32_t>(!finite_bits(magnitude_bits(a)));
+        all_bits |= non_finite(magnitude_bits(a));
         s += a;
         sq += a * a;
       }
@@ -192,10 +207,16 @@ Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scal
     }
   } else {
     for (size_t i = 0; i < n; ++i) {
-      const float a = (ef ? residual_[i] : 0.0f) + scale * grad[i];
+      const float a = load(i);
       acc_[i] = a;
-      all_bits |= static_cast<uint32_t>(!finite_bits(magnitude_bits(a)));
+      all_bits |= non_finite(magnitude_bits(a));
     }
+  }
+  };
+  if (ef) {
+    first_pass(std::true_type{});
+  } else {
+    first_pass(std::false_type{});
   }
   if (all_bits != 0) {
     topk_.above.clear();
@@ -307,13 +328,18 @@ void ErrorFeedbackCompressor::select_randomk(uint64_t step, SparseVector& out) {
                     static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)};
   std::mt19937_64 rng(seq);
   topk_.kept.clear();
-  topk_.magnitudes.assign(n, 0);  // membership marks
+  // Membership bitmap, n bits; only the bits set are cleared afterwards, so
+  // a step costs O(k), not O(n).
+  auto& bits = topk_.magnitudes;
+  bits.resize((n + 31) / 32, 0);
   for (size_t j = n - k; j < n; ++j) {
     const auto t = static_cast<uint32_t>(rng() % (j + 1));
-    const uint32_t pick = topk_.magnitudes[t] ? static_cast<uint32_t>(j) : t;
-    topk_.magnitudes[pick] = 1;
+    const bool taken = (bits[t >> 5] >> (t & 31)) & 1u;
+    const uint32_t pick = taken ? static_cast<uint32_t>(j) : t;
+    bits[pick >> 5] |= 1u << (pick & 31);
     topk_.kept.push_back(pick);
   }
+  for (uint32_t i : topk_.kept) bits[i >> 5] = 0;
   std::sort(topk_.kept.begin(), topk_.kept.end());
   out.indices = topk_.kept;
   gather(acc_, out);
