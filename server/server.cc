@@ -102,6 +102,11 @@ void Server::handle_control(const net::Received& r) {
         return;
       }
       on_assign(*a);
+      while (!early_.empty()) {
+        net::Received early = std::move(early_.front());
+        early_.pop_front();
+        handle_data(early);
+      }
       break;
     }
     case MessageType::kBarrierRelease:
@@ -171,7 +176,14 @@ void Server::handle_data(net::Received& r) {
   const std::string peer = net::routing_id_hex(r.routing_id);
   auto m = net::decode(r);
   if (!m.ok()) return count_malformed(peer, m.status());
-  if (!shard_) return count_malformed(peer, failed_precondition("data message before the shard was assigned"));
+  if (!shard_) {
+    if (early_.size() < kMaxEarlyMessages) {
+      stats_.bytes_in -= r.bytes();  // counted again on replay
+      early_.push_back(std::move(r));
+      return;
+    }
+    return count_malformed(peer, failed_precondition("data message before the shard was assigned"));
+  }
   const Header& h = m->header;
   if (h.type == MessageType::kPush) {
     auto data = protocol::decode_data(*m, shard_->key_begin(), shard_->key_end());

@@ -87,6 +87,11 @@ class Server {
   double last_heartbeat_sent_ = -1e9;
   double last_scheduler_seen_ = 0;
   std::deque<PendingPull> pending_pulls_;
+  // Data messages that arrived before our own assignment (a worker learns
+  // the shard map at the same moment we do and may be faster): replayed
+  // once the shard exists. Bounded; beyond the bound they count as malformed.
+  std::deque<net::Received> early_;
+  static constexpr size_t kMaxEarlyMessages = 4096;
   std::set<std::string> reported_peers_;  // malformed senders already logged
   ServerStats stats_;
   std::vector<uint32_t> changed_keys_;  // scratch for sparse pulls

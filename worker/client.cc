@@ -140,7 +140,12 @@ Status PsClient::init_params(std::span<const float> params) {
 
 Status PsClient::start_barrier() {
   SPS_RETURN_IF_ERROR(send_control(MessageType::kBarrier));
-  while (!released_) SPS_RETURN_IF_ERROR(pump_scheduler(100));
+  const double deadline = clock_.seconds() + cfg_.cluster.startup_timeout_ms / 1000.0;
+  while (!released_) {
+    SPS_RETURN_IF_ERROR(pump_scheduler(100));
+    if (clock_.seconds() > deadline)
+      return deadline_exceeded("the start barrier was not released within cluster.startup_timeout_ms");
+  }
   return {};
 }
 
