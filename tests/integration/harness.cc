@@ -129,9 +129,9 @@ std::vector<std::string> Job::node_args() const {
   return a;
 }
 
-bool Job::start() {
-  auto args = node_args();
+bool Job::start_scheduler() {
   std::vector<std::string> argv = {bin("sps-scheduler")};
+  const auto args = node_args();
   argv.insert(argv.end(), args.begin(), args.end());
   scheduler = Process(argv, path("scheduler.out"));
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
@@ -141,18 +141,31 @@ bool Job::start() {
     if (std::chrono::steady_clock::now() > deadline || !scheduler.running()) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  args.push_back("--set");
-  args.push_back("cluster.scheduler_port=" + std::to_string(port));
-  for (int s = 0; s < num_servers; ++s) {
-    std::vector<std::string> v = {bin("sps-server"), "--rank", std::to_string(s)};
-    v.insert(v.end(), args.begin(), args.end());
-    servers.emplace_back(v, path("server-" + std::to_string(s) + ".out"));
-  }
-  for (int w = 0; w < num_workers; ++w) {
-    std::vector<std::string> v = {bin("sps-worker"), "--rank", std::to_string(w)};
-    v.insert(v.end(), args.begin(), args.end());
-    workers.emplace_back(v, path("worker-" + std::to_string(w) + ".out"));
-  }
+  return true;
+}
+
+void Job::start_server(int rank) {
+  std::vector<std::string> v = {bin("sps-server"), "--rank", std::to_string(rank)};
+  auto args = node_args();
+  v.insert(v.end(), args.begin(), args.end());
+  v.push_back("--set");
+  v.push_back("cluster.scheduler_port=" + std::to_string(port));
+  servers.emplace_back(v, path("server-" + std::to_string(rank) + ".out"));
+}
+
+void Job::start_worker(int rank) {
+  std::vector<std::string> v = {bin("sps-worker"), "--rank", std::to_string(rank)};
+  auto args = node_args();
+  v.insert(v.end(), args.begin(), args.end());
+  v.push_back("--set");
+  v.push_back("cluster.scheduler_port=" + std::to_string(port));
+  workers.emplace_back(v, path("worker-" + std::to_string(rank) + ".out"));
+}
+
+bool Job::start() {
+  if (!start_scheduler()) return false;
+  for (int s = 0; s < num_servers; ++s) start_server(s);
+  for (int w = 0; w < num_workers; ++w) start_worker(w);
   return true;
 }
 

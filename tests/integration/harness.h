@@ -42,6 +42,10 @@ struct Job {
   Job(const std::string& name, int workers, int servers, std::vector<std::string> sets);
   // Starts every process; false when the scheduler never wrote its port.
   bool start();
+  // The pieces of start(), for tests that play a role themselves.
+  bool start_scheduler();
+  void start_server(int rank);
+  void start_worker(int rank);
   // Waits for every process; true when all exited within timeout_s.
   bool wait_all(double timeout_s);
   std::vector<std::string> node_args() const;

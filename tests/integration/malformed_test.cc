@@ -35,17 +35,8 @@ void send_frames(zmq::socket_t& s, const std::vector<Bytes>& frames) {
 TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   const int n = 7850;  // the logreg model size this config implies
   Job job("malformed", 1, 1, {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=5000"});
-  std::vector<std::string> argv = {bin("sps-scheduler")};
-  auto args = job.node_args();
-  argv.insert(argv.end(), args.begin(), args.end());
-  job.scheduler = Process(argv, job.path("scheduler.out"));
-  ASSERT_GT(wait_for_lines(job.path("scheduler.jsonl"), 1, 20), 0u);
-  job.port = std::stoi(read_text(job.path("scheduler.port")));
-  args.push_back("--set");
-  args.push_back("cluster.scheduler_port=" + std::to_string(job.port));
-  std::vector<std::string> sv = {bin("sps-server")};
-  sv.insert(sv.end(), args.begin(), args.end());
-  job.servers.emplace_back(sv, job.path("server-0.out"));
+  ASSERT_TRUE(job.start_scheduler());
+  job.start_server(0);
 
   auto cfg = config::load(std::string(SPS_SOURCE_DIR) + "/config/demo.yaml", job.sets);
   ASSERT_TRUE(cfg.ok());
@@ -147,12 +138,7 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
 // keeps the job's registration open for the right peers.
 TEST(RegistrationTest, RefusesTakenRanksWrongSizesAndExtraNodes) {
   Job job("registration", 2, 1, {"cluster.heartbeat_ms=100"});
-  std::vector<std::string> argv = {bin("sps-scheduler")};
-  auto args = job.node_args();
-  argv.insert(argv.end(), args.begin(), args.end());
-  job.scheduler = Process(argv, job.path("scheduler.out"));
-  ASSERT_GT(wait_for_lines(job.path("scheduler.jsonl"), 1, 20), 0u);
-  job.port = std::stoi(read_text(job.path("scheduler.port")));
+  ASSERT_TRUE(job.start_scheduler());
   auto cfg = config::load(std::string(SPS_SOURCE_DIR) + "/config/demo.yaml", job.sets);
   ASSERT_TRUE(cfg.ok());
   cfg->cluster.scheduler_port = job.port;
@@ -179,11 +165,7 @@ TEST(RegistrationTest, RefusesTakenRanksWrongSizesAndExtraNodes) {
   worker::PsClient second(*cfg, ctx);
   Status second_status;
   std::thread t2([&] { second_status = second.register_worker(100); });
-  args.push_back("--set");
-  args.push_back("cluster.scheduler_port=" + std::to_string(job.port));
-  std::vector<std::string> sv = {bin("sps-server")};
-  sv.insert(sv.end(), args.begin(), args.end());
-  job.servers.emplace_back(sv, job.path("server-0.out"));
+  job.start_server(0);
   t.join();
   t2.join();
   ASSERT_TRUE(first_status.ok()) << first_status.to_string();
