@@ -345,6 +345,13 @@ void ErrorFeedbackCompressor::select_randomk(uint64_t step, SparseVector& out) {
   gather(acc_, out);
 }
 
+Status ErrorFeedbackCompressor::set_residual(std::span<const float> residual) {
+  if (residual.size() != residual_.size())
+    return invalid_argument(fmt::format("residual has {} entries, expected {}", residual.size(), residual_.size()));
+  std::copy(residual.begin(), residual.end(), residual_.begin());
+  return {};
+}
+
 double ErrorFeedbackCompressor::residual_norm_sq() const {
   if (mode_ == ErrorFeedbackMode::kNone) return 0.0;
   double s = 0;

@@ -92,6 +92,8 @@ class ErrorFeedbackCompressor {
   Status compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step = 0);
 
   std::span<const float> residual() const { return residual_; }
+  // Replaces the residual (e.g. loaded from a file). Fails on a size mismatch.
+  Status set_residual(std::span<const float> residual);
   size_t size() const { return residual_.size(); }
   const SelectionParams& params() const { return params_; }
   const SelectionStats& last_stats() const { return stats_; }

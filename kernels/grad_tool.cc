@@ -1,0 +1,189 @@
+// sps-grad: analyse gradient vectors offline with the same kernels the
+// workers run.
+//
+//   sps-grad stats  grad.f32 [--json]
+//   sps-grad select grad.f32 --method topk --ratio 0.001 --indices sel.u32 --values sel.f32 --json
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "kernels/backend.h"
+#include "kernels/grad_file.h"
+#include "kernels/sparsify.h"
+
+namespace {
+
+using sps::kernels::Method;
+
+int fail(const std::string& message) {
+  std::cerr << "sps-grad: " << message << "\n";
+  return 1;
+}
+
+int run_stats(const std::string& path, bool json) {
+  auto x = sps::kernels::load_f32(path);
+  if (!x.ok()) return fail(x.status().message());
+  const auto s = sps::kernels::vector_stats(*x);
+  nlohmann::json j = {{"file", path},
+                      {"n", s.n},
+                      {"non_finite", s.non_finite},
+                      {"mean", s.mean},
+                      {"std", s.stddev},
+                      {"excess_kurtosis", s.excess_kurtosis},
+                      {"max_abs", s.max_abs},
+                      {"within_1_2_3_sigma", {s.within_sigma[0], s.within_sigma[1], s.within_sigma[2]}},
+                      {"normal_within_1_2_3_sigma", {0.6827, 0.9545, 0.9973}},
+                      {"ks_distance_to_normal", s.ks_distance},
+                      {"abs_histogram", {{"bins", 32}, {"max", s.max_abs}, {"counts", s.abs_histogram}}}};
+  if (json) {
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  std::cout << fmt::format(
+      "{}: n = {}, mean = {:.4g}, std = {:.4g}, max |x| = {:.4g}, non-finite = {}\n"
+      "shape: excess kurtosis {:.3f} (normal: 0), KS distance to a normal {:.4f}\n"
+      "within 1/2/3 std: {:.3f} / {:.3f} / {:.3f} (normal: 0.683 / 0.954 / 0.997)\n",
+      path, s.n, s.mean, s.stddev, s.max_abs, s.non_finite, s.excess_kurtosis, s.ks_distance, s.within_sigma[0],
+      s.within_sigma[1], s.within_sigma[2]);
+  uint64_t peak = 1;
+  for (auto c : s.abs_histogram) peak = std::max(peak, c);
+  for (size_t b = 0; b < s.abs_histogram.size(); ++b)
+    std::cout << fmt::format("  |x| < {:9.3g}  {:>10}  {}\n", s.max_abs * double(b + 1) / 32.0, s.abs_histogram[b],
+                             std::string(static_cast<size_t>(50.0 * double(s.abs_histogram[b]) / double(peak)), '#'));
+  return 0;
+}
+
+struct SelectOptions {
+  std::string path, method = "topk", error_feedback = "none", backend = "cpu";
+  std::string residual_in, residual_out, indices_out, values_out;
+  double ratio = 0.01, lambda = 0, scale = 1;
+  int64_t k = 0, max_nnz = 0, repeat = 1, threads = 1, seed = 0, step = 0;
+  bool unbiased = false, json = false;
+};
+
+int run_select(const SelectOptions& o) {
+  if (o.backend == "cuda")
+    return fail(sps::kernels::cuda_available()
+                    ? "the CUDA selection kernels are not implemented yet; use --backend cpu"
+                    : "no CUDA backend here (" + sps::kernels::backend_description() + "); use --backend cpu");
+  if (o.threads != 1) return fail("multi-threaded selection is not implemented yet; use --threads 1");
+  if (o.error_feedback == "hessian_diag")
+    return fail("--error-feedback hessian_diag needs a Hessian diagonal, which sps-grad cannot read yet; "
+                "use none or ef");
+  auto g = sps::kernels::load_f32(o.path);
+  if (!g.ok()) return fail(g.status().message());
+  const size_t n = g->size();
+  sps::kernels::SelectionParams p;
+  const std::vector<std::pair<std::string, Method>> methods = {{"dense", Method::kDense},
+                                                               {"topk", Method::kTopK},
+                                                               {"threshold", Method::kThreshold},
+                                                               {"gaussiank", Method::kGaussianK},
+                                                               {"randomk", Method::kRandomK}};
+  for (const auto& [name, m] : methods)
+    if (name == o.method) p.method = m;
+  p.k = o.k > 0 ? std::min<size_t>(n, static_cast<size_t>(o.k)) : sps::kernels::k_from_ratio(o.ratio, n);
+  if (p.method == Method::kDense) p.k = n;
+  p.lambda = static_cast<float>(o.lambda);
+  p.max_nnz = static_cast<size_t>(o.max_nnz);
+  p.randomk_unbiased = o.unbiased;
+  p.seed = static_cast<uint64_t>(o.seed);
+  if (p.method == Method::kThreshold && !(o.lambda > 0)) return fail("--method threshold needs --lambda > 0");
+  const auto mode =
+      o.error_feedback == "ef" ? sps::kernels::ErrorFeedbackMode::kEf : sps::kernels::ErrorFeedbackMode::kNone;
+  std::vector<float> residual;
+  if (!o.residual_in.empty()) {
+    auto r = sps::kernels::load_f32(o.residual_in);
+    if (!r.ok()) return fail(r.status().message());
+    if (r->size() != n) return fail(fmt::format("{} has {} values, the gradient {}", o.residual_in, r->size(), n));
+    residual = std::move(r).value();
+  }
+  sps::kernels::SparseVector out;
+  std::vector<double> seconds;
+  sps::kernels::ErrorFeedbackCompressor c(n, p, mode);
+  for (int64_t rep = 0; rep < std::max<int64_t>(1, o.repeat); ++rep) {
+    if (!residual.empty()) {
+      if (auto s = c.set_residual(residual); !s.ok()) return fail(s.message());
+    } else if (rep > 0) {
+      const std::vector<float> zeros(n, 0.0f);
+      (void)c.set_residual(zeros);
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto s = c.compress(*g, static_cast<float>(o.scale), out, static_cast<uint64_t>(o.step));
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (!s.ok()) return fail(fmt::format("{}: {}", o.path, s.message()));
+  }
+  std::sort(seconds.begin(), seconds.end());
+  const double median = seconds[seconds.size() / 2];
+  if (!o.indices_out.empty())
+    if (auto s = sps::kernels::save_u32(o.indices_out, out.indices); !s.ok()) return fail(s.message());
+  if (!o.values_out.empty())
+    if (auto s = sps::kernels::save_f32(o.values_out, out.values); !s.ok()) return fail(s.message());
+  if (!o.residual_out.empty()) {
+    const std::vector<float> r(c.residual().begin(), c.residual().end());
+    if (auto s = sps::kernels::save_f32(o.residual_out, r); !s.ok()) return fail(s.message());
+  }
+  const double residual_norm = std::sqrt(c.residual_norm_sq());
+  const auto& st = c.last_stats();
+  nlohmann::json j = {{"method", o.method},        {"n", n},
+                      {"k_requested", p.k},        {"nnz", out.size()},
+                      {"threshold", st.threshold}, {"rounds", st.rounds},
+                      {"error_feedback", o.error_feedback}, {"residual_norm", residual_norm},
+                      {"seconds", median},         {"repeat", seconds.size()},
+                      {"backend", "cpu"}};
+  if (o.json) {
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cout << fmt::format("{}: {} of n = {}: nnz {} (k = {}), threshold {:.6g}, residual norm {:.6g}, "
+                             "{:.3f} ms (median of {})\n",
+                             o.path, o.method, n, out.size(), p.k, st.threshold, residual_norm, median * 1e3,
+                             seconds.size());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"sps-grad: gradient statistics and selection with the sps kernels, offline.\n"
+               "Reads raw little-endian float32 files and .npy float32 arrays."};
+  app.require_subcommand(1);
+  std::string stats_path;
+  bool stats_json = false;
+  auto* stats = app.add_subcommand("stats", "mean, std, kurtosis, histogram of |x|, closeness to a normal shape");
+  stats->add_option("file", stats_path, "gradient file (.f32 raw or .npy)")->required();
+  stats->add_flag("--json", stats_json, "print one JSON object");
+
+  SelectOptions o;
+  auto* sel = app.add_subcommand("select", "run one selection step (with optional error feedback) and save it");
+  sel->add_option("file", o.path, "gradient file (.f32 raw or .npy)")->required();
+  sel->add_option("--method", o.method, "dense | topk | threshold | gaussiank | randomk")
+      ->check(CLI::IsMember({"dense", "topk", "threshold", "gaussiank", "randomk"}));
+  sel->add_option("--ratio", o.ratio, "fraction to select: k = max(1, floor(ratio n)) (default 0.01)")
+      ->check(CLI::Range(0.0, 1.0));
+  sel->add_option("--k", o.k, "entries to select; overrides --ratio")->check(CLI::NonNegativeNumber);
+  sel->add_option("--lambda", o.lambda, "threshold: select |acc| >= lambda")->check(CLI::NonNegativeNumber);
+  sel->add_option("--max-nnz", o.max_nnz, "threshold: cap on entries (0 = none)")->check(CLI::NonNegativeNumber);
+  sel->add_flag("--unbiased", o.unbiased, "randomk: scale values by n/k");
+  sel->add_option("--seed", o.seed, "randomk seed (default 0)");
+  sel->add_option("--step", o.step, "randomk step (default 0)");
+  sel->add_option("--error-feedback", o.error_feedback, "none | ef | hessian_diag (default none)")
+      ->check(CLI::IsMember({"none", "ef", "hessian_diag"}));
+  sel->add_option("--scale", o.scale, "acc = residual + scale * grad (default 1)");
+  sel->add_option("--residual", o.residual_in, "residual to start from (float32 file)");
+  sel->add_option("--residual-out", o.residual_out, "write the new residual here");
+  sel->add_option("--indices", o.indices_out, "write selected indices (uint32 LE, ascending)");
+  sel->add_option("--values", o.values_out, "write selected values (float32 LE, index order)");
+  sel->add_option("--backend", o.backend, "cpu | cuda (default cpu)")->check(CLI::IsMember({"cpu", "cuda"}));
+  sel->add_option("--threads", o.threads, "worker threads (default 1)")->check(CLI::PositiveNumber);
+  sel->add_option("--repeat", o.repeat, "time this many runs, report the median (default 1)")
+      ->check(CLI::PositiveNumber);
+  sel->add_flag("--json", o.json, "print one JSON object");
+  CLI11_PARSE(app, argc, argv);
+  if (stats->parsed()) return run_stats(stats_path, stats_json);
+  return run_select(o);
+}
