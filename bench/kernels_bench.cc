@@ -107,6 +107,7 @@ void BM_EfTopK(benchmark::State& s) { run_compressor(s, Method::kTopK); }
 void BM_EfThreshold(benchmark::State& s) { run_compressor(s, Method::kThreshold); }
 void BM_EfGaussianK(benchmark::State& s) { run_compressor(s, Method::kGaussianK); }
 void BM_EfRandomK(benchmark::State& s) { run_compressor(s, Method::kRandomK); }
+void BM_EfSampled(benchmark::State& s) { run_compressor(s, Method::kSampled); }
 
 std::vector<uint32_t> sorted_keys(size_t n, size_t k, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -163,6 +164,7 @@ BENCHMARK(BM_EfTopK)->Apply(sizes);
 BENCHMARK(BM_EfThreshold)->Apply(sizes);
 BENCHMARK(BM_EfGaussianK)->Apply(sizes);
 BENCHMARK(BM_EfRandomK)->Apply(sizes);
+BENCHMARK(BM_EfSampled)->Apply(sizes);
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK_MAIN();

@@ -176,7 +176,8 @@ const std::vector<Field>& fields() {
                                      {"topk", CompressionMethod::kTopK},
                                      {"threshold", CompressionMethod::kThreshold},
                                      {"gaussiank", CompressionMethod::kGaussianK},
-                                     {"randomk", CompressionMethod::kRandomK}}),
+                                     {"randomk", CompressionMethod::kRandomK},
+                                     {"sampled", CompressionMethod::kSampled}}),
       real_field("compression.ratio", SPS_REF(compression.ratio), 0.0, 1.0, true),
       integer_field("compression.k", SPS_REF(compression.k), 0, kInt32Max),
       real_field("compression.lambda", SPS_REF(compression.lambda), 0.0, 1e30, false),
@@ -365,6 +366,7 @@ const char* to_string(CompressionMethod m) {
     case CompressionMethod::kThreshold: return "threshold";
     case CompressionMethod::kGaussianK: return "gaussiank";
     case CompressionMethod::kRandomK: return "randomk";
+    case CompressionMethod::kSampled: return "sampled";
   }
   return "?";
 }

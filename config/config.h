@@ -91,7 +91,7 @@ struct TrainingConfig {
   int64_t eval_every = 0;
 };
 
-enum class CompressionMethod { kDense, kTopK, kThreshold, kGaussianK, kRandomK };
+enum class CompressionMethod { kDense, kTopK, kThreshold, kGaussianK, kRandomK, kSampled };
 enum class ErrorFeedback { kNone, kEf };
 enum class Scale { kLr, kOne };
 struct CompressionConfig {

@@ -83,7 +83,8 @@ int run_select(const SelectOptions& o) {
                                                                {"topk", Method::kTopK},
                                                                {"threshold", Method::kThreshold},
                                                                {"gaussiank", Method::kGaussianK},
-                                                               {"randomk", Method::kRandomK}};
+                                                               {"randomk", Method::kRandomK},
+                                                               {"sampled", Method::kSampled}};
   for (const auto& [name, m] : methods)
     if (name == o.method) p.method = m;
   p.k = o.k > 0 ? std::min<size_t>(n, static_cast<size_t>(o.k)) : sps::kernels::k_from_ratio(o.ratio, n);
@@ -131,7 +132,7 @@ int run_select(const SelectOptions& o) {
   const auto& st = c.last_stats();
   nlohmann::json j = {{"method", o.method},        {"n", n},
                       {"k_requested", p.k},        {"nnz", out.size()},
-                      {"threshold", st.threshold}, {"rounds", st.rounds},
+                      {"threshold", st.threshold}, {"rounds", st.rounds}, {"fallback", st.fallback},
                       {"error_feedback", o.error_feedback}, {"residual_norm", residual_norm},
                       {"seconds", median},         {"repeat", seconds.size()},
                       {"backend", "cpu"}};
@@ -161,8 +162,8 @@ int main(int argc, char** argv) {
   SelectOptions o;
   auto* sel = app.add_subcommand("select", "run one selection step (with optional error feedback) and save it");
   sel->add_option("file", o.path, "gradient file (.f32 raw or .npy)")->required();
-  sel->add_option("--method", o.method, "dense | topk | threshold | gaussiank | randomk")
-      ->check(CLI::IsMember({"dense", "topk", "threshold", "gaussiank", "randomk"}));
+  sel->add_option("--method", o.method, "dense | topk | threshold | gaussiank | randomk | sampled")
+      ->check(CLI::IsMember({"dense", "topk", "threshold", "gaussiank", "randomk", "sampled"}));
   sel->add_option("--ratio", o.ratio, "fraction to select: k = max(1, floor(ratio n)) (default 0.01)")
       ->check(CLI::Range(0.0, 1.0));
   sel->add_option("--k", o.k, "entries to select; overrides --ratio")->check(CLI::NonNegativeNumber);

@@ -244,6 +244,7 @@ Status ErrorFeedbackCompressor::compress(std::span<const float> grad, float scal
       break;
     }
     case Method::kRandomK: select_randomk(step, out); break;
+    case Method::kSampled: select_sampled(step, out); break;
   }
   stats_.nnz = out.size();
 
@@ -277,7 +278,7 @@ void ErrorFeedbackCompressor::select_threshold(SparseVector& out) {
 void ErrorFeedbackCompressor::select_gaussiank(double mean, double stddev, SparseVector& out) {
   // Shi et al.'s estimate, then the sps correction (docs/kernels.md): up to
   // 4 rounds, recounting after every adjustment; too many -> the exact top
-  // ceil(4k/3) of the candidates; too few after 4 rounds -> accept.
+  // ceil(4k/3) of the candidates; too few after 4 rounds -> exact top-k.
   const size_t n = acc_.size();
   const double k = static_cast<double>(params_.k);
   const double ratio = k / static_cast<double>(std::max<size_t>(n, 1));
@@ -303,6 +304,18 @@ void ErrorFeedbackCompressor::select_gaussiank(double mean, double stddev, Spars
   }
   stats_.rounds = rounds;
   stats_.threshold = thr;
+  if (static_cast<double>(c) < 2.0 * k / 3.0) {
+    // Far from Gaussian (e.g. a spike at zero with a heavy tail: sigma is
+    // dominated by the tail and the estimate stays far too high). Accepting
+    // would send almost nothing while the residual grows, so fall back to
+    // the exact top-k: the band [2k/3, 4k/3] always holds.
+    stats_.fallback = true;
+    topk_select(acc_, params_.k, out, topk_);
+    uint32_t low = UINT32_MAX;
+    for (float v : out.values) low = std::min(low, magnitude_bits(v));
+    stats_.threshold = out.size() > 0 ? std::bit_cast<float>(low) : 0.0;
+    return;
+  }
   const auto tf = static_cast<float>(thr);
   topk_.above.clear();
   for (size_t i = 0; i < n; ++i)
@@ -350,6 +363,54 @@ Status ErrorFeedbackCompressor::set_residual(std::span<const float> residual) {
     return invalid_argument(fmt::format("residual has {} entries, expected {}", residual.size(), residual_.size()));
   std::copy(residual.begin(), residual.end(), residual_.begin());
   return {};
+}
+
+void ErrorFeedbackCompressor::select_sampled(uint64_t step, SparseVector& out) {
+  // DGC's sampled threshold (ALGORITHMS.md 2.5): estimate the k-th largest
+  // |acc| from a strided sample with a random start, lower it by 0.8x while
+  // too few pass (at most 10 rounds), cut too many to the exact top-k
+  // (> 1.3k) or to the first k in index order (k < c <= 1.3k).
+  const size_t n = acc_.size();
+  const size_t k = params_.k;
+  if (k == 0 || n == 0) return;
+  if (k >= n) return select_all(acc_, out);
+  const double rho = static_cast<double>(k) / static_cast<double>(n);
+  const auto min_samples = static_cast<size_t>(std::ceil(2.0 / rho));
+  const size_t samples = std::min(n, std::max(static_cast<size_t>(std::ceil(0.01 * static_cast<double>(n))), min_samples));
+  const size_t stride = std::max<size_t>(1, n / samples);
+  std::seed_seq seq{static_cast<uint32_t>(params_.seed), static_cast<uint32_t>(step), 0x5A3Du};
+  std::mt19937_64 rng(seq);
+  const size_t start = stride > 1 ? static_cast<size_t>(rng() % stride) : 0;
+  auto& sample = topk_.magnitudes;
+  sample.clear();
+  for (size_t i = start; i < n; i += stride) sample.push_back(magnitude_bits(acc_[i]));
+  const size_t top = std::max<size_t>(1, static_cast<size_t>(std::ceil(rho * static_cast<double>(sample.size()))));
+  std::nth_element(sample.begin(), sample.begin() + static_cast<std::ptrdiff_t>(top - 1), sample.end(),
+                   std::greater<uint32_t>());
+  float thr = std::bit_cast<float>(sample[top - 1]);
+  int rounds = 0;
+  auto& cand = topk_.above;
+  while (true) {
+    ++rounds;
+    cand.clear();
+    for (size_t i = 0; i < n; ++i)
+      if (std::fabs(acc_[i]) >= thr) cand.push_back(static_cast<uint32_t>(i));
+    if (static_cast<double>(cand.size()) < 0.8 * static_cast<double>(k) && rounds < 10 && thr > 0) {
+      thr *= 0.8f;
+      continue;
+    }
+    break;
+  }
+  stats_.rounds = rounds;
+  stats_.threshold = thr;
+  if (static_cast<double>(cand.size()) > 1.3 * static_cast<double>(k)) {
+    keep_largest(acc_, cand, k, topk_.kept, topk_.magnitudes);
+    out.indices = topk_.kept;
+  } else {
+    out.indices.assign(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(std::min(k, cand.size())));
+  }
+  cand.clear();
+  gather(acc_, out);
 }
 
 double ErrorFeedbackCompressor::residual_norm_sq() const {

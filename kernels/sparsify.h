@@ -23,6 +23,7 @@ enum class Method {
   kThreshold,  // every entry with |acc| >= lambda (optionally capped at max_nnz)
   kGaussianK,  // approximate top-k: threshold from mean/std, corrected toward k
   kRandomK,    // k distinct uniformly random indices (seeded per step)
+  kSampled,    // DGC: threshold from a strided sample, corrected toward k; nnz <= k
 };
 enum class ErrorFeedbackMode {
   kNone,  // plain compressed SGD: what is not sent is dropped
@@ -55,7 +56,8 @@ struct SparseVector {
 struct SelectionStats {
   size_t nnz = 0;
   double threshold = 0;  // the magnitude threshold used (topk: the k-th largest |acc|)
-  int rounds = 0;        // gaussiank: counting rounds
+  int rounds = 0;        // gaussiank, sampled: counting rounds
+  bool fallback = false;  // gaussiank: the estimate failed and exact top-k was used
 };
 
 // k = max(1, floor(ratio * n)) for n > 0, capped at n; 0 for n = 0.
@@ -104,6 +106,7 @@ class ErrorFeedbackCompressor {
   void select_threshold(SparseVector& out);
   void select_gaussiank(double mean, double stddev, SparseVector& out);
   void select_randomk(uint64_t step, SparseVector& out);
+  void select_sampled(uint64_t step, SparseVector& out);
 
   SelectionParams params_;
   ErrorFeedbackMode mode_;

@@ -34,6 +34,7 @@ kernels::SelectionParams selection_params(const config::Config& cfg, size_t n, u
     case config::CompressionMethod::kThreshold: p.method = kernels::Method::kThreshold; break;
     case config::CompressionMethod::kGaussianK: p.method = kernels::Method::kGaussianK; break;
     case config::CompressionMethod::kRandomK: p.method = kernels::Method::kRandomK; break;
+    case config::CompressionMethod::kSampled: p.method = kernels::Method::kSampled; break;
   }
   p.k = cc.method == config::CompressionMethod::kDense
             ? n
@@ -149,6 +150,7 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
                {"loss", loss},
                {"nnz", sel.size()},
                {"threshold", compressor.last_stats().threshold},
+               {"fallback", compressor.last_stats().fallback},
                {"bytes_pushed", after.bytes_pushed - before.bytes_pushed},
                {"bytes_pulled", after.bytes_pulled - before.bytes_pulled},
                {"compute_s", compute_s},

@@ -64,7 +64,7 @@ TEST(ConfigTest, WrongTypesNameFileLineAndKey) {
   expect_error("training:\n  lr: fast\n", "training.lr: expected a finite number");
   expect_error("run:\n  progress: sometimes\n", "run.progress: expected true or false");
   expect_error("compression:\n  method: magic\n",
-               "compression.method: 'magic' is not one of: dense, topk, threshold, gaussiank, randomk");
+               "compression.method: 'magic' is not one of: dense, topk, threshold, gaussiank, randomk, sampled");
   expect_error("training: 5\n", "training: expected a map of keys");
   expect_error("training:\n  steps: [1, 2]\n", "got <a list>");
   expect_error("- a\n- b\n", "top level must be a map");

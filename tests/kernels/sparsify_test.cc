@@ -272,6 +272,61 @@ TEST(GaussianKTest, HeavyTailsAreCappedAtFourThirdsK) {
   }
 }
 
+TEST(SampledTest, LandsNearKNeverAboveAndKeepsLargeEntries) {
+  std::mt19937 rng(6);
+  std::normal_distribution<float> normal;
+  std::vector<float> a(100000);
+  for (auto& x : a) x = normal(rng);
+  for (size_t k : {100, 1000}) {
+    SelectionParams p;
+    p.method = Method::kSampled;
+    p.k = k;
+    p.seed = 3;
+    ErrorFeedbackCompressor c(a.size(), p, ErrorFeedbackMode::kEf);
+    SparseVector out;
+    ASSERT_TRUE(c.compress(a, 1.0f, out, 7).ok());
+    EXPECT_LE(out.size(), k);
+    EXPECT_GE(out.size(), 8 * k / 10) << k;
+    EXPECT_TRUE(std::is_sorted(out.indices.begin(), out.indices.end()));
+    const float t = static_cast<float>(c.last_stats().threshold);
+    for (size_t i = 0; i < out.size(); ++i) {
+      EXPECT_GE(std::fabs(out.values[i]), t);
+      EXPECT_EQ(out.values[i], a[out.indices[i]]);
+    }
+    // Same seed and step, same selection.
+    ErrorFeedbackCompressor again(a.size(), p, ErrorFeedbackMode::kEf);
+    SparseVector out2;
+    ASSERT_TRUE(again.compress(a, 1.0f, out2, 7).ok());
+    EXPECT_EQ(out.indices, out2.indices);
+  }
+  // All-equal input: everything passes, cut to the first k in index order.
+  std::vector<float> same(1000, 0.5f);
+  SelectionParams p;
+  p.method = Method::kSampled;
+  p.k = 10;
+  const auto out = run(Method::kSampled, same, p, ErrorFeedbackMode::kEf, 0);
+  ASSERT_EQ(out.size(), 10u);
+  std::vector<uint32_t> first(10);
+  std::iota(first.begin(), first.end(), 0u);
+  EXPECT_EQ(out.indices, first);
+}
+
+TEST(GaussianKTest, FarFromGaussianFallsBackToExactTopK) {
+  // A spike at zero with a few huge entries: sigma is dominated by the tail.
+  std::vector<float> a(100000, 0.0f);
+  std::mt19937 rng(7);
+  for (int i = 0; i < 300; ++i) a[rng() % a.size()] = (i % 2 ? 1.0f : -1.0f) * static_cast<float>(1 + rng() % 1000);
+  for (size_t i = 0; i < a.size(); i += 7) a[i] += 1e-3f * static_cast<float>(i % 13);
+  SelectionParams p;
+  p.method = Method::kGaussianK;
+  p.k = 1000;
+  ErrorFeedbackCompressor c(a.size(), p, ErrorFeedbackMode::kEf);
+  SparseVector out;
+  ASSERT_TRUE(c.compress(a, 1.0f, out).ok());
+  EXPECT_TRUE(c.last_stats().fallback);
+  EXPECT_EQ(out.indices, reference_topk(a, 1000));
+}
+
 TEST(NormalQuantileTest, KnownValues) {
   EXPECT_NEAR(normal_two_sided_quantile(0.05), 1.959964, 1e-5);
   EXPECT_NEAR(normal_two_sided_quantile(0.01), 2.575829, 1e-5);
@@ -317,7 +372,8 @@ TEST(RandomKTest, UnbiasedScalesByNOverK) {
 }
 
 TEST(ErrorFeedbackTest, EveryMethodRefusesNonFiniteInputAndKeepsTheResidual) {
-  for (Method m : {Method::kDense, Method::kTopK, Method::kThreshold, Method::kGaussianK, Method::kRandomK}) {
+  for (Method m : {Method::kDense, Method::kTopK, Method::kThreshold, Method::kGaussianK, Method::kRandomK,
+                   Method::kSampled}) {
     SelectionParams p;
     p.method = m;
     p.k = 2;
