@@ -144,22 +144,23 @@ bool Job::start_scheduler() {
   return true;
 }
 
-void Job::start_server(int rank) {
-  std::vector<std::string> v = {bin("sps-server"), "--rank", std::to_string(rank)};
-  auto args = node_args();
+// argv for an sps-server or sps-worker with the job's config, the
+// scheduler's port and `--rank`.
+static std::vector<std::string> node_argv(const Job& job, const std::string& binary, int rank) {
+  std::vector<std::string> v = {bin(binary), "--rank", std::to_string(rank)};
+  const auto args = job.node_args();
   v.insert(v.end(), args.begin(), args.end());
   v.push_back("--set");
-  v.push_back("cluster.scheduler_port=" + std::to_string(port));
-  servers.emplace_back(v, path("server-" + std::to_string(rank) + ".out"));
+  v.push_back("cluster.scheduler_port=" + std::to_string(job.port));
+  return v;
+}
+
+void Job::start_server(int rank) {
+  servers.emplace_back(node_argv(*this, "sps-server", rank), path("server-" + std::to_string(rank) + ".out"));
 }
 
 void Job::start_worker(int rank) {
-  std::vector<std::string> v = {bin("sps-worker"), "--rank", std::to_string(rank)};
-  auto args = node_args();
-  v.insert(v.end(), args.begin(), args.end());
-  v.push_back("--set");
-  v.push_back("cluster.scheduler_port=" + std::to_string(port));
-  workers.emplace_back(v, path("worker-" + std::to_string(rank) + ".out"));
+  workers.emplace_back(node_argv(*this, "sps-worker", rank), path("worker-" + std::to_string(rank) + ".out"));
 }
 
 bool Job::start() {
