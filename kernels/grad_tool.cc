@@ -14,6 +14,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/grad_file.h"
+#include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 
 namespace {
@@ -105,7 +106,7 @@ int run_select(const SelectOptions& o) {
   }
   sps::kernels::SparseVector out;
   std::vector<double> seconds;
-  sps::kernels::ErrorFeedbackCompressor c(n, p, mode);
+  sps::kernels::CpuCompressor c(n, p, mode);
   for (int64_t rep = 0; rep < std::max<int64_t>(1, o.repeat); ++rep) {
     if (!residual.empty()) {
       if (auto s = c.set_residual(residual); !s.ok()) return fail(s.message());
@@ -125,7 +126,7 @@ int run_select(const SelectOptions& o) {
   if (!o.values_out.empty())
     if (auto s = sps::kernels::save_f32(o.values_out, out.values); !s.ok()) return fail(s.message());
   if (!o.residual_out.empty()) {
-    const std::vector<float> r(c.residual().begin(), c.residual().end());
+    const std::vector<float> r(c.residual_view().begin(), c.residual_view().end());
     if (auto s = sps::kernels::save_f32(o.residual_out, r); !s.ok()) return fail(s.message());
   }
   const double residual_norm = std::sqrt(c.residual_norm_sq());

@@ -1,4 +1,5 @@
-// CPU sparsifiers and error feedback on flat float buffers.
+// Selection primitives on flat float buffers, shared by the backends
+// (kernels/cpu_compressor.h runs the whole error-feedback step).
 //
 // Semantics (docs/kernels.md): every method returns indices strictly
 // ascending and values equal to acc at those indices, bit for bit (random-k
@@ -28,6 +29,7 @@ enum class Method {
 enum class ErrorFeedbackMode {
   kNone,  // plain compressed SGD: what is not sent is dropped
   kEf,    // classic error feedback: what is not sent waits in the residual
+  kHessianDiag,  // Hessian-aided: the residual is first multiplied by 1 - clamp(gamma * h, 0, 1)
 };
 
 // What to select; one struct for every method (fields a method does not use
@@ -58,10 +60,18 @@ struct SelectionStats {
   double threshold = 0;  // the magnitude threshold used (topk: the k-th largest |acc|)
   int rounds = 0;        // gaussiank, sampled: counting rounds
   bool fallback = false;  // gaussiank: the estimate failed and exact top-k was used
+  // CPU: whether the candidates collected in the first pass (at a threshold
+  // predicted from the previous step) sufficed, so no second pass over n ran.
+  bool predicted = false;
+  size_t candidates = 0;  // CPU: entries collected in the first pass
 };
 
 // k = max(1, floor(ratio * n)) for n > 0, capped at n; 0 for n = 0.
 size_t k_from_ratio(double ratio, size_t n);
+
+// topk_select's magnitude buckets: |x| bits >> this (8 exponent bits and 3
+// mantissa bits: each bucket spans 1/8 of an octave).
+constexpr int kTopKBucketShift = 20;
 
 // Reusable scratch for top-k selection (grown on demand, never shrunk).
 struct TopKScratch {
@@ -78,43 +88,20 @@ struct TopKScratch {
 // REQUIRES: every acc[i] is finite (callers validate).
 void topk_select(std::span<const float> acc, size_t k, SparseVector& out, TopKScratch& scratch);
 
-// Owns one worker's residual and applies the fused error-feedback step:
-//   acc = residual + scale * grad;  S = select(acc);  residual = acc - sent
-// The first pass reads grad and the residual once and writes acc once, and
-// gathers what the method needs (magnitude histogram, moments) on the way.
-// Not thread-safe; one instance per worker (or per tensor).
-class ErrorFeedbackCompressor {
- public:
-  ErrorFeedbackCompressor(size_t n, SelectionParams params, ErrorFeedbackMode mode);
-  ErrorFeedbackCompressor(const ErrorFeedbackCompressor&) = delete;
-  ErrorFeedbackCompressor& operator=(const ErrorFeedbackCompressor&) = delete;
+// Random-k's draw for one step: k distinct indices in [0, n), ascending,
+// from Floyd's algorithm on a generator seeded by (seed, step) only, so
+// every backend and every rerun draws the same set. `bitmap` is scratch
+// (n bits, left all zero). k >= n gives every index.
+void randomk_indices(size_t n, size_t k, uint64_t seed, uint64_t step, std::vector<uint32_t>& out,
+                     std::vector<uint32_t>& bitmap);
 
-  // Runs step `step`. Fails with kInvalidArgument (and leaves the residual
-  // as it was) when grad has the wrong size or any acc entry is NaN or Inf.
-  Status compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step = 0);
-
-  std::span<const float> residual() const { return residual_; }
-  // Replaces the residual (e.g. loaded from a file). Fails on a size mismatch.
-  Status set_residual(std::span<const float> residual);
-  size_t size() const { return residual_.size(); }
-  const SelectionParams& params() const { return params_; }
-  const SelectionStats& last_stats() const { return stats_; }
-  // Squared L2 norm of the residual after the last step (0 with kNone).
-  double residual_norm_sq() const;
-
- private:
-  void select_threshold(SparseVector& out);
-  void select_gaussiank(double mean, double stddev, SparseVector& out);
-  void select_randomk(uint64_t step, SparseVector& out);
-  void select_sampled(uint64_t step, SparseVector& out);
-
-  SelectionParams params_;
-  ErrorFeedbackMode mode_;
-  std::vector<float> residual_;
-  std::vector<float> acc_;  // scratch; swapped with residual_ on success
-  TopKScratch topk_;
-  SelectionStats stats_;
+// Where DGC's sampled threshold looks (ALGORITHMS.md 2.5): every `stride`-th
+// index from `start` (random, seeded by (seed, step)).
+struct SampleLayout {
+  size_t start = 0;
+  size_t stride = 1;
 };
+SampleLayout sampled_layout(size_t n, size_t k, uint64_t seed, uint64_t step);
 
 // The two-sided normal quantile z with P(|X| > z) = p for X ~ N(0, 1).
 double normal_two_sided_quantile(double p);

@@ -10,6 +10,7 @@
 
 #include "common/jsonl.h"
 #include "common/process.h"
+#include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 #include "worker/client.h"
 #include "worker/logreg.h"
@@ -101,7 +102,7 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
   SPS_RETURN_IF_ERROR(client.start_barrier());
 
   const auto& cc = cfg_.compression;
-  kernels::ErrorFeedbackCompressor compressor(n, selection_params(cfg_, n, rank), error_feedback_mode(cfg_));
+  kernels::CpuCompressor compressor(n, selection_params(cfg_, n, rank), error_feedback_mode(cfg_));
   const size_t k = compressor.params().k;
   BatchSampler sampler(train_set.rows, rank, world, static_cast<uint64_t>(cfg_.training.seed));
   std::vector<uint32_t> ids;

@@ -15,6 +15,7 @@
 #include "common/process.h"
 #include "common/status.h"
 #include "config/config.h"
+#include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 #include "worker/dataset.h"
 #include "worker/model.h"

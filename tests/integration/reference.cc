@@ -2,6 +2,7 @@
 
 #include <memory>
 
+#include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 #include "scheduler/consistency.h"
 #include "server/shard.h"
@@ -26,10 +27,10 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
     shards.emplace_back(b, e, W, server::Optimizer::from_config(cfg, e - b), scheduler::make_policy(cfg.consistency));
     shards.back().set_params(std::span<const float>(params).subspan(b, e - b));
   }
-  std::vector<std::unique_ptr<kernels::ErrorFeedbackCompressor>> compressors;
+  std::vector<std::unique_ptr<kernels::CpuCompressor>> compressors;
   std::vector<worker::BatchSampler> samplers;
   for (uint32_t w = 0; w < W; ++w) {
-    compressors.push_back(std::make_unique<kernels::ErrorFeedbackCompressor>(
+    compressors.push_back(std::make_unique<kernels::CpuCompressor>(
         n, worker::selection_params(cfg, n, w), worker::error_feedback_mode(cfg)));
     samplers.emplace_back(train.rows, w, W, static_cast<uint64_t>(cfg.training.seed));
   }

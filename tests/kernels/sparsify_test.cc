@@ -1,3 +1,4 @@
+#include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 
 #include <gtest/gtest.h>
@@ -82,7 +83,7 @@ TEST(KFromRatioTest, FloorWithAFloorOfOne) {
 
 TEST(ErrorFeedbackTest, ResidualPlusSentEqualsAccumulated) {
   const size_t n = 500;
-  ErrorFeedbackCompressor c(n, {Method::kTopK, 10}, ErrorFeedbackMode::kEf);
+  CpuCompressor c(n, {Method::kTopK, 10}, ErrorFeedbackMode::kEf);
   std::mt19937 rng(3);
   std::normal_distribution<float> normal;
   std::vector<float> g(n), expected_acc(n, 0.0f);
@@ -91,10 +92,10 @@ TEST(ErrorFeedbackTest, ResidualPlusSentEqualsAccumulated) {
     for (auto& v : g) v = normal(rng);
     const float scale = 0.1f;
     std::vector<float> acc(n);
-    for (size_t i = 0; i < n; ++i) acc[i] = c.residual()[i] + scale * g[i];
-    ASSERT_TRUE(c.compress(g, scale, out).ok());
+    for (size_t i = 0; i < n; ++i) acc[i] = c.residual_view()[i] + scale * g[i];
+    ASSERT_TRUE(c.compress(g, scale, out, 0).ok());
     EXPECT_EQ(out.indices, reference_topk(acc, 10));
-    std::vector<float> rebuilt(c.residual().begin(), c.residual().end());
+    std::vector<float> rebuilt(c.residual_view().begin(), c.residual_view().end());
     for (size_t i = 0; i < out.size(); ++i) {
       EXPECT_EQ(rebuilt[out.indices[i]], 0.0f);
       rebuilt[out.indices[i]] = out.values[i];
@@ -105,37 +106,37 @@ TEST(ErrorFeedbackTest, ResidualPlusSentEqualsAccumulated) {
 }
 
 TEST(ErrorFeedbackTest, NoFeedbackDropsTheRest) {
-  ErrorFeedbackCompressor c(4, {Method::kTopK, 1}, ErrorFeedbackMode::kNone);
+  CpuCompressor c(4, {Method::kTopK, 1}, ErrorFeedbackMode::kNone);
   SparseVector out;
-  ASSERT_TRUE(c.compress(std::vector<float>{1, -5, 2, 0}, 1.0f, out).ok());
+  ASSERT_TRUE(c.compress(std::vector<float>{1, -5, 2, 0}, 1.0f, out, 0).ok());
   EXPECT_EQ(out.indices, (std::vector<uint32_t>{1}));
-  ASSERT_TRUE(c.compress(std::vector<float>{1, 0, 2, 0}, 1.0f, out).ok());
+  ASSERT_TRUE(c.compress(std::vector<float>{1, 0, 2, 0}, 1.0f, out, 0).ok());
   EXPECT_EQ(out.indices, (std::vector<uint32_t>{2}));  // entry 0 did not accumulate
   EXPECT_EQ(c.residual_norm_sq(), 0.0);
 }
 
 TEST(ErrorFeedbackTest, DenseSendsEverything) {
-  ErrorFeedbackCompressor c(3, {Method::kDense, 0}, ErrorFeedbackMode::kEf);
+  CpuCompressor c(3, {Method::kDense, 0}, ErrorFeedbackMode::kEf);
   SparseVector out;
-  ASSERT_TRUE(c.compress(std::vector<float>{1, 2, 3}, 0.5f, out).ok());
+  ASSERT_TRUE(c.compress(std::vector<float>{1, 2, 3}, 0.5f, out, 0).ok());
   EXPECT_EQ(out.values, (std::vector<float>{0.5f, 1.0f, 1.5f}));
   EXPECT_EQ(c.residual_norm_sq(), 0.0);
 }
 
 TEST(ErrorFeedbackTest, NonFiniteInputIsRefusedAndChangesNothing) {
-  ErrorFeedbackCompressor c(4, {Method::kTopK, 1}, ErrorFeedbackMode::kEf);
+  CpuCompressor c(4, {Method::kTopK, 1}, ErrorFeedbackMode::kEf);
   SparseVector out;
-  ASSERT_TRUE(c.compress(std::vector<float>{1, 2, 3, 4}, 1.0f, out).ok());
-  const std::vector<float> before(c.residual().begin(), c.residual().end());
+  ASSERT_TRUE(c.compress(std::vector<float>{1, 2, 3, 4}, 1.0f, out, 0).ok());
+  const std::vector<float> before(c.residual_view().begin(), c.residual_view().end());
   for (float bad : {NAN, INFINITY, -INFINITY}) {
-    Status s = c.compress(std::vector<float>{1, bad, 3, 4}, 1.0f, out);
+    Status s = c.compress(std::vector<float>{1, bad, 3, 4}, 1.0f, out, 0);
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
     EXPECT_NE(s.message().find("index 1"), std::string::npos) << s.message();
-    EXPECT_EQ(std::vector<float>(c.residual().begin(), c.residual().end()), before);
+    EXPECT_EQ(std::vector<float>(c.residual_view().begin(), c.residual_view().end()), before);
   }
   // Overflow in acc = residual + scale*g is non-finite too.
-  EXPECT_FALSE(c.compress(std::vector<float>{3e38f, 0, 0, 0}, 10.0f, out).ok());
-  EXPECT_FALSE(c.compress(std::vector<float>{1, 2}, 1.0f, out).ok());  // wrong size
+  EXPECT_FALSE(c.compress(std::vector<float>{3e38f, 0, 0, 0}, 10.0f, out, 0).ok());
+  EXPECT_FALSE(c.compress(std::vector<float>{1, 2}, 1.0f, out, 0).ok());  // wrong size
 }
 
 // ---- every method against a slow obvious reference -------------------------
@@ -191,10 +192,10 @@ TEST(TopKTest, PropertyNothingUnselectedIsLarger) {
 SparseVector run(Method m, const std::vector<float>& g, SelectionParams p, ErrorFeedbackMode mode, uint64_t step,
                  std::vector<float>* residual_out = nullptr) {
   p.method = m;
-  ErrorFeedbackCompressor c(g.size(), p, mode);
+  CpuCompressor c(g.size(), p, mode);
   SparseVector out;
   EXPECT_TRUE(c.compress(g, 1.0f, out, step).ok());
-  if (residual_out) residual_out->assign(c.residual().begin(), c.residual().end());
+  if (residual_out) residual_out->assign(c.residual_view().begin(), c.residual_view().end());
   return out;
 }
 
@@ -235,9 +236,9 @@ TEST(GaussianKTest, LandsInTheBandOnNormalData) {
     SelectionParams p;
     p.k = k;
     p.method = Method::kGaussianK;
-    ErrorFeedbackCompressor c(a.size(), p, ErrorFeedbackMode::kEf);
+    CpuCompressor c(a.size(), p, ErrorFeedbackMode::kEf);
     SparseVector out;
-    ASSERT_TRUE(c.compress(a, 1.0f, out).ok());
+    ASSERT_TRUE(c.compress(a, 1.0f, out, 0).ok());
     EXPECT_GE(out.size(), 2 * k / 3) << k;
     EXPECT_LE(out.size(), (4 * k + 2) / 3) << k;
     EXPECT_EQ(c.last_stats().rounds, 1) << "the first estimate should land on Gaussian data";
@@ -282,7 +283,7 @@ TEST(SampledTest, LandsNearKNeverAboveAndKeepsLargeEntries) {
     p.method = Method::kSampled;
     p.k = k;
     p.seed = 3;
-    ErrorFeedbackCompressor c(a.size(), p, ErrorFeedbackMode::kEf);
+    CpuCompressor c(a.size(), p, ErrorFeedbackMode::kEf);
     SparseVector out;
     ASSERT_TRUE(c.compress(a, 1.0f, out, 7).ok());
     EXPECT_LE(out.size(), k);
@@ -294,7 +295,7 @@ TEST(SampledTest, LandsNearKNeverAboveAndKeepsLargeEntries) {
       EXPECT_EQ(out.values[i], a[out.indices[i]]);
     }
     // Same seed and step, same selection.
-    ErrorFeedbackCompressor again(a.size(), p, ErrorFeedbackMode::kEf);
+    CpuCompressor again(a.size(), p, ErrorFeedbackMode::kEf);
     SparseVector out2;
     ASSERT_TRUE(again.compress(a, 1.0f, out2, 7).ok());
     EXPECT_EQ(out.indices, out2.indices);
@@ -320,9 +321,9 @@ TEST(GaussianKTest, FarFromGaussianFallsBackToExactTopK) {
   SelectionParams p;
   p.method = Method::kGaussianK;
   p.k = 1000;
-  ErrorFeedbackCompressor c(a.size(), p, ErrorFeedbackMode::kEf);
+  CpuCompressor c(a.size(), p, ErrorFeedbackMode::kEf);
   SparseVector out;
-  ASSERT_TRUE(c.compress(a, 1.0f, out).ok());
+  ASSERT_TRUE(c.compress(a, 1.0f, out, 0).ok());
   EXPECT_TRUE(c.last_stats().fallback);
   EXPECT_EQ(out.indices, reference_topk(a, 1000));
 }
@@ -351,7 +352,7 @@ TEST(RandomKTest, DistinctSortedReproducibleAndUniform) {
   // Uniform: over many steps every index is drawn about k/n of the time.
   std::vector<int> hits(a.size(), 0);
   const int steps = 2000;
-  ErrorFeedbackCompressor c(a.size(), {Method::kRandomK, 50, 0, 0, false, 9}, ErrorFeedbackMode::kNone);
+  CpuCompressor c(a.size(), {Method::kRandomK, 50, 0, 0, false, 9}, ErrorFeedbackMode::kNone);
   SparseVector out;
   for (int s = 0; s < steps; ++s) {
     ASSERT_TRUE(c.compress(a, 1.0f, out, static_cast<uint64_t>(s)).ok());
@@ -378,15 +379,15 @@ TEST(ErrorFeedbackTest, EveryMethodRefusesNonFiniteInputAndKeepsTheResidual) {
     p.method = m;
     p.k = 2;
     p.lambda = 0.5f;
-    ErrorFeedbackCompressor c(6, p, ErrorFeedbackMode::kEf);
+    CpuCompressor c(6, p, ErrorFeedbackMode::kEf);
     SparseVector out;
-    ASSERT_TRUE(c.compress(std::vector<float>{0.1f, 0.2f, 0.3f, 0.4f, 0.05f, 0.6f}, 1.0f, out).ok());
-    const std::vector<float> before(c.residual().begin(), c.residual().end());
-    Status s = c.compress(std::vector<float>{1, 1, 1, NAN, 1, 1}, 1.0f, out);
+    ASSERT_TRUE(c.compress(std::vector<float>{0.1f, 0.2f, 0.3f, 0.4f, 0.05f, 0.6f}, 1.0f, out, 0).ok());
+    const std::vector<float> before(c.residual_view().begin(), c.residual_view().end());
+    Status s = c.compress(std::vector<float>{1, 1, 1, NAN, 1, 1}, 1.0f, out, 0);
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
     EXPECT_NE(s.message().find("index 3"), std::string::npos) << s.message();
-    EXPECT_EQ(std::vector<float>(c.residual().begin(), c.residual().end()), before);
-    EXPECT_TRUE(c.compress(std::vector<float>{1, 1, 1, 1, 1, 1}, 1.0f, out).ok()) << "usable after a refusal";
+    EXPECT_EQ(std::vector<float>(c.residual_view().begin(), c.residual_view().end()), before);
+    EXPECT_TRUE(c.compress(std::vector<float>{1, 1, 1, 1, 1, 1}, 1.0f, out, 0).ok()) << "usable after a refusal";
   }
 }
 

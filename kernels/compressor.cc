@@ -1,0 +1,34 @@
+#include "kernels/compressor.h"
+
+#include <fmt/format.h>
+
+#include "kernels/backend.h"
+#include "kernels/cpu_compressor.h"
+#include "sps/build_config.h"
+#if SPS_HAVE_CUDA
+#include "kernels/cuda_compressor.h"
+#endif
+
+namespace sps::kernels {
+
+std::string backend_name(Backend b) { return b == Backend::kCuda ? "cuda" : "cpu"; }
+
+Result<std::unique_ptr<Compressor>> make_compressor(Backend backend, size_t n, const CompressorOptions& options) {
+  const auto& p = options.selection;
+  if (p.method == Method::kRandomK && p.randomk_unbiased && options.error_feedback != ErrorFeedbackMode::kNone)
+    return invalid_argument("unbiased random-k (values scaled by n/k) cannot be combined with error feedback");
+  if (options.momentum < 0.0f || options.momentum >= 1.0f)
+    return invalid_argument(fmt::format("momentum must be in [0, 1), got {}", options.momentum));
+  if (options.clip_norm < 0.0f) return invalid_argument(fmt::format("clip_norm must be >= 0, got {}", options.clip_norm));
+  if (p.method == Method::kThreshold && !(p.lambda >= 0.0f))
+    return invalid_argument(fmt::format("threshold lambda must be >= 0, got {}", p.lambda));
+  if (n > UINT32_MAX) return invalid_argument(fmt::format("{} entries exceed the 32-bit index space", n));
+  if (backend == Backend::kCpu) return std::unique_ptr<Compressor>(std::make_unique<CpuCompressor>(n, options));
+#if SPS_HAVE_CUDA
+  return make_cuda_compressor(n, options);
+#else
+  return unavailable("the CUDA backend was not built (configure with -DSPS_CUDA=ON on a machine with nvcc)");
+#endif
+}
+
+}  // namespace sps::kernels

@@ -1,0 +1,76 @@
+// The error-feedback compressor behind one interface for every backend.
+//
+// One step (docs/kernels.md has the exact arithmetic):
+//   g'   = clip(g)                               (when clip_norm > 0)
+//   u    = momentum * u + g'                     (DGC momentum correction; u = g' when off)
+//   acc  = A(residual) + scale * u               A = 0 (none), I (ef), 1 - clamp(gamma * h, 0, 1) (hessian_diag)
+//   S    = select(acc);  sent = quantise(acc[S])
+//   residual = acc - sent;  u[S] = 0            (momentum-factor masking)
+// A backend owns its buffers (residual, momentum, scratch) and reuses them
+// across steps. Non-finite input fails the step and changes no state.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/sparsify.h"
+#include "kernels/value_format.h"
+
+namespace sps::kernels {
+
+enum class Backend { kCpu, kCuda };
+std::string backend_name(Backend b);
+
+struct CompressorOptions {
+  SelectionParams selection;
+  ErrorFeedbackMode error_feedback = ErrorFeedbackMode::kEf;
+  // DGC momentum correction with momentum-factor masking (0 = off).
+  float momentum = 0.0f;
+  // Local gradient clipping: g is scaled by min(1, clip_norm / ||g||) (0 = off).
+  float clip_norm = 0.0f;
+  // Wire format of the sent values; the rounding error stays in the residual.
+  ValueFormat values = ValueFormat::kF32;
+  // CPU worker threads for the passes over n (1 = the calling thread only).
+  int threads = 1;
+  // CUDA device ordinal (CUDA backend only).
+  int device = 0;
+};
+
+class Compressor {
+ public:
+  virtual ~Compressor() = default;
+
+  // Runs step `step` on a host gradient. Fails with kInvalidArgument (and
+  // leaves every buffer as it was) when grad has the wrong size or any acc
+  // entry is NaN or Inf; the message names the first bad index.
+  virtual Status compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step) = 0;
+
+  // The diagonal Hessian estimate h (n entries, copied) and the step size
+  // gamma used by hessian_diag: A = 1 - clamp(gamma * h_j, 0, 1). Returns
+  // how many entries were clamped. Fails on a size mismatch or when the
+  // compressor is not in hessian_diag mode.
+  virtual Result<size_t> set_hessian_diag(std::span<const float> h, float gamma) = 0;
+  // Changes k (sparsity warm-up) for the next steps; capped at n.
+  virtual void set_k(size_t k) = 0;
+
+  virtual size_t size() const = 0;
+  virtual std::vector<float> residual() const = 0;  // a host copy
+  virtual Status set_residual(std::span<const float> residual) = 0;
+  virtual std::vector<float> momentum() const = 0;  // a host copy (empty when momentum is off)
+  virtual const SelectionStats& last_stats() const = 0;
+  // Squared L2 norm of the residual after the last step (0 with kNone).
+  virtual double residual_norm_sq() const = 0;
+  virtual Backend backend() const = 0;
+};
+
+// Makes a compressor for n entries. Fails with a clear message when the
+// options are inconsistent (e.g. unbiased random-k with error feedback) or
+// the backend is unavailable (CUDA not built, or no device).
+Result<std::unique_ptr<Compressor>> make_compressor(Backend backend, size_t n, const CompressorOptions& options);
+
+}  // namespace sps::kernels

@@ -1,0 +1,93 @@
+// The CPU backend of the error-feedback compressor (always built).
+//
+// Speed (docs/kernels.md, docs/benchmarks.md): the first pass reads the
+// gradient and the residual once, writes acc once, and on the way collects
+// "candidates": the entries with |acc| at or above a threshold predicted
+// from the previous step (exactly lambda for the hard threshold). When the
+// candidates provably contain the answer, selection works on them alone and
+// nothing else touches n; otherwise a full fallback pass runs. Results never
+// depend on the prediction, nor on the thread count.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "kernels/compressor.h"
+
+namespace sps::kernels {
+
+class ThreadPool;
+
+class CpuCompressor final : public Compressor {
+ public:
+  CpuCompressor(size_t n, const CompressorOptions& options);
+  // Shorthand for the common case.
+  CpuCompressor(size_t n, SelectionParams params, ErrorFeedbackMode mode);
+  ~CpuCompressor() override;
+  CpuCompressor(const CpuCompressor&) = delete;
+  CpuCompressor& operator=(const CpuCompressor&) = delete;
+
+  Status compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step) override;
+  Result<size_t> set_hessian_diag(std::span<const float> h, float gamma) override;
+  void set_k(size_t k) override;
+  size_t size() const override { return residual_.size(); }
+  std::vector<float> residual() const override { return residual_; }
+  Status set_residual(std::span<const float> residual) override;
+  std::vector<float> momentum() const override { return momentum_; }
+  const SelectionStats& last_stats() const override { return stats_; }
+  double residual_norm_sq() const override;
+  Backend backend() const override { return Backend::kCpu; }
+
+  std::span<const float> residual_view() const { return residual_; }
+  const SelectionParams& params() const { return options_.selection; }
+  // Steps whose candidates sufficed / that needed the fallback pass.
+  uint64_t predicted_steps() const { return predicted_steps_; }
+  uint64_t fallback_steps() const { return fallback_steps_; }
+
+ private:
+  struct Chunk;  // one thread's share of the first pass
+  void first_pass(std::span<const float> grad, float grad_factor, float scale, uint32_t candidate_bits);
+  void select(uint64_t step, SparseVector& out);
+  void select_topk(SparseVector& out);
+  void select_threshold(SparseVector& out);
+  void select_gaussiank(SparseVector& out);
+  void select_sampled(uint64_t step, SparseVector& out);
+  // Keeps the `keep` largest candidates (ties to the smaller index).
+  uint32_t keep_largest_candidates(size_t keep, std::vector<uint32_t>& kept);
+  // Counts |acc| > t (strictly), over the candidates when they suffice.
+  size_t count_above(float t, bool& used_candidates) const;
+  bool covered_by_candidates(float t) const;
+  uint32_t predicted_candidate_bits() const;
+  uint32_t bits_at_rank(size_t rank) const;
+
+  CompressorOptions options_;
+  size_t n_ = 0;
+  std::vector<float> residual_;
+  std::vector<float> acc_;        // scratch; becomes the residual on success
+  std::vector<float> momentum_;   // DGC u (empty when momentum is off)
+  std::vector<float> momentum_next_;
+  std::vector<float> hessian_factor_;  // 1 - clamp(gamma * h, 0, 1)
+  // Candidates: indices (ascending) and |acc| bits; capacity n + 1, pages
+  // are only touched as far as they are used.
+  std::unique_ptr<uint32_t[]> cand_index_;
+  std::unique_ptr<uint32_t[]> cand_mag_;
+  size_t cand_count_ = 0;
+  uint32_t cand_bits_ = 0;  // every entry with |acc| bits >= this is a candidate
+  std::vector<Chunk> chunks_;
+  std::unique_ptr<ThreadPool> pool_;
+  double sum_ = 0, sum_sq_ = 0;
+  TopKScratch topk_;
+  std::vector<uint32_t> kept_;
+  std::vector<uint32_t> random_bitmap_;  // random-k membership bits, all zero between steps
+  SelectionStats stats_;
+  // Prediction: collect at or above these bits next step (0xFFFFFFFF: none);
+  // top-k aims at spare_ * k candidates.
+  uint32_t next_cand_bits_ = 0xFFFFFFFFu;
+  double spare_ = 1.5;
+  uint64_t predicted_steps_ = 0, fallback_steps_ = 0;
+};
+
+}  // namespace sps::kernels

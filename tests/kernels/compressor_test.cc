@@ -1,0 +1,452 @@
+// One suite for every compressor backend (CPU always; CUDA where a device
+// answers, skipped with the reason elsewhere), checked against a slow,
+// obvious reference of the whole error-feedback step.
+#include "kernels/compressor.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "kernels/backend.h"
+#include "kernels/cpu_compressor.h"
+#include "kernels/value_format.h"
+
+namespace sps::kernels {
+namespace {
+
+uint32_t bits(float x) { return std::bit_cast<uint32_t>(x); }
+
+// The reference: the arithmetic of compressor.h written out plainly.
+struct Reference {
+  CompressorOptions o;
+  std::vector<float> residual, momentum, hessian_factor;
+  explicit Reference(size_t n, CompressorOptions options) : o(options), residual(n, 0.0f), momentum(n, 0.0f) {
+    hessian_factor.assign(n, 1.0f);
+  }
+
+  void step(const std::vector<float>& g, float scale, uint64_t step, SparseVector& out, std::vector<float>& acc) {
+    const size_t n = g.size();
+    float factor = 1.0f;
+    if (o.clip_norm > 0) {
+      double sq = 0;
+      for (float x : g) sq += double{x} * x;
+      if (std::sqrt(sq) > o.clip_norm) factor = static_cast<float>(o.clip_norm / std::sqrt(sq));
+    }
+    std::vector<float> u(n);
+    acc.assign(n, 0.0f);
+    for (size_t i = 0; i < n; ++i) {
+      float x = g[i] * factor;
+      if (o.momentum != 0.0f) x = o.momentum * momentum[i] + x;
+      u[i] = x;
+      switch (o.error_feedback) {
+        case ErrorFeedbackMode::kNone: acc[i] = scale * x; break;
+        case ErrorFeedbackMode::kEf: acc[i] = residual[i] + scale * x; break;
+        case ErrorFeedbackMode::kHessianDiag: acc[i] = hessian_factor[i] * residual[i] + scale * x; break;
+      }
+    }
+    const auto& p = o.selection;
+    std::vector<uint32_t> idx;
+    switch (p.method) {
+      case Method::kDense:
+        idx.resize(n);
+        std::iota(idx.begin(), idx.end(), 0u);
+        break;
+      case Method::kTopK: idx = top(acc, all(n), std::min(p.k, n)); break;
+      case Method::kThreshold: {
+        for (uint32_t i = 0; i < n; ++i)
+          if (std::fabs(acc[i]) >= p.lambda) idx.push_back(i);
+        if (p.max_nnz > 0 && idx.size() > p.max_nnz) idx = top(acc, idx, p.max_nnz);
+        break;
+      }
+      case Method::kRandomK: {
+        std::vector<uint32_t> bitmap;
+        randomk_indices(n, p.k, p.seed, step, idx, bitmap);
+        break;
+      }
+      default: ADD_FAILURE() << "no exact reference for this method";
+    }
+    out.indices = idx;
+    out.values.clear();
+    const bool unbiased = p.method == Method::kRandomK && p.randomk_unbiased;
+    for (uint32_t i : idx) {
+      float v = acc[i];
+      if (unbiased) v = v * static_cast<float>(static_cast<double>(n) / static_cast<double>(p.k));
+      const float sent = quantise(v, o.values);
+      out.values.push_back(sent);
+      if (o.error_feedback != ErrorFeedbackMode::kNone) residual[i] = 0;  // set below
+      u[i] = 0.0f;
+    }
+    if (o.error_feedback != ErrorFeedbackMode::kNone) {
+      residual = acc;
+      for (size_t j = 0; j < idx.size(); ++j) residual[idx[j]] = acc[idx[j]] - out.values[j];
+    }
+    if (o.momentum != 0.0f) momentum = u;
+  }
+
+  static std::vector<uint32_t> all(size_t n) {
+    std::vector<uint32_t> v(n);
+    std::iota(v.begin(), v.end(), 0u);
+    return v;
+  }
+  // The `keep` largest |acc| among `from` (ascending), ties to the smaller index.
+  static std::vector<uint32_t> top(const std::vector<float>& acc, std::vector<uint32_t> from, size_t keep) {
+    std::stable_sort(from.begin(), from.end(),
+                     [&](uint32_t a, uint32_t b) { return std::fabs(acc[a]) > std::fabs(acc[b]); });
+    from.resize(std::min(keep, from.size()));
+    std::sort(from.begin(), from.end());
+    return from;
+  }
+};
+
+std::vector<float> normal(size_t n, uint32_t seed, float stddev = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, stddev);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+std::vector<float> heavy_tailed(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::cauchy_distribution<float> d(0.0f, 1e-3f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = std::clamp(d(rng), -1e6f, 1e6f);
+  return v;
+}
+
+// Many ties (+x/-x, a handful of magnitudes), zeros of both signs, denormals.
+std::vector<float> adversarial(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const float levels[] = {0.0f, -0.0f, 1e-40f, -1e-40f, 0.5f, -0.5f, 1.0f, -1.0f, 2.0f};
+  std::vector<float> v(n);
+  for (auto& x : v) x = levels[rng() % 9];
+  return v;
+}
+
+class CompressorTest : public ::testing::TestWithParam<Backend> {
+ protected:
+  std::unique_ptr<Compressor> make(size_t n, const CompressorOptions& o) {
+    if (GetParam() == Backend::kCuda && !cuda_available()) return nullptr;
+    auto c = make_compressor(GetParam(), n, o);
+    EXPECT_TRUE(c.ok()) << c.status().to_string();
+    return c.ok() ? std::move(c).value() : nullptr;
+  }
+  void SetUp() override {
+    if (GetParam() == Backend::kCuda && !cuda_available())
+      GTEST_SKIP() << "no CUDA device: " << backend_description();
+  }
+
+  // Runs `steps` steps of the backend and the reference side by side and
+  // requires identical indices, values and residuals (bit for bit).
+  void expect_same_as_reference(const CompressorOptions& o, const std::vector<std::vector<float>>& grads, int steps,
+                                float scale = 0.1f, std::span<const float> hessian = {}, float gamma = 0) {
+    const size_t n = grads[0].size();
+    auto c = make(n, o);
+    ASSERT_NE(c, nullptr);
+    Reference ref(n, o);
+    if (!hessian.empty()) {
+      ASSERT_TRUE(c->set_hessian_diag(hessian, gamma).ok());
+      for (size_t i = 0; i < n; ++i) ref.hessian_factor[i] = 1.0f - std::clamp(gamma * hessian[i], 0.0f, 1.0f);
+    }
+    SparseVector got, want;
+    std::vector<float> acc;
+    for (int s = 0; s < steps; ++s) {
+      const auto& g = grads[static_cast<size_t>(s) % grads.size()];
+      ASSERT_TRUE(c->compress(g, scale, got, static_cast<uint64_t>(s)).ok());
+      ref.step(g, scale, static_cast<uint64_t>(s), want, acc);
+      ASSERT_EQ(got.indices, want.indices) << "step " << s << " n=" << n << " k=" << o.selection.k;
+      ASSERT_EQ(got.values.size(), want.values.size());
+      for (size_t j = 0; j < want.values.size(); ++j)
+        ASSERT_EQ(bits(got.values[j]), bits(want.values[j])) << "step " << s << " entry " << j;
+      const auto r = c->residual();
+      if (o.error_feedback != ErrorFeedbackMode::kNone) {
+        for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(r[i]), bits(ref.residual[i])) << "step " << s << " residual " << i;
+      }
+      if (o.momentum != 0.0f) {
+        const auto u = c->momentum();
+        for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(u[i]), bits(ref.momentum[i])) << "step " << s << " momentum " << i;
+      }
+      EXPECT_EQ(c->last_stats().nnz, want.size());
+    }
+  }
+};
+
+CompressorOptions topk_options(size_t k, ErrorFeedbackMode mode = ErrorFeedbackMode::kEf) {
+  CompressorOptions o;
+  o.selection.method = Method::kTopK;
+  o.selection.k = k;
+  o.error_feedback = mode;
+  return o;
+}
+
+TEST_P(CompressorTest, TopKMatchesTheReferenceOnManyShapes) {
+  // Several steps each, so the CPU backend's predicted candidates are used
+  // (and sometimes miss) as in training.
+  for (size_t n : {size_t{1}, size_t{5}, size_t{1000}, size_t{70000}, size_t{200003}}) {
+    for (size_t k : {size_t{1}, n / 100 + 1, n / 2, n - 1 + (n == 1), n + 3}) {
+      expect_same_as_reference(topk_options(k), {normal(n, 1), normal(n, 2), normal(n, 3, 5.0f)}, 6);
+    }
+  }
+}
+
+TEST_P(CompressorTest, TopKHeavyTailedAndAdversarialInputs) {
+  expect_same_as_reference(topk_options(300), {heavy_tailed(100000, 4), heavy_tailed(100000, 5)}, 8);
+  for (size_t k : {1, 7, 100, 999, 1000}) expect_same_as_reference(topk_options(k), {adversarial(1000, 6)}, 4, 1.0f);
+  std::vector<float> equal(5000, 0.25f);
+  expect_same_as_reference(topk_options(10), {equal}, 5, 1.0f);
+  expect_same_as_reference(topk_options(10, ErrorFeedbackMode::kNone), {equal}, 2, 1.0f);
+}
+
+TEST_P(CompressorTest, TopKSelectionProperties) {
+  const size_t n = 50000, k = 500;
+  auto c = make(n, topk_options(k));
+  ASSERT_NE(c, nullptr);
+  const auto g = normal(n, 8);
+  SparseVector out;
+  for (int s = 0; s < 5; ++s) {
+    const auto before = c->residual();
+    ASSERT_TRUE(c->compress(g, 0.5f, out, static_cast<uint64_t>(s)).ok());
+    ASSERT_EQ(out.size(), k);
+    ASSERT_TRUE(std::is_sorted(out.indices.begin(), out.indices.end()));
+    const auto after = c->residual();
+    float smallest_sent = INFINITY;
+    for (float v : out.values) smallest_sent = std::min(smallest_sent, std::fabs(v));
+    std::vector<bool> sent(n, false);
+    for (size_t j = 0; j < k; ++j) sent[out.indices[j]] = true;
+    for (size_t i = 0; i < n; ++i) {
+      const float acc = before[i] + 0.5f * g[i];
+      if (sent[i]) {
+        ASSERT_EQ(after[i], 0.0f);
+      } else {
+        ASSERT_EQ(bits(after[i]), bits(acc));  // residual + sent == acc exactly
+        ASSERT_LE(std::fabs(acc), smallest_sent);
+      }
+    }
+  }
+}
+
+TEST_P(CompressorTest, ThresholdWithAndWithoutCap) {
+  CompressorOptions o;
+  o.selection.method = Method::kThreshold;
+  o.selection.lambda = 0.2f;
+  expect_same_as_reference(o, {normal(30000, 9), normal(30000, 10)}, 6);
+  o.selection.max_nnz = 50;
+  expect_same_as_reference(o, {normal(30000, 9), normal(30000, 10)}, 6);
+  o.selection.lambda = 1e30f;  // nothing passes: empty pushes, the residual keeps everything
+  expect_same_as_reference(o, {normal(1000, 11)}, 3);
+}
+
+TEST_P(CompressorTest, RandomKIsReproducibleAndMatches) {
+  CompressorOptions o;
+  o.selection.method = Method::kRandomK;
+  o.selection.k = 100;
+  o.selection.seed = 42;
+  expect_same_as_reference(o, {normal(10000, 12)}, 4);
+  o.error_feedback = ErrorFeedbackMode::kNone;
+  o.selection.randomk_unbiased = true;
+  expect_same_as_reference(o, {normal(10000, 12)}, 4);
+  auto a = make(10000, o), b = make(10000, o);
+  SparseVector x, y;
+  ASSERT_TRUE(a->compress(normal(10000, 1), 1.0f, x, 77).ok());
+  ASSERT_TRUE(b->compress(normal(10000, 2), 1.0f, y, 77).ok());
+  EXPECT_EQ(x.indices, y.indices);  // indices depend on (seed, step) only
+  EXPECT_EQ(x.size(), 100u);
+}
+
+TEST_P(CompressorTest, DenseSendsEverything) {
+  CompressorOptions o;
+  o.selection.method = Method::kDense;
+  expect_same_as_reference(o, {normal(777, 13)}, 2);
+}
+
+TEST_P(CompressorTest, HessianDiagCompensation) {
+  const size_t n = 20000;
+  auto h = normal(n, 14);
+  for (auto& x : h) x = std::fabs(x) * 3.0f;  // some gamma * h beyond 1: clamped
+  h[5] = -1.0f;                               // negative curvature: clamped to 0
+  auto o = topk_options(200, ErrorFeedbackMode::kHessianDiag);
+  expect_same_as_reference(o, {normal(n, 15), normal(n, 16)}, 5, 0.1f, h, 0.3f);
+  auto c = make(n, o);
+  auto clamped = c->set_hessian_diag(h, 0.3f);
+  ASSERT_TRUE(clamped.ok());
+  size_t want = 0;
+  for (float x : h) want += (0.3f * x > 1.0f || 0.3f * x < 0.0f) ? 1 : 0;
+  EXPECT_EQ(*clamped, want);
+  EXPECT_GT(want, 0u);
+  EXPECT_FALSE(c->set_hessian_diag(std::vector<float>(3), 0.1f).ok());
+  auto plain = make(n, topk_options(10));
+  EXPECT_EQ(plain->set_hessian_diag(h, 0.1f).status().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST_P(CompressorTest, MomentumCorrectionWithMasking) {
+  auto o = topk_options(100);
+  o.momentum = 0.9f;
+  expect_same_as_reference(o, {normal(20000, 17), normal(20000, 18)}, 6);
+  o.error_feedback = ErrorFeedbackMode::kNone;
+  expect_same_as_reference(o, {normal(20000, 17)}, 3);
+}
+
+TEST_P(CompressorTest, ClippingBoundsTheAccumulatedStep) {
+  const size_t n = 10000;
+  CompressorOptions o;
+  o.selection.method = Method::kDense;
+  o.error_feedback = ErrorFeedbackMode::kNone;
+  o.clip_norm = 2.0f;
+  auto c = make(n, o);
+  SparseVector out;
+  ASSERT_TRUE(c->compress(normal(n, 19), 1.0f, out, 0).ok());
+  double sq = 0;
+  for (float v : out.values) sq += double{v} * v;
+  EXPECT_NEAR(std::sqrt(sq), 2.0, 1e-4);
+  // Under the bound nothing changes.
+  const auto small = normal(n, 20, 1e-4f);
+  ASSERT_TRUE(c->compress(small, 1.0f, out, 1).ok());
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(out.values[i]), bits(small[i]));
+}
+
+TEST_P(CompressorTest, HalfPrecisionValuesKeepTheRoundingErrorInTheResidual) {
+  for (ValueFormat f : {ValueFormat::kF16, ValueFormat::kBF16}) {
+    auto o = topk_options(300);
+    o.values = f;
+    expect_same_as_reference(o, {normal(30000, 21), normal(30000, 22)}, 4);
+    auto c = make(30000, o);
+    SparseVector out;
+    const auto g = normal(30000, 23);
+    ASSERT_TRUE(c->compress(g, 1.0f, out, 0).ok());
+    const auto r = c->residual();
+    for (size_t j = 0; j < out.size(); ++j) {
+      const uint32_t i = out.indices[j];
+      EXPECT_EQ(quantise(out.values[j], f), out.values[j]) << "sent values are representable";
+      EXPECT_EQ(bits(r[i] + out.values[j]), bits(g[i])) << "residual + sent == acc";
+    }
+  }
+}
+
+TEST_P(CompressorTest, NonFiniteInputIsRefusedAndChangesNothing) {
+  auto o = topk_options(10);
+  o.momentum = 0.5f;
+  auto c = make(1000, o);
+  SparseVector out;
+  ASSERT_TRUE(c->compress(normal(1000, 24), 1.0f, out, 0).ok());
+  const auto residual = c->residual(), momentum = c->momentum();
+  for (float bad : {NAN, INFINITY, -INFINITY}) {
+    auto g = normal(1000, 25);
+    g[637] = bad;
+    g[901] = bad;
+    const Status s = c->compress(g, 1.0f, out, 1);
+    ASSERT_FALSE(s.ok());
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("index 637"), std::string::npos) << s.message();
+    EXPECT_EQ(c->residual(), residual);
+    EXPECT_EQ(c->momentum(), momentum);
+  }
+  EXPECT_TRUE(c->compress(normal(1000, 26), 1.0f, out, 1).ok());  // still usable
+}
+
+TEST_P(CompressorTest, ApproximateMethodsLandNearK) {
+  const size_t n = 200000, k = 2000;
+  for (Method m : {Method::kGaussianK, Method::kSampled}) {
+    CompressorOptions o;
+    o.selection.method = m;
+    o.selection.k = k;
+    o.selection.seed = 3;
+    auto c = make(n, o);
+    SparseVector out;
+    for (int s = 0; s < 5; ++s) {
+      ASSERT_TRUE(c->compress(normal(n, 30 + static_cast<uint32_t>(s)), 0.1f, out, static_cast<uint64_t>(s)).ok());
+      ASSERT_TRUE(std::is_sorted(out.indices.begin(), out.indices.end()));
+      if (m == Method::kGaussianK) {
+        EXPECT_GE(out.size(), 2 * k / 3) << "step " << s;
+        EXPECT_LE(out.size(), (4 * k + 2) / 3) << "step " << s;
+      } else {
+        EXPECT_LE(out.size(), k);
+        EXPECT_GE(out.size(), k / 2);
+      }
+    }
+  }
+}
+
+TEST_P(CompressorTest, SetKChangesTheCount) {
+  auto c = make(10000, topk_options(1000));
+  SparseVector out;
+  ASSERT_TRUE(c->compress(normal(10000, 40), 1.0f, out, 0).ok());
+  EXPECT_EQ(out.size(), 1000u);
+  c->set_k(10);
+  ASSERT_TRUE(c->compress(normal(10000, 41), 1.0f, out, 1).ok());
+  EXPECT_EQ(out.size(), 10u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, CompressorTest, ::testing::Values(Backend::kCpu, Backend::kCuda),
+                         [](const ::testing::TestParamInfo<Backend>& p) { return backend_name(p.param); });
+
+TEST(CpuCompressorTest, ThreadCountDoesNotChangeResults) {
+  // Chunks split at multiples of 2^16, so use several of them.
+  const size_t n = 300001;
+  for (Method m : {Method::kTopK, Method::kThreshold, Method::kGaussianK, Method::kSampled}) {
+    CompressorOptions o;
+    o.selection.method = m;
+    o.selection.k = 700;
+    o.selection.lambda = 0.3f;
+    CompressorOptions o2 = o;
+    o2.threads = 3;
+    CpuCompressor one(n, o), three(n, o2);
+    SparseVector a, b;
+    for (int s = 0; s < 4; ++s) {
+      const auto g = normal(n, 50 + static_cast<uint32_t>(s));
+      ASSERT_TRUE(one.compress(g, 0.1f, a, static_cast<uint64_t>(s)).ok());
+      ASSERT_TRUE(three.compress(g, 0.1f, b, static_cast<uint64_t>(s)).ok());
+      ASSERT_EQ(a.indices, b.indices) << static_cast<int>(m) << " step " << s;
+      ASSERT_EQ(a.values, b.values);
+      ASSERT_EQ(one.residual(), three.residual());
+    }
+  }
+}
+
+TEST(CompressorOptionsTest, InconsistentOptionsAreRefused) {
+  CompressorOptions o;
+  o.selection.method = Method::kRandomK;
+  o.selection.randomk_unbiased = true;
+  EXPECT_FALSE(make_compressor(Backend::kCpu, 10, o).ok());
+  o = {};
+  o.momentum = 1.5f;
+  EXPECT_FALSE(make_compressor(Backend::kCpu, 10, o).ok());
+  o = {};
+  o.selection.method = Method::kThreshold;
+  o.selection.lambda = -1;
+  EXPECT_FALSE(make_compressor(Backend::kCpu, 10, o).ok());
+  if (!cuda_available()) {
+    auto c = make_compressor(Backend::kCuda, 10, CompressorOptions{});
+    ASSERT_FALSE(c.ok());
+    EXPECT_FALSE(c.status().message().empty());
+  }
+}
+
+TEST(ValueFormatTest, HalfConversionsRoundToNearestEvenAndSaturate) {
+  EXPECT_EQ(f32_to_f16(1.0f), 0x3C00);
+  EXPECT_EQ(f32_to_f16(-2.0f), 0xC000);
+  EXPECT_EQ(f32_to_f16(65504.0f), 0x7BFF);
+  EXPECT_EQ(f32_to_f16(65519.0f), 0x7BFF);  // rounds down to the largest finite
+  EXPECT_EQ(f32_to_f16(1e9f), 0x7BFF);      // saturates instead of Inf
+  EXPECT_EQ(f32_to_f16(-1e9f), 0xFBFF);
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -24)), 0x0001);  // smallest subnormal
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -26)), 0x0000);  // below half of it: 0
+  EXPECT_EQ(f32_to_f16(std::ldexp(3.0f, -25)), 0x0002);  // 1.5 units: ties to even
+  EXPECT_EQ(f32_to_f16(1.0f + std::ldexp(1.0f, -11)), 0x3C00);  // halfway: to even (down)
+  EXPECT_EQ(f32_to_f16(1.0f + std::ldexp(3.0f, -11)), 0x3C02);  // halfway: to even (up)
+  for (uint32_t h = 0; h < 0x7C00; ++h) {  // every finite half round-trips
+    ASSERT_EQ(f32_to_f16(f16_to_f32(static_cast<uint16_t>(h))), h);
+    ASSERT_EQ(f32_to_f16(f16_to_f32(static_cast<uint16_t>(h | 0x8000))), h | 0x8000);
+  }
+  EXPECT_EQ(f32_to_bf16(1.0f), 0x3F80);
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(3.140625f)), 3.140625f);
+  EXPECT_EQ(f32_to_bf16(std::bit_cast<float>(0x3F808000u)), 0x3F80);  // tie: to even
+  EXPECT_EQ(f32_to_bf16(std::bit_cast<float>(0x3F818000u)), 0x3F82);
+  EXPECT_EQ(f32_to_bf16(3.4e38f), 0x7F7F);  // would round to Inf: saturates
+}
+
+}  // namespace
+}  // namespace sps::kernels
