@@ -184,7 +184,21 @@ const std::vector<Field>& fields() {
       integer_field("compression.max_nnz", SPS_REF(compression.max_nnz), 0, kInt32Max),
       bool_field("compression.randomk_unbiased", SPS_REF(compression.randomk_unbiased)),
       enum_field<ErrorFeedback>("compression.error_feedback", SPS_REF(compression.error_feedback),
-                                {{"none", ErrorFeedback::kNone}, {"ef", ErrorFeedback::kEf}}),
+                                {{"none", ErrorFeedback::kNone}, {"ef", ErrorFeedback::kEf},
+                                 {"hessian_diag", ErrorFeedback::kHessianDiag}}),
+      integer_field("compression.hessian_every", SPS_REF(compression.hessian_every), 1, kInt32Max),
+      enum_field<CompressionScope>("compression.scope", SPS_REF(compression.scope),
+                                   {{"global", CompressionScope::kGlobal}, {"per_tensor", CompressionScope::kPerTensor}}),
+      enum_field<ValueFormatName>("compression.values", SPS_REF(compression.values),
+                                  {{"f32", ValueFormatName::kF32}, {"f16", ValueFormatName::kF16},
+                                   {"bf16", ValueFormatName::kBF16}}),
+      real_field("compression.momentum_correction", SPS_REF(compression.momentum_correction), 0.0, 1.0, false),
+      real_field("compression.clip_norm", SPS_REF(compression.clip_norm), 0.0, 1e30, false),
+      integer_field("compression.warmup_steps", SPS_REF(compression.warmup_steps), 0, kInt32Max),
+      real_field("compression.warmup_ratio", SPS_REF(compression.warmup_ratio), 0.0, 1.0, true),
+      integer_field("compression.threads", SPS_REF(compression.threads), 0, 256),
+      enum_field<BackendName>("compression.backend", SPS_REF(compression.backend),
+                              {{"cpu", BackendName::kCpu}, {"cuda", BackendName::kCuda}}),
       enum_field<Scale>("compression.scale", SPS_REF(compression.scale), {{"lr", Scale::kLr}, {"1", Scale::kOne}}),
 
       real_field("optimizer.momentum", SPS_REF(optimizer.momentum), 0.0, 0.999999, false),
@@ -276,6 +290,9 @@ Status check_cross_keys(const Config& c) {
                                         c.source, c.cluster.heartbeat_timeout_ms, c.cluster.heartbeat_ms));
   if (c.compression.method == CompressionMethod::kThreshold && !(c.compression.lambda > 0))
     return invalid_argument(fmt::format("{}: compression.lambda must be > 0 for method threshold", c.source));
+  if (c.compression.momentum_correction >= 1.0)
+    return invalid_argument(fmt::format("{}: compression.momentum_correction must be below 1 (got {})", c.source,
+                                        c.compression.momentum_correction));
   if (c.compression.randomk_unbiased && c.compression.error_feedback != ErrorFeedback::kNone)
     return invalid_argument(fmt::format(
         "{}: compression.randomk_unbiased sends (n/k)-scaled values, which error feedback cannot account for; "
@@ -370,7 +387,14 @@ const char* to_string(CompressionMethod m) {
   }
   return "?";
 }
-const char* to_string(ErrorFeedback e) { return e == ErrorFeedback::kNone ? "none" : "ef"; }
+const char* to_string(ErrorFeedback e) {
+  switch (e) {
+    case ErrorFeedback::kNone: return "none";
+    case ErrorFeedback::kEf: return "ef";
+    case ErrorFeedback::kHessianDiag: return "hessian_diag";
+  }
+  return "?";
+}
 const char* to_string(ConsistencyMode m) {
   switch (m) {
     case ConsistencyMode::kBsp: return "bsp";

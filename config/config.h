@@ -92,7 +92,10 @@ struct TrainingConfig {
 };
 
 enum class CompressionMethod { kDense, kTopK, kThreshold, kGaussianK, kRandomK, kSampled };
-enum class ErrorFeedback { kNone, kEf };
+enum class ErrorFeedback { kNone, kEf, kHessianDiag };
+enum class CompressionScope { kGlobal, kPerTensor };
+enum class ValueFormatName { kF32, kF16, kBF16 };
+enum class BackendName { kCpu, kCuda };
 enum class Scale { kLr, kOne };
 struct CompressionConfig {
   // dense | topk. Default: topk.
@@ -107,8 +110,26 @@ struct CompressionConfig {
   int64_t max_nnz = 0;
   // randomk: send (n/k) * acc[S] (unbiased; requires error_feedback: none). Default: false.
   bool randomk_unbiased = false;
-  // none | ef. Default: ef.
+  // none | ef | hessian_diag. Default: ef.
   ErrorFeedback error_feedback = ErrorFeedback::kEf;
+  // hessian_diag: refresh the model's Hessian-diagonal estimate every this many steps. Default: 10.
+  int64_t hessian_every = 10;
+  // global (one k over the flat model) | per_tensor (each tensor its own k). Default: global.
+  CompressionScope scope = CompressionScope::kGlobal;
+  // Wire format of sent values: f32 | f16 | bf16 (rounding error stays in the residual). Default: f32.
+  ValueFormatName values = ValueFormatName::kF32;
+  // DGC momentum correction with masking on the worker (0 = off). Default: 0.
+  double momentum_correction = 0.0;
+  // Local gradient clipping to this L2 norm before accumulation (0 = off). Default: 0.
+  double clip_norm = 0.0;
+  // Sparsity warm-up: the ratio falls exponentially from warmup_ratio to ratio over these steps. Default: 0.
+  int64_t warmup_steps = 0;
+  // Ratio at step 0 of the warm-up. Default: 0.25.
+  double warmup_ratio = 0.25;
+  // Compressor threads per worker (0 = all cores). Default: 1.
+  int64_t threads = 1;
+  // cpu | cuda: where the worker runs the compressor. Default: cpu.
+  BackendName backend = BackendName::kCpu;
   // lr: the worker scales gradients by lr before compression (server adds);
   // 1: the worker compresses raw gradients, the server multiplies by lr. Default: lr.
   Scale scale = Scale::kLr;

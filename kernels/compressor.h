@@ -19,7 +19,7 @@
 
 #include "common/status.h"
 #include "kernels/sparsify.h"
-#include "kernels/value_format.h"
+#include "common/value_format.h"
 
 namespace sps::kernels {
 

@@ -61,21 +61,15 @@ int run_stats(const std::string& path, bool json) {
 
 struct SelectOptions {
   std::string path, method = "topk", error_feedback = "none", backend = "cpu";
-  std::string residual_in, residual_out, indices_out, values_out;
-  double ratio = 0.01, lambda = 0, scale = 1;
+  std::string residual_in, residual_out, indices_out, values_out, hessian, value_format = "f32";
+  double ratio = 0.01, lambda = 0, scale = 1, gamma = 0, momentum = 0, clip_norm = 0;
   int64_t k = 0, max_nnz = 0, repeat = 1, threads = 1, seed = 0, step = 0;
   bool unbiased = false, json = false;
 };
 
 int run_select(const SelectOptions& o) {
-  if (o.backend == "cuda")
-    return fail(sps::kernels::cuda_available()
-                    ? "the CUDA selection kernels are not implemented yet; use --backend cpu"
-                    : "no CUDA backend here (" + sps::kernels::backend_description() + "); use --backend cpu");
-  if (o.threads != 1) return fail("multi-threaded selection is not implemented yet; use --threads 1");
-  if (o.error_feedback == "hessian_diag")
-    return fail("--error-feedback hessian_diag needs a Hessian diagonal, which sps-grad cannot read yet; "
-                "use none or ef");
+  if (o.error_feedback == "hessian_diag" && o.hessian.empty())
+    return fail("--error-feedback hessian_diag needs --hessian h.f32 (the Hessian diagonal) and --gamma");
   auto g = sps::kernels::load_f32(o.path);
   if (!g.ok()) return fail(g.status().message());
   const size_t n = g->size();
@@ -95,8 +89,27 @@ int run_select(const SelectOptions& o) {
   p.randomk_unbiased = o.unbiased;
   p.seed = static_cast<uint64_t>(o.seed);
   if (p.method == Method::kThreshold && !(o.lambda > 0)) return fail("--method threshold needs --lambda > 0");
-  const auto mode =
-      o.error_feedback == "ef" ? sps::kernels::ErrorFeedbackMode::kEf : sps::kernels::ErrorFeedbackMode::kNone;
+  sps::kernels::CompressorOptions options;
+  options.selection = p;
+  options.error_feedback = o.error_feedback == "ef"             ? sps::kernels::ErrorFeedbackMode::kEf
+                           : o.error_feedback == "hessian_diag" ? sps::kernels::ErrorFeedbackMode::kHessianDiag
+                                                                : sps::kernels::ErrorFeedbackMode::kNone;
+  options.values = o.value_format == "f16"    ? sps::ValueFormat::kF16
+                   : o.value_format == "bf16" ? sps::ValueFormat::kBF16
+                                              : sps::ValueFormat::kF32;
+  options.momentum = static_cast<float>(o.momentum);
+  options.clip_norm = static_cast<float>(o.clip_norm);
+  options.threads = static_cast<int>(o.threads);
+  const auto backend = o.backend == "cuda" ? sps::kernels::Backend::kCuda : sps::kernels::Backend::kCpu;
+  auto made = sps::kernels::make_compressor(backend, n, options);
+  if (!made.ok()) return fail(made.status().message());
+  auto& c = **made;
+  if (!o.hessian.empty()) {
+    auto h = sps::kernels::load_f32(o.hessian);
+    if (!h.ok()) return fail(h.status().message());
+    auto clamped = c.set_hessian_diag(*h, static_cast<float>(o.gamma));
+    if (!clamped.ok()) return fail(fmt::format("{}: {}", o.hessian, clamped.status().message()));
+  }
   std::vector<float> residual;
   if (!o.residual_in.empty()) {
     auto r = sps::kernels::load_f32(o.residual_in);
@@ -106,7 +119,6 @@ int run_select(const SelectOptions& o) {
   }
   sps::kernels::SparseVector out;
   std::vector<double> seconds;
-  sps::kernels::CpuCompressor c(n, p, mode);
   for (int64_t rep = 0; rep < std::max<int64_t>(1, o.repeat); ++rep) {
     if (!residual.empty()) {
       if (auto s = c.set_residual(residual); !s.ok()) return fail(s.message());
@@ -126,7 +138,7 @@ int run_select(const SelectOptions& o) {
   if (!o.values_out.empty())
     if (auto s = sps::kernels::save_f32(o.values_out, out.values); !s.ok()) return fail(s.message());
   if (!o.residual_out.empty()) {
-    const std::vector<float> r(c.residual_view().begin(), c.residual_view().end());
+    const std::vector<float> r = c.residual();
     if (auto s = sps::kernels::save_f32(o.residual_out, r); !s.ok()) return fail(s.message());
   }
   const double residual_norm = std::sqrt(c.residual_norm_sq());
@@ -181,7 +193,16 @@ int main(int argc, char** argv) {
   sel->add_option("--indices", o.indices_out, "write selected indices (uint32 LE, ascending)");
   sel->add_option("--values", o.values_out, "write selected values (float32 LE, index order)");
   sel->add_option("--backend", o.backend, "cpu | cuda (default cpu)")->check(CLI::IsMember({"cpu", "cuda"}));
-  sel->add_option("--threads", o.threads, "worker threads (default 1)")->check(CLI::PositiveNumber);
+  sel->add_option("--threads", o.threads, "compressor threads (default 1; 0 = all cores)")
+      ->check(CLI::NonNegativeNumber);
+  sel->add_option("--hessian", o.hessian, "hessian_diag: the Hessian diagonal (float32 file, n values)");
+  sel->add_option("--gamma", o.gamma, "hessian_diag: step size; the residual is scaled by 1 - clamp(gamma h, 0, 1)");
+  sel->add_option("--momentum", o.momentum, "DGC momentum correction factor (default 0 = off)")
+      ->check(CLI::Range(0.0, 0.999999));
+  sel->add_option("--clip-norm", o.clip_norm, "clip the gradient to this L2 norm first (default 0 = off)")
+      ->check(CLI::NonNegativeNumber);
+  sel->add_option("--value-format", o.value_format, "f32 | f16 | bf16: round sent values (error kept in the residual)")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}));
   sel->add_option("--repeat", o.repeat, "time this many runs, report the median (default 1)")
       ->check(CLI::PositiveNumber);
   sel->add_flag("--json", o.json, "print one JSON object");

@@ -96,7 +96,7 @@ Result<Header> decode_header(ByteSpan bytes) {
     return malformed(fmt::format("unknown index encoding {}", enc));
   h.index_encoding = static_cast<IndexEncoding>(enc);
   const auto vt = r.get<uint8_t>();
-  if (vt > static_cast<uint8_t>(ValueType::kF32)) return malformed(fmt::format("unknown value type {}", vt));
+  if (vt > static_cast<uint8_t>(ValueType::kBF16)) return malformed(fmt::format("unknown value type {}", vt));
   h.value_type = static_cast<ValueType>(vt);
   h.sender = r.get<uint32_t>();
   h.clock = r.get<uint64_t>();
@@ -126,11 +126,11 @@ Result<MessageView> decode_message(std::span<const ByteSpan> frames) {
     return malformed(fmt::format("{}: frame sizes {}/{} differ from the header's {}/{}", name, frames[1].size(),
                                  frames[2].size(), h.frame1_bytes, h.frame2_bytes));
   if (is_data_type(h.type)) {
-    if (h.value_type != ValueType::kF32) return malformed(fmt::format("{}: values must be f32", name));
+    if (h.value_type == ValueType::kNone) return malformed(fmt::format("{}: data message without a value type", name));
     const uint64_t range = uint64_t{h.key_end} - h.key_begin;
     if (h.nnz > range)
       return malformed(fmt::format("{}: nnz {} exceeds the key range of {} keys", name, h.nnz, range));
-    if (uint64_t{h.frame2_bytes} != 4 * uint64_t{h.nnz})
+    if (uint64_t{h.frame2_bytes} != value_bytes(h.value_type) * uint64_t{h.nnz})
       return malformed(fmt::format("{}: value frame is {} bytes for nnz {}", name, h.frame2_bytes, h.nnz));
     if (h.index_encoding == IndexEncoding::kNone) {
       if (h.nnz != range) return malformed(fmt::format("{}: dense slice has nnz {} for {} keys", name, h.nnz, range));
@@ -149,9 +149,20 @@ Result<MessageView> decode_message(std::span<const ByteSpan> frames) {
   return MessageView{h, frames[1], frames[2]};
 }
 
-EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, std::span<const float> values) {
+uint32_t value_bytes(ValueType t) {
+  switch (t) {
+    case ValueType::kF32: return 4;
+    case ValueType::kF16:
+    case ValueType::kBF16: return 2;
+    default: return 0;
+  }
+}
+
+EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, std::span<const float> values,
+                           ValueType value_type) {
   Header out = h;
-  out.value_type = ValueType::kF32;
+  SPS_CHECK(value_type != ValueType::kNone);
+  out.value_type = value_type;
   out.nnz = static_cast<uint32_t>(values.size());
   EncodedMessage m;
   if (out.index_encoding == IndexEncoding::kNone) {
@@ -161,8 +172,17 @@ EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, s
     m.frame1.reserve(indices.size() * 4);
     for (uint32_t k : indices) put_le<uint32_t>(m.frame1, k);
   }
-  m.frame2.reserve(values.size() * 4);
-  for (float v : values) put_f32(m.frame2, v);
+  m.frame2.reserve(values.size() * value_bytes(value_type));
+  switch (value_type) {
+    case ValueType::kF16:
+      for (float v : values) put_le<uint16_t>(m.frame2, f32_to_f16(v));
+      break;
+    case ValueType::kBF16:
+      for (float v : values) put_le<uint16_t>(m.frame2, f32_to_bf16(v));
+      break;
+    default:
+      for (float v : values) put_f32(m.frame2, v);
+  }
   out.frame1_bytes = static_cast<uint32_t>(m.frame1.size());
   out.frame2_bytes = static_cast<uint32_t>(m.frame2.size());
   m.header = encode_header(out);

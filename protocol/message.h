@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/value_format.h"
 #include "protocol/coding.h"
 
 namespace sps::protocol {
@@ -56,7 +57,11 @@ enum class IndexEncoding : uint8_t {
 enum class ValueType : uint8_t {
   kNone = 0,  // no values (control messages)
   kF32 = 1,   // little-endian IEEE-754 binary32, finite
+  kF16 = 2,   // little-endian IEEE-754 binary16, finite
+  kBF16 = 3,  // little-endian bfloat16 (the top half of a binary32), finite
 };
+// Bytes per value on the wire (0 for kNone).
+uint32_t value_bytes(ValueType t);
 
 // Header flags.
 inline constexpr uint16_t kFlagInit = 1 << 0;   // kPush: initial parameters, set not add
@@ -123,7 +128,11 @@ class DataView {
     return dense() ? header_.key_begin + i : load_le<uint32_t>(indices_.data() + 4 * size_t{i});
   }
   float value(uint32_t i) const {
-    return std::bit_cast<float>(load_le<uint32_t>(values_.data() + 4 * size_t{i}));
+    switch (header_.value_type) {
+      case ValueType::kF16: return f16_to_f32(load_le<uint16_t>(values_.data() + 2 * size_t{i}));
+      case ValueType::kBF16: return bf16_to_f32(load_le<uint16_t>(values_.data() + 2 * size_t{i}));
+      default: return std::bit_cast<float>(load_le<uint32_t>(values_.data() + 4 * size_t{i}));
+    }
   }
 
  private:
@@ -135,8 +144,11 @@ class DataView {
 // Encodes a push or pull response. With h.index_encoding == kNone the values
 // are a dense slice over [key_begin, key_end) and `indices` is ignored;
 // with kRawU32 `indices` (sorted global keys) pairs with `values`.
+// Values go out as `value_type` (f16/bf16 round to nearest even and
+// saturate; senders that care about the rounding error quantise first, as
+// the compressor does, so nothing more is lost here).
 EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices,
-                           std::span<const float> values);
+                           std::span<const float> values, ValueType value_type = ValueType::kF32);
 // Full validation for kPush / kPullResponse against the range the receiver
 // owns: the header's range must equal `expected_begin/end`, keys must be
 // strictly increasing and inside the range, values finite.

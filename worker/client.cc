@@ -207,7 +207,17 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params) {
   return min_version;
 }
 
-Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel) {
+namespace {
+protocol::ValueType wire_type(ValueFormat f) {
+  switch (f) {
+    case ValueFormat::kF16: return protocol::ValueType::kF16;
+    case ValueFormat::kBF16: return protocol::ValueType::kBF16;
+    default: return protocol::ValueType::kF32;
+  }
+}
+}  // namespace
+
+Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, ValueFormat values) {
   size_t pos = 0;
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
@@ -224,7 +234,7 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel) {
     h.key_end = shard.key_end;
     h.index_encoding = protocol::IndexEncoding::kRawU32;
     const auto msg = protocol::encode_data(h, std::span(sel.indices).subspan(begin, pos - begin),
-                                           std::span(sel.values).subspan(begin, pos - begin));
+                                           std::span(sel.values).subspan(begin, pos - begin), wire_type(values));
     SPS_RETURN_IF_ERROR(send_to_server(s, msg));
     counters_.bytes_pushed += msg.total_bytes();
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
@@ -233,7 +243,7 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel) {
   return {};
 }
 
-Status PsClient::push_dense(uint64_t clock, std::span<const float> values) {
+Status PsClient::push_dense(uint64_t clock, std::span<const float> values, ValueFormat format) {
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
     Header h;
@@ -245,10 +255,11 @@ Status PsClient::push_dense(uint64_t clock, std::span<const float> values) {
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
     h.index_encoding = protocol::IndexEncoding::kNone;
-    const auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin));
+    const auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin),
+                                           wire_type(format));
     SPS_RETURN_IF_ERROR(send_to_server(s, msg));
     counters_.bytes_pushed += msg.total_bytes();
-    counters_.bytes_pushed_dense_equivalent += msg.total_bytes();
+    counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
     counters_.nnz_pushed += shard.key_end - shard.key_begin;
   }
   return {};

@@ -16,6 +16,7 @@
 
 #include "common/process.h"
 #include "common/status.h"
+#include "common/value_format.h"
 #include "config/config.h"
 #include "kernels/sparsify.h"
 #include "protocol/message.h"
@@ -54,9 +55,10 @@ class PsClient {
   // each shard's part carries the version of that shard this client last
   // pulled. Every shard receives a message, empty or not, so clocks advance
   // everywhere.
-  Status push_sparse(uint64_t clock, const kernels::SparseVector& sel);
+  // Values go out in `values` format (already quantised by the compressor).
+  Status push_sparse(uint64_t clock, const kernels::SparseVector& sel, ValueFormat values = ValueFormat::kF32);
   // Pushes the whole vector as dense slices.
-  Status push_dense(uint64_t clock, std::span<const float> values);
+  Status push_dense(uint64_t clock, std::span<const float> values, ValueFormat format = ValueFormat::kF32);
   // Reports the end of this worker's run and waits until the scheduler ends the job.
   Status finish(const protocol::DoneReport& report);
   // Tells the scheduler this worker failed (best effort).

@@ -77,6 +77,32 @@ double LogisticRegression::loss_and_gradient(std::span<const float> params, cons
   return loss;
 }
 
+std::vector<Model::Tensor> LogisticRegression::tensors() const {
+  return {{"weights", 0, classes_ * features_}, {"bias", classes_ * features_, classes_}};
+}
+
+bool LogisticRegression::hessian_diag(std::span<const float> params, const Batch& batch, std::span<float> out) const {
+  SPS_CHECK(params.size() == num_params() && out.size() == num_params() && batch.cols == features_);
+  std::fill(out.begin(), out.end(), 0.0f);
+  float* hw = out.data();
+  float* hb = out.data() + classes_ * features_;
+  std::vector<float> p(classes_);
+  const float inv_rows = 1.0f / static_cast<float>(batch.rows);
+  for (size_t r = 0; r < batch.rows; ++r) {
+    const float* x = batch.x.data() + r * features_;
+    (void)forward_row(params, x, batch.y[r], p.data());
+    for (size_t c = 0; c < classes_; ++c) {
+      const float curvature = p[c] * (1.0f - p[c]) * inv_rows;
+      hb[c] += curvature;
+      float* hwc = hw + c * features_;
+      for (size_t j = 0; j < features_; ++j) hwc[j] += curvature * x[j] * x[j];
+    }
+  }
+  if (l2_ > 0)
+    for (size_t i = 0; i < classes_ * features_; ++i) hw[i] += l2_;
+  return true;
+}
+
 Evaluation LogisticRegression::evaluate(std::span<const float> params, const Dataset& data) const {
   SPS_CHECK(params.size() == num_params() && data.cols == features_);
   Evaluation e;

@@ -14,6 +14,12 @@ class LogisticRegression final : public Model {
   void init(std::span<float> params, uint64_t seed) const override;
   double loss_and_gradient(std::span<const float> params, const Batch& batch, std::span<float> grad) const override;
   Evaluation evaluate(std::span<const float> params, const Dataset& data) const override;
+  std::vector<Tensor> tensors() const override;
+  // The exact diagonal of the softmax cross-entropy Hessian on the batch:
+  // d2L/dw_cj^2 = mean_i p_ic (1 - p_ic) x_ij^2 + l2, and for b_c the same
+  // without x (and without l2, which is not applied to biases).
+  bool provides_hessian_diag() const override { return true; }
+  bool hessian_diag(std::span<const float> params, const Batch& batch, std::span<float> out) const override;
 
  private:
   // Softmax probabilities of one example into `p`; returns the example's loss.

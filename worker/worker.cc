@@ -10,9 +10,9 @@
 
 #include "common/jsonl.h"
 #include "common/process.h"
-#include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 #include "worker/client.h"
+#include "worker/compression.h"
 #include "worker/logreg.h"
 
 namespace sps::worker {
@@ -24,33 +24,6 @@ Result<std::unique_ptr<Model>> make_model(const config::Config& cfg, const Datas
           std::make_unique<LogisticRegression>(train.cols, train.num_classes, cfg.training.l2, cfg.model.init_std));
   }
   return invalid_argument("unknown model");
-}
-
-kernels::SelectionParams selection_params(const config::Config& cfg, size_t n, uint32_t rank) {
-  const auto& cc = cfg.compression;
-  kernels::SelectionParams p;
-  switch (cc.method) {
-    case config::CompressionMethod::kDense: p.method = kernels::Method::kDense; break;
-    case config::CompressionMethod::kTopK: p.method = kernels::Method::kTopK; break;
-    case config::CompressionMethod::kThreshold: p.method = kernels::Method::kThreshold; break;
-    case config::CompressionMethod::kGaussianK: p.method = kernels::Method::kGaussianK; break;
-    case config::CompressionMethod::kRandomK: p.method = kernels::Method::kRandomK; break;
-    case config::CompressionMethod::kSampled: p.method = kernels::Method::kSampled; break;
-  }
-  p.k = cc.method == config::CompressionMethod::kDense
-            ? n
-            : (cc.k > 0 ? std::min<size_t>(n, static_cast<size_t>(cc.k)) : kernels::k_from_ratio(cc.ratio, n));
-  p.lambda = static_cast<float>(cc.lambda);
-  p.max_nnz = static_cast<size_t>(cc.max_nnz);
-  p.randomk_unbiased = cc.randomk_unbiased;
-  // Each worker draws its own random-k indices, reproducibly.
-  p.seed = static_cast<uint64_t>(cfg.training.seed) * 1000003u + rank;
-  return p;
-}
-
-kernels::ErrorFeedbackMode error_feedback_mode(const config::Config& cfg) {
-  return cfg.compression.error_feedback == config::ErrorFeedback::kEf ? kernels::ErrorFeedbackMode::kEf
-                                                                      : kernels::ErrorFeedbackMode::kNone;
 }
 
 Status load_data(const config::Config& cfg, Dataset& train, Dataset& test) {
@@ -102,8 +75,9 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
   SPS_RETURN_IF_ERROR(client.start_barrier());
 
   const auto& cc = cfg_.compression;
-  kernels::CpuCompressor compressor(n, selection_params(cfg_, n, rank), error_feedback_mode(cfg_));
-  const size_t k = compressor.params().k;
+  SPS_ASSIGN_OR_RETURN(auto compression, CompressionStage::create(cfg_, *model, rank));
+  const size_t k = compression->k();
+  const auto wire_values = value_format(cfg_);
   BatchSampler sampler(train_set.rows, rank, world, static_cast<uint64_t>(cfg_.training.seed));
   std::vector<uint32_t> ids;
   Batch batch;
@@ -129,17 +103,15 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
     const double compute_s = sw.seconds();
     sw.reset();
     // lr-scaled error feedback takes this step's lr from the schedule.
-    const float scale =
-        cc.scale == config::Scale::kLr ? static_cast<float>(config::learning_rate(cfg_, step)) : 1.0f;
-    SPS_RETURN_IF_ERROR(
-        compressor.compress(grad, scale, sel, clock).with_context(fmt::format("worker {} step {}", rank, step)));
+    SPS_RETURN_IF_ERROR(compression->compress(params, batch, grad, step, sel)
+                            .with_context(fmt::format("worker {} step {}", rank, step)));
     const double select_s = sw.seconds();
     sw.reset();
     const auto before = client.counters();  // copy: the deltas below are per step
     if (cc.method == config::CompressionMethod::kDense) {
-      SPS_RETURN_IF_ERROR(client.push_dense(clock, sel.values));
+      SPS_RETURN_IF_ERROR(client.push_dense(clock, sel.values, wire_values));
     } else {
-      SPS_RETURN_IF_ERROR(client.push_sparse(clock, sel));
+      SPS_RETURN_IF_ERROR(client.push_sparse(clock, sel, wire_values));
     }
     const auto& after = client.counters();
     const double work_s = compute_s + select_s + sw.seconds();
@@ -150,8 +122,8 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
                {"version", version},
                {"loss", loss},
                {"nnz", sel.size()},
-               {"threshold", compressor.last_stats().threshold},
-               {"fallback", compressor.last_stats().fallback},
+               {"threshold", compression->last_stats().threshold},
+               {"fallback", compression->last_stats().fallback},
                {"bytes_pushed", after.bytes_pushed - before.bytes_pushed},
                {"bytes_pulled", after.bytes_pulled - before.bytes_pulled},
                {"compute_s", compute_s},
@@ -211,7 +183,7 @@ Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset&
   report.wall_seconds = wall.seconds();
   log.write({{"event", "done"}, {"steps", steps}, {"bytes_pushed", c.bytes_pushed},
              {"bytes_pushed_dense_equivalent", c.bytes_pushed_dense_equivalent}, {"bytes_pulled", c.bytes_pulled},
-             {"nnz_pushed", c.nnz_pushed}, {"residual_norm", std::sqrt(compressor.residual_norm_sq())}});
+             {"nnz_pushed", c.nnz_pushed}, {"residual_norm", std::sqrt(compression->residual_norm_sq())}, {"hessian_clamped", compression->hessian_clamped()}});
   return client.finish(report);
 }
 

@@ -15,8 +15,6 @@
 #include "common/process.h"
 #include "common/status.h"
 #include "config/config.h"
-#include "kernels/cpu_compressor.h"
-#include "kernels/sparsify.h"
 #include "worker/dataset.h"
 #include "worker/model.h"
 
@@ -26,10 +24,6 @@ class PsClient;
 
 // Builds the model a config names; `train` supplies feature/class counts.
 Result<std::unique_ptr<Model>> make_model(const config::Config& cfg, const Dataset& train);
-
-// What worker `rank` selects each step, from the config (k from ratio or k).
-kernels::SelectionParams selection_params(const config::Config& cfg, size_t num_params, uint32_t rank);
-kernels::ErrorFeedbackMode error_feedback_mode(const config::Config& cfg);
 
 // Loads the training and test sets a config names.
 Status load_data(const config::Config& cfg, Dataset& train, Dataset& test);

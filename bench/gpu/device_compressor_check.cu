@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "kernels/cuda/device_compressor.h"
-#include "kernels/value_format.h"
+#include "common/value_format.h"
 
 namespace {
 

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "common/status.h"
-#include "kernels/value_format.h"
+#include "common/value_format.h"
 
 namespace sps::kernels::cuda {
 

@@ -77,6 +77,32 @@ TEST(JobTest, ServerMomentumWeightDecayAndScheduleMatchTheReferenceBitForBit) {
                    "optimizer.weight_decay=0.0001", "optimizer.lr_schedule=cosine", "optimizer.warmup_steps=20"});
 }
 
+// The compression options that change what goes on the wire, all at once:
+// per-tensor selection, f16 values (rounding error in the residual),
+// Hessian-aided compensation, DGC momentum correction and the sparsity
+// warm-up, through real processes and the f16 protocol path.
+TEST(JobTest, PerTensorHalfValuesHessianAndWarmupMatchTheReferenceBitForBit) {
+  run_and_compare("compression_options", 2, 2,
+                  {"data.train_limit=2000", "data.test_limit=500", "training.steps=150", "training.batch_size=16",
+                   "training.lr=0.1", "compression.ratio=0.05", "compression.scope=per_tensor",
+                   "compression.values=f16", "compression.error_feedback=hessian_diag",
+                   "compression.hessian_every=5", "compression.momentum_correction=0.5",
+                   "compression.warmup_steps=40", "compression.warmup_ratio=0.5", "compression.clip_norm=5"});
+}
+
+TEST(JobTest, HalfValuesHalveTheValueBytes) {
+  Job job("bytes_f16", 1, 1, {"data.train_limit=500", "data.test_limit=100", "training.steps=20",
+                              "compression.ratio=0.01", "compression.values=bf16"});
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(job.wait_all(120));
+  ASSERT_EQ(job.scheduler.exit_status(), 0);
+  const auto s = read_json(job.path("summary.json"));
+  const uint64_t n = s["num_params"];
+  const uint64_t k = n / 100;
+  // Per push: a 64-byte header + 4-byte key + 2-byte value per entry.
+  EXPECT_EQ(s["bytes_pushed"].get<uint64_t>(), 20 * (64 + 6 * k));
+}
+
 TEST(JobTest, SummaryCountsBytesConsistently) {
   Job job("bytes", 2, 2, {"data.train_limit=1000", "data.test_limit=200", "training.steps=50",
                           "compression.ratio=0.01", "consistency.sparse_pull=false"});

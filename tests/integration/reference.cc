@@ -2,10 +2,10 @@
 
 #include <memory>
 
-#include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 #include "scheduler/consistency.h"
 #include "server/shard.h"
+#include "worker/compression.h"
 #include "worker/worker.h"
 
 namespace sps::testing {
@@ -17,7 +17,6 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
   const size_t n = model->num_params();
   const auto W = static_cast<uint32_t>(cfg.cluster.num_workers);
   const auto S = static_cast<uint32_t>(cfg.cluster.num_servers);
-  const auto& cc = cfg.compression;
 
   std::vector<float> params(n);
   model->init(params, static_cast<uint64_t>(cfg.training.seed));
@@ -27,11 +26,11 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
     shards.emplace_back(b, e, W, server::Optimizer::from_config(cfg, e - b), scheduler::make_policy(cfg.consistency));
     shards.back().set_params(std::span<const float>(params).subspan(b, e - b));
   }
-  std::vector<std::unique_ptr<kernels::CpuCompressor>> compressors;
+  std::vector<std::unique_ptr<worker::CompressionStage>> compressors;
   std::vector<worker::BatchSampler> samplers;
   for (uint32_t w = 0; w < W; ++w) {
-    compressors.push_back(std::make_unique<kernels::CpuCompressor>(
-        n, worker::selection_params(cfg, n, w), worker::error_feedback_mode(cfg)));
+    SPS_ASSIGN_OR_RETURN(auto stage, worker::CompressionStage::create(cfg, *model, w));
+    compressors.push_back(std::move(stage));
     samplers.emplace_back(train.rows, w, W, static_cast<uint64_t>(cfg.training.seed));
   }
   std::vector<float> grad(n);
@@ -45,9 +44,7 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
       samplers[w].next(static_cast<size_t>(cfg.training.batch_size), ids);
       worker::make_batch(train, ids, batch);
       model->loss_and_gradient(params, batch, grad);
-      const float scale =
-          cc.scale == config::Scale::kLr ? static_cast<float>(config::learning_rate(cfg, step)) : 1.0f;
-      SPS_RETURN_IF_ERROR(compressors[w]->compress(grad, scale, sel, static_cast<uint64_t>(step)));
+      SPS_RETURN_IF_ERROR(compressors[w]->compress(params, batch, grad, step, sel));
       size_t pos = 0;
       for (auto& sh : shards) {
         const size_t begin = pos;

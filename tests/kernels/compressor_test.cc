@@ -13,7 +13,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/cpu_compressor.h"
-#include "kernels/value_format.h"
+#include "common/value_format.h"
 
 namespace sps::kernels {
 namespace {

@@ -13,7 +13,7 @@
 #define SPS_HOST_DEVICE
 #endif
 
-namespace sps::kernels {
+namespace sps {
 
 enum class ValueFormat : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
@@ -84,4 +84,4 @@ inline const char* value_format_name(ValueFormat format) {
   }
 }
 
-}  // namespace sps::kernels
+}  // namespace sps

@@ -1,0 +1,165 @@
+#include "worker/compression.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/format.h>
+
+namespace sps::worker {
+
+kernels::SelectionParams selection_params(const config::Config& cfg, size_t n, uint32_t rank) {
+  const auto& cc = cfg.compression;
+  kernels::SelectionParams p;
+  switch (cc.method) {
+    case config::CompressionMethod::kDense: p.method = kernels::Method::kDense; break;
+    case config::CompressionMethod::kTopK: p.method = kernels::Method::kTopK; break;
+    case config::CompressionMethod::kThreshold: p.method = kernels::Method::kThreshold; break;
+    case config::CompressionMethod::kGaussianK: p.method = kernels::Method::kGaussianK; break;
+    case config::CompressionMethod::kRandomK: p.method = kernels::Method::kRandomK; break;
+    case config::CompressionMethod::kSampled: p.method = kernels::Method::kSampled; break;
+  }
+  p.k = cc.method == config::CompressionMethod::kDense
+            ? n
+            : (cc.k > 0 ? std::min<size_t>(n, static_cast<size_t>(cc.k)) : kernels::k_from_ratio(cc.ratio, n));
+  p.lambda = static_cast<float>(cc.lambda);
+  p.max_nnz = static_cast<size_t>(cc.max_nnz);
+  p.randomk_unbiased = cc.randomk_unbiased;
+  // Each worker draws its own random-k indices, reproducibly.
+  p.seed = static_cast<uint64_t>(cfg.training.seed) * 1000003u + rank;
+  return p;
+}
+
+ValueFormat value_format(const config::Config& cfg) {
+  switch (cfg.compression.values) {
+    case config::ValueFormatName::kF16: return ValueFormat::kF16;
+    case config::ValueFormatName::kBF16: return ValueFormat::kBF16;
+    default: return ValueFormat::kF32;
+  }
+}
+
+kernels::CompressorOptions compressor_options(const config::Config& cfg, size_t n, uint32_t rank) {
+  const auto& cc = cfg.compression;
+  kernels::CompressorOptions o;
+  o.selection = selection_params(cfg, n, rank);
+  switch (cc.error_feedback) {
+    case config::ErrorFeedback::kNone: o.error_feedback = kernels::ErrorFeedbackMode::kNone; break;
+    case config::ErrorFeedback::kEf: o.error_feedback = kernels::ErrorFeedbackMode::kEf; break;
+    case config::ErrorFeedback::kHessianDiag: o.error_feedback = kernels::ErrorFeedbackMode::kHessianDiag; break;
+  }
+  o.momentum = static_cast<float>(cc.momentum_correction);
+  o.clip_norm = static_cast<float>(cc.clip_norm);
+  o.values = value_format(cfg);
+  o.threads = static_cast<int>(cc.threads);
+  return o;
+}
+
+Result<std::unique_ptr<CompressionStage>> CompressionStage::create(const config::Config& cfg, const Model& model,
+                                                                    uint32_t rank) {
+  std::unique_ptr<CompressionStage> stage(new CompressionStage(cfg, model));
+  const size_t n = model.num_params();
+  if (cfg.compression.scope == config::CompressionScope::kPerTensor) {
+    stage->tensors_ = model.tensors();
+  } else {
+    stage->tensors_ = {{"params", 0, n}};
+  }
+  size_t covered = 0;
+  for (const auto& t : stage->tensors_) {
+    if (t.offset != covered || t.size == 0)
+      return invalid_argument(fmt::format("model tensor {} (offset {}, size {}) does not continue the layout at {}",
+                                          t.name, t.offset, t.size, covered));
+    covered += t.size;
+  }
+  if (covered != n)
+    return invalid_argument(fmt::format("model tensors cover {} of {} parameters", covered, n));
+  const auto backend =
+      cfg.compression.backend == config::BackendName::kCuda ? kernels::Backend::kCuda : kernels::Backend::kCpu;
+  for (size_t i = 0; i < stage->tensors_.size(); ++i) {
+    const auto& t = stage->tensors_[i];
+    // Each tensor draws its own random-k indices.
+    auto options = compressor_options(cfg, t.size, rank * 131u + static_cast<uint32_t>(i));
+    if (stage->tensors_.size() == 1) options = compressor_options(cfg, t.size, rank);
+    auto c = kernels::make_compressor(backend, t.size, options);
+    if (!c.ok()) return c.status().with_context(fmt::format("compression (tensor {})", t.name));
+    stage->compressors_.push_back(std::move(c).value());
+    if (t.size > stage->tensors_[stage->largest_].size) stage->largest_ = i;
+  }
+  if (cfg.compression.error_feedback == config::ErrorFeedback::kHessianDiag) {
+    stage->hessian_.assign(n, 0.0f);
+    if (!model.provides_hessian_diag())
+      return invalid_argument(
+          "compression.error_feedback: hessian_diag needs a Hessian-diagonal estimate, which this model does not "
+          "provide; use ef");
+  }
+  return stage;
+}
+
+size_t CompressionStage::k_at(int64_t step, size_t tensor_size) const {
+  const auto& cc = cfg_.compression;
+  if (cc.warmup_steps <= 0 || step >= cc.warmup_steps || cc.k > 0 || cc.warmup_ratio <= cc.ratio)
+    return selection_params(cfg_, tensor_size, 0).k;
+  // DGC-style exponential warm-up: warmup_ratio at step 0, ratio at the end.
+  const double f = static_cast<double>(step) / static_cast<double>(cc.warmup_steps);
+  const double ratio = cc.warmup_ratio * std::pow(cc.ratio / cc.warmup_ratio, f);
+  return kernels::k_from_ratio(ratio, tensor_size);
+}
+
+size_t CompressionStage::k() const {
+  size_t k = 0;
+  for (const auto& t : tensors_) k += selection_params(cfg_, t.size, 0).k;
+  return k;
+}
+
+Status CompressionStage::compress(std::span<const float> params, const Batch& batch, std::span<const float> grad,
+                                  int64_t step, kernels::SparseVector& out) {
+  const auto& cc = cfg_.compression;
+  const float lr = static_cast<float>(config::learning_rate(cfg_, step));
+  const float scale = cc.scale == config::Scale::kLr ? lr : 1.0f;
+  if (!hessian_.empty()) {
+    const bool due = hessian_step_ < 0 || step - hessian_step_ >= cc.hessian_every;
+    if (due) {
+      if (!model_.hessian_diag(params, batch, hessian_))
+        return failed_precondition("the model stopped providing a Hessian-diagonal estimate");
+      hessian_step_ = step;
+    }
+    // gamma is the step size: A = 1 - clamp(lr * h, 0, 1).
+    if (due || lr != hessian_gamma_) {
+      hessian_gamma_ = lr;
+      hessian_clamped_ = 0;
+      for (size_t i = 0; i < tensors_.size(); ++i) {
+        const auto& t = tensors_[i];
+        SPS_ASSIGN_OR_RETURN(const size_t clamped, compressors_[i]->set_hessian_diag(
+                                                       std::span<const float>(hessian_).subspan(t.offset, t.size), lr));
+        hessian_clamped_ += clamped;
+      }
+    }
+  }
+  const bool uses_k = cc.method != config::CompressionMethod::kDense && cc.method != config::CompressionMethod::kThreshold;
+  out.clear();
+  stats_ = {};
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    const auto& t = tensors_[i];
+    auto& c = *compressors_[i];
+    if (uses_k && cc.warmup_steps > 0 && step <= cc.warmup_steps) c.set_k(k_at(step, t.size));
+    auto& part = tensors_.size() == 1 ? out : part_;
+    SPS_RETURN_IF_ERROR(c.compress(grad.subspan(t.offset, t.size), scale, part, static_cast<uint64_t>(step))
+                            .with_context(fmt::format("tensor {}", t.name)));
+    if (tensors_.size() > 1) {
+      for (uint32_t idx : part.indices) out.indices.push_back(idx + static_cast<uint32_t>(t.offset));
+      out.values.insert(out.values.end(), part.values.begin(), part.values.end());
+    }
+    const auto& s = c.last_stats();
+    stats_.nnz += s.nnz;
+    stats_.rounds = std::max(stats_.rounds, s.rounds);
+    stats_.fallback = stats_.fallback || s.fallback;
+    if (i == largest_) stats_.threshold = s.threshold;
+  }
+  return {};
+}
+
+double CompressionStage::residual_norm_sq() const {
+  double s = 0;
+  for (const auto& c : compressors_) s += c->residual_norm_sq();
+  return s;
+}
+
+}  // namespace sps::worker

@@ -1,0 +1,64 @@
+// The worker's compression stage, from the config: one compressor over the
+// flat model (scope: global) or one per model tensor (scope: per_tensor),
+// with the sparsity warm-up schedule and the Hessian-diagonal refresh for
+// error_feedback: hessian_diag.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "common/status.h"
+#include "config/config.h"
+#include "kernels/compressor.h"
+#include "kernels/sparsify.h"
+#include "worker/dataset.h"
+#include "worker/model.h"
+
+namespace sps::worker {
+
+// What worker `rank` selects each step over `n` entries (k from ratio or k).
+kernels::SelectionParams selection_params(const config::Config& cfg, size_t n, uint32_t rank);
+kernels::CompressorOptions compressor_options(const config::Config& cfg, size_t n, uint32_t rank);
+// The sent values' wire format.
+ValueFormat value_format(const config::Config& cfg);
+
+class CompressionStage {
+ public:
+  // Fails with a message naming the config key when the model cannot serve
+  // the config (no Hessian estimate for hessian_diag) or the backend is
+  // unavailable.
+  static Result<std::unique_ptr<CompressionStage>> create(const config::Config& cfg, const Model& model,
+                                                          uint32_t rank);
+
+  // One step: refreshes the Hessian estimate when due (on `params`/`batch`),
+  // applies the warm-up k, compresses `grad` into `out` (global indices,
+  // ascending).
+  Status compress(std::span<const float> params, const Batch& batch, std::span<const float> grad, int64_t step,
+                  kernels::SparseVector& out);
+
+  size_t k() const;  // the configured k (after warm-up), summed over tensors
+  // Last step, summed over tensors: nnz; threshold of the largest tensor.
+  const kernels::SelectionStats& last_stats() const { return stats_; }
+  double residual_norm_sq() const;
+  size_t hessian_clamped() const { return hessian_clamped_; }
+
+ private:
+  CompressionStage(const config::Config& cfg, const Model& model) : cfg_(cfg), model_(model) {}
+  size_t k_at(int64_t step, size_t tensor_size) const;
+
+  const config::Config& cfg_;
+  const Model& model_;
+  std::vector<Model::Tensor> tensors_;
+  std::vector<std::unique_ptr<kernels::Compressor>> compressors_;
+  size_t largest_ = 0;
+  std::vector<float> hessian_;
+  float hessian_gamma_ = -1;
+  int64_t hessian_step_ = -1;
+  size_t hessian_clamped_ = 0;
+  kernels::SparseVector part_;
+  kernels::SelectionStats stats_;
+};
+
+}  // namespace sps::worker
