@@ -76,6 +76,39 @@ TEST(DataTest, SparsePushRoundTrip) {
   }
 }
 
+TEST(DataTest, HalfPrecisionValuesRoundTripAndAreSizeChecked) {
+  const std::vector<uint32_t> keys = {100, 105, 199};
+  const std::vector<float> values = {1.5f, -2.0f, 3.140625f};  // exact in f16 and bf16
+  for (ValueType t : {ValueType::kF16, ValueType::kBF16}) {
+    const auto m = encode_data(push_header(100, 200), keys, values, t);
+    EXPECT_EQ(m.frame2.size(), 6u);
+    auto f = spans(m);
+    auto view = decode_message(f);
+    ASSERT_TRUE(view.ok()) << view.status().to_string();
+    EXPECT_EQ(view->header.value_type, t);
+    auto data = decode_data(*view, 100, 200);
+    ASSERT_TRUE(data.ok()) << data.status().to_string();
+    for (uint32_t i = 0; i < 3; ++i) EXPECT_EQ(data->value(i), values[i]);
+    // A value frame sized for f32 does not pass as f16.
+    Header h = view->header;
+    h.frame2_bytes = 12;
+    const Bytes wrong(12, std::byte{0});
+    const Bytes hb = encode_header(h);
+    const std::vector<ByteSpan> frames = {ByteSpan(hb), ByteSpan(m.frame1), ByteSpan(wrong)};
+    EXPECT_FALSE(decode_message(frames).ok());
+  }
+  // An f16 Inf on the wire is refused like an f32 one.
+  const auto inf = encode_data(push_header(100, 200), std::vector<uint32_t>{101}, std::vector<float>{0.0f},
+                               ValueType::kF16);
+  Bytes values_inf = inf.frame2;
+  values_inf[0] = std::byte{0x00};
+  values_inf[1] = std::byte{0x7C};
+  const std::vector<ByteSpan> frames = {ByteSpan(inf.header), ByteSpan(inf.frame1), ByteSpan(values_inf)};
+  auto view = decode_message(frames);
+  ASSERT_TRUE(view.ok());
+  EXPECT_FALSE(decode_data(*view, 100, 200).ok());
+}
+
 TEST(DataTest, DenseRoundTripAndEmptySparse) {
   Header h = push_header(5, 9);
   h.index_encoding = IndexEncoding::kNone;
