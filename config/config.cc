@@ -109,6 +109,73 @@ Field real_list_field(std::string path, Ref ref, double lo, double hi) {
           [=](const Config& c) { return nlohmann::json(ref(c)); }};
 }
 
+// A name a registry looks up: a lower-case identifier.
+template <class Ref>
+Field identifier_field(std::string path, Ref ref) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            if (!n.IsScalar()) return invalid_argument(fmt::format("expected a name, got {}", scalar_text(n)));
+            const std::string& v = n.Scalar();
+            const bool ok = !v.empty() && v[0] >= 'a' && v[0] <= 'z' &&
+                            std::all_of(v.begin(), v.end(), [](char ch) {
+                              return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_';
+                            });
+            if (!ok) return invalid_argument(fmt::format("'{}' is not a name ([a-z][a-z0-9_]*)", v));
+            ref(c) = v;
+            return {};
+          },
+          [=](const Config& c) { return nlohmann::json(ref(c)); }};
+}
+
+// A list of integers, each in [lo, hi].
+template <class Ref>
+Field integer_list_field(std::string path, Ref ref, int64_t lo, int64_t hi) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            if (n.IsNull()) {
+              ref(c).clear();
+              return {};
+            }
+            if (!n.IsSequence()) return invalid_argument(fmt::format("expected a list of integers, got {}", scalar_text(n)));
+            std::vector<int64_t> out;
+            for (size_t i = 0; i < n.size(); ++i) {
+              int64_t v = 0;
+              if (!n[i].IsScalar() || !YAML::convert<int64_t>::decode(n[i], v))
+                return invalid_argument(fmt::format("entry {}: expected an integer, got {}", i, scalar_text(n[i])));
+              if (v < lo || v > hi) return out_of_range(fmt::format("entry {}: {} is outside [{}, {}]", i, v, lo, hi));
+              out.push_back(v);
+            }
+            ref(c) = std::move(out);
+            return {};
+          },
+          [=](const Config& c) { return nlohmann::json(ref(c)); }};
+}
+
+// A map of names to scalars, kept as text (the model that reads one parses
+// it); `--set path.name=value` sets one entry.
+template <class Ref>
+Field options_field(std::string path, Ref ref) {
+  return {path,
+          [=](const YAML::Node& n, Config& c) -> Status {
+            if (n.IsNull()) return {};
+            if (!n.IsMap()) return invalid_argument(fmt::format("expected a map of name: value, got {}", scalar_text(n)));
+            for (const auto& kv : n) {
+              if (!kv.first.IsScalar() || kv.first.Scalar().empty())
+                return invalid_argument("keys must be plain names");
+              if (!kv.second.IsScalar())
+                return invalid_argument(fmt::format("{}: expected a single value, got {}", kv.first.Scalar(),
+                                                    scalar_text(kv.second)));
+              ref(c)[kv.first.Scalar()] = kv.second.Scalar();
+            }
+            return {};
+          },
+          [=](const Config& c) {
+            nlohmann::json j = nlohmann::json::object();
+            for (const auto& [k, v] : ref(c)) j[k] = v;
+            return j;
+          }};
+}
+
 // An enum spelled by name in the YAML.
 template <class E, class Ref>
 Field enum_field(std::string path, Ref ref, std::vector<std::pair<std::string, E>> names) {
@@ -156,13 +223,19 @@ const std::vector<Field>& fields() {
                              {{"continue", WorkerLoss::kContinue}, {"abort", WorkerLoss::kAbort}}),
       integer_field("cluster.startup_timeout_ms", SPS_REF(cluster.startup_timeout_ms), 100, 3600000),
 
-      enum_field<ModelKind>("model.name", SPS_REF(model.name), {{"logreg", ModelKind::kLogReg}}),
+      identifier_field("model.name", SPS_REF(model.name)),
       real_field("model.init_std", SPS_REF(model.init_std), 0.0, 10.0, false),
+      integer_list_field("model.hidden", SPS_REF(model.hidden), 1, 1 << 20),
+      options_field("model.options", SPS_REF(model.options)),
 
-      string_field("data.name", SPS_REF(data.name), {"fashion_mnist"}),
+      identifier_field("data.name", SPS_REF(data.name)),
       string_field("data.path", SPS_REF(data.path)),
       integer_field("data.train_limit", SPS_REF(data.train_limit), 0, kInt32Max),
       integer_field("data.test_limit", SPS_REF(data.test_limit), 0, kInt32Max),
+      integer_field("data.rows", SPS_REF(data.rows), 1, kInt32Max),
+      integer_field("data.features", SPS_REF(data.features), 1, 1 << 24),
+      real_field("data.condition", SPS_REF(data.condition), 1.0, 1e8, false),
+      real_field("data.noise", SPS_REF(data.noise), 0.0, 1e3, false),
 
       integer_field("training.steps", SPS_REF(training.steps), 1, 1000000000),
       integer_field("training.batch_size", SPS_REF(training.batch_size), 1, 1000000),
@@ -269,6 +342,10 @@ Status apply_override(const std::string& text, Config& c) {
   if (eq == std::string::npos || eq == 0)
     return invalid_argument(fmt::format("{}: expected key.path=value", where_text));
   const std::string path = text.substr(0, eq);
+  if (path.rfind("model.options.", 0) == 0 && path.size() > 14) {
+    c.model.options[path.substr(14)] = text.substr(eq + 1);
+    return {};
+  }
   const Field* f = find_field(path);
   if (f == nullptr) return invalid_argument(fmt::format("{}: unknown key '{}' (see docs/config.md)", where_text, path));
   YAML::Node value;

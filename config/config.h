@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -56,16 +57,22 @@ struct ClusterConfig {
   int startup_timeout_ms = 60000;
 };
 
-enum class ModelKind { kLogReg };
 struct ModelConfig {
-  // logreg (softmax regression). Default: logreg.
-  ModelKind name = ModelKind::kLogReg;
-  // Scale of the random initial weights (normal, stddev). Default: 0. Range [0, 10].
+  // A model registered with the worker: built-ins logreg, least_squares,
+  // mlp, or a name a user program registers. Default: logreg.
+  std::string name = "logreg";
+  // Scale of the random initial weights (normal, stddev); 0 = the model's
+  // own default. Default: 0. Range [0, 10].
   double init_std = 0.0;
+  // mlp: widths of the hidden layers. Default: [512, 256].
+  std::vector<int64_t> hidden = {512, 256};
+  // Free-form settings for user models (model.options.<name>: scalar).
+  std::map<std::string, std::string> options;
 };
 
 struct DataConfig {
-  // Dataset: fashion_mnist. Default: fashion_mnist.
+  // A dataset registered with the worker: built-ins fashion_mnist,
+  // least_squares (synthetic), or a user-registered name. Default: fashion_mnist.
   std::string name = "fashion_mnist";
   // Folder with the IDX files. Default: /usr/share/datasets/fashion-mnist.
   std::string path = "/usr/share/datasets/fashion-mnist";
@@ -73,6 +80,14 @@ struct DataConfig {
   int train_limit = 0;
   // Use only the first N test examples (0 = all). Default: 0.
   int test_limit = 0;
+  // least_squares: examples in the training set (the test set has a quarter as many). Default: 4096.
+  int rows = 4096;
+  // least_squares: features per example. Default: 100.
+  int features = 100;
+  // least_squares: condition number of the feature covariance. Default: 100. Range [1, 1e8].
+  double condition = 100.0;
+  // least_squares: standard deviation of the label noise. Default: 0. Range [0, 1e3].
+  double noise = 0.0;
 };
 
 struct TrainingConfig {

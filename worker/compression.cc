@@ -53,24 +53,23 @@ kernels::CompressorOptions compressor_options(const config::Config& cfg, size_t 
   return o;
 }
 
-Result<std::unique_ptr<CompressionStage>> CompressionStage::create(const config::Config& cfg, const Model& model,
+Result<std::unique_ptr<CompressionStage>> CompressionStage::create(const config::Config& cfg, sps::Model& model,
                                                                     uint32_t rank) {
   std::unique_ptr<CompressionStage> stage(new CompressionStage(cfg, model));
-  const size_t n = model.num_params();
+  const auto specs = model.tensors();
+  const size_t n = sps::num_params(specs);
+  if (n == 0) return invalid_argument("the model declares no parameters");
   if (cfg.compression.scope == config::CompressionScope::kPerTensor) {
-    stage->tensors_ = model.tensors();
+    size_t offset = 0;
+    for (const auto& t : specs) {
+      if (t.size() == 0)
+        return invalid_argument(fmt::format("compression.scope: per_tensor: model tensor '{}' is empty", t.name));
+      stage->tensors_.push_back({t.name, offset, t.size()});
+      offset += t.size();
+    }
   } else {
     stage->tensors_ = {{"params", 0, n}};
   }
-  size_t covered = 0;
-  for (const auto& t : stage->tensors_) {
-    if (t.offset != covered || t.size == 0)
-      return invalid_argument(fmt::format("model tensor {} (offset {}, size {}) does not continue the layout at {}",
-                                          t.name, t.offset, t.size, covered));
-    covered += t.size;
-  }
-  if (covered != n)
-    return invalid_argument(fmt::format("model tensors cover {} of {} parameters", covered, n));
   const auto backend =
       cfg.compression.backend == config::BackendName::kCuda ? kernels::Backend::kCuda : kernels::Backend::kCpu;
   for (size_t i = 0; i < stage->tensors_.size(); ++i) {

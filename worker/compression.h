@@ -7,14 +7,14 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "common/status.h"
 #include "config/config.h"
 #include "kernels/compressor.h"
 #include "kernels/sparsify.h"
-#include "worker/dataset.h"
-#include "worker/model.h"
+#include "sps/model.h"
 
 namespace sps::worker {
 
@@ -29,7 +29,7 @@ class CompressionStage {
   // Fails with a message naming the config key when the model cannot serve
   // the config (no Hessian estimate for hessian_diag) or the backend is
   // unavailable.
-  static Result<std::unique_ptr<CompressionStage>> create(const config::Config& cfg, const Model& model,
+  static Result<std::unique_ptr<CompressionStage>> create(const config::Config& cfg, sps::Model& model,
                                                           uint32_t rank);
 
   // One step: refreshes the Hessian estimate when due (on `params`/`batch`),
@@ -45,12 +45,18 @@ class CompressionStage {
   size_t hessian_clamped() const { return hessian_clamped_; }
 
  private:
-  CompressionStage(const config::Config& cfg, const Model& model) : cfg_(cfg), model_(model) {}
+  // A tensor's place in the flat parameter vector.
+  struct Slice {
+    std::string name;
+    size_t offset = 0;
+    size_t size = 0;
+  };
+  CompressionStage(const config::Config& cfg, sps::Model& model) : cfg_(cfg), model_(model) {}
   size_t k_at(int64_t step, size_t tensor_size) const;
 
   const config::Config& cfg_;
-  const Model& model_;
-  std::vector<Model::Tensor> tensors_;
+  sps::Model& model_;
+  std::vector<Slice> tensors_;
   std::vector<std::unique_ptr<kernels::Compressor>> compressors_;
   size_t largest_ = 0;
   std::vector<float> hessian_;

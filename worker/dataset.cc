@@ -37,7 +37,7 @@ uint32_t be32(const uint8_t* p) {
 
 }  // namespace
 
-Result<Dataset> load_idx(const std::string& images_path, const std::string& labels_path, size_t limit) {
+Result<ImageSet> load_idx(const std::string& images_path, const std::string& labels_path, size_t limit) {
   SPS_ASSIGN_OR_RETURN(auto images, read_gzip(images_path));
   SPS_ASSIGN_OR_RETURN(auto labels, read_gzip(labels_path));
   if (images.size() < 16 || be32(images.data()) != 0x00000803)
@@ -51,7 +51,7 @@ Result<Dataset> load_idx(const std::string& images_path, const std::string& labe
     return malformed(fmt::format("{}: {} bytes for {} images of {}x{}", images_path, images.size(), n, h, w));
   if (be32(labels.data() + 4) != n || labels.size() != 8 + n)
     return malformed(fmt::format("{}: label count does not match {} images", labels_path, n));
-  Dataset d;
+  ImageSet d;
   d.rows = limit > 0 ? std::min(limit, n) : n;
   d.cols = h * w;
   d.num_classes = 10;
@@ -62,23 +62,26 @@ Result<Dataset> load_idx(const std::string& images_path, const std::string& labe
   return d;
 }
 
-Result<Dataset> load_fashion_mnist(const std::string& folder, bool train, size_t limit) {
+Result<ImageSet> load_fashion_mnist(const std::string& folder, bool train, size_t limit) {
   const std::string prefix = train ? "train" : "t10k";
   return load_idx(fmt::format("{}/{}-images-idx3-ubyte.gz", folder, prefix),
                   fmt::format("{}/{}-labels-idx1-ubyte.gz", folder, prefix), limit);
 }
 
-void make_batch(const Dataset& data, std::span<const uint32_t> ids, Batch& out) {
+void ImageDataset::batch(std::span<const uint32_t> ids, sps::Batch& out) const {
+  const ImageSet& data = images_;
   out.rows = ids.size();
   out.cols = data.cols;
   out.x.resize(out.rows * out.cols);
-  out.y.resize(out.rows);
+  out.labels.resize(out.rows);
+  out.targets.clear();
   constexpr float kScale = 1.0f / 255.0f;
   for (size_t r = 0; r < ids.size(); ++r) {
+    SPS_CHECK(ids[r] < data.rows);
     const uint8_t* src = data.pixels.data() + size_t{ids[r]} * data.cols;
     float* dst = out.x.data() + r * out.cols;
     for (size_t c = 0; c < data.cols; ++c) dst[c] = static_cast<float>(src[c]) * kScale;
-    out.y[r] = data.labels[ids[r]];
+    out.labels[r] = data.labels[ids[r]];
   }
 }
 

@@ -1,4 +1,4 @@
-// Datasets and batch sampling for the built-in models.
+// Built-in datasets and the worker's batch sampling.
 //
 // Fashion-MNIST comes from Debian's dataset-fashion-mnist package as gzipped
 // IDX files; images stay as bytes in memory (47 MB for the training set) and
@@ -12,10 +12,12 @@
 #include <vector>
 
 #include "common/status.h"
+#include "sps/dataset.h"
 
 namespace sps::worker {
 
-struct Dataset {
+// Labelled images as bytes, as an IDX file pair holds them.
+struct ImageSet {
   size_t rows = 0;
   size_t cols = 0;              // features per example (784 for 28x28)
   size_t num_classes = 0;
@@ -25,20 +27,22 @@ struct Dataset {
 
 // Reads a gzipped IDX image file and its label file; keeps the first `limit`
 // examples when limit > 0. Errors name the file and what is wrong with it.
-Result<Dataset> load_idx(const std::string& images_path, const std::string& labels_path, size_t limit = 0);
+Result<ImageSet> load_idx(const std::string& images_path, const std::string& labels_path, size_t limit = 0);
 // Loads <folder>/train-* (train = true) or <folder>/t10k-* .
-Result<Dataset> load_fashion_mnist(const std::string& folder, bool train, size_t limit = 0);
+Result<ImageSet> load_fashion_mnist(const std::string& folder, bool train, size_t limit = 0);
 
-// A batch as the models see it: row-major float features and int labels.
-struct Batch {
-  size_t rows = 0;
-  size_t cols = 0;
-  std::vector<float> x;
-  std::vector<int32_t> y;
+// An ImageSet as an sps::Dataset: pixels scaled to [0, 1], integer labels.
+class ImageDataset final : public sps::Dataset {
+ public:
+  explicit ImageDataset(ImageSet images) : images_(std::move(images)) {}
+  size_t size() const override { return images_.rows; }
+  size_t features() const override { return images_.cols; }
+  size_t classes() const override { return images_.num_classes; }
+  void batch(std::span<const uint32_t> ids, sps::Batch& out) const override;
+
+ private:
+  ImageSet images_;
 };
-
-// Copies rows `ids` of `data` into `out`, scaling pixels to [0, 1].
-void make_batch(const Dataset& data, std::span<const uint32_t> ids, Batch& out);
 
 // Worker `rank` of `world` draws from its own partition (examples i with
 // i % world == rank), reshuffled every epoch with a seed derived from

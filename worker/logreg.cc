@@ -12,7 +12,7 @@ namespace sps::worker {
 LogisticRegression::LogisticRegression(size_t features, size_t classes, double l2, double init_std)
     : features_(features), classes_(classes), l2_(static_cast<float>(l2)), init_std_(init_std) {}
 
-void LogisticRegression::init(std::span<float> params, uint64_t seed) const {
+void LogisticRegression::init(std::span<float> params, uint64_t seed) {
   SPS_CHECK(params.size() == num_params());
   std::fill(params.begin(), params.end(), 0.0f);
   if (init_std_ <= 0) return;
@@ -47,8 +47,9 @@ double LogisticRegression::forward_row(std::span<const float> params, const floa
 }
 
 double LogisticRegression::loss_and_gradient(std::span<const float> params, const Batch& batch,
-                                             std::span<float> grad) const {
-  SPS_CHECK(params.size() == num_params() && grad.size() == num_params() && batch.cols == features_);
+                                             std::span<float> grad) {
+  SPS_CHECK(params.size() == num_params() && grad.size() == num_params() && batch.cols == features_ &&
+            batch.labels.size() == batch.rows);
   std::fill(grad.begin(), grad.end(), 0.0f);
   float* gw = grad.data();
   float* gb = grad.data() + classes_ * features_;
@@ -57,9 +58,9 @@ double LogisticRegression::loss_and_gradient(std::span<const float> params, cons
   const float inv_rows = 1.0f / static_cast<float>(batch.rows);
   for (size_t r = 0; r < batch.rows; ++r) {
     const float* x = batch.x.data() + r * features_;
-    loss += forward_row(params, x, batch.y[r], p.data());
+    loss += forward_row(params, x, batch.labels[r], p.data());
     for (size_t c = 0; c < classes_; ++c) {
-      const float d = (p[c] - (static_cast<int32_t>(c) == batch.y[r] ? 1.0f : 0.0f)) * inv_rows;
+      const float d = (p[c] - (static_cast<int32_t>(c) == batch.labels[r] ? 1.0f : 0.0f)) * inv_rows;
       gb[c] += d;
       float* gwc = gw + c * features_;
       for (size_t j = 0; j < features_; ++j) gwc[j] += d * x[j];
@@ -77,12 +78,13 @@ double LogisticRegression::loss_and_gradient(std::span<const float> params, cons
   return loss;
 }
 
-std::vector<Model::Tensor> LogisticRegression::tensors() const {
-  return {{"weights", 0, classes_ * features_}, {"bias", classes_ * features_, classes_}};
+std::vector<TensorSpec> LogisticRegression::tensors() const {
+  return {{"weights", {classes_, features_}}, {"bias", {classes_}}};
 }
 
-bool LogisticRegression::hessian_diag(std::span<const float> params, const Batch& batch, std::span<float> out) const {
-  SPS_CHECK(params.size() == num_params() && out.size() == num_params() && batch.cols == features_);
+bool LogisticRegression::hessian_diag(std::span<const float> params, const Batch& batch, std::span<float> out) {
+  SPS_CHECK(params.size() == num_params() && out.size() == num_params() && batch.cols == features_ &&
+            batch.labels.size() == batch.rows);
   std::fill(out.begin(), out.end(), 0.0f);
   float* hw = out.data();
   float* hb = out.data() + classes_ * features_;
@@ -90,7 +92,7 @@ bool LogisticRegression::hessian_diag(std::span<const float> params, const Batch
   const float inv_rows = 1.0f / static_cast<float>(batch.rows);
   for (size_t r = 0; r < batch.rows; ++r) {
     const float* x = batch.x.data() + r * features_;
-    (void)forward_row(params, x, batch.y[r], p.data());
+    (void)forward_row(params, x, batch.labels[r], p.data());
     for (size_t c = 0; c < classes_; ++c) {
       const float curvature = p[c] * (1.0f - p[c]) * inv_rows;
       hb[c] += curvature;
@@ -103,23 +105,30 @@ bool LogisticRegression::hessian_diag(std::span<const float> params, const Batch
   return true;
 }
 
-Evaluation LogisticRegression::evaluate(std::span<const float> params, const Dataset& data) const {
-  SPS_CHECK(params.size() == num_params() && data.cols == features_);
+Evaluation LogisticRegression::evaluate(std::span<const float> params, const Dataset& data) {
+  SPS_CHECK(params.size() == num_params() && data.features() == features_);
   Evaluation e;
-  std::vector<float> x(features_), p(classes_);
+  std::vector<float> p(classes_);
+  std::vector<uint32_t> ids;
+  Batch batch;
   double loss = 0;
   size_t correct = 0;
-  for (size_t r = 0; r < data.rows; ++r) {
-    const uint8_t* src = data.pixels.data() + r * features_;
-    for (size_t j = 0; j < features_; ++j) x[j] = static_cast<float>(src[j]) * (1.0f / 255.0f);
-    const int32_t y = data.labels[r];
-    loss += forward_row(params, x.data(), y, p.data());
-    const auto best = std::max_element(p.begin(), p.end()) - p.begin();
-    correct += (best == y) ? 1 : 0;
+  constexpr size_t kChunk = 1024;
+  for (size_t begin = 0; begin < data.size(); begin += kChunk) {
+    const size_t end = std::min(data.size(), begin + kChunk);
+    ids.resize(end - begin);
+    for (size_t i = begin; i < end; ++i) ids[i - begin] = static_cast<uint32_t>(i);
+    data.batch(ids, batch);
+    for (size_t r = 0; r < batch.rows; ++r) {
+      const int32_t y = batch.labels[r];
+      loss += forward_row(params, batch.x.data() + r * features_, y, p.data());
+      const auto best = std::max_element(p.begin(), p.end()) - p.begin();
+      correct += (best == y) ? 1 : 0;
+    }
   }
-  e.examples = data.rows;
-  e.loss = data.rows > 0 ? loss / static_cast<double>(data.rows) : 0.0;
-  e.accuracy = data.rows > 0 ? static_cast<double>(correct) / static_cast<double>(data.rows) : 0.0;
+  e.examples = data.size();
+  e.loss = e.examples > 0 ? loss / static_cast<double>(e.examples) : 0.0;
+  e.accuracy = e.examples > 0 ? static_cast<double>(correct) / static_cast<double>(e.examples) : 0.0;
   return e;
 }
 

@@ -1,190 +1,385 @@
-#include "worker/worker.h"
-
+// sps::Worker: the training loop of one worker process, on top of PsClient
+// (the job's sockets) and CompressionStage (error feedback and selection).
+//
+//   pull(clock) -> gradient on a mini-batch -> error feedback + selection
+//   -> push(clock) -> clock + 1
+//
+// then worker 0 evaluates the final model and every worker reports to the
+// scheduler. One JSON line per step goes to <run>/worker-<rank>.jsonl.
 #include <cmath>
-#include <cstdio>
 #include <fstream>
+#include <limits>
+#include <optional>
 #include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+#include <zmq.hpp>
 
 #include "common/jsonl.h"
 #include "common/process.h"
 #include "kernels/sparsify.h"
+#include "sps/worker.h"
 #include "worker/client.h"
 #include "worker/compression.h"
-#include "worker/logreg.h"
+#include "worker/context_access.h"
+#include "worker/dataset.h"
 
-namespace sps::worker {
+namespace sps {
 
-Result<std::unique_ptr<Model>> make_model(const config::Config& cfg, const Dataset& train) {
-  switch (cfg.model.name) {
-    case config::ModelKind::kLogReg:
-      return std::unique_ptr<Model>(
-          std::make_unique<LogisticRegression>(train.cols, train.num_classes, cfg.training.l2, cfg.model.init_std));
-  }
-  return invalid_argument("unknown model");
-}
-
-Status load_data(const config::Config& cfg, Dataset& train, Dataset& test) {
-  SPS_ASSIGN_OR_RETURN(train, load_fashion_mnist(cfg.data.path, true, static_cast<size_t>(cfg.data.train_limit)));
-  SPS_ASSIGN_OR_RETURN(test, load_fashion_mnist(cfg.data.path, false, static_cast<size_t>(cfg.data.test_limit)));
-  return {};
-}
-
-double Worker::straggle_seconds(uint32_t rank, double work_seconds) const {
-  double s = 0;
-  if (rank < cfg_.workers.delay_ms.size()) s += cfg_.workers.delay_ms[rank] / 1000.0;
-  if (rank < cfg_.workers.slowdown.size()) s += (cfg_.workers.slowdown[rank] - 1.0) * work_seconds;
-  return s;
-}
-
-Worker::Worker(config::Config cfg, int requested_rank) : cfg_(std::move(cfg)), requested_rank_(requested_rank) {}
-
-Status Worker::train(zmq::context_t& ctx) {
-  Stopwatch wall;
-  Dataset train_set, test_set;
-  SPS_RETURN_IF_ERROR(load_data(cfg_, train_set, test_set));
-  SPS_ASSIGN_OR_RETURN(auto model, make_model(cfg_, train_set));
-  const size_t n = model->num_params();
-
-  PsClient client(cfg_, ctx);
-  SPS_RETURN_IF_ERROR(client.register_worker(n, requested_rank_));
-  // From here on the scheduler knows us: tell it why we stop, so the job
-  // ends with our reason instead of waiting for a heartbeat timeout.
-  Status s = run_registered(client, *model, train_set, test_set, wall);
-  if (!s.ok()) client.report_error(s.to_string());
-  return s;
-}
-
-Status Worker::run_registered(PsClient& client, Model& model_ref, const Dataset& train_set, const Dataset& test_set,
-                              const Stopwatch& wall) {
-  Model* model = &model_ref;
-  const size_t n = model->num_params();
-  const uint32_t rank = client.rank();
-  const uint32_t world = client.assignment().num_workers;
-  SPS_ASSIGN_OR_RETURN(auto log, JsonlWriter::open(fmt::format("{}/worker-{}.jsonl", cfg_.run_folder(), rank)));
-  log.write({{"event", "assign"}, {"rank", rank}, {"workers", world}, {"num_params", n},
-             {"config", config::to_json(cfg_)}});
-
-  std::vector<float> params(n), grad(n);
-  if (rank == 0) {
-    model->init(params, static_cast<uint64_t>(cfg_.training.seed));
-    SPS_RETURN_IF_ERROR(client.init_params(params));
-  }
-  SPS_RETURN_IF_ERROR(client.start_barrier());
-
-  const auto& cc = cfg_.compression;
-  SPS_ASSIGN_OR_RETURN(auto compression, CompressionStage::create(cfg_, *model, rank));
-  const size_t k = compression->k();
-  const auto wire_values = value_format(cfg_);
-  BatchSampler sampler(train_set.rows, rank, world, static_cast<uint64_t>(cfg_.training.seed));
-  std::vector<uint32_t> ids;
-  Batch batch;
+struct Worker::Impl {
+  config::Config cfg;
+  int requested_rank = -1;
+  zmq::context_t ctx{1};
+  std::unique_ptr<worker::PsClient> client;
+  Model* model = nullptr;
+  size_t n = 0;
+  std::unique_ptr<worker::CompressionStage> compression;
+  JsonlWriter log;
+  std::vector<float> params;  // what the last pull wrote
   kernels::SparseVector sel;
-
-  const int64_t steps = cfg_.training.steps;
-  const int64_t progress_every = std::max<int64_t>(1, steps / cfg_.run.progress_lines);
-  double loss = NAN, loss_window = 0;
+  Batch no_batch;
+  int64_t step = 0;
+  uint64_t version = 0;
+  bool finished = false;
+  double last_loss = NAN;
+  double loss_window = 0;
   int64_t window = 0;
+  Stopwatch wall;
   Stopwatch train_clock;
-  if (rank == 0 && cfg_.run.progress)
-    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}, {}", world, n,
-                 steps, config::to_string(cc.method), k, config::to_string(cc.error_feedback),
-                 config::consistency_name(cfg_.consistency));
-  for (int64_t step = 0; step < steps; ++step) {
-    const auto clock = static_cast<uint64_t>(step);
-    SPS_ASSIGN_OR_RETURN(const uint64_t version, client.pull(clock, params));
-    const double pull_wait = client.last_pull_wait_seconds();
-    Stopwatch sw;
-    sampler.next(static_cast<size_t>(cfg_.training.batch_size), ids);
-    make_batch(train_set, ids, batch);
-    loss = model->loss_and_gradient(params, batch, grad);
-    const double compute_s = sw.seconds();
-    sw.reset();
-    // lr-scaled error feedback takes this step's lr from the schedule.
-    SPS_RETURN_IF_ERROR(compression->compress(params, batch, grad, step, sel)
-                            .with_context(fmt::format("worker {} step {}", rank, step)));
-    const double select_s = sw.seconds();
-    sw.reset();
-    const auto before = client.counters();  // copy: the deltas below are per step
-    if (cc.method == config::CompressionMethod::kDense) {
-      SPS_RETURN_IF_ERROR(client.push_dense(clock, sel.values, wire_values));
-    } else {
-      SPS_RETURN_IF_ERROR(client.push_sparse(clock, sel, wire_values));
+  Stopwatch since_pull;
+  double pull_wait = 0;
+
+  // Turns a failed Status into an exception, telling the scheduler first
+  // (once registered), so the job ends with our reason instead of waiting for
+  // a heartbeat timeout.
+  void check(const Status& s) {
+    if (s.ok()) return;
+    fail(s.to_string());
+  }
+  [[noreturn]] void fail(const std::string& what) {
+    if (client && !finished) {
+      client->report_error(what);
+      finished = true;
     }
-    const auto& after = client.counters();
-    const double work_s = compute_s + select_s + sw.seconds();
-    const double delay_s = straggle_seconds(rank, work_s);
-    if (delay_s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(delay_s));
-    log.write({{"step", step},
-               {"clock", clock},
-               {"version", version},
-               {"loss", loss},
-               {"nnz", sel.size()},
-               {"threshold", compression->last_stats().threshold},
-               {"fallback", compression->last_stats().fallback},
-               {"bytes_pushed", after.bytes_pushed - before.bytes_pushed},
-               {"bytes_pulled", after.bytes_pulled - before.bytes_pulled},
-               {"compute_s", compute_s},
-               {"select_s", select_s},
-               {"push_s", sw.seconds()},
-               {"pull_wait_s", pull_wait},
-               {"delay_s", delay_s}});
-    if (rank == 0 && cfg_.training.eval_every > 0 && step % cfg_.training.eval_every == 0) {
-      // Evaluate the parameters this step pulled: what the job has reached by now.
-      const double at = train_clock.seconds();
-      const Evaluation te = model->evaluate(params, test_set);
-      log.write({{"event", "eval"}, {"step", step}, {"train_seconds", at}, {"test_accuracy", te.accuracy},
-                 {"test_loss", te.loss}});
-    }
-    loss_window += loss;
-    ++window;
-    if (rank == 0 && cfg_.run.progress && ((step + 1) % progress_every == 0 || step + 1 == steps)) {
-      const double elapsed = train_clock.seconds();
-      spdlog::info("step {:>6}/{} ({:3.0f}%)  loss {:.4f}  pushed {:.1f} KiB/step ({:.1f}x less than dense)  "
-                   "{:.0f} steps/s",
-                   step + 1, steps, 100.0 * double(step + 1) / double(steps), loss_window / double(window),
-                   double(after.bytes_pushed) / 1024.0 / double(step + 1),
-                   after.bytes_pushed > 0 ? double(after.bytes_pushed_dense_equivalent) / double(after.bytes_pushed) : 0.0,
-                   double(step + 1) / std::max(elapsed, 1e-9));
-      loss_window = 0;
-      window = 0;
+    throw Error(what);
+  }
+  // Runs `body`; an exception it throws is reported to the scheduler first
+  // (once registered), then passed on.
+  template <class F>
+  auto reporting(F&& body) -> decltype(body()) {
+    try {
+      return body();
+    } catch (const std::exception& e) {
+      if (client && !finished) {
+        client->report_error(e.what());
+        finished = true;
+      }
+      throw;
     }
   }
+  bool connected() const { return compression != nullptr; }
+  void require_connected(const char* call) const {
+    if (!connected()) throw Error(fmt::format("Worker::{}: call connect(model) first", call));
+  }
+  double straggle_seconds(uint32_t rank, double work_seconds) const {
+    double s = 0;
+    if (rank < cfg.workers.delay_ms.size()) s += cfg.workers.delay_ms[rank] / 1000.0;
+    if (rank < cfg.workers.slowdown.size()) s += (cfg.workers.slowdown[rank] - 1.0) * work_seconds;
+    return s;
+  }
+  void pull_into_params();
+  void push(std::span<const float> grad, double loss, const Batch* batch);
+};
 
+Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
+  auto cfg = config::load(options.config_file, options.overrides);
+  if (!cfg.ok()) throw Error("config error: " + cfg.status().message());
+  impl_->cfg = std::move(cfg).value();
+  impl_->requested_rank = options.rank;
+}
+
+Worker::~Worker() {
+  if (impl_ && impl_->client && !impl_->finished) {
+    impl_->client->report_error(
+        fmt::format("worker stopped at step {} of {} without finish()", impl_->step, impl_->cfg.training.steps));
+  }
+}
+
+Context Worker::context() const { return ContextAccess::make(impl_->cfg); }
+
+uint32_t Worker::rank() const {
+  impl_->require_connected("rank");
+  return impl_->client->rank();
+}
+uint32_t Worker::num_workers() const {
+  impl_->require_connected("num_workers");
+  return impl_->client->assignment().num_workers;
+}
+int64_t Worker::steps() const { return impl_->cfg.training.steps; }
+int64_t Worker::step() const { return impl_->step; }
+
+void Worker::connect(Model& model) {
+  impl_->reporting([&] { connect_impl(model); });
+}
+
+void Worker::connect_impl(Model& model) {
+  Impl& w = *impl_;
+  if (w.client) throw Error("Worker::connect: already connected (one model per Worker)");
+  if (model.memory() == Memory::kCuda)
+    throw Error("this worker runtime takes host-memory models only (Model::memory() == kHost); "
+                "copy the gradient to host memory, or see docs/worker-api.md on GPU models");
+  w.model = &model;
+  w.n = num_params(model.tensors());
+  if (w.n == 0) throw Error("the model declares no parameters (Model::tensors() is empty)");
+  if (w.n > std::numeric_limits<uint32_t>::max())
+    throw Error(fmt::format("the model has {} parameters; sps keys are 32-bit", w.n));
+  if (w.cfg.cluster.scheduler_port == 0)
+    throw Error("cluster.scheduler_port is 0: start workers with sps-launch, or pass the scheduler's port with "
+                "--set cluster.scheduler_port=N");
+  w.client = std::make_unique<worker::PsClient>(w.cfg, w.ctx);
+  {
+    const Status s = w.client->register_worker(w.n, w.requested_rank);
+    if (!s.ok()) {
+      w.client.reset();  // not registered: nobody to tell
+      throw Error(s.to_string());
+    }
+  }
+  const uint32_t rank = w.client->rank();
+  auto log = JsonlWriter::open(fmt::format("{}/worker-{}.jsonl", w.cfg.run_folder(), rank));
+  w.check(log.status());
+  w.log = std::move(log).value();
+  const uint32_t world = w.client->assignment().num_workers;
+  w.log.write({{"event", "assign"}, {"rank", rank}, {"workers", world}, {"num_params", w.n},
+               {"config", config::to_json(w.cfg)}});
+  w.params.assign(w.n, 0.0f);
+  if (rank == 0) {
+    model.init(w.params, static_cast<uint64_t>(w.cfg.training.seed));
+    w.check(w.client->init_params(w.params));
+  }
+  auto stage = worker::CompressionStage::create(w.cfg, model, rank);
+  w.check(stage.status());
+  w.compression = std::move(stage).value();
+  w.check(w.client->start_barrier());
+  const auto& cc = w.cfg.compression;
+  if (rank == 0 && w.cfg.run.progress)
+    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}, {}", world,
+                 w.n, w.cfg.training.steps, config::to_string(cc.method), w.compression->k(),
+                 config::to_string(cc.error_feedback), config::consistency_name(w.cfg.consistency));
+  w.train_clock.reset();
+}
+
+void Worker::Impl::pull_into_params() {
+  auto v = client->pull(static_cast<uint64_t>(step), params);
+  check(v.status());
+  version = v.value();
+  pull_wait = client->last_pull_wait_seconds();
+  since_pull.reset();
+}
+
+uint64_t Worker::pull(std::span<float> params) {
+  Impl& w = *impl_;
+  w.require_connected("pull");
+  if (params.size() != w.n)
+    throw Error(fmt::format("Worker::pull: the buffer holds {} floats, the model has {} parameters", params.size(), w.n));
+  w.reporting([&] { w.pull_into_params(); });
+  std::copy(w.params.begin(), w.params.end(), params.begin());
+  return w.version;
+}
+
+void Worker::push(std::span<const float> grad, double loss, const Batch* batch) {
+  impl_->require_connected("push");
+  impl_->reporting([&] { impl_->push(grad, loss, batch); });
+}
+
+void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* batch) {
+  if (grad.size() != n)
+    throw Error(fmt::format("Worker::push: the gradient has {} floats, the model has {} parameters", grad.size(), n));
+  if (step >= cfg.training.steps)
+    throw Error(fmt::format("Worker::push: all {} steps are done; call finish()", cfg.training.steps));
+  const auto& cc = cfg.compression;
+  if (batch == nullptr && cc.error_feedback == config::ErrorFeedback::kHessianDiag)
+    throw Error("compression.error_feedback: hessian_diag asks the model for its Hessian diagonal on the batch; "
+                "pass the batch to Worker::push");
+  const uint32_t rank = client->rank();
+  const double compute_s = since_pull.seconds();
+  Stopwatch sw;
+  // lr-scaled error feedback takes this step's lr from the schedule.
+  check(compression->compress(params, batch ? *batch : no_batch, grad, step, sel)
+            .with_context(fmt::format("worker {} step {}", rank, step)));
+  const double select_s = sw.seconds();
+  sw.reset();
+  const auto clock = static_cast<uint64_t>(step);
+  const auto before = client->counters();  // copy: the deltas below are per step
+  const auto wire_values = worker::value_format(cfg);
+  if (cc.method == config::CompressionMethod::kDense) {
+    check(client->push_dense(clock, sel.values, wire_values));
+  } else {
+    check(client->push_sparse(clock, sel, wire_values));
+  }
+  const auto& after = client->counters();
+  const double push_s = sw.seconds();
+  const double delay_s = straggle_seconds(rank, compute_s + select_s + push_s);
+  if (delay_s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(delay_s));
+  log.write({{"step", step},
+             {"clock", clock},
+             {"version", version},
+             {"loss", loss},
+             {"nnz", sel.size()},
+             {"threshold", compression->last_stats().threshold},
+             {"fallback", compression->last_stats().fallback},
+             {"bytes_pushed", after.bytes_pushed - before.bytes_pushed},
+             {"bytes_pulled", after.bytes_pulled - before.bytes_pulled},
+             {"compute_s", compute_s},
+             {"select_s", select_s},
+             {"push_s", push_s},
+             {"pull_wait_s", pull_wait},
+             {"delay_s", delay_s}});
+  last_loss = loss;
+  loss_window += loss;
+  ++window;
+  ++step;
+  const int64_t steps = cfg.training.steps;
+  const int64_t progress_every = std::max<int64_t>(1, steps / cfg.run.progress_lines);
+  if (rank == 0 && cfg.run.progress && (step % progress_every == 0 || step == steps)) {
+    const double elapsed = train_clock.seconds();
+    spdlog::info("step {:>6}/{} ({:3.0f}%)  loss {:.4f}  pushed {:.1f} KiB/step ({:.1f}x less than dense)  "
+                 "{:.0f} steps/s",
+                 step, steps, 100.0 * double(step) / double(steps), loss_window / double(window),
+                 double(after.bytes_pushed) / 1024.0 / double(step),
+                 after.bytes_pushed > 0 ? double(after.bytes_pushed_dense_equivalent) / double(after.bytes_pushed)
+                                        : 0.0,
+                 double(step) / std::max(elapsed, 1e-9));
+    loss_window = 0;
+    window = 0;
+  }
+}
+
+TrainResult Worker::finish(const Dataset* train_set, const Dataset* test_set) {
+  impl_->require_connected("finish");
+  if (impl_->finished) throw Error("Worker::finish: already finished");
+  return impl_->reporting([&] { return finish_impl(train_set, test_set); });
+}
+
+TrainResult Worker::finish_impl(const Dataset* train_set, const Dataset* test_set) {
+  Impl& w = *impl_;
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  TrainResult result;
+  result.steps = w.step;
+  result.last_batch_loss = w.last_loss;
+  result.train = {kNaN, kNaN, 0};
+  result.test = {kNaN, kNaN, 0};
   protocol::DoneReport report;
-  report.steps = static_cast<uint64_t>(steps);
-  report.last_batch_loss = loss;
+  report.steps = static_cast<uint64_t>(w.step);
+  report.last_batch_loss = w.last_loss;
   report.train_loss = NAN;
   report.test_accuracy = NAN;
-  if (rank == 0) {
-    SPS_ASSIGN_OR_RETURN(const uint64_t final_version, client.pull(static_cast<uint64_t>(steps), params));
-    const Evaluation tr = model->evaluate(params, train_set);
-    const Evaluation te = model->evaluate(params, test_set);
-    report.train_loss = tr.loss;
-    report.test_accuracy = te.accuracy;
-    log.write({{"event", "eval"}, {"version", final_version}, {"train_loss", tr.loss}, {"train_accuracy", tr.accuracy},
-               {"test_loss", te.loss}, {"test_accuracy", te.accuracy}});
-    if (cfg_.run.progress)
-      spdlog::info("final model: train loss {:.4f}, train accuracy {:.4f}, test accuracy {:.4f}", tr.loss,
-                   tr.accuracy, te.accuracy);
-    if (cfg_.run.save_params) {
-      std::ofstream f(cfg_.run_folder() + "/params.f32", std::ios::binary | std::ios::trunc);
-      f.write(reinterpret_cast<const char*>(params.data()), static_cast<std::streamsize>(params.size() * sizeof(float)));
-      if (!f) return unavailable("cannot write params.f32");
+  if (w.client->rank() == 0) {
+    auto v = w.client->pull(static_cast<uint64_t>(w.step), w.params);
+    w.check(v.status());
+    nlohmann::json line = {{"event", "eval"}, {"version", v.value()}};
+    try {
+      if (train_set != nullptr) {
+        result.train = w.model->evaluate(w.params, *train_set);
+        line["train_loss"] = result.train.loss;
+        line["train_accuracy"] = result.train.accuracy;
+      }
+      if (test_set != nullptr) {
+        result.test = w.model->evaluate(w.params, *test_set);
+        line["test_loss"] = result.test.loss;
+        line["test_accuracy"] = result.test.accuracy;
+      }
+    } catch (const std::exception& e) {
+      w.fail(fmt::format("evaluating the final model: {}", e.what()));
+    }
+    report.train_loss = result.train.loss;
+    report.test_accuracy = result.test.accuracy;
+    w.log.write(std::move(line));
+    if (w.cfg.run.progress)
+      spdlog::info("final model: train loss {:.4f}, train accuracy {:.4f}, test accuracy {:.4f}", result.train.loss,
+                   result.train.accuracy, result.test.accuracy);
+    if (w.cfg.run.save_params) {
+      std::ofstream f(w.cfg.run_folder() + "/params.f32", std::ios::binary | std::ios::trunc);
+      f.write(reinterpret_cast<const char*>(w.params.data()),
+              static_cast<std::streamsize>(w.params.size() * sizeof(float)));
+      if (!f) w.fail("cannot write " + w.cfg.run_folder() + "/params.f32");
     }
   }
-  const auto& c = client.counters();
+  const auto& c = w.client->counters();
   report.bytes_pushed = c.bytes_pushed;
   report.bytes_pushed_dense_equivalent = c.bytes_pushed_dense_equivalent;
   report.bytes_pulled = c.bytes_pulled;
   report.nnz_pushed = c.nnz_pushed;
-  report.wall_seconds = wall.seconds();
-  log.write({{"event", "done"}, {"steps", steps}, {"bytes_pushed", c.bytes_pushed},
-             {"bytes_pushed_dense_equivalent", c.bytes_pushed_dense_equivalent}, {"bytes_pulled", c.bytes_pulled},
-             {"nnz_pushed", c.nnz_pushed}, {"residual_norm", std::sqrt(compression->residual_norm_sq())}, {"hessian_clamped", compression->hessian_clamped()}});
-  return client.finish(report);
+  report.wall_seconds = w.wall.seconds();
+  w.log.write({{"event", "done"},
+               {"steps", w.step},
+               {"bytes_pushed", c.bytes_pushed},
+               {"bytes_pushed_dense_equivalent", c.bytes_pushed_dense_equivalent},
+               {"bytes_pulled", c.bytes_pulled},
+               {"nnz_pushed", c.nnz_pushed},
+               {"residual_norm", std::sqrt(w.compression->residual_norm_sq())},
+               {"hessian_clamped", w.compression->hessian_clamped()}});
+  result.bytes_pushed = c.bytes_pushed;
+  result.bytes_pulled = c.bytes_pulled;
+  result.wall_seconds = report.wall_seconds;
+  w.finished = true;  // from here the scheduler hears from finish() itself
+  const Status s = w.client->finish(report);
+  if (!s.ok()) throw Error(s.to_string());
+  return result;
 }
 
-}  // namespace sps::worker
+TrainResult Worker::train(Model& model, const Dataset& train_set, const Dataset* test_set) {
+  connect(model);
+  return impl_->reporting([&] { return train_loop(model, train_set, test_set); });
+}
+
+TrainResult Worker::train_loop(Model& model, const Dataset& train_set, const Dataset* test_set) {
+  Impl& w = *impl_;
+  if (train_set.size() == 0) w.fail("the training set is empty");
+  if (train_set.size() < num_workers())
+    w.fail(fmt::format("the training set has {} examples for {} workers", train_set.size(), num_workers()));
+  const uint32_t rank = w.client->rank();
+  worker::BatchSampler sampler(train_set.size(), rank, num_workers(), static_cast<uint64_t>(w.cfg.training.seed));
+  std::vector<uint32_t> ids;
+  std::vector<float> grad(w.n);
+  Batch batch;
+  while (w.step < w.cfg.training.steps) {
+    w.pull_into_params();
+    double loss = 0;
+    try {
+      sampler.next(static_cast<size_t>(w.cfg.training.batch_size), ids);
+      train_set.batch(ids, batch);
+      loss = model.loss_and_gradient(w.params, batch, grad);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Error(fmt::format("worker {} step {}: the model failed: {}", rank, w.step, e.what()));
+    }
+    const int64_t step = w.step;
+    w.push(grad, loss, &batch);
+    if (rank == 0 && test_set != nullptr && w.cfg.training.eval_every > 0 && step % w.cfg.training.eval_every == 0) {
+      // Evaluate the parameters this step pulled: what the job has reached by now.
+      const double at = w.train_clock.seconds();
+      const Evaluation te = model.evaluate(w.params, *test_set);
+      w.log.write({{"event", "eval"}, {"step", step}, {"train_seconds", at}, {"test_accuracy", te.accuracy},
+                   {"test_loss", te.loss}});
+    }
+  }
+  return finish_impl(&train_set, test_set);
+}
+
+TrainResult Worker::run(const Registry& registry) {
+  const Context plain = context();
+  std::unique_ptr<Dataset> train_set, test_set;
+  std::unique_ptr<Model> model;
+  const auto& cfg = impl_->cfg;
+  train_set = registry.make_dataset(cfg.data.name, plain, Split::kTrain);
+  test_set = registry.make_dataset(cfg.data.name, plain, Split::kTest);
+  const Context with_data = ContextAccess::make(cfg, train_set.get());
+  model = registry.make_model(cfg.model.name, with_data);
+  for (const auto& name : with_data.unread_options())
+    spdlog::warn("model.options.{} is set but model '{}' does not read it", name, cfg.model.name);
+  return train(*model, *train_set, test_set.get());
+}
+
+}  // namespace sps

@@ -21,7 +21,7 @@ TEST(ConfigTest, DemoConfigLoads) {
   ASSERT_TRUE(c.ok()) << c.status().to_string();
   EXPECT_EQ(c->cluster.num_workers, 4);
   EXPECT_EQ(c->cluster.num_servers, 2);
-  EXPECT_EQ(c->model.name, ModelKind::kLogReg);
+  EXPECT_EQ(c->model.name, "logreg");
   EXPECT_EQ(c->compression.ratio, 0.01);
   EXPECT_EQ(c->compression.error_feedback, ErrorFeedback::kEf);
   EXPECT_EQ(c->consistency.mode, ConsistencyMode::kBsp);

@@ -5,16 +5,29 @@
 #include "kernels/sparsify.h"
 #include "scheduler/consistency.h"
 #include "server/shard.h"
+#include "sps/worker.h"
 #include "worker/compression.h"
-#include "worker/worker.h"
+#include "worker/context_access.h"
+#include "worker/dataset.h"
 
 namespace sps::testing {
 
 Result<ReferenceResult> run_reference(const config::Config& cfg) {
-  worker::Dataset train, test;
-  SPS_RETURN_IF_ERROR(worker::load_data(cfg, train, test));
-  SPS_ASSIGN_OR_RETURN(auto model, worker::make_model(cfg, train));
-  const size_t n = model->num_params();
+  // The same registry and factories the worker programs use.
+  const Registry registry = builtin_registry();
+  std::unique_ptr<Dataset> train_set, test_set;
+  std::unique_ptr<Model> model;
+  try {
+    const Context plain = ContextAccess::make(cfg);
+    train_set = registry.make_dataset(cfg.data.name, plain, Split::kTrain);
+    test_set = registry.make_dataset(cfg.data.name, plain, Split::kTest);
+    model = registry.make_model(cfg.model.name, ContextAccess::make(cfg, train_set.get()));
+  } catch (const Error& e) {
+    return invalid_argument(e.what());
+  }
+  const Dataset& train = *train_set;
+  const Dataset& test = *test_set;
+  const size_t n = num_params(model->tensors());
   const auto W = static_cast<uint32_t>(cfg.cluster.num_workers);
   const auto S = static_cast<uint32_t>(cfg.cluster.num_servers);
 
@@ -31,18 +44,18 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
   for (uint32_t w = 0; w < W; ++w) {
     SPS_ASSIGN_OR_RETURN(auto stage, worker::CompressionStage::create(cfg, *model, w));
     compressors.push_back(std::move(stage));
-    samplers.emplace_back(train.rows, w, W, static_cast<uint64_t>(cfg.training.seed));
+    samplers.emplace_back(train.size(), w, W, static_cast<uint64_t>(cfg.training.seed));
   }
   std::vector<float> grad(n);
   std::vector<uint32_t> ids;
-  worker::Batch batch;
+  Batch batch;
   kernels::SparseVector sel;
   for (int64_t step = 0; step < cfg.training.steps; ++step) {
     for (auto& sh : shards)
       std::copy(sh.params().begin(), sh.params().end(), params.begin() + sh.key_begin());
     for (uint32_t w = 0; w < W; ++w) {
       samplers[w].next(static_cast<size_t>(cfg.training.batch_size), ids);
-      worker::make_batch(train, ids, batch);
+      train.batch(ids, batch);
       model->loss_and_gradient(params, batch, grad);
       SPS_RETURN_IF_ERROR(compressors[w]->compress(params, batch, grad, step, sel));
       size_t pos = 0;

@@ -1,5 +1,7 @@
 #include "worker/logreg.h"
 
+#include "worker/dataset.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -16,7 +18,7 @@ Batch random_batch(size_t rows, size_t cols, size_t classes, uint32_t seed) {
   b.cols = cols;
   b.x.resize(rows * cols);
   for (auto& v : b.x) v = u(rng);
-  for (size_t r = 0; r < rows; ++r) b.y.push_back(static_cast<int32_t>(rng() % classes));
+  for (size_t r = 0; r < rows; ++r) b.labels.push_back(static_cast<int32_t>(rng() % classes));
   return b;
 }
 
@@ -64,13 +66,14 @@ TEST(LogRegTest, EvaluateCountsCorrectPredictions) {
   LogisticRegression m(2, 2);
   // Class 1 iff x1 > x0.
   std::vector<float> p = {1, -1, -1, 1, 0, 0};
-  Dataset d;
+  ImageSet d;
   d.rows = 3;
   d.cols = 2;
   d.num_classes = 2;
   d.pixels = {200, 10, 10, 200, 200, 10};
   d.labels = {0, 1, 1};
-  const Evaluation e = m.evaluate(p, d);
+  const ImageDataset data(d);
+  const Evaluation e = m.evaluate(p, data);
   EXPECT_EQ(e.examples, 3u);
   EXPECT_NEAR(e.accuracy, 2.0 / 3.0, 1e-12);
 }

@@ -1,0 +1,98 @@
+#include "worker/least_squares.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "common/status.h"
+
+namespace sps::worker {
+
+double portable_normal(uint64_t a, uint64_t b) {
+  const double u1 = (static_cast<double>(a >> 11) + 1.0) / 9007199254740993.0;
+  const double u2 = static_cast<double>(b >> 11) / 9007199254740992.0;
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+LeastSquaresData::LeastSquaresData(size_t rows, size_t features, double condition, double noise, uint64_t seed,
+                                   Split split)
+    : rows_(rows), features_(features), x_(rows * features), y_(rows), planted_(features) {
+  std::mt19937_64 planted_rng(seed ^ 0x5eed5eedULL);
+  for (auto& w : planted_) w = static_cast<float>(portable_normal(planted_rng(), planted_rng()));
+  std::vector<float> scale(features);
+  for (size_t j = 0; j < features; ++j) {
+    const double t = features > 1 ? static_cast<double>(j) / static_cast<double>(features - 1) : 0.0;
+    scale[j] = static_cast<float>(std::pow(condition, -0.5 * t));  // variance 1 .. 1/condition
+  }
+  std::mt19937_64 rng(seed * 2 + (split == Split::kTrain ? 1 : 2));
+  for (size_t i = 0; i < rows; ++i) {
+    float* x = x_.data() + i * features;
+    double dot = 0;
+    for (size_t j = 0; j < features; ++j) {
+      x[j] = static_cast<float>(portable_normal(rng(), rng())) * scale[j];
+      dot += double{x[j]} * planted_[j];
+    }
+    y_[i] = static_cast<float>(dot + (noise > 0 ? noise * portable_normal(rng(), rng()) : 0.0));
+  }
+}
+
+void LeastSquaresData::batch(std::span<const uint32_t> ids, sps::Batch& out) const {
+  out.rows = ids.size();
+  out.cols = features_;
+  out.x.resize(out.rows * features_);
+  out.targets.resize(out.rows);
+  out.labels.clear();
+  for (size_t r = 0; r < ids.size(); ++r) {
+    SPS_CHECK(ids[r] < rows_);
+    std::copy_n(x_.data() + size_t{ids[r]} * features_, features_, out.x.data() + r * features_);
+    out.targets[r] = y_[ids[r]];
+  }
+}
+
+void LeastSquares::init(std::span<float> params, uint64_t /*seed*/) { std::fill(params.begin(), params.end(), 0.0f); }
+
+double LeastSquares::loss_and_gradient(std::span<const float> params, const Batch& batch, std::span<float> grad) {
+  SPS_CHECK(params.size() == features_ && grad.size() == features_ && batch.cols == features_ &&
+            batch.targets.size() == batch.rows);
+  residual_.resize(batch.rows);
+  double loss = 0;
+  for (size_t i = 0; i < batch.rows; ++i) {
+    const float* x = batch.x.data() + i * features_;
+    double r = -double{batch.targets[i]};
+    for (size_t j = 0; j < features_; ++j) r += double{x[j]} * params[j];
+    residual_[i] = static_cast<float>(r);
+    loss += 0.5 * r * r;
+  }
+  const float inv_rows = 1.0f / static_cast<float>(batch.rows);
+  std::fill(grad.begin(), grad.end(), 0.0f);
+  for (size_t i = 0; i < batch.rows; ++i) {
+    const float* x = batch.x.data() + i * features_;
+    const float r = residual_[i] * inv_rows;
+    for (size_t j = 0; j < features_; ++j) grad[j] += r * x[j];
+  }
+  loss /= static_cast<double>(batch.rows);
+  if (l2_ > 0) {
+    double reg = 0;
+    for (size_t j = 0; j < features_; ++j) {
+      reg += double{params[j]} * params[j];
+      grad[j] += l2_ * params[j];
+    }
+    loss += 0.5 * l2_ * reg;
+  }
+  return loss;
+}
+
+bool LeastSquares::hessian_diag(std::span<const float> params, const Batch& batch, std::span<float> out) {
+  SPS_CHECK(params.size() == features_ && out.size() == features_ && batch.cols == features_);
+  std::fill(out.begin(), out.end(), 0.0f);
+  const float inv_rows = 1.0f / static_cast<float>(batch.rows);
+  for (size_t i = 0; i < batch.rows; ++i) {
+    const float* x = batch.x.data() + i * features_;
+    for (size_t j = 0; j < features_; ++j) out[j] += x[j] * x[j] * inv_rows;
+  }
+  if (l2_ > 0)
+    for (auto& h : out) h += l2_;
+  return true;
+}
+
+}  // namespace sps::worker
