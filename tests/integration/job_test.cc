@@ -18,7 +18,9 @@
 namespace sps::testing {
 namespace {
 
-void run_and_compare(const std::string& name, int workers, int servers, const std::vector<std::string>& extra) {
+// `classifier`: the model reports accuracy (least squares does not).
+void run_and_compare(const std::string& name, int workers, int servers, const std::vector<std::string>& extra,
+                     bool classifier = true) {
   Job job(name, workers, servers, extra);
   job.sets.push_back("run.save_params=true");
   ASSERT_TRUE(job.start()) << read_text(job.path("scheduler.out"));
@@ -50,8 +52,17 @@ void run_and_compare(const std::string& name, int workers, int servers, const st
   }
   EXPECT_EQ(differing, 0u) << "max |diff| " << max_diff;
   EXPECT_EQ(summary["train_loss"].get<double>(), ref->train_loss);
-  EXPECT_EQ(summary["test_accuracy"].get<double>(), ref->test_accuracy);
   EXPECT_EQ(summary["steps"].get<int64_t>(), cfg->training.steps);
+  if (!classifier) {
+    // It learned: the final training loss is far below the first batch's.
+    const auto lines = read_jsonl(job.path("worker-0.jsonl"));
+    double first = -1;
+    for (const auto& l : lines)
+      if (l.contains("step") && l["step"] == 0) first = l["loss"].get<double>();
+    EXPECT_LT(ref->train_loss, 0.2 * first);
+    return;
+  }
+  EXPECT_EQ(summary["test_accuracy"].get<double>(), ref->test_accuracy);
   // And it learned something: well below the uniform-guess loss ln(10) = 2.30.
   EXPECT_LT(ref->train_loss, 1.0);
   EXPECT_GT(ref->test_accuracy, 0.6);
@@ -88,6 +99,54 @@ TEST(JobTest, PerTensorHalfValuesHessianAndWarmupMatchTheReferenceBitForBit) {
                    "compression.values=f16", "compression.error_feedback=hessian_diag",
                    "compression.hessian_every=5", "compression.momentum_correction=0.5",
                    "compression.warmup_steps=40", "compression.warmup_ratio=0.5", "compression.clip_norm=5"});
+}
+
+// The built-in MLP (OpenBLAS products) through real processes: the same
+// floats as the reference, per-tensor selection over its six tensors.
+TEST(JobTest, MlpMatchesTheReferenceBitForBit) {
+  run_and_compare("mlp", 2, 2,
+                  {"model.name=mlp", "model.hidden=[32]", "data.train_limit=2000", "data.test_limit=500",
+                   "training.steps=200", "training.batch_size=16", "training.lr=0.2", "compression.ratio=0.02",
+                   "compression.scope=per_tensor"});
+}
+
+// Least squares on the synthetic ill-conditioned problem with Hessian-aided
+// error compensation (the model's exact Hessian diagonal).
+TEST(JobTest, LeastSquaresWithHessianAidedCompensationMatchesTheReferenceBitForBit) {
+  run_and_compare("least_squares", 2, 2,
+                  {"model.name=least_squares", "data.name=least_squares", "data.rows=2000", "data.features=50",
+                   "data.condition=100", "training.steps=150", "training.batch_size=16", "training.lr=0.2",
+                   "compression.ratio=0.1", "compression.error_feedback=hessian_diag"},
+                  /*classifier=*/false);
+}
+
+// A model without a Hessian estimate refuses hessian_diag at start-up, and
+// the job ends with the worker's reason instead of hanging.
+TEST(JobTest, HessianDiagWithoutAnEstimateFailsTheJobWithTheKey) {
+  Job job("mlp_hessian", 1, 1, {"model.name=mlp", "model.hidden=[8]", "data.train_limit=200", "data.test_limit=50",
+                                "training.steps=5", "compression.error_feedback=hessian_diag"});
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(job.wait_all(60));
+  EXPECT_NE(job.scheduler.exit_status(), 0);
+  EXPECT_EQ(job.workers[0].exit_status(), 1);
+  const std::string out = read_text(job.path("worker-0.out"));
+  EXPECT_NE(out.find("compression.error_feedback: hessian_diag"), std::string::npos) << out;
+  EXPECT_NE(read_text(job.path("scheduler.out")).find("hessian_diag"), std::string::npos);
+}
+
+// A name no registry entry answers to is a config error naming the key and
+// what the program does have; nothing is started.
+TEST(JobTest, UnknownModelNameIsAConfigError) {
+  const std::string dir = fresh_run_dir("unknown_model");
+  Process worker({bin("sps-worker"), "--set", "model.name=resnet9000", "--set", "cluster.scheduler_port=1", "--set",
+                  "run.dir=" + dir},
+                 dir + "/worker.out");
+  EXPECT_EQ(worker.wait(30), 2);
+  const std::string out = read_text(dir + "/worker.out");
+  EXPECT_NE(out.find("model.name: no model 'resnet9000'"), std::string::npos) << out;
+  Process list({bin("sps-worker"), "--list-models"}, dir + "/list.out");
+  EXPECT_EQ(list.wait(30), 0);
+  EXPECT_NE(read_text(dir + "/list.out").find("models: least_squares logreg mlp"), std::string::npos);
 }
 
 TEST(JobTest, HalfValuesHalveTheValueBytes) {

@@ -101,9 +101,9 @@ SPS_API Registry builtin_registry();
 
 struct WorkerOptions {
   // Job config (YAML); empty = every key at its default.
-  std::string config_file;
+  std::string config_file{};
   // "key.path=value" overrides applied after the file, in order.
-  std::vector<std::string> overrides;
+  std::vector<std::string> overrides{};
   // Ask the scheduler for this worker rank; -1 = any free rank.
   int rank = -1;
 };
