@@ -160,7 +160,7 @@ void Job::start_server(int rank) {
 }
 
 void Job::start_worker(int rank) {
-  workers.emplace_back(node_argv(*this, "sps-worker", rank), path("worker-" + std::to_string(rank) + ".out"));
+  workers.emplace_back(node_argv(*this, worker_program, rank), path("worker-" + std::to_string(rank) + ".out"));
 }
 
 bool Job::start() {

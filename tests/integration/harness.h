@@ -56,6 +56,8 @@ struct Job {
   int num_workers;
   int num_servers;
   int port = 0;
+  // The worker program start_worker() runs (in the build's bin folder).
+  std::string worker_program = "sps-worker";
   Process scheduler;
   std::vector<Process> servers;
   std::vector<Process> workers;

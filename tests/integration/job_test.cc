@@ -149,6 +149,27 @@ TEST(JobTest, UnknownModelNameIsAConfigError) {
   EXPECT_NE(read_text(dir + "/list.out").find("models: least_squares logreg mlp"), std::string::npos);
 }
 
+// A user's own loop on the public API (connect, pull, push, finish): the job
+// completes and the model learns.
+TEST(JobTest, OwnTrainingLoopThroughThePublicApi) {
+  Job job("own_loop", 2, 2, {"model.name=least_squares", "data.name=least_squares", "data.rows=1000",
+                             "data.features=40", "training.steps=200", "training.batch_size=10", "training.lr=0.1",
+                             "compression.ratio=0.1"});
+  job.worker_program = "sps-test-own-loop-worker";
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(job.wait_all(120));
+  ASSERT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  for (int w = 0; w < 2; ++w)
+    EXPECT_EQ(job.workers[w].exit_status(), 0) << read_text(job.path("worker-" + std::to_string(w) + ".out"));
+  const auto s = read_json(job.path("summary.json"));
+  EXPECT_EQ(s["steps"].get<int64_t>(), 200);
+  double first = -1;
+  for (const auto& l : read_jsonl(job.path("worker-0.jsonl")))
+    if (l.contains("step") && l["step"] == 0) first = l["loss"].get<double>();
+  EXPECT_LT(s["train_loss"].get<double>(), 0.2 * first);
+  EXPECT_NE(read_text(job.path("worker-0.out")).find("own loop: 200 steps"), std::string::npos);
+}
+
 TEST(JobTest, HalfValuesHalveTheValueBytes) {
   Job job("bytes_f16", 1, 1, {"data.train_limit=500", "data.test_limit=100", "training.steps=20",
                               "compression.ratio=0.01", "compression.values=bf16"});

@@ -60,6 +60,9 @@ class SPS_API Context {
 
   // The training set, when a model is being built (features, classes).
   const Dataset* train() const { return train_; }
+  // This context with `train` as its training set (to build a model from a
+  // registry in a loop of your own).
+  Context with_train(const Dataset* train) const { return Context(impl_, train); }
 
  private:
   friend struct ContextAccess;  // how the runtime builds one from a loaded config
