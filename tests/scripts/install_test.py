@@ -22,8 +22,17 @@ def run(cmd, **kw):
     return r
 
 
+def check_docs_example(source):
+    """docs/worker-api.md shows the example program as it is built here."""
+    doc = open(os.path.join(source, "docs", "worker-api.md")).read()
+    shown = doc.split("```cpp\n", 1)[1].split("```", 1)[0]
+    program = open(os.path.join(source, "examples", "custom_model", "my_worker.cc")).read()
+    assert shown.strip() in program, "docs/worker-api.md's example differs from examples/custom_model/my_worker.cc"
+
+
 def main():
     build, source = sys.argv[1], sys.argv[2]
+    check_docs_example(source)
     tmp = tempfile.mkdtemp(prefix="sps-install-")
     try:
         prefix = os.path.join(tmp, "prefix")
