@@ -225,6 +225,7 @@ const std::vector<Field>& fields() {
 
       identifier_field("model.name", SPS_REF(model.name)),
       real_field("model.init_std", SPS_REF(model.init_std), 0.0, 10.0, false),
+      string_field("model.device", SPS_REF(model.device), {"cpu", "cuda"}),
       integer_list_field("model.hidden", SPS_REF(model.hidden), 1, 1 << 20),
       options_field("model.options", SPS_REF(model.options)),
 
@@ -365,6 +366,10 @@ Status check_cross_keys(const Config& c) {
   if (c.cluster.heartbeat_timeout_ms <= c.cluster.heartbeat_ms)
     return invalid_argument(fmt::format("{}: cluster.heartbeat_timeout_ms ({}) must exceed cluster.heartbeat_ms ({})",
                                         c.source, c.cluster.heartbeat_timeout_ms, c.cluster.heartbeat_ms));
+  if (c.model.device == "cuda" && c.compression.backend != BackendName::kCuda)
+    return invalid_argument(fmt::format("{}: model.device: cuda keeps the gradient on the GPU; it needs "
+                                        "compression.backend: cuda",
+                                        c.source));
   if (c.compression.method == CompressionMethod::kThreshold && !(c.compression.lambda > 0))
     return invalid_argument(fmt::format("{}: compression.lambda must be > 0 for method threshold", c.source));
   if (c.compression.momentum_correction >= 1.0)

@@ -64,6 +64,9 @@ struct ModelConfig {
   // Scale of the random initial weights (normal, stddev); 0 = the model's
   // own default. Default: 0. Range [0, 10].
   double init_std = 0.0;
+  // cpu | cuda: where the model computes (cuda: the built-in mlp on cuBLAS;
+  // needs compression.backend: cuda). Default: cpu.
+  std::string device = "cpu";
   // mlp: widths of the hidden layers. Default: [512, 256].
   std::vector<int64_t> hidden = {512, 256};
   // Free-form settings for user models (model.options.<name>: scalar).

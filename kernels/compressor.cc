@@ -13,6 +13,14 @@ namespace sps::kernels {
 
 std::string backend_name(Backend b) { return b == Backend::kCuda ? "cuda" : "cpu"; }
 
+Status Compressor::compress_device(const float* /*grad*/, size_t /*n*/, float /*scale*/, SparseVector& out,
+                                   uint64_t /*step*/) {
+  out.clear();
+  return failed_precondition(fmt::format("the {} compressor reads host memory only; a gradient in device memory "
+                                         "needs compression.backend: cuda",
+                                         backend_name(backend())));
+}
+
 Result<std::unique_ptr<Compressor>> make_compressor(Backend backend, size_t n, const CompressorOptions& options) {
   const auto& p = options.selection;
   if (p.method == Method::kRandomK && p.randomk_unbiased && options.error_feedback != ErrorFeedbackMode::kNone)

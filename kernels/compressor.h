@@ -49,6 +49,10 @@ class Compressor {
   // leaves every buffer as it was) when grad has the wrong size or any acc
   // entry is NaN or Inf; the message names the first bad index.
   virtual Status compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step) = 0;
+  // The same on `n` floats of device memory (a GPU worker's gradient): only
+  // the selection comes back to the host. The CUDA backend only; the CPU
+  // backend fails with kFailedPrecondition.
+  virtual Status compress_device(const float* grad, size_t n, float scale, SparseVector& out, uint64_t step);
 
   // The diagonal Hessian estimate h (n entries, copied) and the step size
   // gamma used by hessian_diag: A = 1 - clamp(gamma * h_j, 0, 1). Returns

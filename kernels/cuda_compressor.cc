@@ -41,10 +41,16 @@ class CudaCompressor final : public Compressor {
       : n_(n), options_(options), device_(std::move(device)) {}
 
   Status compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step) override {
+    return run(grad.data(), grad.size(), /*on_device=*/false, scale, out, step);
+  }
+  Status compress_device(const float* grad, size_t n, float scale, SparseVector& out, uint64_t step) override {
+    return run(grad, n, /*on_device=*/true, scale, out, step);
+  }
+
+  Status run(const float* grad, size_t n, bool on_device, float scale, SparseVector& out, uint64_t step) {
     out.clear();
     stats_ = {};
-    if (grad.size() != n_)
-      return invalid_argument(fmt::format("gradient has {} entries, the model has {}", grad.size(), n_));
+    if (n != n_) return invalid_argument(fmt::format("gradient has {} entries, the model has {}", n, n_));
     const SelectionParams& p = options_.selection;
     cuda::StepInputs inputs;
     if (p.method == Method::kRandomK) {
@@ -56,7 +62,8 @@ class CudaCompressor final : public Compressor {
       inputs.sample_stride = layout.stride;
     }
     cuda::DeviceStats ds;
-    Status s = device_->compress_host(grad.data(), scale, inputs, out.indices, out.values, ds);
+    Status s = on_device ? device_->compress_device(grad, scale, inputs, out.indices, out.values, ds)
+                         : device_->compress_host(grad, scale, inputs, out.indices, out.values, ds);
     if (!s.ok()) {
       out.clear();
       return s;

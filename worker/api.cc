@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "worker/context_access.h"
+#include "worker/device_mirror.h"
 
 namespace sps {
 
@@ -20,7 +21,19 @@ bool Model::hessian_diag(std::span<const float> /*params*/, const Batch& /*batch
 }
 
 Evaluation Model::evaluate(std::span<const float> params, const Dataset& data) {
-  std::vector<float> grad(params.size());
+  // The gradient is scratch, in the model's memory.
+  std::vector<float> host_grad;
+  std::unique_ptr<worker::DeviceMirror> device_grad;
+  std::span<float> grad;
+  if (memory() == Memory::kCuda) {
+    auto scratch = worker::make_device_scratch(params.size());
+    if (!scratch.ok()) throw Error(scratch.status().message());
+    device_grad = std::move(scratch).value();
+    grad = device_grad->grad();
+  } else {
+    host_grad.resize(params.size());
+    grad = host_grad;
+  }
   std::vector<uint32_t> ids;
   Batch batch;
   double loss = 0;

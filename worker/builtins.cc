@@ -7,6 +7,10 @@
 #include "worker/least_squares.h"
 #include "worker/logreg.h"
 #include "worker/mlp.h"
+#include "sps/build_config.h"
+#if SPS_HAVE_CUDA
+#include "worker/mlp_cuda.h"
+#endif
 
 namespace sps {
 namespace {
@@ -14,6 +18,12 @@ namespace {
 const Dataset& require_train(const Context& c, const char* model) {
   if (c.train() == nullptr) throw Error(fmt::format("model {}: needs the training set to size itself", model));
   return *c.train();
+}
+
+void require_cpu(const Context& c, const char* model) {
+  if (c.string("model.device") != "cpu")
+    throw Error(fmt::format("model.device: {} has no GPU path (the built-in GPU model is mlp); use model.device: cpu",
+                            model));
 }
 
 size_t require_classes(const Dataset& d, const char* model) {
@@ -28,6 +38,7 @@ Registry builtin_registry() {
   Registry r;
   r.add_model("logreg", [](const Context& c) -> std::unique_ptr<Model> {
     const Dataset& d = require_train(c, "logreg");
+    require_cpu(c, "logreg");
     return std::make_unique<worker::LogisticRegression>(d.features(), require_classes(d, "logreg"),
                                                         c.real("training.l2"), c.real("model.init_std"));
   });
@@ -36,12 +47,20 @@ Registry builtin_registry() {
     std::vector<size_t> widths{d.features()};
     for (double h : c.reals("model.hidden")) widths.push_back(static_cast<size_t>(h));
     widths.push_back(require_classes(d, "mlp"));
+    if (c.string("model.device") == "cuda") {
+#if SPS_HAVE_CUDA
+      return std::make_unique<worker::MlpCuda>(std::move(widths), c.real("training.l2"), c.real("model.init_std"));
+#else
+      throw Error("model.device: cuda needs an sps built with CUDA (-DSPS_CUDA=ON and the CUDA toolkit)");
+#endif
+    }
     const int64_t threads = c.option("blas_threads", int64_t{1});
     return std::make_unique<worker::Mlp>(std::move(widths), c.real("training.l2"), c.real("model.init_std"),
                                          static_cast<int>(threads));
   });
   r.add_model("least_squares", [](const Context& c) -> std::unique_ptr<Model> {
     const Dataset& d = require_train(c, "least_squares");
+    require_cpu(c, "least_squares");
     if (d.classes() != 0)
       throw Error("model.name: least_squares needs real-valued targets; pair it with data.name: least_squares");
     return std::make_unique<worker::LeastSquares>(d.features(), c.real("training.l2"));

@@ -149,7 +149,8 @@ Status PsClient::start_barrier() {
   return {};
 }
 
-Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params) {
+Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullChanges* changes) {
+  if (changes != nullptr) changes->clear();
   Stopwatch wait;
   const size_t n = servers_.size();
   for (size_t s = 0; s < n; ++s) {
@@ -187,6 +188,13 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params) {
             (!data->dense() && !pulled_[s]))
           return malformed(fmt::format("unexpected reply from server {} to the pull for clock {}", s, clock));
         for (uint32_t i = 0; i < data->size(); ++i) params[data->key(i)] = data->value(i);
+        if (changes != nullptr) {
+          if (data->dense()) {
+            changes->ranges.emplace_back(shard.key_begin, shard.key_end);
+          } else {
+            for (uint32_t i = 0; i < data->size(); ++i) changes->keys.push_back(data->key(i));
+          }
+        }
         counters_.bytes_pulled += r->bytes();
         counters_.sparse_pulls += data->dense() ? 0 : 1;
         versions_[s] = m->header.base_version;

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <zmq.hpp>
@@ -31,6 +32,18 @@ struct ClientCounters {
   uint64_t nnz_pushed = 0;
 };
 
+// What a pull rewrote in the caller's buffer: whole key ranges (shards that
+// answered densely) and single keys (sparse answers), for a GPU worker that
+// mirrors the parameters in device memory.
+struct PullChanges {
+  std::vector<std::pair<uint32_t, uint32_t>> ranges;  // [begin, end)
+  std::vector<uint32_t> keys;
+  void clear() {
+    ranges.clear();
+    keys.clear();
+  }
+};
+
 class PsClient {
  public:
   PsClient(const config::Config& cfg, zmq::context_t& ctx);
@@ -50,7 +63,8 @@ class PsClient {
   // server may send only the keys changed since this client's last pull of
   // that shard, so `params` must hold what the previous pull left there.
   // Returns the oldest shard version received.
-  Result<uint64_t> pull(uint64_t clock, std::span<float> params);
+  // `changes`, when given, receives what this pull wrote.
+  Result<uint64_t> pull(uint64_t clock, std::span<float> params, PullChanges* changes = nullptr);
   // Pushes a sparse selection (global keys, ascending) tagged with `clock`;
   // each shard's part carries the version of that shard this client last
   // pulled. Every shard receives a message, empty or not, so clocks advance

@@ -82,6 +82,14 @@ Result<std::unique_ptr<CompressionStage>> CompressionStage::create(const config:
     stage->compressors_.push_back(std::move(c).value());
     if (t.size > stage->tensors_[stage->largest_].size) stage->largest_ = i;
   }
+  if (model.memory() == sps::Memory::kCuda) {
+    if (backend != kernels::Backend::kCuda)
+      return invalid_argument("compression.backend: a GPU model's gradient stays in device memory; set "
+                              "compression.backend: cuda");
+    if (cfg.compression.error_feedback == config::ErrorFeedback::kHessianDiag)
+      return invalid_argument("compression.error_feedback: hessian_diag takes a host-memory Hessian estimate, which "
+                              "GPU models do not provide in this version; use ef");
+  }
   if (cfg.compression.error_feedback == config::ErrorFeedback::kHessianDiag) {
     stage->hessian_.assign(n, 0.0f);
     if (!model.provides_hessian_diag())
@@ -109,7 +117,7 @@ size_t CompressionStage::k() const {
 }
 
 Status CompressionStage::compress(std::span<const float> params, const Batch& batch, std::span<const float> grad,
-                                  int64_t step, kernels::SparseVector& out) {
+                                  int64_t step, kernels::SparseVector& out, bool grad_on_device) {
   const auto& cc = cfg_.compression;
   const float lr = static_cast<float>(config::learning_rate(cfg_, step));
   const float scale = cc.scale == config::Scale::kLr ? lr : 1.0f;
@@ -140,17 +148,19 @@ Status CompressionStage::compress(std::span<const float> params, const Batch& ba
     auto& c = *compressors_[i];
     if (uses_k && cc.warmup_steps > 0 && step <= cc.warmup_steps) c.set_k(k_at(step, t.size));
     auto& part = tensors_.size() == 1 ? out : part_;
-    SPS_RETURN_IF_ERROR(c.compress(grad.subspan(t.offset, t.size), scale, part, static_cast<uint64_t>(step))
-                            .with_context(fmt::format("tensor {}", t.name)));
+    const Status s = grad_on_device
+                         ? c.compress_device(grad.data() + t.offset, t.size, scale, part, static_cast<uint64_t>(step))
+                         : c.compress(grad.subspan(t.offset, t.size), scale, part, static_cast<uint64_t>(step));
+    SPS_RETURN_IF_ERROR(s.with_context(fmt::format("tensor {}", t.name)));
     if (tensors_.size() > 1) {
       for (uint32_t idx : part.indices) out.indices.push_back(idx + static_cast<uint32_t>(t.offset));
       out.values.insert(out.values.end(), part.values.begin(), part.values.end());
     }
-    const auto& s = c.last_stats();
-    stats_.nnz += s.nnz;
-    stats_.rounds = std::max(stats_.rounds, s.rounds);
-    stats_.fallback = stats_.fallback || s.fallback;
-    if (i == largest_) stats_.threshold = s.threshold;
+    const auto& st = c.last_stats();
+    stats_.nnz += st.nnz;
+    stats_.rounds = std::max(stats_.rounds, st.rounds);
+    stats_.fallback = stats_.fallback || st.fallback;
+    if (i == largest_) stats_.threshold = st.threshold;
   }
   return {};
 }

@@ -35,8 +35,9 @@ class CompressionStage {
   // One step: refreshes the Hessian estimate when due (on `params`/`batch`),
   // applies the warm-up k, compresses `grad` into `out` (global indices,
   // ascending).
+  // `grad_on_device`: grad points to device memory (a GPU model).
   Status compress(std::span<const float> params, const Batch& batch, std::span<const float> grad, int64_t step,
-                  kernels::SparseVector& out);
+                  kernels::SparseVector& out, bool grad_on_device = false);
 
   size_t k() const;  // the configured k (after warm-up), summed over tensors
   // Last step, summed over tensors: nnz; threshold of the largest tensor.

@@ -24,27 +24,35 @@ Mlp::Mlp(std::vector<size_t> widths, double l2, double init_std, int blas_thread
   if (blas_threads > 0) openblas_set_num_threads(blas_threads);
 }
 
-std::vector<TensorSpec> Mlp::tensors() const {
+std::vector<TensorSpec> mlp_tensors(const std::vector<size_t>& widths) {
   std::vector<TensorSpec> t;
-  for (size_t l = 0; l + 1 < widths_.size(); ++l) {
+  for (size_t l = 0; l + 1 < widths.size(); ++l) {
     const std::string name = "fc" + std::to_string(l + 1);
-    t.push_back({name + ".weight", {widths_[l + 1], widths_[l]}});
-    t.push_back({name + ".bias", {widths_[l + 1]}});
+    t.push_back({name + ".weight", {widths[l + 1], widths[l]}});
+    t.push_back({name + ".bias", {widths[l + 1]}});
   }
   return t;
 }
 
-void Mlp::init(std::span<float> params, uint64_t seed) {
-  SPS_CHECK(params.size() == num_params_);
+size_t mlp_num_params(const std::vector<size_t>& widths) { return num_params(mlp_tensors(widths)); }
+
+void mlp_init(const std::vector<size_t>& widths, double init_std, uint64_t seed, std::span<float> params) {
+  SPS_CHECK(params.size() == mlp_num_params(widths));
   std::fill(params.begin(), params.end(), 0.0f);
   std::mt19937_64 rng(seed);
-  for (size_t l = 0; l + 1 < widths_.size(); ++l) {
-    const double std = init_std_ > 0 ? init_std_ : std::sqrt(2.0 / static_cast<double>(widths_[l]));
-    float* w = params.data() + weight_offset_[l];
-    for (size_t i = 0; i < widths_[l + 1] * widths_[l]; ++i)
+  size_t offset = 0;
+  for (size_t l = 0; l + 1 < widths.size(); ++l) {
+    const double std = init_std > 0 ? init_std : std::sqrt(2.0 / static_cast<double>(widths[l]));
+    float* w = params.data() + offset;
+    for (size_t i = 0; i < widths[l + 1] * widths[l]; ++i)
       w[i] = static_cast<float>(std * portable_normal(rng(), rng()));
+    offset += widths[l + 1] * widths[l] + widths[l + 1];
   }
 }
+
+std::vector<TensorSpec> Mlp::tensors() const { return mlp_tensors(widths_); }
+
+void Mlp::init(std::span<float> params, uint64_t seed) { mlp_init(widths_, init_std_, seed, params); }
 
 void Mlp::forward(std::span<const float> params, const float* x, size_t rows) {
   const float* in = x;

@@ -15,6 +15,13 @@
 
 namespace sps::worker {
 
+// He-normal weights (std sqrt(2 / fan_in), or init_std when set) and zero
+// biases in the MLP layout; shared by the CPU and CUDA MLPs so both start
+// from the same values.
+void mlp_init(const std::vector<size_t>& widths, double init_std, uint64_t seed, std::span<float> params);
+size_t mlp_num_params(const std::vector<size_t>& widths);
+std::vector<TensorSpec> mlp_tensors(const std::vector<size_t>& widths);
+
 class Mlp final : public sps::Model {
  public:
   // `widths` = {inputs, hidden..., classes}; at least two entries.

@@ -24,6 +24,7 @@
 #include "worker/compression.h"
 #include "worker/context_access.h"
 #include "worker/dataset.h"
+#include "worker/device_mirror.h"
 
 namespace sps {
 
@@ -37,6 +38,9 @@ struct Worker::Impl {
   std::unique_ptr<worker::CompressionStage> compression;
   JsonlWriter log;
   std::vector<float> params;  // what the last pull wrote
+  // GPU models: the parameters and gradient in device memory.
+  std::unique_ptr<worker::DeviceMirror> device;
+  worker::PullChanges changes;
   kernels::SparseVector sel;
   Batch no_batch;
   int64_t step = 0;
@@ -79,6 +83,10 @@ struct Worker::Impl {
     }
   }
   bool connected() const { return compression != nullptr; }
+  // The parameters as the model reads them: device memory for GPU models.
+  std::span<const float> model_params() {
+    return device ? std::span<const float>(device->params()) : std::span<const float>(params);
+  }
   void require_connected(const char* call) const {
     if (!connected()) throw Error(fmt::format("Worker::{}: call connect(model) first", call));
   }
@@ -126,9 +134,6 @@ void Worker::connect(Model& model) {
 void Worker::connect_impl(Model& model) {
   Impl& w = *impl_;
   if (w.client) throw Error("Worker::connect: already connected (one model per Worker)");
-  if (model.memory() == Memory::kCuda)
-    throw Error("this worker runtime takes host-memory models only (Model::memory() == kHost); "
-                "copy the gradient to host memory, or see docs/worker-api.md on GPU models");
   w.model = &model;
   w.n = num_params(model.tensors());
   if (w.n == 0) throw Error("the model declares no parameters (Model::tensors() is empty)");
@@ -153,8 +158,18 @@ void Worker::connect_impl(Model& model) {
   w.log.write({{"event", "assign"}, {"rank", rank}, {"workers", world}, {"num_params", w.n},
                {"config", config::to_json(w.cfg)}});
   w.params.assign(w.n, 0.0f);
+  if (model.memory() == Memory::kCuda) {
+    auto mirror = worker::DeviceMirror::create(w.n);
+    w.check(mirror.status());
+    w.device = std::move(mirror).value();
+  }
   if (rank == 0) {
-    model.init(w.params, static_cast<uint64_t>(w.cfg.training.seed));
+    if (w.device) {
+      model.init(w.device->params(), static_cast<uint64_t>(w.cfg.training.seed));
+      w.check(w.device->download_params(w.params));
+    } else {
+      model.init(w.params, static_cast<uint64_t>(w.cfg.training.seed));
+    }
     w.check(w.client->init_params(w.params));
   }
   auto stage = worker::CompressionStage::create(w.cfg, model, rank);
@@ -170,8 +185,9 @@ void Worker::connect_impl(Model& model) {
 }
 
 void Worker::Impl::pull_into_params() {
-  auto v = client->pull(static_cast<uint64_t>(step), params);
+  auto v = client->pull(static_cast<uint64_t>(step), params, device ? &changes : nullptr);
   check(v.status());
+  if (device) check(device->update(params, changes));
   version = v.value();
   pull_wait = client->last_pull_wait_seconds();
   since_pull.reset();
@@ -182,8 +198,11 @@ uint64_t Worker::pull(std::span<float> params) {
   w.require_connected("pull");
   if (params.size() != w.n)
     throw Error(fmt::format("Worker::pull: the buffer holds {} floats, the model has {} parameters", params.size(), w.n));
-  w.reporting([&] { w.pull_into_params(); });
-  std::copy(w.params.begin(), w.params.end(), params.begin());
+  w.reporting([&] {
+    w.pull_into_params();
+    if (w.device) w.check(w.device->copy_params_to(params.data()));
+  });
+  if (!w.device) std::copy(w.params.begin(), w.params.end(), params.begin());
   return w.version;
 }
 
@@ -205,7 +224,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   const double compute_s = since_pull.seconds();
   Stopwatch sw;
   // lr-scaled error feedback takes this step's lr from the schedule.
-  check(compression->compress(params, batch ? *batch : no_batch, grad, step, sel)
+  check(compression->compress(params, batch ? *batch : no_batch, grad, step, sel, /*grad_on_device=*/device != nullptr)
             .with_context(fmt::format("worker {} step {}", rank, step)));
   const double select_s = sw.seconds();
   sw.reset();
@@ -275,17 +294,19 @@ TrainResult Worker::finish_impl(const Dataset* train_set, const Dataset* test_se
   report.train_loss = NAN;
   report.test_accuracy = NAN;
   if (w.client->rank() == 0) {
-    auto v = w.client->pull(static_cast<uint64_t>(w.step), w.params);
+    auto v = w.client->pull(static_cast<uint64_t>(w.step), w.params, w.device ? &w.changes : nullptr);
     w.check(v.status());
+    if (w.device) w.check(w.device->update(w.params, w.changes));
+    const std::span<const float> model_params = w.model_params();
     nlohmann::json line = {{"event", "eval"}, {"version", v.value()}};
     try {
       if (train_set != nullptr) {
-        result.train = w.model->evaluate(w.params, *train_set);
+        result.train = w.model->evaluate(model_params, *train_set);
         line["train_loss"] = result.train.loss;
         line["train_accuracy"] = result.train.accuracy;
       }
       if (test_set != nullptr) {
-        result.test = w.model->evaluate(w.params, *test_set);
+        result.test = w.model->evaluate(model_params, *test_set);
         line["test_loss"] = result.test.loss;
         line["test_accuracy"] = result.test.accuracy;
       }
@@ -341,7 +362,8 @@ TrainResult Worker::train_loop(Model& model, const Dataset& train_set, const Dat
   const uint32_t rank = w.client->rank();
   worker::BatchSampler sampler(train_set.size(), rank, num_workers(), static_cast<uint64_t>(w.cfg.training.seed));
   std::vector<uint32_t> ids;
-  std::vector<float> grad(w.n);
+  std::vector<float> host_grad(w.device ? 0 : w.n);
+  const std::span<float> grad = w.device ? w.device->grad() : std::span<float>(host_grad);
   Batch batch;
   while (w.step < w.cfg.training.steps) {
     w.pull_into_params();
@@ -349,7 +371,7 @@ TrainResult Worker::train_loop(Model& model, const Dataset& train_set, const Dat
     try {
       sampler.next(static_cast<size_t>(w.cfg.training.batch_size), ids);
       train_set.batch(ids, batch);
-      loss = model.loss_and_gradient(w.params, batch, grad);
+      loss = model.loss_and_gradient(w.model_params(), batch, grad);
     } catch (const Error&) {
       throw;
     } catch (const std::exception& e) {
@@ -360,7 +382,7 @@ TrainResult Worker::train_loop(Model& model, const Dataset& train_set, const Dat
     if (rank == 0 && test_set != nullptr && w.cfg.training.eval_every > 0 && step % w.cfg.training.eval_every == 0) {
       // Evaluate the parameters this step pulled: what the job has reached by now.
       const double at = w.train_clock.seconds();
-      const Evaluation te = model.evaluate(w.params, *test_set);
+      const Evaluation te = model.evaluate(w.model_params(), *test_set);
       w.log.write({{"event", "eval"}, {"step", step}, {"train_seconds", at}, {"test_accuracy", te.accuracy},
                    {"test_loss", te.loss}});
     }

@@ -25,6 +25,9 @@ namespace {
 using namespace sps::kernels;
 using namespace sps::kernels::cuda;
 using sps::Status;
+using sps::bits_float;
+using sps::float_bits;
+using sps::ValueFormat;
 
 uint32_t key(float x) { return float_bits(x) & 0x7FFFFFFFu; }
 

@@ -28,6 +28,15 @@ TEST(ConfigTest, DemoConfigLoads) {
   EXPECT_EQ(c->run_folder(), "runs/demo");
 }
 
+TEST(ConfigTest, GpuModelNeedsTheCudaCompressor) {
+  auto c = load_from_string("model:\n  device: cuda\n", "gpu.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("gpu.yaml: model.device: cuda"), std::string::npos) << c.status().message();
+  EXPECT_NE(c.status().message().find("compression.backend: cuda"), std::string::npos);
+  EXPECT_TRUE(load_from_string("model:\n  device: cuda\ncompression:\n  backend: cuda\n", "gpu.yaml").ok());
+  EXPECT_FALSE(load_from_string("model:\n  device: tpu\n", "gpu.yaml").ok());
+}
+
 TEST(ConfigTest, ParsesEveryKind) {
   auto c = load_from_string(R"(
 run: {name: x, progress: false}

@@ -149,6 +149,29 @@ TEST(JobTest, UnknownModelNameIsAConfigError) {
   EXPECT_NE(read_text(dir + "/list.out").find("models: least_squares logreg mlp"), std::string::npos);
 }
 
+// The GPU MLP (model.device: cuda) with selection on the device: where a GPU
+// is present it trains like the CPU MLP; elsewhere the job ends at start-up
+// with the reason, never a hang.
+TEST(JobTest, GpuMlpTrainsOrFailsWithTheReason) {
+  Job job("mlp_cuda", 1, 1, {"model.name=mlp", "model.hidden=[64]", "model.device=cuda", "compression.backend=cuda",
+                             "data.train_limit=3000", "data.test_limit=1000", "training.steps=300",
+                             "training.batch_size=32", "training.lr=0.1",
+                             // A worker that fails before registering is noticed at the start-up deadline.
+                             "cluster.startup_timeout_ms=5000"});
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(job.wait_all(120));
+  const std::string out = read_text(job.path("worker-0.out"));
+  if (job.workers[0].exit_status() == 0) {
+    ASSERT_EQ(job.scheduler.exit_status(), 0);
+    EXPECT_GT(read_json(job.path("summary.json"))["test_accuracy"].get<double>(), 0.7);
+  } else {
+    EXPECT_EQ(job.workers[0].exit_status(), 1);
+    EXPECT_NE(job.scheduler.exit_status(), 0);
+    // No device, or an sps built without CUDA: either way the message says so.
+    EXPECT_TRUE(out.find("CUDA") != std::string::npos || out.find("GPU") != std::string::npos) << out;
+  }
+}
+
 // A user's own loop on the public API (connect, pull, push, finish): the job
 // completes and the model learns.
 TEST(JobTest, OwnTrainingLoopThroughThePublicApi) {

@@ -14,6 +14,9 @@
 #include "kernels/backend.h"
 #include "kernels/cpu_compressor.h"
 #include "common/value_format.h"
+#if SPS_TEST_CUDA
+#include "kernels/cuda/device_array.h"
+#endif
 
 namespace sps::kernels {
 namespace {
@@ -405,6 +408,58 @@ TEST(CpuCompressorTest, ThreadCountDoesNotChangeResults) {
     }
   }
 }
+
+// compress_device: the CUDA backend gives exactly what compress gives from
+// host memory; the CPU backend refuses device pointers with a clear message.
+TEST_P(CompressorTest, DeviceGradientGivesTheHostResult) {
+  auto o = topk_options(300);
+  const size_t n = 50000;
+  auto host = make(n, o);
+  auto dev = make(n, o);
+  ASSERT_NE(host, nullptr);
+  ASSERT_NE(dev, nullptr);
+  const auto g = normal(n, 11);
+  SparseVector a, b;
+  ASSERT_TRUE(host->compress(g, 0.5f, a, 0).ok());
+  if (GetParam() == Backend::kCpu) {
+    const Status s = dev->compress_device(g.data(), n, 0.5f, b, 0);
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+    EXPECT_NE(s.message().find("compression.backend: cuda"), std::string::npos) << s.message();
+    EXPECT_TRUE(b.indices.empty());
+    return;
+  }
+#if SPS_TEST_CUDA
+  auto d = cuda::DeviceArray::create(n);
+  ASSERT_TRUE(d.ok()) << d.status().to_string();
+  ASSERT_TRUE(d.value()->upload(0, g.data(), n).ok());
+  ASSERT_TRUE(d.value()->synchronize().ok());
+  ASSERT_TRUE(dev->compress_device(d.value()->data(), n, 0.5f, b, 0).ok());
+  EXPECT_EQ(a.indices, b.indices);
+  EXPECT_EQ(a.values, b.values);
+  EXPECT_EQ(host->residual(), dev->residual());
+#endif
+}
+
+#if SPS_TEST_CUDA
+TEST(DeviceArrayTest, UploadScatterDownloadRoundTrip) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device: " << backend_description();
+  const size_t n = 10000;
+  auto made = cuda::DeviceArray::create(n);
+  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  auto& a = *made.value();
+  std::vector<float> host(n), back(n);
+  for (size_t i = 0; i < n; ++i) host[i] = static_cast<float>(i);
+  ASSERT_TRUE(a.upload(0, host.data(), n).ok());
+  std::vector<uint32_t> keys{0, 17, 9999};
+  std::vector<float> values{-1, -2, -3};
+  ASSERT_TRUE(a.scatter(keys.data(), values.data(), keys.size()).ok());
+  for (size_t i = 0; i < keys.size(); ++i) host[keys[i]] = values[i];
+  ASSERT_TRUE(a.download(0, back.data(), n).ok());
+  EXPECT_EQ(back, host);
+  const uint32_t past = n;
+  EXPECT_EQ(a.scatter(&past, values.data(), 1).code(), StatusCode::kOutOfRange);
+}
+#endif
 
 TEST(CompressorOptionsTest, InconsistentOptionsAreRefused) {
   CompressorOptions o;
