@@ -211,6 +211,7 @@ const std::vector<Field>& fields() {
       bool_field("run.progress", SPS_REF(run.progress)),
       integer_field("run.progress_lines", SPS_REF(run.progress_lines), 1, 1000),
       bool_field("run.save_params", SPS_REF(run.save_params)),
+      integer_list_field("run.dump_acc_steps", SPS_REF(run.dump_acc_steps), 0, 1000000000),
 
       string_field("cluster.scheduler_host", SPS_REF(cluster.scheduler_host)),
       integer_field("cluster.scheduler_port", SPS_REF(cluster.scheduler_port), 0, 65535),

@@ -31,6 +31,10 @@ struct RunConfig {
   int progress_lines = 10;
   // Worker 0 writes the final parameters to <run>/params.f32. Default: false.
   bool save_params = false;
+  // Steps after which every worker writes its accumulated vector acc
+  // (residual + gradient step, before selection) to
+  // <run>/acc-w<rank>-s<step>.f32, for offline analysis (sps-grad). Default: [].
+  std::vector<int64_t> dump_acc_steps;
 };
 
 enum class WorkerLoss { kContinue, kAbort };

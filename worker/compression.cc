@@ -165,6 +165,16 @@ Status CompressionStage::compress(std::span<const float> params, const Batch& ba
   return {};
 }
 
+std::vector<float> CompressionStage::residual() const {
+  std::vector<float> out;
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    auto r = compressors_[i]->residual();
+    r.resize(tensors_[i].size, 0.0f);  // no error feedback: no residual
+    out.insert(out.end(), r.begin(), r.end());
+  }
+  return out;
+}
+
 double CompressionStage::residual_norm_sq() const {
   double s = 0;
   for (const auto& c : compressors_) s += c->residual_norm_sq();

@@ -43,6 +43,8 @@ class CompressionStage {
   // Last step, summed over tensors: nnz; threshold of the largest tensor.
   const kernels::SelectionStats& last_stats() const { return stats_; }
   double residual_norm_sq() const;
+  // The residual over the whole model (a host copy).
+  std::vector<float> residual() const;
   size_t hessian_clamped() const { return hessian_clamped_; }
 
  private:

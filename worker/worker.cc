@@ -6,6 +6,7 @@
 //
 // then worker 0 evaluates the final model and every worker reports to the
 // scheduler. One JSON line per step goes to <run>/worker-<rank>.jsonl.
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <limits>
@@ -97,6 +98,19 @@ struct Worker::Impl {
     return s;
   }
   void pull_into_params();
+  // acc of this step = the new residual + what was selected.
+  void dump_acc(uint32_t rank) {
+    std::vector<float> acc = compression->residual();
+    if (sel.indices.empty() && sel.values.size() == acc.size()) {  // dense: everything was sent
+      for (size_t i = 0; i < acc.size(); ++i) acc[i] += sel.values[i];
+    } else {
+      for (size_t i = 0; i < sel.indices.size(); ++i) acc[sel.indices[i]] += sel.values[i];
+    }
+    const std::string path = fmt::format("{}/acc-w{}-s{}.f32", cfg.run_folder(), rank, step);
+    std::ofstream f(path, std::ios::binary | std::ios::trunc);
+    f.write(reinterpret_cast<const char*>(acc.data()), static_cast<std::streamsize>(acc.size() * sizeof(float)));
+    if (!f) fail("cannot write " + path);
+  }
   void push(std::span<const float> grad, double loss, const Batch* batch);
 };
 
@@ -227,6 +241,8 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   check(compression->compress(params, batch ? *batch : no_batch, grad, step, sel, /*grad_on_device=*/device != nullptr)
             .with_context(fmt::format("worker {} step {}", rank, step)));
   const double select_s = sw.seconds();
+  if (std::find(cfg.run.dump_acc_steps.begin(), cfg.run.dump_acc_steps.end(), step) != cfg.run.dump_acc_steps.end())
+    dump_acc(rank);
   sw.reset();
   const auto clock = static_cast<uint64_t>(step);
   const auto before = client->counters();  // copy: the deltas below are per step
