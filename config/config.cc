@@ -212,6 +212,7 @@ const std::vector<Field>& fields() {
       integer_field("run.progress_lines", SPS_REF(run.progress_lines), 1, 1000),
       bool_field("run.save_params", SPS_REF(run.save_params)),
       integer_list_field("run.dump_acc_steps", SPS_REF(run.dump_acc_steps), 0, 1000000000),
+      integer_field("run.log_residual_every", SPS_REF(run.log_residual_every), 0, 1000000000),
 
       string_field("cluster.scheduler_host", SPS_REF(cluster.scheduler_host)),
       integer_field("cluster.scheduler_port", SPS_REF(cluster.scheduler_port), 0, 65535),
@@ -223,6 +224,7 @@ const std::vector<Field>& fields() {
       enum_field<WorkerLoss>("cluster.on_worker_loss", SPS_REF(cluster.on_worker_loss),
                              {{"continue", WorkerLoss::kContinue}, {"abort", WorkerLoss::kAbort}}),
       integer_field("cluster.startup_timeout_ms", SPS_REF(cluster.startup_timeout_ms), 100, 3600000),
+      real_field("cluster.link_mbps", SPS_REF(cluster.link_mbps), 0.0, 1e7, false),
 
       identifier_field("model.name", SPS_REF(model.name)),
       real_field("model.init_std", SPS_REF(model.init_std), 0.0, 10.0, false),

@@ -31,6 +31,9 @@ struct RunConfig {
   int progress_lines = 10;
   // Worker 0 writes the final parameters to <run>/params.f32. Default: false.
   bool save_params = false;
+  // Workers log the residual norm |acc - sent| every N steps (0 = never; a
+  // pass over the model each time). Default: 0.
+  int64_t log_residual_every = 0;
   // Steps after which every worker writes its accumulated vector acc
   // (residual + gradient step, before selection) to
   // <run>/acc-w<rank>-s<step>.f32, for offline analysis (sps-grad). Default: [].
@@ -59,6 +62,10 @@ struct ClusterConfig {
   WorkerLoss on_worker_loss = WorkerLoss::kContinue;
   // How long to wait for every node to register, ms. Default: 60000. Range [100, 3600000].
   int startup_timeout_ms = 60000;
+  // Emulated link rate between each worker and the servers, Mbit/s per
+  // direction (0 = off): a worker waits bytes * 8 / rate after each push and
+  // pull. For studying slow links on one machine. Default: 0.
+  double link_mbps = 0.0;
 };
 
 struct ModelConfig {

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -121,6 +122,13 @@ Status PsClient::send_to_server(size_t s, const protocol::EncodedMessage& m) {
   return {};
 }
 
+void PsClient::emulate_link(uint64_t bytes, double& link_free_at) {
+  if (cfg_.cluster.link_mbps <= 0 || bytes == 0) return;
+  const double now = clock_.seconds();
+  link_free_at = std::max(link_free_at, now) + static_cast<double>(bytes) * 8.0 / (cfg_.cluster.link_mbps * 1e6);
+  std::this_thread::sleep_for(std::chrono::duration<double>(link_free_at - now));
+}
+
 Status PsClient::init_params(std::span<const float> params) {
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
@@ -151,6 +159,7 @@ Status PsClient::start_barrier() {
 
 Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullChanges* changes) {
   if (changes != nullptr) changes->clear();
+  const uint64_t pulled_before = counters_.bytes_pulled;
   Stopwatch wait;
   const size_t n = servers_.size();
   for (size_t s = 0; s < n; ++s) {
@@ -211,6 +220,7 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
     }
     if (shutdown_seen_) return unavailable("the job ended while this worker waited for parameters");
   }
+  emulate_link(counters_.bytes_pulled - pulled_before, downlink_free_at_);
   last_pull_wait_ = wait.seconds();
   return min_version;
 }
@@ -226,6 +236,7 @@ protocol::ValueType wire_type(ValueFormat f) {
 }  // namespace
 
 Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, ValueFormat values) {
+  const uint64_t before = counters_.bytes_pushed;
   size_t pos = 0;
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
@@ -248,10 +259,12 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, V
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
     counters_.nnz_pushed += pos - begin;
   }
+  emulate_link(counters_.bytes_pushed - before, uplink_free_at_);
   return {};
 }
 
 Status PsClient::push_dense(uint64_t clock, std::span<const float> values, ValueFormat format) {
+  const uint64_t before = counters_.bytes_pushed;
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
     Header h;
@@ -270,6 +283,7 @@ Status PsClient::push_dense(uint64_t clock, std::span<const float> values, Value
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
     counters_.nnz_pushed += shard.key_end - shard.key_begin;
   }
+  emulate_link(counters_.bytes_pushed - before, uplink_free_at_);
   return {};
 }
 

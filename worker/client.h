@@ -93,6 +93,9 @@ class PsClient {
   void heartbeat_if_due();
   Status send_to_server(size_t s, const protocol::EncodedMessage& m);
   Status send_control(protocol::MessageType type, protocol::Bytes payload = {});
+  // cluster.link_mbps: waits as long as `bytes` take on the emulated link in
+  // one direction, queued behind that direction's earlier transfers.
+  void emulate_link(uint64_t bytes, double& link_free_at);
 
   config::Config cfg_;
   zmq::context_t& ctx_;
@@ -108,6 +111,8 @@ class PsClient {
   bool shutdown_seen_ = false;
   Status shutdown_status_;  // non-OK when the job ended with an error
   double last_pull_wait_ = 0;
+  double uplink_free_at_ = 0;    // emulated link: when each direction is idle again (clock_ seconds)
+  double downlink_free_at_ = 0;
   std::vector<uint64_t> versions_;  // per shard: the version last pulled
   std::vector<bool> pulled_;        // per shard: pulled at least once
 };

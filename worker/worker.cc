@@ -256,7 +256,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   const double push_s = sw.seconds();
   const double delay_s = straggle_seconds(rank, compute_s + select_s + push_s);
   if (delay_s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(delay_s));
-  log.write({{"step", step},
+  nlohmann::json line = {{"step", step},
              {"clock", clock},
              {"version", version},
              {"loss", loss},
@@ -269,7 +269,10 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
              {"select_s", select_s},
              {"push_s", push_s},
              {"pull_wait_s", pull_wait},
-             {"delay_s", delay_s}});
+             {"delay_s", delay_s}};
+  if (cfg.run.log_residual_every > 0 && step % cfg.run.log_residual_every == 0)
+    line["residual_norm"] = std::sqrt(compression->residual_norm_sq());
+  log.write(std::move(line));
   last_loss = loss;
   loss_window += loss;
   ++window;

@@ -193,6 +193,27 @@ TEST(JobTest, OwnTrainingLoopThroughThePublicApi) {
   EXPECT_NE(read_text(job.path("worker-0.out")).find("own loop: 200 steps"), std::string::npos);
 }
 
+// cluster.link_mbps: each push takes at least bytes * 8 / rate on the
+// emulated uplink, and the per-step residual norm is logged when asked.
+TEST(JobTest, EmulatedSlowLinkDelaysPushesByTheirSize) {
+  Job job("slow_link", 1, 1, {"data.train_limit=500", "data.test_limit=100", "training.steps=20",
+                              "compression.method=dense", "cluster.link_mbps=20", "run.log_residual_every=5"});
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(job.wait_all(120));
+  ASSERT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  size_t steps = 0, with_norm = 0;
+  for (const auto& l : read_jsonl(job.path("worker-0.jsonl"))) {
+    if (!l.contains("push_s")) continue;
+    ++steps;
+    const double want = l["bytes_pushed"].get<double>() * 8 / 20e6;  // 31.5 KB: about 12.6 ms
+    EXPECT_GE(l["push_s"].get<double>(), 0.95 * want) << l.dump();
+    EXPECT_LT(l["push_s"].get<double>(), want + 0.5) << l.dump();
+    if (l.contains("residual_norm")) ++with_norm;
+  }
+  EXPECT_EQ(steps, 20u);
+  EXPECT_EQ(with_norm, 4u);  // steps 0, 5, 10, 15
+}
+
 TEST(JobTest, HalfValuesHalveTheValueBytes) {
   Job job("bytes_f16", 1, 1, {"data.train_limit=500", "data.test_limit=100", "training.steps=20",
                               "compression.ratio=0.01", "compression.values=bf16"});
