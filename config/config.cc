@@ -262,7 +262,7 @@ const std::vector<Field>& fields() {
       bool_field("compression.randomk_unbiased", SPS_REF(compression.randomk_unbiased)),
       enum_field<ErrorFeedback>("compression.error_feedback", SPS_REF(compression.error_feedback),
                                 {{"none", ErrorFeedback::kNone}, {"ef", ErrorFeedback::kEf},
-                                 {"hessian_diag", ErrorFeedback::kHessianDiag}}),
+                                 {"hessian_diag", ErrorFeedback::kHessianDiag}, {"hessian", ErrorFeedback::kHessian}}),
       integer_field("compression.hessian_every", SPS_REF(compression.hessian_every), 1, kInt32Max),
       enum_field<CompressionScope>("compression.scope", SPS_REF(compression.scope),
                                    {{"global", CompressionScope::kGlobal}, {"per_tensor", CompressionScope::kPerTensor}}),
@@ -477,6 +477,7 @@ const char* to_string(ErrorFeedback e) {
     case ErrorFeedback::kNone: return "none";
     case ErrorFeedback::kEf: return "ef";
     case ErrorFeedback::kHessianDiag: return "hessian_diag";
+    case ErrorFeedback::kHessian: return "hessian";
   }
   return "?";
 }

@@ -121,7 +121,7 @@ struct TrainingConfig {
 };
 
 enum class CompressionMethod { kDense, kTopK, kThreshold, kGaussianK, kRandomK, kSampled };
-enum class ErrorFeedback { kNone, kEf, kHessianDiag };
+enum class ErrorFeedback { kNone, kEf, kHessianDiag, kHessian };
 enum class CompressionScope { kGlobal, kPerTensor };
 enum class ValueFormatName { kF32, kF16, kBF16 };
 enum class BackendName { kCpu, kCuda };

@@ -20,6 +20,11 @@ bool Model::hessian_diag(std::span<const float> /*params*/, const Batch& /*batch
   return false;
 }
 
+bool Model::hessian_vector(std::span<const float> /*params*/, const Batch& /*batch*/, std::span<const float> /*v*/,
+                           std::span<float> /*out*/) {
+  return false;
+}
+
 Evaluation Model::evaluate(std::span<const float> params, const Dataset& data) {
   // The gradient is scratch, in the model's memory.
   std::vector<float> host_grad;

@@ -45,6 +45,9 @@ kernels::CompressorOptions compressor_options(const config::Config& cfg, size_t 
     case config::ErrorFeedback::kNone: o.error_feedback = kernels::ErrorFeedbackMode::kNone; break;
     case config::ErrorFeedback::kEf: o.error_feedback = kernels::ErrorFeedbackMode::kEf; break;
     case config::ErrorFeedback::kHessianDiag: o.error_feedback = kernels::ErrorFeedbackMode::kHessianDiag; break;
+    // Full Hessian-aided compensation is classic error feedback on a
+    // corrected gradient (CompressionStage::compress).
+    case config::ErrorFeedback::kHessian: o.error_feedback = kernels::ErrorFeedbackMode::kEf; break;
   }
   o.momentum = static_cast<float>(cc.momentum_correction);
   o.clip_norm = static_cast<float>(cc.clip_norm);
@@ -86,10 +89,15 @@ Result<std::unique_ptr<CompressionStage>> CompressionStage::create(const config:
     if (backend != kernels::Backend::kCuda)
       return invalid_argument("compression.backend: a GPU model's gradient stays in device memory; set "
                               "compression.backend: cuda");
-    if (cfg.compression.error_feedback == config::ErrorFeedback::kHessianDiag)
-      return invalid_argument("compression.error_feedback: hessian_diag takes a host-memory Hessian estimate, which "
-                              "GPU models do not provide in this version; use ef");
+    if (cfg.compression.error_feedback == config::ErrorFeedback::kHessianDiag ||
+        cfg.compression.error_feedback == config::ErrorFeedback::kHessian)
+      return invalid_argument("compression.error_feedback: hessian_diag and hessian take host-memory Hessian "
+                              "information, which GPU models do not provide in this version; use ef");
   }
+  if (cfg.compression.error_feedback == config::ErrorFeedback::kHessian && !model.provides_hessian_vector())
+    return invalid_argument(
+        "compression.error_feedback: hessian needs the model's Hessian-vector product, which this model does not "
+        "provide (the built-in least_squares does); use hessian_diag or ef");
   if (cfg.compression.error_feedback == config::ErrorFeedback::kHessianDiag) {
     stage->hessian_.assign(n, 0.0f);
     if (!model.provides_hessian_diag())
@@ -139,6 +147,17 @@ Status CompressionStage::compress(std::span<const float> params, const Batch& ba
         hessian_clamped_ += clamped;
       }
     }
+  }
+  if (cc.error_feedback == config::ErrorFeedback::kHessian) {
+    // acc = r - lr H r + scale g  =  r + scale (g - (lr / scale) H r):
+    // classic error feedback on a corrected gradient.
+    const std::vector<float> r = residual();
+    corrected_.resize(grad.size());
+    if (!model_.hessian_vector(params, batch, r, corrected_))
+      return failed_precondition("the model stopped providing a Hessian-vector product");
+    const float c = lr / scale;
+    for (size_t i = 0; i < grad.size(); ++i) corrected_[i] = grad[i] - c * corrected_[i];
+    grad = corrected_;
   }
   const bool uses_k = cc.method != config::CompressionMethod::kDense && cc.method != config::CompressionMethod::kThreshold;
   out.clear();

@@ -67,6 +67,7 @@ class CompressionStage {
   int64_t hessian_step_ = -1;
   size_t hessian_clamped_ = 0;
   kernels::SparseVector part_;
+  std::vector<float> corrected_;  // error_feedback: hessian: g - (lr / scale) H r
   kernels::SelectionStats stats_;
 };
 

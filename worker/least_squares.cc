@@ -95,4 +95,22 @@ bool LeastSquares::hessian_diag(std::span<const float> params, const Batch& batc
   return true;
 }
 
+bool LeastSquares::hessian_vector(std::span<const float> params, const Batch& batch, std::span<const float> v,
+                                  std::span<float> out) {
+  SPS_CHECK(params.size() == features_ && v.size() == features_ && out.size() == features_ &&
+            batch.cols == features_);
+  std::fill(out.begin(), out.end(), 0.0f);
+  const double inv_rows = 1.0 / static_cast<double>(batch.rows);
+  for (size_t i = 0; i < batch.rows; ++i) {
+    const float* x = batch.x.data() + i * features_;
+    double xv = 0;
+    for (size_t j = 0; j < features_; ++j) xv += double{x[j]} * v[j];
+    const auto c = static_cast<float>(xv * inv_rows);
+    for (size_t j = 0; j < features_; ++j) out[j] += c * x[j];
+  }
+  if (l2_ > 0)
+    for (size_t j = 0; j < features_; ++j) out[j] += l2_ * v[j];
+  return true;
+}
+
 }  // namespace sps::worker

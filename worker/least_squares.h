@@ -43,6 +43,10 @@ class LeastSquares final : public sps::Model {
   double loss_and_gradient(std::span<const float> params, const Batch& batch, std::span<float> grad) override;
   bool provides_hessian_diag() const override { return true; }
   bool hessian_diag(std::span<const float> params, const Batch& batch, std::span<float> out) override;
+  // H v = (1/m) X^T (X v) (+ l2 v): two passes over the batch, no n x n matrix.
+  bool provides_hessian_vector() const override { return true; }
+  bool hessian_vector(std::span<const float> params, const Batch& batch, std::span<const float> v,
+                      std::span<float> out) override;
 
  private:
   size_t features_;

@@ -231,9 +231,10 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   if (step >= cfg.training.steps)
     throw Error(fmt::format("Worker::push: all {} steps are done; call finish()", cfg.training.steps));
   const auto& cc = cfg.compression;
-  if (batch == nullptr && cc.error_feedback == config::ErrorFeedback::kHessianDiag)
-    throw Error("compression.error_feedback: hessian_diag asks the model for its Hessian diagonal on the batch; "
-                "pass the batch to Worker::push");
+  if (batch == nullptr && (cc.error_feedback == config::ErrorFeedback::kHessianDiag ||
+                           cc.error_feedback == config::ErrorFeedback::kHessian))
+    throw Error("compression.error_feedback: hessian_diag and hessian ask the model for Hessian information on the "
+                "batch; pass the batch to Worker::push");
   const uint32_t rank = client->rank();
   const double compute_s = since_pull.seconds();
   Stopwatch sw;

@@ -120,6 +120,15 @@ TEST(JobTest, LeastSquaresWithHessianAidedCompensationMatchesTheReferenceBitForB
                   /*classifier=*/false);
 }
 
+// Full Hessian-aided compensation (the model's Hessian-vector product).
+TEST(JobTest, LeastSquaresWithFullHessianCompensationMatchesTheReferenceBitForBit) {
+  run_and_compare("least_squares_full", 2, 1,
+                  {"model.name=least_squares", "data.name=least_squares", "data.rows=1000", "data.features=30",
+                   "data.condition=100", "training.steps=100", "training.batch_size=20", "training.lr=0.3",
+                   "compression.ratio=0.1", "compression.error_feedback=hessian", "compression.scale=1"},
+                  /*classifier=*/false);
+}
+
 // A model without a Hessian estimate refuses hessian_diag at start-up, and
 // the job ends with the worker's reason instead of hanging.
 TEST(JobTest, HessianDiagWithoutAnEstimateFailsTheJobWithTheKey) {

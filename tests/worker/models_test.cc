@@ -144,5 +144,36 @@ TEST(LeastSquaresTest, GradientAndHessianDiagonalAreExact) {
   }
 }
 
+TEST(LeastSquaresTest, HessianVectorProductIsExact) {
+  const size_t d = 8;
+  LeastSquaresData data(20, d, 50.0, 0.1, 3, Split::kTrain);
+  std::vector<uint32_t> ids{1, 2, 3, 5, 8, 13};
+  Batch b;
+  data.batch(ids, b);
+  LeastSquares m(d, /*l2=*/0.01);
+  ASSERT_TRUE(m.provides_hessian_vector());
+  std::vector<float> w(d, 0.2f), v(d), hv(d), gp(d), gm(d), diag(d);
+  for (size_t j = 0; j < d; ++j) v[j] = std::sin(static_cast<float>(j) + 1.0f);
+  ASSERT_TRUE(m.hessian_vector(w, b, v, hv));
+  // A quadratic's gradient is linear: (g(w + h v) - g(w - h v)) / 2h = H v exactly.
+  const float h = 0.05f;
+  std::vector<float> up(w), down(w);
+  for (size_t j = 0; j < d; ++j) {
+    up[j] += h * v[j];
+    down[j] -= h * v[j];
+  }
+  m.loss_and_gradient(up, b, gp);
+  m.loss_and_gradient(down, b, gm);
+  for (size_t j = 0; j < d; ++j) EXPECT_NEAR(hv[j], (gp[j] - gm[j]) / (2 * h), 1e-4) << j;
+  // With v = e_j, (H e_j)_j is the diagonal.
+  ASSERT_TRUE(m.hessian_diag(w, b, diag));
+  for (size_t j = 0; j < d; ++j) {
+    std::vector<float> e(d, 0.0f), col(d);
+    e[j] = 1.0f;
+    ASSERT_TRUE(m.hessian_vector(w, b, e, col));
+    EXPECT_NEAR(col[j], diag[j], 1e-5) << j;
+  }
+}
+
 }  // namespace
 }  // namespace sps::worker

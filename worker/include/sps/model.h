@@ -94,6 +94,14 @@ class SPS_API Model {
   // (Hessian-aided error compensation); returns false when there is none.
   virtual bool hessian_diag(std::span<const float> params, const Batch& batch, std::span<float> out);
 
+  // Whether hessian_vector() is available (compression.error_feedback:
+  // hessian, the full Hessian-aided compensation).
+  virtual bool provides_hessian_vector() const { return false; }
+  // out = H v, with H the loss Hessian at `params` on `batch`; returns false
+  // when the model has no Hessian-vector product.
+  virtual bool hessian_vector(std::span<const float> params, const Batch& batch, std::span<const float> v,
+                              std::span<float> out);
+
   // Where params/grad live. Models computing on a GPU return kCuda.
   virtual Memory memory() const { return Memory::kHost; }
 };
