@@ -240,6 +240,7 @@ const std::vector<Field>& fields() {
       integer_field("data.features", SPS_REF(data.features), 1, 1 << 24),
       real_field("data.condition", SPS_REF(data.condition), 1.0, 1e8, false),
       real_field("data.noise", SPS_REF(data.noise), 0.0, 1e3, false),
+      bool_field("data.rotate", SPS_REF(data.rotate)),
 
       integer_field("training.steps", SPS_REF(training.steps), 1, 1000000000),
       integer_field("training.batch_size", SPS_REF(training.batch_size), 1, 1000000),

@@ -102,6 +102,9 @@ struct DataConfig {
   double condition = 100.0;
   // least_squares: standard deviation of the label noise. Default: 0. Range [0, 1e3].
   double noise = 0.0;
+  // least_squares: rotate the features by a random orthogonal matrix, so the
+  // Hessian is dense instead of diagonal (same eigenvalues). Default: false.
+  bool rotate = false;
 };
 
 struct TrainingConfig {

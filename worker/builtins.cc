@@ -77,7 +77,8 @@ Registry builtin_registry() {
     const auto rows = static_cast<size_t>(c.integer("data.rows"));
     return std::make_unique<worker::LeastSquaresData>(
         split == Split::kTrain ? rows : std::max<size_t>(1, rows / 4), static_cast<size_t>(c.integer("data.features")),
-        c.real("data.condition"), c.real("data.noise"), static_cast<uint64_t>(c.integer("training.seed")), split);
+        c.real("data.condition"), c.real("data.noise"), static_cast<uint64_t>(c.integer("training.seed")), split,
+        c.boolean("data.rotate"));
   });
   return r;
 }

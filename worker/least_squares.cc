@@ -15,7 +15,7 @@ double portable_normal(uint64_t a, uint64_t b) {
 }
 
 LeastSquaresData::LeastSquaresData(size_t rows, size_t features, double condition, double noise, uint64_t seed,
-                                   Split split)
+                                   Split split, bool rotate)
     : rows_(rows), features_(features), x_(rows * features), y_(rows), planted_(features) {
   std::mt19937_64 planted_rng(seed ^ 0x5eed5eedULL);
   for (auto& w : planted_) w = static_cast<float>(portable_normal(planted_rng(), planted_rng()));
@@ -24,12 +24,40 @@ LeastSquaresData::LeastSquaresData(size_t rows, size_t features, double conditio
     const double t = features > 1 ? static_cast<double>(j) / static_cast<double>(features - 1) : 0.0;
     scale[j] = static_cast<float>(std::pow(condition, -0.5 * t));  // variance 1 .. 1/condition
   }
+  // The rotation: Gram-Schmidt on a normal matrix (rows q_0 .. q_{d-1}), the
+  // same for both splits.
+  std::vector<double> q;
+  if (rotate) {
+    q.resize(features * features);
+    std::mt19937_64 qrng(seed ^ 0x0a7a7e5ULL);
+    for (auto& v : q) v = portable_normal(qrng(), qrng());
+    for (size_t a = 0; a < features; ++a) {
+      double* qa = q.data() + a * features;
+      for (size_t b = 0; b < a; ++b) {
+        const double* qb = q.data() + b * features;
+        double dot = 0;
+        for (size_t j = 0; j < features; ++j) dot += qa[j] * qb[j];
+        for (size_t j = 0; j < features; ++j) qa[j] -= dot * qb[j];
+      }
+      double norm = 0;
+      for (size_t j = 0; j < features; ++j) norm += qa[j] * qa[j];
+      norm = std::sqrt(norm);
+      for (size_t j = 0; j < features; ++j) qa[j] /= norm;
+    }
+  }
+  std::vector<double> z(features);
   std::mt19937_64 rng(seed * 2 + (split == Split::kTrain ? 1 : 2));
   for (size_t i = 0; i < rows; ++i) {
     float* x = x_.data() + i * features;
     double dot = 0;
+    for (size_t j = 0; j < features; ++j) z[j] = portable_normal(rng(), rng()) * scale[j];
     for (size_t j = 0; j < features; ++j) {
-      x[j] = static_cast<float>(portable_normal(rng(), rng())) * scale[j];
+      double v = z[j];
+      if (rotate) {  // x = Q^T z
+        v = 0;
+        for (size_t a = 0; a < features; ++a) v += q[a * features + j] * z[a];
+      }
+      x[j] = static_cast<float>(v);
       dot += double{x[j]} * planted_[j];
     }
     y_[i] = static_cast<float>(dot + (noise > 0 ? noise * portable_normal(rng(), rng()) : 0.0));

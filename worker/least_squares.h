@@ -19,7 +19,9 @@ namespace sps::worker {
 
 class LeastSquaresData final : public sps::Dataset {
  public:
-  LeastSquaresData(size_t rows, size_t features, double condition, double noise, uint64_t seed, Split split);
+  // `rotate`: features multiplied by one random orthogonal matrix (dense Hessian).
+  LeastSquaresData(size_t rows, size_t features, double condition, double noise, uint64_t seed, Split split,
+                   bool rotate = false);
   size_t size() const override { return rows_; }
   size_t features() const override { return features_; }
   void batch(std::span<const uint32_t> ids, sps::Batch& out) const override;

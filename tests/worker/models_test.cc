@@ -144,6 +144,36 @@ TEST(LeastSquaresTest, GradientAndHessianDiagonalAreExact) {
   }
 }
 
+// Rotated features: the same spectrum, but the Hessian is far from diagonal
+// (its diagonal no longer spans the condition number).
+TEST(LeastSquaresTest, RotationMakesTheHessianDense) {
+  const size_t d = 10;
+  LeastSquaresData plain(5000, d, 100.0, 0.0, 4, Split::kTrain), rotated(5000, d, 100.0, 0.0, 4, Split::kTrain, true);
+  std::vector<uint32_t> ids(5000);
+  std::iota(ids.begin(), ids.end(), 0u);
+  Batch bp, br;
+  plain.batch(ids, bp);
+  rotated.batch(ids, br);
+  LeastSquares m(d);
+  std::vector<float> w(d, 0.0f), hp(d), hr(d), e(d, 0.0f), col(d);
+  m.hessian_diag(w, bp, hp);
+  m.hessian_diag(w, br, hr);
+  const auto spread = [](const std::vector<float>& h) {
+    return *std::max_element(h.begin(), h.end()) / *std::min_element(h.begin(), h.end());
+  };
+  EXPECT_GT(spread(hp), 50.0f);
+  EXPECT_LT(spread(hr), 20.0f);
+  // Off-diagonal mass: H e_0 has large entries besides the first when rotated.
+  e[0] = 1.0f;
+  m.hessian_vector(w, br, e, col);
+  double off = 0;
+  for (size_t j = 1; j < d; ++j) off += std::fabs(col[j]);
+  EXPECT_GT(off, 0.1 * std::fabs(col[0]));
+  // The optimum is the planted vector in both: zero gradient there (no noise).
+  std::vector<float> g(d);
+  EXPECT_NEAR(m.loss_and_gradient(rotated.planted(), br, g), 0.0, 1e-8);
+}
+
 TEST(LeastSquaresTest, HessianVectorProductIsExact) {
   const size_t d = 8;
   LeastSquaresData data(20, d, 50.0, 0.1, 3, Split::kTrain);
