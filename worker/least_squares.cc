@@ -14,11 +14,17 @@ double portable_normal(uint64_t a, uint64_t b) {
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
 }
 
+double normal_draw(std::mt19937_64& rng) {
+  const uint64_t b = rng();
+  const uint64_t a = rng();
+  return portable_normal(a, b);
+}
+
 LeastSquaresData::LeastSquaresData(size_t rows, size_t features, double condition, double noise, uint64_t seed,
                                    Split split, bool rotate)
     : rows_(rows), features_(features), x_(rows * features), y_(rows), planted_(features) {
   std::mt19937_64 planted_rng(seed ^ 0x5eed5eedULL);
-  for (auto& w : planted_) w = static_cast<float>(portable_normal(planted_rng(), planted_rng()));
+  for (auto& w : planted_) w = static_cast<float>(normal_draw(planted_rng));
   std::vector<float> scale(features);
   for (size_t j = 0; j < features; ++j) {
     const double t = features > 1 ? static_cast<double>(j) / static_cast<double>(features - 1) : 0.0;
@@ -30,7 +36,7 @@ LeastSquaresData::LeastSquaresData(size_t rows, size_t features, double conditio
   if (rotate) {
     q.resize(features * features);
     std::mt19937_64 qrng(seed ^ 0x0a7a7e5ULL);
-    for (auto& v : q) v = portable_normal(qrng(), qrng());
+    for (auto& v : q) v = normal_draw(qrng);
     for (size_t a = 0; a < features; ++a) {
       double* qa = q.data() + a * features;
       for (size_t b = 0; b < a; ++b) {
@@ -50,7 +56,7 @@ LeastSquaresData::LeastSquaresData(size_t rows, size_t features, double conditio
   for (size_t i = 0; i < rows; ++i) {
     float* x = x_.data() + i * features;
     double dot = 0;
-    for (size_t j = 0; j < features; ++j) z[j] = portable_normal(rng(), rng()) * scale[j];
+    for (size_t j = 0; j < features; ++j) z[j] = normal_draw(rng) * scale[j];
     for (size_t j = 0; j < features; ++j) {
       double v = z[j];
       if (rotate) {  // x = Q^T z
@@ -60,7 +66,7 @@ LeastSquaresData::LeastSquaresData(size_t rows, size_t features, double conditio
       x[j] = static_cast<float>(v);
       dot += double{x[j]} * planted_[j];
     }
-    y_[i] = static_cast<float>(dot + (noise > 0 ? noise * portable_normal(rng(), rng()) : 0.0));
+    y_[i] = static_cast<float>(dot + (noise > 0 ? noise * normal_draw(rng) : 0.0));
   }
 }
 

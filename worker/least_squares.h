@@ -10,6 +10,7 @@
 // diagonal is mean_i x_ij^2 (+ l2), exactly.
 #pragma once
 
+#include <random>
 #include <vector>
 
 #include "sps/dataset.h"
@@ -59,5 +60,9 @@ class LeastSquares final : public sps::Model {
 // A standard normal draw from raw 64-bit draws (std::normal_distribution is
 // not the same across standard libraries; this is).
 double portable_normal(uint64_t a, uint64_t b);
+// One standard normal from `rng`: two draws in a fixed order (the second
+// argument's first, as the generated data has always had them), never
+// `portable_normal(rng(), rng())`, whose order is up to the compiler.
+double normal_draw(std::mt19937_64& rng);
 
 }  // namespace sps::worker

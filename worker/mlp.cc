@@ -45,7 +45,7 @@ void mlp_init(const std::vector<size_t>& widths, double init_std, uint64_t seed,
     const double std = init_std > 0 ? init_std : std::sqrt(2.0 / static_cast<double>(widths[l]));
     float* w = params.data() + offset;
     for (size_t i = 0; i < widths[l + 1] * widths[l]; ++i)
-      w[i] = static_cast<float>(std * portable_normal(rng(), rng()));
+      w[i] = static_cast<float>(std * normal_draw(rng));
     offset += widths[l + 1] * widths[l] + widths[l + 1];
   }
 }

@@ -55,20 +55,11 @@ struct Worker::Impl {
   Stopwatch since_pull;
   double pull_wait = 0;
 
-  // Turns a failed Status into an exception, telling the scheduler first
-  // (once registered), so the job ends with our reason instead of waiting for
-  // a heartbeat timeout.
+  // A failed Status as an exception; reporting() tells the scheduler.
   void check(const Status& s) {
-    if (s.ok()) return;
-    fail(s.to_string());
+    if (!s.ok()) fail(s.to_string());
   }
-  [[noreturn]] void fail(const std::string& what) {
-    if (client && !finished) {
-      client->report_error(what);
-      finished = true;
-    }
-    throw Error(what);
-  }
+  [[noreturn]] void fail(const std::string& what) { throw Error(what); }
   // Runs `body`; an exception it throws is reported to the scheduler first
   // (once registered), then passed on.
   template <class F>
