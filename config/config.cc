@@ -69,6 +69,44 @@ Field bool_field(std::string path, Ref ref) {
           [=](const Config& c) { return nlohmann::json(ref(c)); }};
 }
 
+// Whether `s` is well-formed UTF-8 (strings end up in JSON logs and
+// summaries, whose writer refuses anything else).
+bool valid_utf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t extra = 0;
+    uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      extra = 1;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      extra = 2;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      extra = 3;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + extra >= s.size()) return false;  // truncated sequence
+    for (size_t k = 1; k <= extra; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3F);
+    }
+    // Overlong forms, surrogates and values past U+10FFFF are not UTF-8.
+    if ((extra == 1 && cp < 0x80) || (extra == 2 && cp < 0x800) || (extra == 3 && cp < 0x10000) || cp > 0x10FFFF ||
+        (cp >= 0xD800 && cp <= 0xDFFF))
+      return false;
+    i += extra + 1;
+  }
+  return true;
+}
+
 // A string; when `choices` is non-empty the value must be one of them.
 template <class Ref>
 Field string_field(std::string path, Ref ref, std::vector<std::string> choices = {}, bool allow_empty = false) {
@@ -77,6 +115,7 @@ Field string_field(std::string path, Ref ref, std::vector<std::string> choices =
             if (!n.IsScalar()) return invalid_argument(fmt::format("expected a string, got {}", scalar_text(n)));
             const std::string& v = n.Scalar();
             if (v.empty() && !allow_empty) return invalid_argument("must not be empty");
+            if (!valid_utf8(v)) return invalid_argument("is not valid UTF-8 text");
             if (!choices.empty() && std::find(choices.begin(), choices.end(), v) == choices.end())
               return invalid_argument(fmt::format("'{}' is not one of: {}", v, fmt::join(choices, ", ")));
             ref(c) = v;
@@ -165,6 +204,8 @@ Field options_field(std::string path, Ref ref) {
               if (!kv.second.IsScalar())
                 return invalid_argument(fmt::format("{}: expected a single value, got {}", kv.first.Scalar(),
                                                     scalar_text(kv.second)));
+              if (!valid_utf8(kv.first.Scalar()) || !valid_utf8(kv.second.Scalar()))
+                return invalid_argument("names and values must be valid UTF-8 text");
               ref(c)[kv.first.Scalar()] = kv.second.Scalar();
             }
             return {};
@@ -348,6 +389,8 @@ Status apply_override(const std::string& text, Config& c) {
     return invalid_argument(fmt::format("{}: expected key.path=value", where_text));
   const std::string path = text.substr(0, eq);
   if (path.rfind("model.options.", 0) == 0 && path.size() > 14) {
+    if (!valid_utf8(text))
+      return invalid_argument(fmt::format("--set {}: names and values must be valid UTF-8 text", path));
     c.model.options[path.substr(14)] = text.substr(eq + 1);
     return {};
   }

@@ -28,6 +28,19 @@ TEST(ConfigTest, DemoConfigLoads) {
   EXPECT_EQ(c->run_folder(), "runs/demo");
 }
 
+// Found by the config fuzzer: text that is not UTF-8 used to be accepted
+// and then made the JSON log writer throw. It is refused, naming the key.
+TEST(ConfigTest, StringsMustBeUtf8) {
+  auto bad = load_from_string(std::string("run:\n  name: a\x98" "b\n"), "bad.yaml");  // a raw 0x98 byte
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("run.name: is not valid UTF-8"), std::string::npos) << bad.status().message();
+  EXPECT_FALSE(load_from_string(std::string("model:\n  options: {width: \xC0\x80}\n"), "bad.yaml").ok());  // overlong
+  EXPECT_FALSE(load_from_string("", "x", {std::string("model.options.w=\xE2\x82")}).ok());      // truncated
+  auto good = load_from_string("run:\n  name: \"caf\u00e9-\u65e5\u672c\"\n", "good.yaml");
+  ASSERT_TRUE(good.ok()) << good.status().message();
+  EXPECT_NO_THROW((void)to_json(*good).dump());
+}
+
 TEST(ConfigTest, GpuModelNeedsTheCudaCompressor) {
   auto c = load_from_string("model:\n  device: cuda\n", "gpu.yaml");
   ASSERT_FALSE(c.ok());

@@ -1,0 +1,76 @@
+// Writes the protocol fuzzer's seed corpus: one valid message of every type
+// (sparse and dense data in f32/f16/bf16, every control payload), in the
+// harness's input layout. Usage: sps-fuzz-protocol-seeds OUT_DIR
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "protocol/message.h"
+
+using namespace sps::protocol;
+
+namespace {
+
+void write(const std::string& path, const EncodedMessage& m) {
+  std::vector<char> out;
+  out.push_back(3);
+  for (const Bytes* f : {&m.header, &m.frame1, &m.frame2}) {
+    out.push_back(static_cast<char>(f->size() & 0xff));
+    out.push_back(static_cast<char>((f->size() >> 8) & 0xff));
+    for (std::byte b : *f) out.push_back(static_cast<char>(b));
+  }
+  std::ofstream(path, std::ios::binary).write(out.data(), static_cast<std::streamsize>(out.size()));
+}
+
+Header data_header(MessageType t, IndexEncoding e) {
+  Header h;
+  h.type = t;
+  h.key_begin = 100;
+  h.key_end = 120;
+  h.index_encoding = e;
+  return h;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s OUT_DIR\n", argv[0]);
+    return 2;
+  }
+  const std::string dir = argv[1];
+  const std::vector<uint32_t> keys{101, 105, 119};
+  const std::vector<float> values{1.5f, -2.0f, 0.25f};
+  std::vector<float> dense(20, 0.5f);
+  int i = 0;
+  for (ValueType vt : {ValueType::kF32, ValueType::kF16, ValueType::kBF16}) {
+    write(dir + "/push_sparse_" + std::to_string(i), encode_data(data_header(MessageType::kPush, IndexEncoding::kRawU32), keys, values, vt));
+    write(dir + "/push_dense_" + std::to_string(i), encode_data(data_header(MessageType::kPush, IndexEncoding::kNone), {}, dense, vt));
+    write(dir + "/pull_sparse_" + std::to_string(i), encode_data(data_header(MessageType::kPullResponse, IndexEncoding::kRawU32), keys, values, vt));
+    ++i;
+  }
+  Header h;
+  h.type = MessageType::kRegister;
+  RegisterInfo r;
+  r.num_params = 7850;
+  r.endpoint = "tcp://127.0.0.1:5555";
+  r.host = "node";
+  write(dir + "/register", encode_control(h, encode_register(r)));
+  h.type = MessageType::kAssign;
+  AssignInfo a;
+  a.num_workers = 2;
+  a.num_servers = 2;
+  a.num_params = 100;
+  a.shards = {{0, 50, "tcp://127.0.0.1:1"}, {50, 100, "tcp://127.0.0.1:2"}};
+  write(dir + "/assign", encode_control(h, encode_assign(a)));
+  h.type = MessageType::kDone;
+  write(dir + "/done", encode_control(h, encode_done(DoneReport{})));
+  h.type = MessageType::kShutdown;
+  write(dir + "/shutdown", encode_control(h, encode_text("job over")));
+  for (MessageType t : {MessageType::kBarrier, MessageType::kHeartbeat, MessageType::kPullRequest}) {
+    h.type = t;
+    write(dir + "/control_" + std::to_string(static_cast<int>(t)), encode_control(h));
+  }
+  return 0;
+}
