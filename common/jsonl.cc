@@ -26,13 +26,13 @@ JsonlWriter& JsonlWriter::operator=(JsonlWriter&& other) noexcept {
   return *this;
 }
 
-Result<JsonlWriter> JsonlWriter::open(const std::string& path) {
+Result<JsonlWriter> JsonlWriter::open(const std::string& path, bool append) {
   std::error_code ec;
   const auto parent = std::filesystem::path(path).parent_path();
   if (!parent.empty()) std::filesystem::create_directories(parent, ec);
   if (ec) return unavailable(fmt::format("cannot create folder {}: {}", parent.string(), ec.message()));
   JsonlWriter w;
-  w.file_ = std::fopen(path.c_str(), "w");
+  w.file_ = std::fopen(path.c_str(), append ? "a" : "w");
   if (w.file_ == nullptr) return unavailable(fmt::format("cannot open {}: {}", path, std::strerror(errno)));
   w.path_ = path;
   return w;

@@ -23,8 +23,9 @@ class JsonlWriter {
   JsonlWriter(JsonlWriter&& other) noexcept;
   JsonlWriter& operator=(JsonlWriter&& other) noexcept;
 
-  // Creates parent folders and truncates `path`.
-  static Result<JsonlWriter> open(const std::string& path);
+  // Creates parent folders and truncates `path`, or appends to it (a
+  // resumed run continues its logs).
+  static Result<JsonlWriter> open(const std::string& path, bool append = false);
 
   // Adds "t" (seconds since the Unix epoch) and writes one line. Lines are
   // flushed so a killed process leaves complete lines behind.

@@ -112,6 +112,10 @@ template <class Ref>
 Field string_field(std::string path, Ref ref, std::vector<std::string> choices = {}, bool allow_empty = false) {
   return {path,
           [=](const YAML::Node& n, Config& c) -> Status {
+            if (allow_empty && n.IsNull()) {  // `key:` or --set key=
+              ref(c).clear();
+              return {};
+            }
             if (!n.IsScalar()) return invalid_argument(fmt::format("expected a string, got {}", scalar_text(n)));
             const std::string& v = n.Scalar();
             if (v.empty() && !allow_empty) return invalid_argument("must not be empty");
@@ -339,6 +343,12 @@ const std::vector<Field>& fields() {
 
       real_list_field("workers.delay_ms", SPS_REF(workers.delay_ms), 0.0, 3.6e6),
       real_list_field("workers.slowdown", SPS_REF(workers.slowdown), 1.0, 1000.0),
+
+      integer_field("checkpoint.interval", SPS_REF(checkpoint.interval), 0, 1000000000),
+      string_field("checkpoint.dir", SPS_REF(checkpoint.dir), {}, /*allow_empty=*/true),
+      integer_field("checkpoint.keep", SPS_REF(checkpoint.keep), 2, 1000),
+      bool_field("checkpoint.workers", SPS_REF(checkpoint.workers)),
+      bool_field("checkpoint.resume", SPS_REF(checkpoint.resume)),
   };
   return kFields;
 }

@@ -204,6 +204,22 @@ struct WorkersConfig {
   std::vector<double> slowdown;
 };
 
+struct CheckpointConfig {
+  // Snapshot every N worker steps: servers write their shard, workers their
+  // residual (0 = off). Default: 0. Range [0, 1e9].
+  int64_t interval = 0;
+  // Folder of the snapshots; "" = <run folder>/checkpoints. Multi-host jobs
+  // need a folder every host sees at the same path. Default: "".
+  std::string dir;
+  // Newest step folders kept. Default: 3. Range [2, 1000].
+  int keep = 3;
+  // Workers snapshot their residuals (error feedback survives a restart). Default: true.
+  bool workers = true;
+  // Start from the newest complete snapshot instead of step 0 (the --resume
+  // flag of every binary and of sps-launch sets it). Default: false.
+  bool resume = false;
+};
+
 struct Config {
   RunConfig run;
   ClusterConfig cluster;
@@ -214,11 +230,13 @@ struct Config {
   OptimizerConfig optimizer;
   ConsistencyConfig consistency;
   WorkersConfig workers;
+  CheckpointConfig checkpoint;
 
   // Where the config came from (file path, or "<defaults>").
   std::string source = "<defaults>";
 
   std::string run_folder() const { return run.dir + "/" + run.name; }
+  std::string checkpoint_dir() const { return checkpoint.dir.empty() ? run_folder() + "/checkpoints" : checkpoint.dir; }
 };
 
 // Loads `path` (empty = defaults only), then applies each "key.path=value"

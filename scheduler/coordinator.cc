@@ -37,7 +37,7 @@ Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
     : cfg_(cfg), socket_(net::make_socket(ctx, net::SocketKind::kRouter)) {
   endpoint_ = net::bind_tcp(socket_, cfg_.cluster.bind_host, cfg_.cluster.scheduler_port);
   std::filesystem::create_directories(cfg_.run_folder());
-  auto log = JsonlWriter::open(cfg_.run_folder() + "/scheduler.jsonl");
+  auto log = JsonlWriter::open(cfg_.run_folder() + "/scheduler.jsonl", cfg_.checkpoint.resume);
   if (log.ok()) log_ = std::move(log).value();
   log_.write({{"event", "start"}, {"endpoint", endpoint_}, {"config", config::to_json(cfg_)}});
   // The launcher waits for this file to learn the port; write it last and atomically.

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/process.h"
+#include "common/snapshot.h"
 #include "config/cli.h"
 #include "scheduler/coordinator.h"
 
@@ -22,6 +23,21 @@ int main(int argc, char** argv) {
   }
   spdlog::set_pattern("%H:%M:%S.%e %^%l%$ %v");
   spdlog::set_level(spdlog::level::from_str(cfg.run.log_level));
+  if (cfg.checkpoint.resume) {
+    // Fail before anyone registers; every node finds the same step.
+    auto point = sps::find_resume_point(cfg.checkpoint_dir(), static_cast<uint32_t>(cfg.cluster.num_servers),
+                                        static_cast<uint32_t>(cfg.cluster.num_workers));
+    if (!point.ok()) {
+      std::cerr << "sps-scheduler: cannot resume: " << point.status().message() << "\n";
+      return 2;
+    }
+    for (const auto& s : point->skipped) spdlog::warn("scheduler: skipped a snapshot: {}", s);
+    spdlog::info("scheduler: resuming the job from step {} ({})", point->step, cfg.checkpoint_dir());
+  } else if (cfg.checkpoint.interval > 0) {
+    if (const size_t old = sps::remove_snapshots(cfg.checkpoint_dir()); old > 0)
+      spdlog::warn("scheduler: removed {} snapshot step(s) of an earlier run from {} (a fresh start)", old,
+                   cfg.checkpoint_dir());
+  }
   sps::install_stop_signal_handlers();
   try {
     zmq::context_t ctx(1);

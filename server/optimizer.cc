@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <fmt/format.h>
+
 namespace sps::server {
 
 Optimizer Optimizer::plain(float apply_scale) {
@@ -22,6 +24,14 @@ Optimizer Optimizer::from_config(const config::Config& cfg, uint32_t shard_size)
     o.update_.assign(shard_size, 0.0f);
   }
   return o;
+}
+
+Status Optimizer::set_velocity(std::span<const float> v) {
+  if (v.size() != velocity_.size())
+    return invalid_argument(fmt::format("the snapshot has a momentum buffer of {} entries, this optimizer {}", v.size(),
+                                        velocity_.size()));
+  std::copy(v.begin(), v.end(), velocity_.begin());
+  return {};
 }
 
 float Optimizer::rate(int64_t step) const {

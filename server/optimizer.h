@@ -17,6 +17,7 @@
 #include <span>
 #include <vector>
 
+#include "common/status.h"
 #include "config/config.h"
 
 namespace sps::server {
@@ -36,6 +37,11 @@ class Optimizer {
              std::span<const float> sums, uint32_t count, int64_t step);
 
   bool dense() const { return momentum_ != 0.0f || weight_decay_ != 0.0f; }
+
+  // The momentum buffer (empty without momentum or weight decay), for snapshots.
+  std::span<const float> velocity() const { return velocity_; }
+  // Restores a snapshot's momentum buffer; fails on a size mismatch.
+  Status set_velocity(std::span<const float> v);
 
  private:
   Optimizer() = default;

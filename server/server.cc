@@ -5,6 +5,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "common/snapshot.h"
+
 namespace sps::server {
 
 using protocol::Header;
@@ -102,6 +104,7 @@ void Server::handle_control(const net::Received& r) {
         return;
       }
       on_assign(*a);
+      if (cfg_.checkpoint.resume && !resume_shard()) return;
       while (!early_.empty()) {
         net::Received early = std::move(early_.front());
         early_.pop_front();
@@ -123,6 +126,7 @@ void Server::handle_control(const net::Received& r) {
       shard_->apply_ready();
       record_applied();
       answer_pulls();
+      snapshot_if_due();
       break;
     }
     case MessageType::kShutdown: {
@@ -153,13 +157,86 @@ void Server::on_assign(const protocol::AssignInfo& a) {
   const auto& s = a.shards[a.rank];
   shard_.emplace(s.key_begin, s.key_end, a.num_workers, Optimizer::from_config(cfg_, s.key_end - s.key_begin),
                  scheduler::make_policy(cfg_.consistency));
-  auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_));
+  auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_), cfg_.checkpoint.resume);
   if (log.ok()) log_ = std::move(log).value();
   const uint64_t bound = shard_->policy().staleness_bound(num_workers_);
   log_.write({{"event", "assign"}, {"rank", rank_}, {"key_begin", s.key_begin}, {"key_end", s.key_end},
               {"workers", num_workers_}, {"endpoint", endpoint_}, {"policy", shard_->policy().name()},
               {"staleness_bound", bound == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(bound)}});
   spdlog::info("server {}: shard [{}, {}) on {}", rank_, s.key_begin, s.key_end, endpoint_);
+}
+
+bool Server::resume_shard() {
+  const std::string dir = cfg_.checkpoint_dir();
+  auto fail = [&](const std::string& why) {
+    spdlog::error("server {}: cannot resume: {}", rank_, why);
+    send_control(MessageType::kError, protocol::encode_text("cannot resume: " + why));
+    finish("cannot resume");
+    exit_status_ = 1;
+    return false;
+  };
+  auto point = find_resume_point(dir, static_cast<uint32_t>(cfg_.cluster.num_servers), num_workers_);
+  if (!point.ok()) return fail(point.status().message());
+  for (const auto& s : point->skipped) spdlog::warn("server {}: skipped a snapshot: {}", rank_, s);
+  auto snap = Snapshot::read(snapshot_path(dir, point->step, "server", rank_));
+  if (!snap.ok()) return fail(snap.status().message());
+  auto key_begin = snap->u64("key_begin");
+  auto key_end = snap->u64("key_end");
+  auto version = snap->u64("version");
+  auto params = snap->f32("params");
+  auto velocity = snap->f32("velocity");
+  for (const Status* s : {&key_begin.status(), &key_end.status(), &version.status(), &params.status(),
+                          &velocity.status()})
+    if (!s->ok()) return fail(s->message());
+  if (*key_begin != shard_->key_begin() || *key_end != shard_->key_end())
+    return fail(fmt::format("{} holds keys [{}, {}) but this job gives shard {} the keys [{}, {}): the model or "
+                            "cluster.num_servers changed",
+                            snap->path(), *key_begin, *key_end, rank_, shard_->key_begin(), shard_->key_end()));
+  const Status restored = shard_->restore(*params, *velocity, *version, point->step);
+  if (!restored.ok()) return fail(fmt::format("{}: {}", snap->path(), restored.message()));
+  initialised_ = true;
+  last_snapshot_step_ = point->step;
+  log_.write({{"event", "resume"}, {"step", point->step}, {"version", *version}, {"file", snap->path()},
+              {"skipped", point->skipped}});
+  spdlog::info("server {}: resumed from {} (step {}, version {})", rank_, snap->path(), point->step, *version);
+  send_control(MessageType::kBarrier);
+  return true;
+}
+
+void Server::snapshot_if_due() {
+  const int64_t every = cfg_.checkpoint.interval;
+  if (every <= 0 || !shard_) return;
+  const uint64_t min_clock = shard_->pushed().min_live_clock();
+  if (min_clock == UINT64_MAX) return;
+  const uint64_t step = min_clock / static_cast<uint64_t>(every) * static_cast<uint64_t>(every);
+  if (step == 0 || step <= last_snapshot_step_ || step >= static_cast<uint64_t>(cfg_.training.steps)) return;
+  // bsp: the step's pushes must be applied (they are, right after the last arrives).
+  if (!shard_->policy().apply_on_arrival() && shard_->version() != step) return;
+  Stopwatch sw;
+  SnapshotWriter w;
+  w.add_u64("rank", rank_);
+  w.add_u64("step", step);
+  w.add_u64("version", shard_->version());
+  w.add_u64("key_begin", shard_->key_begin());
+  w.add_u64("key_end", shard_->key_end());
+  w.add_u64("workers", num_workers_);
+  w.add_f32("params", shard_->params());
+  w.add_f32("velocity", shard_->velocity());
+  const std::string dir = cfg_.checkpoint_dir();
+  const std::string path = snapshot_path(dir, step, "server", rank_);
+  const Status s = w.write_atomic(path);
+  last_snapshot_step_ = step;  // a failed write is not retried for this step
+  if (!s.ok()) {
+    spdlog::error("server {}: snapshot at step {} failed: {}", rank_, step, s.message());
+    log_.write({{"event", "snapshot_failed"}, {"step", step}, {"error", s.message()}});
+    return;
+  }
+  prune_snapshots(dir, "server", rank_, cfg_.checkpoint.keep);
+  const double seconds = sw.seconds();
+  ++stats_.snapshots;
+  stats_.snapshot_seconds += seconds;
+  log_.write({{"event", "snapshot"}, {"step", step}, {"version", shard_->version()}, {"bytes", w.bytes()},
+              {"seconds", seconds}, {"file", path}});
 }
 
 void Server::count_malformed(const std::string& peer, const Status& why) {
@@ -210,6 +287,7 @@ void Server::handle_data(net::Received& r) {
     stats_.apply_seconds += sw.seconds();
     record_applied();
     answer_pulls();
+    snapshot_if_due();
     return;
   }
   if (h.type == MessageType::kPullRequest) {
@@ -318,6 +396,8 @@ void Server::finish(const std::string& reason) {
               {"bytes_out", stats_.bytes_out},
               {"sparse_pulls", stats_.sparse_pulls},
               {"apply_seconds", stats_.apply_seconds},
+              {"snapshots", stats_.snapshots},
+              {"snapshot_seconds", stats_.snapshot_seconds},
               {"staleness", stats_.staleness.summary()},
               {"pull_wait_s", stats_.pull_wait.summary()}});
   spdlog::info("server {}: {} ({} versions, {} malformed messages dropped)", rank_, reason,

@@ -35,6 +35,8 @@ struct ServerStats {
   uint64_t bytes_in = 0;
   uint64_t bytes_out = 0;
   double apply_seconds = 0;
+  uint64_t snapshots = 0;        // snapshots written
+  double snapshot_seconds = 0;   // time spent writing them (the loop waits)
   CountHistogram staleness;      // per applied push, in shard versions
   LogHistogram pull_wait;        // per answered pull, seconds held back by the policy
 };
@@ -66,6 +68,12 @@ class Server {
   void answer_pull(const PendingPull& pull);
   void record_applied();
   void heartbeat_if_due();
+  // Writes the shard when every live worker has passed a multiple of
+  // checkpoint.interval (common/snapshot.h).
+  void snapshot_if_due();
+  // checkpoint.resume: loads this rank's shard from the newest complete
+  // snapshot; false (after telling the scheduler) when it cannot.
+  bool resume_shard();
   void send_control(protocol::MessageType type, protocol::Bytes payload = {});
   void finish(const std::string& reason);
   void send_report();
@@ -92,6 +100,7 @@ class Server {
   // once the shard exists. Bounded; beyond the bound they count as malformed.
   std::deque<net::Received> early_;
   static constexpr size_t kMaxEarlyMessages = 4096;
+  uint64_t last_snapshot_step_ = 0;
   std::set<std::string> reported_peers_;  // malformed senders already logged
   ServerStats stats_;
   std::vector<uint32_t> changed_keys_;  // scratch for sparse pulls

@@ -24,6 +24,22 @@ void Shard::set_params(std::span<const float> values) {
   std::copy(values.begin(), values.end(), params_.begin());
 }
 
+Status Shard::restore(std::span<const float> params, std::span<const float> velocity, uint64_t version,
+                      uint64_t clock) {
+  if (params.size() != params_.size())
+    return invalid_argument(fmt::format("the snapshot holds {} parameters, this shard [{}, {}) has {}", params.size(),
+                                        key_begin_, key_end_, params_.size()));
+  SPS_RETURN_IF_ERROR(optimizer_.set_velocity(velocity));
+  std::copy(params.begin(), params.end(), params_.begin());
+  std::fill(stamp_.begin(), stamp_.end(), version);
+  version_ = version;
+  pushed_ = scheduler::ClockTable(pushed_.size());
+  for (uint32_t w = 0; w < pushed_.size(); ++w) pushed_.set_clock(w, clock);
+  for (auto& p : pending_) p = Pending{};
+  applied_.clear();
+  return {};
+}
+
 Status Shard::check_push(uint32_t w, uint64_t clock, uint64_t base_version) const {
   if (w >= pushed_.size()) return out_of_range(fmt::format("push from worker {} but the job has {}", w, pushed_.size()));
   if (!pushed_.live(w)) return failed_precondition(fmt::format("push from worker {}, which left the job", w));

@@ -66,6 +66,14 @@ class Shard {
   Status add_push(uint32_t w, uint64_t clock, uint64_t base_version, std::span<const uint32_t> keys,
                   std::span<const float> values);
 
+  // Snapshot state (server.cc writes it; restore() reads it back).
+  std::span<const float> velocity() const { return optimizer_.velocity(); }
+  // Restarts the shard from a snapshot: parameters, momentum buffer and
+  // version; every worker is live at clock `clock` (the step the whole job
+  // resumes from) and every key is stamped with the version (a restarted
+  // worker pulls densely). Fails, changing nothing, on a size mismatch.
+  Status restore(std::span<const float> params, std::span<const float> velocity, uint64_t version, uint64_t clock);
+
   // Aggregating policies: applies every complete clock; returns how many.
   int apply_ready();
   // Worker `w` left the job: its held push is dropped and nobody waits for it.

@@ -194,6 +194,16 @@ std::vector<float> CompressionStage::residual() const {
   return out;
 }
 
+Status CompressionStage::set_residual(std::span<const float> residual) {
+  const size_t n = tensors_.empty() ? 0 : tensors_.back().offset + tensors_.back().size;
+  if (residual.size() != n)
+    return invalid_argument(fmt::format("the residual has {} entries, the model {}", residual.size(), n));
+  if (cfg_.compression.error_feedback == config::ErrorFeedback::kNone) return {};
+  for (size_t i = 0; i < tensors_.size(); ++i)
+    SPS_RETURN_IF_ERROR(compressors_[i]->set_residual(residual.subspan(tensors_[i].offset, tensors_[i].size)));
+  return {};
+}
+
 double CompressionStage::residual_norm_sq() const {
   double s = 0;
   for (const auto& c : compressors_) s += c->residual_norm_sq();

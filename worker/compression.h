@@ -45,6 +45,9 @@ class CompressionStage {
   double residual_norm_sq() const;
   // The residual over the whole model (a host copy).
   std::vector<float> residual() const;
+  // Restores a residual over the whole model (a snapshot); a no-op without
+  // error feedback. Fails on a size mismatch.
+  Status set_residual(std::span<const float> residual);
   size_t hessian_clamped() const { return hessian_clamped_; }
 
  private:

@@ -8,6 +8,7 @@
 // scheduler. One JSON line per step goes to <run>/worker-<rank>.jsonl.
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <optional>
@@ -18,6 +19,7 @@
 #include <zmq.hpp>
 
 #include "common/jsonl.h"
+#include "common/snapshot.h"
 #include "common/process.h"
 #include "kernels/sparsify.h"
 #include "sps/worker.h"
@@ -45,6 +47,7 @@ struct Worker::Impl {
   kernels::SparseVector sel;
   Batch no_batch;
   int64_t step = 0;
+  int64_t first_step = 0;  // > 0 when resumed from a snapshot
   uint64_t version = 0;
   bool finished = false;
   double last_loss = NAN;
@@ -103,7 +106,57 @@ struct Worker::Impl {
     if (!f) fail("cannot write " + path);
   }
   void push(std::span<const float> grad, double loss, const Batch* batch);
+  // checkpoint.interval: the residual and step after every interval-th push.
+  void snapshot_if_due(uint32_t rank);
+  // checkpoint.resume: the step (and residual) to start from.
+  void resume(uint32_t rank);
 };
+
+void Worker::Impl::snapshot_if_due(uint32_t rank) {
+  const int64_t every = cfg.checkpoint.interval;
+  if (every <= 0 || !cfg.checkpoint.workers || step % every != 0 || step >= cfg.training.steps) return;
+  Stopwatch sw;
+  SnapshotWriter snap;
+  snap.add_u64("rank", rank);
+  snap.add_u64("step", static_cast<uint64_t>(step));
+  snap.add_u64("num_params", n);
+  snap.add_f32("residual", compression->residual());
+  const std::string dir = cfg.checkpoint_dir();
+  const std::string path = snapshot_path(dir, static_cast<uint64_t>(step), "worker", rank);
+  // A failed snapshot costs the resume point, not the run.
+  if (const Status s = snap.write_atomic(path); !s.ok()) {
+    spdlog::error("worker {}: snapshot at step {} failed: {}", rank, step, s.message());
+    log.write({{"event", "snapshot_failed"}, {"step", step}, {"error", s.message()}});
+    return;
+  }
+  prune_snapshots(dir, "worker", rank, cfg.checkpoint.keep);
+  log.write({{"event", "snapshot"}, {"step", step}, {"bytes", snap.bytes()}, {"seconds", sw.seconds()}, {"file", path}});
+}
+
+void Worker::Impl::resume(uint32_t rank) {
+  const std::string dir = cfg.checkpoint_dir();
+  const auto& a = client->assignment();
+  auto point = find_resume_point(dir, a.num_servers, a.num_workers);
+  check(point.status());
+  for (const auto& s : point->skipped) spdlog::warn("worker {}: skipped a snapshot: {}", rank, s);
+  step = static_cast<int64_t>(point->step);
+  first_step = step;
+  const std::string path = snapshot_path(dir, point->step, "worker", rank);
+  std::string source = "none (no residual snapshot: it starts at zero)";
+  if (std::filesystem::exists(path)) {
+    auto snap = Snapshot::read(path);
+    check(snap.status());
+    auto residual = snap->f32("residual");
+    check(residual.status());
+    if (residual->size() != n)
+      fail(fmt::format("{} holds a residual of {} entries but the model has {} parameters", path, residual->size(), n));
+    check(compression->set_residual(*residual).with_context(path));
+    source = path;
+  }
+  log.write({{"event", "resume"}, {"step", step}, {"residual", source}, {"skipped", point->skipped}});
+  if (rank == 0 && cfg.run.progress)
+    spdlog::info("resuming at step {} of {} (snapshots in {})", step, cfg.training.steps, dir);
+}
 
 Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   auto cfg = config::load(options.config_file, options.overrides);
@@ -156,7 +209,8 @@ void Worker::connect_impl(Model& model) {
     }
   }
   const uint32_t rank = w.client->rank();
-  auto log = JsonlWriter::open(fmt::format("{}/worker-{}.jsonl", w.cfg.run_folder(), rank));
+  const bool resuming = w.cfg.checkpoint.resume;
+  auto log = JsonlWriter::open(fmt::format("{}/worker-{}.jsonl", w.cfg.run_folder(), rank), resuming);
   w.check(log.status());
   w.log = std::move(log).value();
   const uint32_t world = w.client->assignment().num_workers;
@@ -168,7 +222,7 @@ void Worker::connect_impl(Model& model) {
     w.check(mirror.status());
     w.device = std::move(mirror).value();
   }
-  if (rank == 0) {
+  if (rank == 0 && !resuming) {  // a resumed job's servers load their parameters
     if (w.device) {
       model.init(w.device->params(), static_cast<uint64_t>(w.cfg.training.seed));
       w.check(w.device->download_params(w.params));
@@ -180,6 +234,7 @@ void Worker::connect_impl(Model& model) {
   auto stage = worker::CompressionStage::create(w.cfg, model, rank);
   w.check(stage.status());
   w.compression = std::move(stage).value();
+  if (resuming) w.resume(rank);
   w.check(w.client->start_barrier());
   const auto& cc = w.cfg.compression;
   if (rank == 0 && w.cfg.run.progress)
@@ -269,6 +324,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   loss_window += loss;
   ++window;
   ++step;
+  snapshot_if_due(rank);
   const int64_t steps = cfg.training.steps;
   const int64_t progress_every = std::max<int64_t>(1, steps / cfg.run.progress_lines);
   if (rank == 0 && cfg.run.progress && (step % progress_every == 0 || step == steps)) {
@@ -276,10 +332,10 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
     spdlog::info("step {:>6}/{} ({:3.0f}%)  loss {:.4f}  pushed {:.1f} KiB/step ({:.1f}x less than dense)  "
                  "{:.0f} steps/s",
                  step, steps, 100.0 * double(step) / double(steps), loss_window / double(window),
-                 double(after.bytes_pushed) / 1024.0 / double(step),
+                 double(after.bytes_pushed) / 1024.0 / double(step - first_step),
                  after.bytes_pushed > 0 ? double(after.bytes_pushed_dense_equivalent) / double(after.bytes_pushed)
                                         : 0.0,
-                 double(step) / std::max(elapsed, 1e-9));
+                 double(step - first_step) / std::max(elapsed, 1e-9));
     loss_window = 0;
     window = 0;
   }
@@ -376,6 +432,8 @@ TrainResult Worker::train_loop(Model& model, const Dataset& train_set, const Dat
   std::vector<float> host_grad(w.device ? 0 : w.n);
   const std::span<float> grad = w.device ? w.device->grad() : std::span<float>(host_grad);
   Batch batch;
+  // A resumed worker draws the batches it would have drawn from here on.
+  for (int64_t s = 0; s < w.step; ++s) sampler.next(static_cast<size_t>(w.cfg.training.batch_size), ids);
   while (w.step < w.cfg.training.steps) {
     w.pull_into_params();
     double loss = 0;

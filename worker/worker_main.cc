@@ -56,7 +56,7 @@ int worker_main(int argc, char** argv, const Registry& registry) {
   spdlog::set_level(spdlog::level::from_str(cfg.run.log_level));
   install_stop_signal_handlers();
   try {
-    Worker worker({.config_file = opts.config_path, .overrides = opts.overrides, .rank = rank});
+    Worker worker({.config_file = opts.config_path, .overrides = config::effective_overrides(opts), .rank = rank});
     worker.run(registry);
     return 0;
   } catch (const std::exception& e) {

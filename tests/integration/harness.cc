@@ -108,8 +108,13 @@ std::string fresh_run_dir(const std::string& name) {
   return dir.string();
 }
 
-Job::Job(const std::string& name, int worker_count, int server_count, std::vector<std::string> extra)
-    : run_dir(fresh_run_dir(name)), num_workers(worker_count), num_servers(server_count) {
+Job::Job(const std::string& name, int worker_count, int server_count, std::vector<std::string> extra,
+         bool fresh_folder)
+    : run_dir(fresh_folder ? fresh_run_dir(name)
+                           : (std::filesystem::path(::testing::TempDir()) / ("sps-" + std::to_string(getpid())) / name)
+                                 .string()),
+      num_workers(worker_count),
+      num_servers(server_count) {
   const auto parent = std::filesystem::path(run_dir).parent_path().string();
   sets = {"run.dir=" + parent,
           "run.name=" + name,
@@ -131,6 +136,7 @@ std::vector<std::string> Job::node_args() const {
 
 bool Job::start_scheduler() {
   std::vector<std::string> argv = {bin("sps-scheduler")};
+  std::filesystem::remove(path("scheduler.port"));  // a resumed job's folder has the old one
   const auto args = node_args();
   argv.insert(argv.end(), args.begin(), args.end());
   scheduler = Process(argv, path("scheduler.out"));

@@ -39,7 +39,9 @@ class Process {
 // One job: a scheduler, S servers and W workers started from the demo-style
 // config plus `sets`, in a fresh run folder under the test temp dir.
 struct Job {
-  Job(const std::string& name, int workers, int servers, std::vector<std::string> sets);
+  // `fresh_folder` false keeps what an earlier job of the same name left
+  // (a resumed job).
+  Job(const std::string& name, int workers, int servers, std::vector<std::string> sets, bool fresh_folder = true);
   // Starts every process; false when the scheduler never wrote its port.
   bool start();
   // The pieces of start(), for tests that play a role themselves.

@@ -61,6 +61,22 @@ class LauncherTest(unittest.TestCase):
         self.assertLess(s["bytes_pushed"] * 20, s["bytes_pushed_dense_equivalent"])
         self.assertEqual(processes_mentioning(self.tmp), [])
 
+    def test_resume_flag_restarts_from_the_newest_snapshot(self):
+        sets = ("training.steps=120", "cluster.num_workers=2", "checkpoint.interval=50")
+        r = subprocess.run(self.launch("again", *sets), capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        ckpt = os.path.join(self.tmp, "again", "checkpoints")
+        self.assertEqual(sorted(os.listdir(ckpt)), ["step-000000000050", "step-000000000100"])
+        r = subprocess.run(self.launch("again", *sets) + ["--resume"], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("resuming the job from step 100", r.stdout + r.stderr)
+        with open(os.path.join(self.tmp, "again", "summary.json")) as f:
+            self.assertEqual(json.load(f)["steps"], 120)
+        # Nothing to resume from: a clear error before any worker starts.
+        r = subprocess.run(self.launch("empty", *sets) + ["--resume"], capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("cannot resume", r.stdout + r.stderr)
+
     def test_ctrl_c_stops_every_process(self):
         name = "interrupted"
         p = subprocess.Popen(self.launch(name, "training.steps=100000000"), stdout=subprocess.PIPE,

@@ -60,6 +60,33 @@ TEST(ShardTest, DeadWorkerReleasesTheClockAndItsPushIsDropped) {
   EXPECT_FALSE(s.add_push(2, 1, 1, std::vector<uint32_t>{100}, std::vector<float>{1}).ok());
 }
 
+TEST(ShardTest, RestoreContinuesFromTheSnapshotClock) {
+  Shard s = make_shard(2);
+  s.remove_worker(1);  // a restart brings every worker back
+  std::vector<float> params(10);
+  for (size_t i = 0; i < params.size(); ++i) params[i] = static_cast<float>(i);
+  ASSERT_TRUE(s.restore(params, {}, 40, 40).ok());
+  EXPECT_EQ(s.version(), 40u);
+  EXPECT_EQ(s.params()[7], 7.0f);
+  EXPECT_TRUE(s.may_answer_pull(40));
+  EXPECT_FALSE(s.may_answer_pull(41));
+  std::vector<uint32_t> changed;
+  ASSERT_TRUE(s.changed_since(39, 100, changed));
+  EXPECT_EQ(changed.size(), 10u) << "every key counts as changed at the restored version";
+  // The next pushes are clock 40 from both workers; clock 39 is refused.
+  EXPECT_FALSE(s.add_push(0, 39, 40, std::vector<uint32_t>{100}, std::vector<float>{1}).ok());
+  ASSERT_TRUE(s.add_push(0, 40, 40, std::vector<uint32_t>{100}, std::vector<float>{2}).ok());
+  ASSERT_TRUE(s.add_push(1, 40, 40, std::vector<uint32_t>{100}, std::vector<float>{4}).ok());
+  EXPECT_EQ(s.apply_ready(), 1);
+  EXPECT_EQ(s.version(), 41u);
+  EXPECT_FLOAT_EQ(s.params()[0], -3.0f);  // 0 - (2 + 4) / 2
+  // A snapshot of another size is refused and changes nothing.
+  EXPECT_FALSE(s.restore(std::vector<float>(9), {}, 5, 5).ok());
+  EXPECT_EQ(s.version(), 41u);
+  EXPECT_FALSE(s.restore(params, std::vector<float>(10), 5, 5).ok()) << "a momentum buffer plain SGD does not have";
+  EXPECT_EQ(s.version(), 41u);
+}
+
 }  // namespace
 }  // namespace sps::server
 
