@@ -349,6 +349,10 @@ const std::vector<Field>& fields() {
       integer_field("checkpoint.keep", SPS_REF(checkpoint.keep), 2, 1000),
       bool_field("checkpoint.workers", SPS_REF(checkpoint.workers)),
       bool_field("checkpoint.resume", SPS_REF(checkpoint.resume)),
+
+      bool_field("metrics.enabled", SPS_REF(metrics.enabled)),
+      string_field("metrics.bind_host", SPS_REF(metrics.bind_host)),
+      integer_field("metrics.port", SPS_REF(metrics.port), 0, 65535),
   };
   return kFields;
 }

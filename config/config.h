@@ -220,6 +220,18 @@ struct CheckpointConfig {
   bool resume = false;
 };
 
+struct MetricsConfig {
+  // The scheduler and every server serve GET /metrics (Prometheus text
+  // format) over HTTP. Default: false.
+  bool enabled = false;
+  // Address the metrics endpoints bind to. Default: 127.0.0.1.
+  std::string bind_host = "127.0.0.1";
+  // 0: any free port (each process writes its URL to
+  // <run>/metrics-<role>.url); P: the scheduler on P, server r on P + 1 + r.
+  // Default: 0. Range [0, 65535].
+  int port = 0;
+};
+
 struct Config {
   RunConfig run;
   ClusterConfig cluster;
@@ -231,6 +243,7 @@ struct Config {
   ConsistencyConfig consistency;
   WorkersConfig workers;
   CheckpointConfig checkpoint;
+  MetricsConfig metrics;
 
   // Where the config came from (file path, or "<defaults>").
   std::string source = "<defaults>";

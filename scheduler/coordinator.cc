@@ -6,10 +6,13 @@
 #include <unistd.h>
 
 #include <fmt/format.h>
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
 #include <spdlog/spdlog.h>
 
 #include "common/histogram.h"
 #include "net/link.h"
+#include "net/metrics_http.h"
 #include "scheduler/consistency.h"
 
 namespace sps::scheduler {
@@ -33,10 +36,50 @@ nlohmann::json finite_or_null(double v) { return std::isfinite(v) ? nlohmann::js
 
 }  // namespace
 
+struct Coordinator::Metrics {
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+  std::unique_ptr<net::MetricsEndpoint> endpoint;
+  // nodes{role, state}: registered, live, dead, done (done: workers only).
+  std::map<std::pair<std::string, std::string>, prometheus::Gauge*> nodes;
+  prometheus::Gauge* expected_workers = nullptr;
+  prometheus::Gauge* expected_servers = nullptr;
+  prometheus::Gauge* running = nullptr;
+  prometheus::Counter* malformed = nullptr;
+};
+
 Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
     : cfg_(cfg), socket_(net::make_socket(ctx, net::SocketKind::kRouter)) {
   endpoint_ = net::bind_tcp(socket_, cfg_.cluster.bind_host, cfg_.cluster.scheduler_port);
   std::filesystem::create_directories(cfg_.run_folder());
+  if (cfg_.metrics.enabled) {
+    metrics_ = std::make_unique<Metrics>();
+    auto& r = *metrics_->registry;
+    auto& nodes = prometheus::BuildGauge()
+                      .Name("sps_scheduler_nodes")
+                      .Help("Nodes of the job by role and state (registered, live, dead, done)")
+                      .Register(r);
+    for (const char* role : {"worker", "server"})
+      for (const char* state : {"registered", "live", "dead", "done"})
+        metrics_->nodes[{role, state}] = &nodes.Add({{"role", role}, {"state", state}});
+    auto& expected = prometheus::BuildGauge().Name("sps_scheduler_expected_nodes").Help("Nodes the job needs").Register(r);
+    metrics_->expected_workers = &expected.Add({{"role", "worker"}});
+    metrics_->expected_servers = &expected.Add({{"role", "server"}});
+    metrics_->running = &prometheus::BuildGauge()
+                             .Name("sps_scheduler_job_running")
+                             .Help("1 from the start barrier's release until the job ends")
+                             .Register(r)
+                             .Add({});
+    metrics_->malformed = &prometheus::BuildCounter()
+                               .Name("sps_scheduler_malformed_messages_total")
+                               .Help("Messages to the scheduler dropped because they failed validation")
+                               .Register(r)
+                               .Add({});
+    auto ep = net::MetricsEndpoint::start(cfg_.metrics.bind_host, cfg_.metrics.port, metrics_->registry);
+    if (!ep.ok()) throw std::runtime_error(ep.status().message());
+    metrics_->endpoint = std::move(ep).value();
+    write_file_atomically(cfg_.run_folder() + "/metrics-scheduler.url", metrics_->endpoint->url() + "\n");
+    spdlog::info("scheduler: metrics on {}", metrics_->endpoint->url());
+  }
   auto log = JsonlWriter::open(cfg_.run_folder() + "/scheduler.jsonl", cfg_.checkpoint.resume);
   if (log.ok()) log_ = std::move(log).value();
   log_.write({{"event", "start"}, {"endpoint", endpoint_}, {"config", config::to_json(cfg_)}});
@@ -55,6 +98,23 @@ bool Coordinator::rank_taken(protocol::Role role, uint32_t rank) const {
   for (const auto& [k, node] : nodes_)
     if (node.role == role && node.rank == rank) return true;
   return false;
+}
+
+void Coordinator::update_metrics() {
+  if (!metrics_) return;
+  std::map<std::pair<std::string, std::string>, double> count;
+  for (const auto& [k, n] : nodes_) {
+    const std::string role = n.role == Role::kWorker ? "worker" : "server";
+    count[{role, "registered"}] += 1;
+    count[{role, n.alive ? "live" : "dead"}] += 1;
+    if (n.done) count[{role, "done"}] += 1;
+  }
+  for (auto& [key, g] : metrics_->nodes) g->Set(count[key]);
+  metrics_->expected_workers->Set(cfg_.cluster.num_workers);
+  metrics_->expected_servers->Set(cfg_.cluster.num_servers);
+  metrics_->running->Set(released_ && !finished_ ? 1 : 0);
+  const double m = static_cast<double>(malformed_);
+  if (m > metrics_->malformed->Value()) metrics_->malformed->Increment(m - metrics_->malformed->Value());
 }
 
 uint32_t Coordinator::live_workers() const {
@@ -95,7 +155,9 @@ int Coordinator::run() {
     }
     if (!finished_) check_liveness();
     if (finishing_ && !finished_) check_reports();
+    update_metrics();
   }
+  update_metrics();
   return exit_status_;
 }
 

@@ -70,7 +70,12 @@ class Coordinator {
   uint32_t live_workers() const;
   bool rank_taken(protocol::Role role, uint32_t rank) const;
 
+  // metrics.enabled: the job's state for Prometheus, refreshed every tick.
+  struct Metrics;
+  void update_metrics();
+
   config::Config cfg_;
+  std::unique_ptr<Metrics> metrics_;
   zmq::socket_t socket_;
   std::string endpoint_;
   JsonlWriter log_;

@@ -68,8 +68,19 @@ int Server::run() {
       }
     }
     heartbeat_if_due();
+    update_metrics();
   }
   return exit_status_;
+}
+
+void Server::update_metrics() {
+  if (!metrics_ || !shard_) return;
+  const uint64_t min_clock = shard_->pushed().min_live_clock();
+  metrics_->update(stats_, {.version = shard_->version(),
+                            .pending_pulls = pending_pulls_.size(),
+                            .early_messages = early_.size(),
+                            .live_workers = shard_->pushed().live_count(),
+                            .min_clock = min_clock == UINT64_MAX ? 0 : min_clock});
 }
 
 void Server::heartbeat_if_due() {
@@ -104,6 +115,19 @@ void Server::handle_control(const net::Received& r) {
         return;
       }
       on_assign(*a);
+      if (cfg_.metrics.enabled) {
+        auto started = ServerMetrics::start(cfg_, rank_);
+        if (!started.ok()) {
+          spdlog::error("server {}: {}", rank_, started.status().message());
+          send_control(MessageType::kError, protocol::encode_text(started.status().message()));
+          finish("metrics endpoint failed");
+          exit_status_ = 1;
+          return;
+        }
+        metrics_ = std::move(started).value();
+        spdlog::info("server {}: metrics on {}", rank_, metrics_->url());
+        log_.write({{"event", "metrics"}, {"url", metrics_->url()}});
+      }
       if (cfg_.checkpoint.resume && !resume_shard()) return;
       while (!early_.empty()) {
         net::Received early = std::move(early_.front());
@@ -311,6 +335,7 @@ void Server::record_applied() {
   for (const auto& a : shard_->take_applied()) {
     ++stats_.pushes_applied;
     stats_.staleness.add(a.staleness);
+    if (metrics_) metrics_->observe_staleness(a.staleness);
     log_.write({{"event", "apply"}, {"worker", a.worker}, {"clock", a.clock}, {"base_version", a.base_version},
                 {"version", a.version}, {"staleness", a.staleness}, {"nnz", a.nnz}});
   }
@@ -349,6 +374,7 @@ void Server::answer_pull(const PendingPull& pull) {
   ++stats_.pulls_answered;
   stats_.sparse_pulls += sparse ? 1 : 0;
   stats_.pull_wait.add(waited);
+  if (metrics_) metrics_->observe_pull_wait(waited);
   const uint64_t min_clock = shard_->pushed().min_live_clock();
   log_.write({{"event", "pull"}, {"worker", pull.worker}, {"clock", pull.clock}, {"version", shard_->version()},
               {"min_clock", min_clock == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(min_clock)},

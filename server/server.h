@@ -22,6 +22,7 @@
 #include "config/config.h"
 #include "net/link.h"
 #include "protocol/message.h"
+#include "server/metrics.h"
 #include "server/shard.h"
 
 namespace sps::server {
@@ -103,6 +104,8 @@ class Server {
   uint64_t last_snapshot_step_ = 0;
   std::set<std::string> reported_peers_;  // malformed senders already logged
   ServerStats stats_;
+  std::unique_ptr<ServerMetrics> metrics_;  // metrics.enabled, from the assignment on
+  void update_metrics();
   std::vector<uint32_t> changed_keys_;  // scratch for sparse pulls
   std::vector<float> changed_values_;
 };
