@@ -353,6 +353,11 @@ const std::vector<Field>& fields() {
       bool_field("metrics.enabled", SPS_REF(metrics.enabled)),
       string_field("metrics.bind_host", SPS_REF(metrics.bind_host)),
       integer_field("metrics.port", SPS_REF(metrics.port), 0, 65535),
+
+      bool_field("security.curve", SPS_REF(security.curve)),
+      string_field("security.key_file", SPS_REF(security.key_file), {}, /*allow_empty=*/true),
+      string_field("security.server_key_file", SPS_REF(security.server_key_file), {}, /*allow_empty=*/true),
+      string_field("security.allowed_keys_file", SPS_REF(security.allowed_keys_file), {}, /*allow_empty=*/true),
   };
   return kFields;
 }
@@ -424,6 +429,10 @@ Status apply_override(const std::string& text, Config& c) {
 Status check_cross_keys(const Config& c) {
   if (c.run.name.find('/') != std::string::npos || c.run.name == "." || c.run.name == "..")
     return invalid_argument(fmt::format("{}: run.name: '{}' must be a plain folder name", c.source, c.run.name));
+  if (c.security.curve && c.security.key_file.empty())
+    return invalid_argument(fmt::format("{}: security.key_file: security.curve is on but no key file is named (make a "
+                                        "key pair with sps-keygen NAME and set security.key_file: NAME.key)",
+                                        c.source));
   if (c.cluster.heartbeat_timeout_ms <= c.cluster.heartbeat_ms)
     return invalid_argument(fmt::format("{}: cluster.heartbeat_timeout_ms ({}) must exceed cluster.heartbeat_ms ({})",
                                         c.source, c.cluster.heartbeat_timeout_ms, c.cluster.heartbeat_ms));

@@ -232,6 +232,21 @@ struct MetricsConfig {
   int port = 0;
 };
 
+struct SecurityConfig {
+  // Authenticate and encrypt every connection with ZeroMQ CURVE; servers
+  // and the scheduler refuse peers whose key is not allowed. Default: false.
+  bool curve = false;
+  // This process's key pair (sps-keygen NAME writes NAME.key and NAME.pub).
+  // Required when curve is on. Default: "".
+  std::string key_file;
+  // Public key of the scheduler and the servers; "" = the public half of
+  // key_file (one key pair for the whole job). Default: "".
+  std::string server_key_file;
+  // Client public keys the scheduler and servers admit, one per line; "" =
+  // only the public half of key_file. Default: "".
+  std::string allowed_keys_file;
+};
+
 struct Config {
   RunConfig run;
   ClusterConfig cluster;
@@ -244,6 +259,7 @@ struct Config {
   WorkersConfig workers;
   CheckpointConfig checkpoint;
   MetricsConfig metrics;
+  SecurityConfig security;
 
   // Where the config came from (file path, or "<defaults>").
   std::string source = "<defaults>";

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <stdexcept>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -49,6 +50,15 @@ struct Coordinator::Metrics {
 
 Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
     : cfg_(cfg), socket_(net::make_socket(ctx, net::SocketKind::kRouter)) {
+  if (cfg_.security.curve) {
+    auto curve = net::load_curve_settings(cfg_.security.key_file, cfg_.security.server_key_file,
+                                          cfg_.security.allowed_keys_file);
+    if (!curve.ok()) throw std::runtime_error(curve.status().message());
+    auto zap = net::ZapAuthenticator::start(ctx, curve->allowed, "scheduler");
+    if (!zap.ok()) throw std::runtime_error(zap.status().message());
+    zap_ = std::move(zap).value();
+    net::make_curve_server(socket_, *curve);
+  }
   endpoint_ = net::bind_tcp(socket_, cfg_.cluster.bind_host, cfg_.cluster.scheduler_port);
   std::filesystem::create_directories(cfg_.run_folder());
   if (cfg_.metrics.enabled) {

@@ -22,6 +22,7 @@
 #include "common/jsonl.h"
 #include "common/process.h"
 #include "config/config.h"
+#include "net/curve.h"
 #include "protocol/message.h"
 
 namespace sps::scheduler {
@@ -76,6 +77,8 @@ class Coordinator {
 
   config::Config cfg_;
   std::unique_ptr<Metrics> metrics_;
+  // security.curve: declared before the socket so it outlives it.
+  std::unique_ptr<net::ZapAuthenticator> zap_;
   zmq::socket_t socket_;
   std::string endpoint_;
   JsonlWriter log_;

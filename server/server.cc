@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <stdexcept>
+
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -25,6 +27,17 @@ Server::Server(const config::Config& cfg, zmq::context_t& ctx, int requested_ran
       data_(net::make_socket(ctx, net::SocketKind::kRouter)),
       control_(net::make_socket(ctx, net::SocketKind::kDealer)),
       requested_rank_(requested_rank) {
+  if (cfg_.security.curve) {
+    auto curve = net::load_curve_settings(cfg_.security.key_file, cfg_.security.server_key_file,
+                                          cfg_.security.allowed_keys_file);
+    if (!curve.ok()) throw std::runtime_error(curve.status().message());
+    curve_ = std::move(curve).value();
+    auto zap = net::ZapAuthenticator::start(ctx, curve_.allowed, "server");
+    if (!zap.ok()) throw std::runtime_error(zap.status().message());
+    zap_ = std::move(zap).value();
+    net::make_curve_server(data_, curve_);
+    net::make_curve_client(control_, curve_);
+  }
   endpoint_ = net::bind_tcp(data_, cfg_.cluster.bind_host, 0);
   control_.connect(fmt::format("tcp://{}:{}", cfg_.cluster.scheduler_host, cfg_.cluster.scheduler_port));
 }

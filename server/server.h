@@ -20,6 +20,7 @@
 #include "common/jsonl.h"
 #include "common/process.h"
 #include "config/config.h"
+#include "net/curve.h"
 #include "net/link.h"
 #include "protocol/message.h"
 #include "server/metrics.h"
@@ -80,6 +81,10 @@ class Server {
   void send_report();
 
   config::Config cfg_;
+  // security.curve: declared before the sockets so the authenticator
+  // outlives them (without it, libzmq would admit any CURVE client).
+  net::CurveSettings curve_;
+  std::unique_ptr<net::ZapAuthenticator> zap_;
   zmq::socket_t data_;
   zmq::socket_t control_;
   std::string endpoint_;

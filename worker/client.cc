@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <stdexcept>
 #include <thread>
 
 #include <fmt/format.h>
@@ -17,6 +18,13 @@ using protocol::MessageType;
 
 PsClient::PsClient(const config::Config& cfg, zmq::context_t& ctx)
     : cfg_(cfg), ctx_(ctx), control_(net::make_socket(ctx, net::SocketKind::kDealer)) {
+  if (cfg_.security.curve) {
+    auto curve = net::load_curve_settings(cfg_.security.key_file, cfg_.security.server_key_file,
+                                          cfg_.security.allowed_keys_file);
+    if (!curve.ok()) throw std::runtime_error(curve.status().message());
+    curve_ = std::move(curve).value();
+    net::make_curve_client(control_, curve_);
+  }
   control_.connect(fmt::format("tcp://{}:{}", cfg_.cluster.scheduler_host, cfg_.cluster.scheduler_port));
 }
 
@@ -109,6 +117,7 @@ Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
                                            num_params));
   for (const auto& shard : assign_.shards) {
     servers_.push_back(net::make_socket(ctx_, net::SocketKind::kDealer));
+    net::make_curve_client(servers_.back(), curve_);
     servers_.back().connect(shard.endpoint);
   }
   versions_.assign(assign_.shards.size(), 0);

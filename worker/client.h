@@ -20,6 +20,7 @@
 #include "common/value_format.h"
 #include "config/config.h"
 #include "kernels/sparsify.h"
+#include "net/curve.h"
 #include "protocol/message.h"
 
 namespace sps::worker {
@@ -98,6 +99,7 @@ class PsClient {
   void emulate_link(uint64_t bytes, double& link_free_at);
 
   config::Config cfg_;
+  net::CurveSettings curve_;  // security.curve: every socket here is a CURVE client
   zmq::context_t& ctx_;
   zmq::socket_t control_;
   std::vector<zmq::socket_t> servers_;
