@@ -38,6 +38,10 @@ Server::Server(const config::Config& cfg, zmq::context_t& ctx, int requested_ran
     net::make_curve_server(data_, curve_);
     net::make_curve_client(control_, curve_);
   }
+  // Bounded receive queue per connection (a valid worker has at most a push
+  // and a pull in flight); beyond it libzmq stops reading that connection,
+  // so a flooding peer is slowed by TCP instead of growing our memory.
+  data_.set(zmq::sockopt::rcvhwm, kDataReceiveHighWaterMark);
   endpoint_ = net::bind_tcp(data_, cfg_.cluster.bind_host, 0);
   control_.connect(fmt::format("tcp://{}:{}", cfg_.cluster.scheduler_host, cfg_.cluster.scheduler_port));
 }
@@ -142,6 +146,7 @@ void Server::handle_control(const net::Received& r) {
         log_.write({{"event", "metrics"}, {"url", metrics_->url()}});
       }
       if (cfg_.checkpoint.resume && !resume_shard()) return;
+      early_bytes_ = 0;
       while (!early_.empty()) {
         net::Received early = std::move(early_.front());
         early_.pop_front();
@@ -278,8 +283,10 @@ void Server::snapshot_if_due() {
 
 void Server::count_malformed(const std::string& peer, const Status& why) {
   ++stats_.malformed;
-  // Log once per sender so a flood cannot fill the disk; the count is exact.
-  if (reported_peers_.insert(peer).second) {
+  // Log once per sender, and for at most kMaxReportedPeers senders, so a
+  // flood (even over fresh connections) cannot fill the disk or memory; the
+  // count is exact.
+  if (reported_peers_.size() < kMaxReportedPeers && reported_peers_.insert(peer).second) {
     log_.write({{"event", "malformed"}, {"peer", peer}, {"error", why.to_string()}});
     spdlog::warn("server {}: dropped a malformed message from {}: {}", rank_, peer, why.message());
   }
@@ -291,8 +298,9 @@ void Server::handle_data(net::Received& r) {
   auto m = net::decode(r);
   if (!m.ok()) return count_malformed(peer, m.status());
   if (!shard_) {
-    if (early_.size() < kMaxEarlyMessages) {
+    if (early_.size() < kMaxEarlyMessages && early_bytes_ + r.bytes() <= kMaxEarlyBytes) {
       stats_.bytes_in -= r.bytes();  // counted again on replay
+      early_bytes_ += r.bytes();
       early_.push_back(std::move(r));
       return;
     }
@@ -332,6 +340,12 @@ void Server::handle_data(net::Received& r) {
       return count_malformed(peer, out_of_range("pull for a key range this server does not own"));
     if (h.sender >= num_workers_) return count_malformed(peer, out_of_range("pull from an unknown worker"));
     if (!initialised_) return count_malformed(peer, failed_precondition("pull before initialisation"));
+    // A worker waits for each pull before the next, so one held pull per
+    // worker is all a valid job needs; more is a flood and would grow the queue.
+    for (const auto& p : pending_pulls_)
+      if (p.worker == h.sender)
+        return count_malformed(peer, failed_precondition(fmt::format(
+                                         "a second pull from worker {} while its clock-{} pull waits", h.sender, p.clock)));
     PendingPull pull{std::move(r.routing_id), h.sender, h.clock, (h.flags & protocol::kFlagHaveVersion) != 0,
                      h.base_version, clock_.seconds()};
     if (shard_->may_answer_pull(h.clock)) {

@@ -52,6 +52,8 @@ class Server {
   // the exit status (0 after a clean job end).
   int run();
   const std::string& endpoint() const { return endpoint_; }
+  // Messages queued per data connection before libzmq stops reading it.
+  static constexpr int kDataReceiveHighWaterMark = 64;
 
  private:
   struct PendingPull {
@@ -103,9 +105,13 @@ class Server {
   std::deque<PendingPull> pending_pulls_;
   // Data messages that arrived before our own assignment (a worker learns
   // the shard map at the same moment we do and may be faster): replayed
-  // once the shard exists. Bounded; beyond the bound they count as malformed.
+  // once the shard exists. Bounded in count and bytes; beyond, they count as
+  // malformed.
   std::deque<net::Received> early_;
+  size_t early_bytes_ = 0;
   static constexpr size_t kMaxEarlyMessages = 4096;
+  static constexpr size_t kMaxEarlyBytes = size_t{256} << 20;
+  static constexpr size_t kMaxReportedPeers = 1024;
   uint64_t last_snapshot_step_ = 0;
   std::set<std::string> reported_peers_;  // malformed senders already logged
   ServerStats stats_;

@@ -219,6 +219,16 @@ std::vector<float> read_f32(const std::string& path) {
   return out;
 }
 
+std::string server_endpoint(const Job& job, int rank) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline) {
+    for (const auto& line : read_jsonl(job.path("server-" + std::to_string(rank) + ".jsonl")))
+      if (line.value("event", "") == "assign") return line["endpoint"].get<std::string>();
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return "";
+}
+
 size_t wait_for_lines(const std::string& path, size_t lines, double timeout_s) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   size_t n = 0;

@@ -73,6 +73,9 @@ std::string read_text(const std::string& path);
 // Waits until `path` has at least `lines` lines (or timeout); returns the count.
 size_t wait_for_lines(const std::string& path, size_t lines, double timeout_s);
 std::string bin(const std::string& name);
+// The data endpoint server `rank` of `job` logged at its assignment ("" if
+// it did not within 30 s).
+std::string server_endpoint(const Job& job, int rank);
 // PIDs of live (non-zombie) processes whose command line contains `token`
 // (e.g. a run folder), excluding this test process.
 std::vector<int> processes_mentioning(const std::string& token);

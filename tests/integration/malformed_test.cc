@@ -117,6 +117,18 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   expected[4000] += 2.0f;
   EXPECT_EQ(params, expected);
 
+  // Pulls for a clock the shard has not reached are held, one per worker:
+  // a second one is dropped instead of growing the queue.
+  Header future = pull;
+  future.clock = 50;
+  const auto future_msg = protocol::encode_control(future);
+  for (int i = 0; i < 2; ++i) send_frames(evil, {future_msg.header, future_msg.frame1, future_msg.frame2});
+  send_frames(evil, {pull_msg.header, pull_msg.frame1, pull_msg.frame2});  // refused too: worker 0 has one held
+  const size_t refused_pulls = 2;
+  // Refused messages get no answer to wait for; give the server a moment
+  // before the job ends (it handles a message in microseconds).
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+
   protocol::DoneReport report;
   report.steps = 1;
   ASSERT_TRUE(client.finish(report).ok());
@@ -131,7 +143,7 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
     }
   }
   ASSERT_TRUE(found) << "the server wrote no stats line";
-  EXPECT_EQ(malformed, bad.size());
+  EXPECT_EQ(malformed, bad.size() + refused_pulls);
 }
 
 // The scheduler refuses registrations it cannot honour, with a reason, and

@@ -28,16 +28,6 @@ std::vector<std::string> job_sets(std::vector<std::string> extra) {
   return sets;
 }
 
-std::string server_endpoint(const Job& job, int rank) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (std::chrono::steady_clock::now() < deadline) {
-    for (const auto& line : read_jsonl(job.path("server-" + std::to_string(rank) + ".jsonl")))
-      if (line.value("event", "") == "assign") return line["endpoint"].get<std::string>();
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return "";
-}
-
 // A peer that tries the scheduler and one server: registers as a worker,
 // pushes into the shard, pulls it. Returns how many replies it got.
 int attack(zmq::context_t& ctx, const net::CurveSettings& keys, const std::string& scheduler,
