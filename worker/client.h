@@ -84,6 +84,12 @@ class PsClient {
   const ClientCounters& counters() const { return counters_; }
   double last_pull_wait_seconds() const { return last_pull_wait_; }
 
+  // For long local work between protocol calls (evaluating a model):
+  // reads what the scheduler sent and sends a heartbeat when one is due,
+  // without waiting, so the worker is not taken for dead. Errors surface at
+  // the next protocol call.
+  void keep_alive() { (void)pump_scheduler(0); }
+
  private:
   // Handles every waiting scheduler message (waiting up to timeout_ms for
   // the first); fails when the job ended with an error, the scheduler went

@@ -158,6 +158,29 @@ void Worker::Impl::resume(uint32_t rank) {
     spdlog::info("resuming at step {} of {} (snapshots in {})", step, cfg.training.steps, dir);
 }
 
+namespace {
+
+// A dataset seen through the worker: every batch drawn first keeps the
+// scheduler connection alive, so evaluating a model for longer than
+// cluster.heartbeat_timeout_ms does not get the worker declared dead.
+class KeepAliveDataset final : public Dataset {
+ public:
+  KeepAliveDataset(const Dataset& data, worker::PsClient& client) : data_(data), client_(client) {}
+  size_t size() const override { return data_.size(); }
+  size_t features() const override { return data_.features(); }
+  size_t classes() const override { return data_.classes(); }
+  void batch(std::span<const uint32_t> ids, Batch& out) const override {
+    client_.keep_alive();
+    data_.batch(ids, out);
+  }
+
+ private:
+  const Dataset& data_;
+  worker::PsClient& client_;
+};
+
+}  // namespace
+
 Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   auto cfg = config::load(options.config_file, options.overrides);
   if (!cfg.ok()) throw Error("config error: " + cfg.status().message());
@@ -368,12 +391,12 @@ TrainResult Worker::finish_impl(const Dataset* train_set, const Dataset* test_se
     nlohmann::json line = {{"event", "eval"}, {"version", v.value()}};
     try {
       if (train_set != nullptr) {
-        result.train = w.model->evaluate(model_params, *train_set);
+        result.train = w.model->evaluate(model_params, KeepAliveDataset(*train_set, *w.client));
         line["train_loss"] = result.train.loss;
         line["train_accuracy"] = result.train.accuracy;
       }
       if (test_set != nullptr) {
-        result.test = w.model->evaluate(model_params, *test_set);
+        result.test = w.model->evaluate(model_params, KeepAliveDataset(*test_set, *w.client));
         line["test_loss"] = result.test.loss;
         line["test_accuracy"] = result.test.accuracy;
       }
@@ -451,7 +474,7 @@ TrainResult Worker::train_loop(Model& model, const Dataset& train_set, const Dat
     if (rank == 0 && test_set != nullptr && w.cfg.training.eval_every > 0 && step % w.cfg.training.eval_every == 0) {
       // Evaluate the parameters this step pulled: what the job has reached by now.
       const double at = w.train_clock.seconds();
-      const Evaluation te = model.evaluate(w.model_params(), *test_set);
+      const Evaluation te = model.evaluate(w.model_params(), KeepAliveDataset(*test_set, *w.client));
       w.log.write({{"event", "eval"}, {"step", step}, {"train_seconds", at}, {"test_accuracy", te.accuracy},
                    {"test_loss", te.loss}});
     }
