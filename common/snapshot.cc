@@ -119,12 +119,24 @@ Result<Snapshot> Snapshot::read(const std::string& path) {
   std::ifstream f(path, std::ios::binary | std::ios::ate);
   if (!f) return unavailable(fmt::format("cannot open snapshot {}", path));
   const auto size = static_cast<size_t>(f.tellg());
+  std::vector<std::byte> bytes(size);
+  f.seekg(0);
+  f.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
+  if (!f) return unavailable(fmt::format("cannot read snapshot {}", path));
+  return parse(std::move(bytes), path);
+}
+
+std::vector<std::string> Snapshot::section_names() const {
+  std::vector<std::string> names;
+  for (const auto& [name, where] : sections_) names.push_back(name);
+  return names;
+}
+
+Result<Snapshot> Snapshot::parse(std::vector<std::byte> contents, const std::string& path) {
   Snapshot s;
   s.path_ = path;
-  s.data_.resize(size);
-  f.seekg(0);
-  f.read(reinterpret_cast<char*>(s.data_.data()), static_cast<std::streamsize>(size));
-  if (!f) return unavailable(fmt::format("cannot read snapshot {}", path));
+  s.data_ = std::move(contents);
+  const size_t size = s.data_.size();
   constexpr size_t kHead = sizeof kMagic + 8;
   if (size < kHead + 4) return malformed(fmt::format("snapshot {} is truncated ({} bytes)", path, size));
   if (std::memcmp(s.data_.data(), kMagic, sizeof kMagic) != 0)

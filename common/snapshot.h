@@ -48,6 +48,9 @@ class Snapshot {
  public:
   // Reads and validates a whole file (size, structure, checksum).
   static Result<Snapshot> read(const std::string& path);
+  // The same on bytes already in memory; `name` stands for the file in messages.
+  static Result<Snapshot> parse(std::vector<std::byte> bytes, const std::string& name);
+  std::vector<std::string> section_names() const;
   bool has(const std::string& name) const { return sections_.count(name) != 0; }
   // Typed sections; a missing section or a payload of the wrong size fails
   // with a message naming the file and the section.
