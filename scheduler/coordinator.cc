@@ -246,6 +246,11 @@ void Coordinator::handle_register(const std::string& key, zmq::message_t routing
   if (assigned_ || nodes_.count(key) != 0) refusal = "registration is closed (the job has started)";
   else if (have >= want) refusal = fmt::format("the job already has {} {}s", want, worker ? "worker" : "server");
   else if (worker && info->num_params == 0) refusal = "a worker must report a model size > 0";
+  else if (worker && info->num_params > UINT32_MAX)
+    refusal = fmt::format("a model of {} parameters is too large: sps keys are 32-bit", info->num_params);
+  else if (worker && info->num_params < static_cast<uint64_t>(cfg_.cluster.num_servers))
+    refusal = fmt::format("a model of {} parameters cannot be split over {} servers (cluster.num_servers)",
+                          info->num_params, cfg_.cluster.num_servers);
   else if (worker && num_params_ != 0 && info->num_params != num_params_)
     refusal = fmt::format("model size {} differs from the first worker's {}", info->num_params, num_params_);
   else if (!worker && info->endpoint.empty()) refusal = "a server must report its data endpoint";
@@ -290,6 +295,12 @@ void Coordinator::handle_register(const std::string& key, zmq::message_t routing
     assign_all();
 }
 
+std::pair<uint32_t, uint32_t> shard_range(uint64_t num_params, uint32_t servers, uint32_t s) {
+  SPS_CHECK(servers > 0 && s < servers && num_params <= UINT32_MAX);
+  // num_params < 2^32 and servers <= 2^32, so the products fit in 64 bits.
+  return {static_cast<uint32_t>(num_params * s / servers), static_cast<uint32_t>(num_params * (s + 1) / servers)};
+}
+
 void Coordinator::assign_all() {
   protocol::AssignInfo a;
   a.num_workers = workers_registered_;
@@ -299,9 +310,8 @@ void Coordinator::assign_all() {
   // Contiguous, near-equal key ranges; server rank s owns shard s.
   for (const auto& [k, n] : nodes_) {
     if (n.role != Role::kServer) continue;
-    const uint64_t b = num_params_ * n.rank / a.num_servers;
-    const uint64_t e = num_params_ * (n.rank + 1) / a.num_servers;
-    a.shards[n.rank] = {static_cast<uint32_t>(b), static_cast<uint32_t>(e), n.endpoint};
+    const auto [b, e] = shard_range(num_params_, a.num_servers, n.rank);
+    a.shards[n.rank] = {b, e, n.endpoint};
   }
   for (const auto& [k, n] : nodes_) {
     a.rank = n.rank;

@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -26,6 +27,12 @@
 #include "protocol/message.h"
 
 namespace sps::scheduler {
+
+// The key range [begin, end) of shard `s` of `servers` over `num_params`
+// keys: contiguous, covering [0, num_params) with no gap or overlap, sizes
+// differing by at most one (exact 64-bit integer math, so no key is lost at
+// the top of the range even for num_params = 2^32 - 1).
+std::pair<uint32_t, uint32_t> shard_range(uint64_t num_params, uint32_t servers, uint32_t s);
 
 class Coordinator {
  public:

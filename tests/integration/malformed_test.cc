@@ -170,6 +170,10 @@ TEST(RegistrationTest, RefusesTakenRanksWrongSizesAndExtraNodes) {
   s = other_size.register_worker(99);
   EXPECT_NE(s.message().find("model size 99 differs"), std::string::npos) << s.message();
 
+  worker::PsClient huge(*cfg, ctx);
+  s = huge.register_worker(uint64_t{1} << 33);
+  EXPECT_NE(s.message().find("keys are 32-bit"), std::string::npos) << s.message();
+
   worker::PsClient bad_rank(*cfg, ctx);
   s = bad_rank.register_worker(100, 5);
   EXPECT_NE(s.message().find("requested rank 5"), std::string::npos) << s.message();
