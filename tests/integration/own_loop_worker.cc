@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
     std::vector<float> params(n), grad(n);
     std::vector<uint32_t> ids(batch_size);
     sps::Batch batch;
-    for (int64_t s = 0; s < worker.steps(); ++s) {
+    for (int64_t s = worker.step(); s < worker.steps(); ++s) {  // step() > 0 after --resume
       worker.pull(params);
       // Round-robin over the data, each worker its own stretch.
       for (size_t i = 0; i < batch_size; ++i)
