@@ -186,7 +186,7 @@ Result<std::vector<float>> Snapshot::f32(const std::string& name) const {
   if (!b.ok()) return b.status();
   if (b->size() % 4 != 0) return malformed(fmt::format("snapshot {}: section '{}' is not float32s", path_, name));
   std::vector<float> v(b->size() / 4);
-  std::memcpy(v.data(), b->data(), b->size());
+  if (!v.empty()) std::memcpy(v.data(), b->data(), b->size());
   return v;
 }
 
@@ -195,7 +195,7 @@ Result<std::vector<uint64_t>> Snapshot::u64s(const std::string& name) const {
   if (!b.ok()) return b.status();
   if (b->size() % 8 != 0) return malformed(fmt::format("snapshot {}: section '{}' is not u64s", path_, name));
   std::vector<uint64_t> v(b->size() / 8);
-  std::memcpy(v.data(), b->data(), b->size());
+  if (!v.empty()) std::memcpy(v.data(), b->data(), b->size());
   return v;
 }
 

@@ -95,7 +95,13 @@ TEST(FloodTest, ServerMemoryStaysBoundedAndWorkersKeepTraining) {
   EXPECT_EQ(dropped, sent.load()) << "every flood message must be counted and dropped, none lost silently";
   // The bound: 4 connections x 64 queued messages (the data socket's
   // receive high-water mark) x 1 MiB, plus slack for the allocator.
+#if defined(__SANITIZE_ADDRESS__)
+  // ASan keeps up to 256 MiB of freed blocks in quarantine, so the figure
+  // says nothing about the server here; the plain build checks the bound.
+  std::cout << "flood: memory bound not checked under AddressSanitizer\n";
+#else
   EXPECT_LT(peak - before, 4 * 64 + 64.0) << "server memory grew beyond the bound";
+#endif
   EXPECT_GT(steps_during, 50) << "valid workers stalled under the flood";
 }
 

