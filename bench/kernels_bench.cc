@@ -8,6 +8,10 @@
 //                            (pm = ratio in per mille: 1 = 0.1 %, 10 = 1 %)
 //   BM_ScatterAdd/n/pm       baseline for apply: a plain scatter-add of 4 x k entries
 //   BM_ShardApply/n/pm       the server's BSP apply of 4 workers' k-entry pushes
+//                            (decoded in place, as the server holds them)
+//   BM_IndexCoding/n/pm/e    encode + decode (with validation) of one push of a
+//                            top-k index set: e = 1 raw u32, 2 delta varint,
+//                            3 bitmap; counters: index bytes per key, message bytes
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -20,6 +24,7 @@
 #include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 #include "scheduler/consistency.h"
+#include "protocol/message.h"
 #include "server/shard.h"
 
 namespace {
@@ -188,15 +193,73 @@ void BM_ShardApply(benchmark::State& state) {
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
   const std::vector<float> values(k, 0.5f);
+  sps::protocol::Header h;
+  h.type = sps::protocol::MessageType::kPush;
+  h.index_encoding = sps::protocol::IndexEncoding::kRawU32;
+  h.key_end = static_cast<uint32_t>(n);
+  h.nnz = static_cast<uint32_t>(k);
   uint64_t clock = 0;
   for (auto _ : state) {
     for (uint32_t w = 0; w < 4; ++w)
-      if (!shard.add_push(w, clock, clock, keys[w], values).ok()) state.SkipWithError("push refused");
+      if (!shard.add_push(w, clock, clock, sps::protocol::DataView(h, keys[w], values), nullptr).ok())
+        state.SkipWithError("push refused");
     if (shard.apply_ready() != 1) state.SkipWithError("no apply");
     (void)shard.take_applied();
     ++clock;
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
+}
+
+// The index set top-k selects from i.i.d. data: each key independently with
+// probability k/n (geometric gaps).
+std::vector<uint32_t> topk_like_keys(size_t n, size_t k, uint32_t seed) {
+  std::mt19937_64 rng(seed);
+  std::geometric_distribution<uint32_t> gap(static_cast<double>(k) / static_cast<double>(n));
+  std::vector<uint32_t> keys;
+  for (uint64_t key = gap(rng); key < n; key += 1 + uint64_t{gap(rng)}) keys.push_back(static_cast<uint32_t>(key));
+  return keys;
+}
+
+void BM_IndexCoding(benchmark::State& state) {
+  namespace p = sps::protocol;
+  const size_t n = static_cast<size_t>(state.range(0));
+  const auto keys = topk_like_keys(n, k_of(state), 7);
+  const std::vector<float> values(keys.size(), 0.5f);
+  p::Header h;
+  h.type = p::MessageType::kPush;
+  h.index_encoding = static_cast<p::IndexEncoding>(state.range(2));
+  h.key_end = static_cast<uint32_t>(n);
+  p::FramePool pool;
+  p::DecodeScratch scratch;
+  size_t index_bytes = 0;
+  size_t message_bytes = 0;
+  for (auto _ : state) {
+    const auto m = p::encode_data(h, keys, values, p::ValueType::kF32, &pool);
+    const std::vector<p::ByteSpan> frames = {m.header, m.frame1, m.frame2};
+    auto view = p::decode_message(frames);
+    if (!view.ok()) {
+      state.SkipWithError("header refused");
+      break;
+    }
+    auto data = p::decode_data(*view, 0, static_cast<uint32_t>(n), scratch);
+    if (!data.ok() || data->size() != keys.size()) {
+      state.SkipWithError("round trip failed");
+      break;
+    }
+    benchmark::DoNotOptimize(data->keys().data());
+    index_bytes = m.frame1.size();
+    message_bytes = m.total_bytes();
+  }
+  state.counters["index_bytes_per_key"] = static_cast<double>(index_bytes) / static_cast<double>(keys.size());
+  state.counters["message_bytes"] = static_cast<double>(message_bytes);
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(keys.size()));
+}
+
+void coding_sizes(benchmark::internal::Benchmark* b) {
+  for (int64_t n : {1'000'000, 25'000'000})
+    for (int64_t permille : {1, 10, 100})
+      for (int64_t e : {1, 2, 3}) b->Args({n, permille, e});
+  b->Unit(benchmark::kMillisecond);
 }
 
 void sizes(benchmark::internal::Benchmark* b) {
@@ -218,4 +281,5 @@ BENCHMARK(BM_EfTopK2Threads)->Apply(sizes);
 BENCHMARK(BM_EfThreshold2Threads)->Apply(sizes);
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
+BENCHMARK(BM_IndexCoding)->Apply(coding_sizes);
 BENCHMARK_MAIN();

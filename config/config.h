@@ -127,6 +127,7 @@ enum class CompressionMethod { kDense, kTopK, kThreshold, kGaussianK, kRandomK, 
 enum class ErrorFeedback { kNone, kEf, kHessianDiag, kHessian };
 enum class CompressionScope { kGlobal, kPerTensor };
 enum class ValueFormatName { kF32, kF16, kBF16 };
+enum class IndexCoding { kAuto, kRaw, kDeltaVarint, kBitmap };
 enum class BackendName { kCpu, kCuda };
 enum class Scale { kLr, kOne };
 struct CompressionConfig {
@@ -150,6 +151,8 @@ struct CompressionConfig {
   CompressionScope scope = CompressionScope::kGlobal;
   // Wire format of sent values: f32 | f16 | bf16 (rounding error stays in the residual). Default: f32.
   ValueFormatName values = ValueFormatName::kF32;
+  // Wire coding of sparse keys: auto (smallest per message) | raw | delta_varint | bitmap. Default: auto.
+  IndexCoding index_coding = IndexCoding::kAuto;
   // DGC momentum correction with masking on the worker (0 = off). Default: 0.
   double momentum_correction = 0.0;
   // Local gradient clipping to this L2 norm before accumulation (0 = off). Default: 0.

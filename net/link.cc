@@ -23,20 +23,45 @@ std::string bind_tcp(zmq::socket_t& s, const std::string& host, int port) {
   return s.get(zmq::sockopt::last_endpoint);
 }
 
-Result<size_t> send(zmq::socket_t& s, const protocol::EncodedMessage& m, const zmq::message_t* routing_id) {
+namespace {
+
+zmq::message_t adopt(protocol::Frame&& f) {
+  if (f.size() < kZeroCopyBytes) return zmq::message_t(f.data(), f.size());
+  auto* owned = new protocol::Frame(std::move(f));
+  // libzmq calls this once the frame is written (or dropped); the Frame's
+  // storage goes back to its pool, if it came from one.
+  return zmq::message_t(
+      owned->data(), owned->size(), [](void*, void* hint) { delete static_cast<protocol::Frame*>(hint); }, owned);
+}
+
+Result<size_t> send_parts(zmq::socket_t& s, zmq::message_t header, zmq::message_t f1, zmq::message_t f2,
+                          const zmq::message_t* routing_id) {
+  const size_t total = header.size() + f1.size() + f2.size();
   try {
     if (routing_id != nullptr) {
       zmq::message_t id(routing_id->data(), routing_id->size());
       if (!s.send(id, zmq::send_flags::sndmore)) return deadline_exceeded("send timed out");
     }
-    if (!s.send(zmq::buffer(m.header), zmq::send_flags::sndmore) ||
-        !s.send(zmq::buffer(m.frame1), zmq::send_flags::sndmore) || !s.send(zmq::buffer(m.frame2), zmq::send_flags::none))
+    if (!s.send(header, zmq::send_flags::sndmore) || !s.send(f1, zmq::send_flags::sndmore) ||
+        !s.send(f2, zmq::send_flags::none))
       return deadline_exceeded("send timed out (peer not reading)");
   } catch (const zmq::error_t& e) {
     if (e.num() == EHOSTUNREACH) return unavailable("peer is gone");
     return unavailable(fmt::format("send failed: {}", e.what()));
   }
-  return m.total_bytes();
+  return total;
+}
+
+}  // namespace
+
+Result<size_t> send(zmq::socket_t& s, protocol::EncodedMessage&& m, const zmq::message_t* routing_id) {
+  return send_parts(s, zmq::message_t(m.header.data(), m.header.size()), adopt(std::move(m.frame1)),
+                    adopt(std::move(m.frame2)), routing_id);
+}
+
+Result<size_t> send(zmq::socket_t& s, const protocol::EncodedMessage& m, const zmq::message_t* routing_id) {
+  return send_parts(s, zmq::message_t(m.header.data(), m.header.size()), zmq::message_t(m.frame1.data(), m.frame1.size()),
+                    zmq::message_t(m.frame2.data(), m.frame2.size()), routing_id);
 }
 
 size_t Received::bytes() const {

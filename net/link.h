@@ -36,9 +36,14 @@ std::string bind_tcp(zmq::socket_t& s, const std::string& host, int port);
 
 // Sends a protocol message; `routing_id` (ROUTER sockets) is sent first.
 // Returns the protocol bytes sent (header + frames), or an error when the
-// peer cannot take it within the send timeout.
+// peer cannot take it within the send timeout. The rvalue form hands data
+// frames of kZeroCopyBytes or more to ZeroMQ as they are (libzmq frees them
+// by callback once written, from its I/O thread); the const form copies.
+Result<size_t> send(zmq::socket_t& s, protocol::EncodedMessage&& m, const zmq::message_t* routing_id = nullptr);
 Result<size_t> send(zmq::socket_t& s, const protocol::EncodedMessage& m,
                     const zmq::message_t* routing_id = nullptr);
+// Below this a copy is cheaper than the callback and the shared refcount.
+inline constexpr size_t kZeroCopyBytes = 4096;
 
 // One received multipart message.
 struct Received {

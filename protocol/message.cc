@@ -1,7 +1,9 @@
 #include "protocol/message.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstring>
 
 #include <fmt/format.h>
 
@@ -48,6 +50,37 @@ namespace {
 
 bool is_data_type(MessageType t) { return t == MessageType::kPush || t == MessageType::kPullResponse; }
 
+// The index frame's size against nnz and the range, per encoding.
+bool index_frame_size_ok(const Header& h) {
+  const uint64_t bytes = h.frame1_bytes;
+  const uint64_t nnz = h.nnz;
+  switch (h.index_encoding) {
+    case IndexEncoding::kRawU32: return bytes == 4 * nnz;
+    case IndexEncoding::kDeltaVarint: return bytes >= nnz && bytes <= kMaxVarintBytes * nnz;
+    case IndexEncoding::kBitmap: return bytes == bitmap_bytes(uint64_t{h.key_end} - h.key_begin);
+    case IndexEncoding::kNone: return bytes == 0;
+  }
+  return false;
+}
+
+constexpr bool kLittleEndianHost = std::endian::native == std::endian::little;
+
+template <class T>
+bool aligned_for(const std::byte* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(T) == 0;
+}
+
+// First entry of `v` that is NaN or infinite, or v.size(). The OR-reduction
+// vectorises; the position is searched only when something is wrong.
+size_t first_non_finite(std::span<const float> v) {
+  uint32_t any = 0;
+  for (float x : v) any |= static_cast<uint32_t>((std::bit_cast<uint32_t>(x) & 0x7F800000u) == 0x7F800000u);
+  if (any == 0) return v.size();
+  for (size_t i = 0; i < v.size(); ++i)
+    if (!std::isfinite(v[i])) return i;
+  return v.size();
+}
+
 }  // namespace
 
 // Layout (offsets in bytes), all little-endian:
@@ -92,7 +125,7 @@ Result<Header> decode_header(ByteSpan bytes) {
   h.type = static_cast<MessageType>(type);
   h.flags = r.get<uint16_t>();
   const auto enc = r.get<uint8_t>();
-  if (enc > static_cast<uint8_t>(IndexEncoding::kRawU32))
+  if (enc > kMaxIndexEncoding)
     return malformed(fmt::format("unknown index encoding {}", enc));
   h.index_encoding = static_cast<IndexEncoding>(enc);
   const auto vt = r.get<uint8_t>();
@@ -135,8 +168,9 @@ Result<MessageView> decode_message(std::span<const ByteSpan> frames) {
     if (h.index_encoding == IndexEncoding::kNone) {
       if (h.nnz != range) return malformed(fmt::format("{}: dense slice has nnz {} for {} keys", name, h.nnz, range));
       if (h.frame1_bytes != 0) return malformed(fmt::format("{}: dense slice carries an index frame", name));
-    } else if (uint64_t{h.frame1_bytes} != 4 * uint64_t{h.nnz}) {
-      return malformed(fmt::format("{}: index frame is {} bytes for nnz {}", name, h.frame1_bytes, h.nnz));
+    } else if (!index_frame_size_ok(h)) {
+      return malformed(fmt::format("{}: {} index frame is {} bytes for nnz {} over {} keys", name,
+                                   index_encoding_name(h.index_encoding), h.frame1_bytes, h.nnz, range));
     }
   } else {
     if (h.frame2_bytes != 0 || h.nnz != 0 || h.value_type != ValueType::kNone ||
@@ -159,29 +193,61 @@ uint32_t value_bytes(ValueType t) {
 }
 
 EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, std::span<const float> values,
-                           ValueType value_type) {
+                           ValueType value_type, FramePool* pool) {
   Header out = h;
   SPS_CHECK(value_type != ValueType::kNone);
   out.value_type = value_type;
   out.nnz = static_cast<uint32_t>(values.size());
+  const uint64_t range = uint64_t{h.key_end} - h.key_begin;
+  auto frame = [pool](size_t n) { return pool != nullptr ? pool->take(n) : Frame(n); };
   EncodedMessage m;
-  if (out.index_encoding == IndexEncoding::kNone) {
-    SPS_CHECK(values.size() == uint64_t{h.key_end} - h.key_begin);
-  } else {
-    SPS_CHECK(indices.size() == values.size());
-    m.frame1.reserve(indices.size() * 4);
-    for (uint32_t k : indices) put_le<uint32_t>(m.frame1, k);
+  switch (out.index_encoding) {
+    case IndexEncoding::kNone:
+      SPS_CHECK(values.size() == range);
+      break;
+    case IndexEncoding::kRawU32:
+      SPS_CHECK(indices.size() == values.size());
+      m.frame1 = frame(4 * indices.size());
+      if constexpr (kLittleEndianHost) {
+        if (!indices.empty()) std::memcpy(m.frame1.data(), indices.data(), 4 * indices.size());
+      } else {
+        for (size_t i = 0; i < indices.size(); ++i)
+          for (int j = 0; j < 4; ++j) m.frame1[4 * i + j] = static_cast<std::byte>((indices[i] >> (8 * j)) & 0xFF);
+      }
+      break;
+    case IndexEncoding::kDeltaVarint:
+      SPS_CHECK(indices.size() == values.size());
+      m.frame1 = frame(kMaxVarintBytes * indices.size());
+      m.frame1.shrink(encode_delta_varint(indices, h.key_begin, m.frame1.data()));
+      break;
+    case IndexEncoding::kBitmap:
+      SPS_CHECK(indices.size() == values.size());
+      m.frame1 = frame(bitmap_bytes(range));
+      encode_bitmap(indices, h.key_begin, range, m.frame1.data());
+      break;
   }
-  m.frame2.reserve(values.size() * value_bytes(value_type));
+  m.frame2 = frame(values.size() * value_bytes(value_type));
+  std::byte* v = m.frame2.data();
   switch (value_type) {
     case ValueType::kF16:
-      for (float v : values) put_le<uint16_t>(m.frame2, f32_to_f16(v));
+    case ValueType::kBF16: {
+      const bool half = value_type == ValueType::kF16;
+      for (size_t i = 0; i < values.size(); ++i) {
+        const uint16_t b = half ? f32_to_f16(values[i]) : f32_to_bf16(values[i]);
+        v[2 * i] = static_cast<std::byte>(b & 0xFF);
+        v[2 * i + 1] = static_cast<std::byte>(b >> 8);
+      }
       break;
-    case ValueType::kBF16:
-      for (float v : values) put_le<uint16_t>(m.frame2, f32_to_bf16(v));
-      break;
+    }
     default:
-      for (float v : values) put_f32(m.frame2, v);
+      if constexpr (kLittleEndianHost) {
+        if (!values.empty()) std::memcpy(v, values.data(), 4 * values.size());
+      } else {
+        for (size_t i = 0; i < values.size(); ++i) {
+          const uint32_t b = std::bit_cast<uint32_t>(values[i]);
+          for (int j = 0; j < 4; ++j) v[4 * i + j] = static_cast<std::byte>((b >> (8 * j)) & 0xFF);
+        }
+      }
   }
   out.frame1_bytes = static_cast<uint32_t>(m.frame1.size());
   out.frame2_bytes = static_cast<uint32_t>(m.frame2.size());
@@ -189,31 +255,75 @@ EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, s
   return m;
 }
 
-Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint32_t expected_end) {
+Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint32_t expected_end,
+                             DecodeScratch& scratch) {
   const Header& h = m.header;
   const char* name = message_type_name(h.type);
   if (!is_data_type(h.type)) return malformed(fmt::format("{} is not a data message", name));
   if (h.key_begin != expected_begin || h.key_end != expected_end)
     return out_of_range(fmt::format("{}: key range [{}, {}) is not this shard's [{}, {})", name, h.key_begin,
                                     h.key_end, expected_begin, expected_end));
-  DataView view(h, m.frame1, m.frame2);
-  if (!view.dense()) {
-    int64_t prev = static_cast<int64_t>(h.key_begin) - 1;
-    for (uint32_t i = 0; i < view.size(); ++i) {
-      const uint32_t k = view.key(i);
-      if (k < h.key_begin || k >= h.key_end)
-        return out_of_range(fmt::format("{}: key {} at entry {} is outside [{}, {})", name, k, i, h.key_begin,
+  // decode_message checked the frame sizes against nnz, the encoding and the value type.
+  const uint32_t nnz = h.nnz;
+  std::span<const uint32_t> keys;
+  switch (h.index_encoding) {
+    case IndexEncoding::kNone:
+      break;
+    case IndexEncoding::kRawU32: {
+      const std::byte* p = m.frame1.data();
+      if (kLittleEndianHost && aligned_for<uint32_t>(p)) {
+        keys = {reinterpret_cast<const uint32_t*>(p), nnz};
+      } else {
+        scratch.keys.resize(nnz);
+        for (uint32_t i = 0; i < nnz; ++i) scratch.keys[i] = load_le<uint32_t>(p + 4 * size_t{i});
+        keys = scratch.keys;
+      }
+      // Strictly increasing and inside the range: a vectorisable sweep, then
+      // the first and last key; the offending entry is looked up only on failure.
+      uint32_t unordered = 0;
+      for (uint32_t i = 1; i < nnz; ++i) unordered |= static_cast<uint32_t>(keys[i] <= keys[i - 1]);
+      if (unordered != 0) {
+        for (uint32_t i = 1; i < nnz; ++i)
+          if (keys[i] <= keys[i - 1])
+            return malformed(fmt::format("{}: keys not strictly increasing at entry {} ({} after {})", name, i,
+                                         keys[i], keys[i - 1]));
+      }
+      if (nnz > 0 && (keys.front() < h.key_begin || keys.back() >= h.key_end)) {
+        const uint32_t i = keys.front() < h.key_begin ? 0 : nnz - 1;
+        return out_of_range(fmt::format("{}: key {} at entry {} is outside [{}, {})", name, keys[i], i, h.key_begin,
                                         h.key_end));
-      if (static_cast<int64_t>(k) <= prev)
-        return malformed(fmt::format("{}: keys not strictly increasing at entry {} ({} after {})", name, i, k, prev));
-      prev = k;
+      }
+      break;
+    }
+    case IndexEncoding::kDeltaVarint:
+    case IndexEncoding::kBitmap: {
+      scratch.keys.resize(nnz);
+      const Status s = h.index_encoding == IndexEncoding::kBitmap
+                           ? decode_bitmap(m.frame1, nnz, h.key_begin, h.key_end, scratch.keys.data())
+                           : decode_delta_varint(m.frame1, nnz, h.key_begin, h.key_end, scratch.keys.data());
+      if (!s.ok()) return Status(s.code(), fmt::format("{}: {}", name, s.message()));
+      keys = scratch.keys;
+      break;
     }
   }
-  for (uint32_t i = 0; i < view.size(); ++i) {
-    if (!std::isfinite(view.value(i)))
-      return invalid_argument(fmt::format("{}: value at entry {} is not finite", name, i));
+  std::span<const float> values;
+  const std::byte* v = m.frame2.data();
+  if (h.value_type == ValueType::kF32 && kLittleEndianHost && aligned_for<float>(v)) {
+    values = {reinterpret_cast<const float*>(v), nnz};
+  } else {
+    scratch.values.resize(nnz);
+    for (uint32_t i = 0; i < nnz; ++i) {
+      switch (h.value_type) {
+        case ValueType::kF16: scratch.values[i] = f16_to_f32(load_le<uint16_t>(v + 2 * size_t{i})); break;
+        case ValueType::kBF16: scratch.values[i] = bf16_to_f32(load_le<uint16_t>(v + 2 * size_t{i})); break;
+        default: scratch.values[i] = std::bit_cast<float>(load_le<uint32_t>(v + 4 * size_t{i}));
+      }
+    }
+    values = scratch.values;
   }
-  return view;
+  if (const size_t bad = first_non_finite(values); bad != values.size())
+    return invalid_argument(fmt::format("{}: value at entry {} is not finite", name, bad));
+  return DataView(h, keys, values);
 }
 
 EncodedMessage encode_control(const Header& h, Bytes payload) {
@@ -225,7 +335,7 @@ EncodedMessage encode_control(const Header& h, Bytes payload) {
   out.frame2_bytes = 0;
   EncodedMessage m;
   m.header = encode_header(out);
-  m.frame1 = std::move(payload);
+  m.frame1 = Frame::copy_of(payload);
   return m;
 }
 

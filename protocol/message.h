@@ -19,6 +19,8 @@
 #include "common/status.h"
 #include "common/value_format.h"
 #include "protocol/coding.h"
+#include "protocol/frame.h"
+#include "protocol/index_coding.h"
 
 namespace sps::protocol {
 
@@ -50,10 +52,6 @@ enum class MessageType : uint16_t {
 };
 inline constexpr uint16_t kMaxMessageType = 13;
 
-enum class IndexEncoding : uint8_t {
-  kNone = 0,    // no index frame: dense over [key_begin, key_end)
-  kRawU32 = 1,  // nnz little-endian u32 keys, strictly increasing, in range
-};
 enum class ValueType : uint8_t {
   kNone = 0,  // no values (control messages)
   kF32 = 1,   // little-endian IEEE-754 binary32, finite
@@ -86,11 +84,12 @@ struct Header {
   uint32_t frame2_bytes = 0;  // size of frame 2
 };
 
-// A message as three byte buffers ready to be sent as frames.
+// A message as three byte buffers ready to be sent as frames (net::send
+// hands the data frames to ZeroMQ without copying them).
 struct EncodedMessage {
   Bytes header;
-  Bytes frame1;
-  Bytes frame2;
+  Frame frame1;
+  Frame frame2;
   size_t total_bytes() const { return header.size() + frame1.size() + frame2.size(); }
 };
 
@@ -114,45 +113,54 @@ Result<MessageView> decode_message(std::span<const ByteSpan> frames);
 
 // ---- data messages --------------------------------------------------------
 
-// A sparse or dense slice of values for one shard, viewing the frames.
+// A validated sparse or dense slice of values for one shard. Keys (global)
+// and values are plain arrays: views straight into the received frames where
+// the wire layout is the host's (raw u32 keys, f32 values on a little-endian
+// host), else decoded into a DecodeScratch the caller owns.
 class DataView {
  public:
   DataView() = default;
-  DataView(const Header& h, ByteSpan indices, ByteSpan values)
-      : header_(h), indices_(indices), values_(values) {}
+  // `keys` is ignored (empty) for dense slices.
+  DataView(const Header& h, std::span<const uint32_t> keys, std::span<const float> values)
+      : header_(h), keys_(keys), values_(values) {}
   const Header& header() const { return header_; }
   bool dense() const { return header_.index_encoding == IndexEncoding::kNone; }
-  uint32_t size() const { return header_.nnz; }
+  uint32_t size() const { return static_cast<uint32_t>(values_.size()); }
   // Global key of entry i (dense: key_begin + i).
-  uint32_t key(uint32_t i) const {
-    return dense() ? header_.key_begin + i : load_le<uint32_t>(indices_.data() + 4 * size_t{i});
-  }
-  float value(uint32_t i) const {
-    switch (header_.value_type) {
-      case ValueType::kF16: return f16_to_f32(load_le<uint16_t>(values_.data() + 2 * size_t{i}));
-      case ValueType::kBF16: return bf16_to_f32(load_le<uint16_t>(values_.data() + 2 * size_t{i}));
-      default: return std::bit_cast<float>(load_le<uint32_t>(values_.data() + 4 * size_t{i}));
-    }
-  }
+  uint32_t key(uint32_t i) const { return dense() ? header_.key_begin + i : keys_[i]; }
+  float value(uint32_t i) const { return values_[i]; }
+  std::span<const uint32_t> keys() const { return keys_; }  // empty when dense
+  std::span<const float> values() const { return values_; }
 
  private:
   Header header_;
-  ByteSpan indices_;
-  ByteSpan values_;
+  std::span<const uint32_t> keys_;
+  std::span<const float> values_;
+};
+
+// Where decode_data puts keys and values it cannot view in place; reused
+// across messages so steady-state decoding allocates nothing.
+struct DecodeScratch {
+  std::vector<uint32_t> keys;
+  std::vector<float> values;
 };
 
 // Encodes a push or pull response. With h.index_encoding == kNone the values
 // are a dense slice over [key_begin, key_end) and `indices` is ignored;
-// with kRawU32 `indices` (sorted global keys) pairs with `values`.
-// Values go out as `value_type` (f16/bf16 round to nearest even and
-// saturate; senders that care about the rounding error quantise first, as
-// the compressor does, so nothing more is lost here).
-EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices,
-                           std::span<const float> values, ValueType value_type = ValueType::kF32);
+// otherwise `indices` (sorted global keys) pairs with `values` and goes out in
+// h.index_encoding (see index_coding.h; choose_index_encoding picks the
+// smallest). Values go out as `value_type` (f16/bf16 round to nearest even
+// and saturate; senders that care about the rounding error quantise first,
+// as the compressor does, so nothing more is lost here). Frames come from
+// `pool` when given. One pass over the input; no other copy is made.
+EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, std::span<const float> values,
+                           ValueType value_type = ValueType::kF32, FramePool* pool = nullptr);
 // Full validation for kPush / kPullResponse against the range the receiver
 // owns: the header's range must equal `expected_begin/end`, keys must be
-// strictly increasing and inside the range, values finite.
-Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint32_t expected_end);
+// strictly increasing and inside the range, values finite. The view points
+// into `m`'s frames and `scratch`, which must outlive it.
+Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint32_t expected_end,
+                             DecodeScratch& scratch);
 
 // ---- control messages -----------------------------------------------------
 

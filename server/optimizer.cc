@@ -38,19 +38,26 @@ float Optimizer::rate(int64_t step) const {
   return static_cast<float>(config::learning_rate(cfg_, step));
 }
 
-void Optimizer::apply(std::span<float> params, std::span<uint64_t> stamps, uint64_t version,
-                      std::span<const uint32_t> keys, std::span<const float> sums, uint32_t count, int64_t step) {
+void Optimizer::apply(std::span<float> params, uint32_t key_base, std::span<const uint32_t> keys,
+                      std::span<const float> sums, uint32_t count, int64_t step) {
+  const bool dense_sums = keys.empty() && !sums.empty();
   if (!dense()) {
     const float scale = !scheduled_ ? fixed_scale_ : (lr_in_values_ ? 1.0f : rate(step));
     const float factor = scale / static_cast<float>(count);
-    for (size_t i = 0; i < keys.size(); ++i) {
-      params[keys[i]] -= factor * sums[i];
-      stamps[keys[i]] = version;
+    if (dense_sums) {
+      for (size_t j = 0; j < sums.size(); ++j) params[j] -= factor * sums[j];
+      return;
     }
+    float* const x = params.data();
+    for (size_t i = 0; i < keys.size(); ++i) x[keys[i] - key_base] -= factor * sums[i];
     return;
   }
   const float inv = 1.0f / static_cast<float>(count);
-  for (size_t i = 0; i < keys.size(); ++i) update_[keys[i]] = sums[i] * inv;
+  if (dense_sums) {
+    for (size_t j = 0; j < sums.size(); ++j) update_[j] = sums[j] * inv;
+  } else {
+    for (size_t i = 0; i < keys.size(); ++i) update_[keys[i] - key_base] = sums[i] * inv;
+  }
   const float lr = rate(step);
   const float mu = momentum_;
   const float wd = weight_decay_;
@@ -64,7 +71,6 @@ void Optimizer::apply(std::span<float> params, std::span<uint64_t> stamps, uint6
     }
     update_[j] = 0.0f;
   }
-  std::fill(stamps.begin(), stamps.end(), version);
 }
 
 }  // namespace sps::server

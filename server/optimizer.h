@@ -30,11 +30,13 @@ class Optimizer {
   // The optimizer a job config asks for, for a shard of `shard_size` keys.
   static Optimizer from_config(const config::Config& cfg, uint32_t shard_size);
 
-  // Applies sum/count to the keys `keys` (local offsets) of `params`, as
-  // update number `step` (the worker step the update belongs to); stamps
-  // every changed key with `version`.
-  void apply(std::span<float> params, std::span<uint64_t> stamps, uint64_t version, std::span<const uint32_t> keys,
-             std::span<const float> sums, uint32_t count, int64_t step);
+  // Applies sum/count to the keys `keys` (global; `params[0]` is key
+  // `key_base`) of `params`, as update number `step` (the worker step the
+  // update belongs to). Empty `keys` with a non-empty `sums`: the sums are
+  // dense over the shard. Changes exactly `keys` unless dense() (then every
+  // key) or the sums are dense.
+  void apply(std::span<float> params, uint32_t key_base, std::span<const uint32_t> keys, std::span<const float> sums,
+             uint32_t count, int64_t step);
 
   bool dense() const { return momentum_ != 0.0f || weight_decay_ != 0.0f; }
 

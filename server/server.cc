@@ -292,9 +292,35 @@ void Server::count_malformed(const std::string& peer, const Status& why) {
   }
 }
 
-void Server::handle_data(net::Received& r) {
-  stats_.bytes_in += r.bytes();
-  const std::string peer = net::routing_id_hex(r.routing_id);
+namespace {
+
+// A received data message and whatever its decoding could not view in
+// place; a held (aggregating) push keeps it alive until it is applied.
+struct ReceivedData {
+  net::Received msg;
+  protocol::DecodeScratch scratch;
+};
+
+protocol::IndexEncoding key_coding(config::IndexCoding c, uint64_t nnz, uint64_t range) {
+  switch (c) {
+    case config::IndexCoding::kRaw: return protocol::IndexEncoding::kRawU32;
+    case config::IndexCoding::kDeltaVarint: return protocol::IndexEncoding::kDeltaVarint;
+    case config::IndexCoding::kBitmap: return protocol::IndexEncoding::kBitmap;
+    case config::IndexCoding::kAuto: break;
+  }
+  return protocol::choose_index_encoding(nnz, range);
+}
+
+}  // namespace
+
+void Server::handle_data(net::Received& received) {
+  stats_.bytes_in += received.bytes();
+  const std::string peer = net::routing_id_hex(received.routing_id);
+  // Moved before decoding: small frames live inside the message object, so
+  // views must be taken from where the message will stay.
+  auto owned = std::make_shared<ReceivedData>();
+  owned->msg = std::move(received);
+  net::Received& r = owned->msg;
   auto m = net::decode(r);
   if (!m.ok()) return count_malformed(peer, m.status());
   if (!shard_) {
@@ -308,14 +334,12 @@ void Server::handle_data(net::Received& r) {
   }
   const Header& h = m->header;
   if (h.type == MessageType::kPush) {
-    auto data = protocol::decode_data(*m, shard_->key_begin(), shard_->key_end());
+    auto data = protocol::decode_data(*m, shard_->key_begin(), shard_->key_end(), owned->scratch);
     if (!data.ok()) return count_malformed(peer, data.status());
     if ((h.flags & protocol::kFlagInit) != 0) {
       if (initialised_ || h.sender != 0 || !data->dense())
         return count_malformed(peer, failed_precondition("unexpected initialisation push"));
-      std::vector<float> values(data->size());
-      for (uint32_t i = 0; i < data->size(); ++i) values[i] = data->value(i);
-      shard_->set_params(values);
+      shard_->set_params(data->values());
       initialised_ = true;
       log_.write({{"event", "init"}, {"from", h.sender}});
       send_control(MessageType::kBarrier);
@@ -323,7 +347,7 @@ void Server::handle_data(net::Received& r) {
     }
     if (!initialised_) return count_malformed(peer, failed_precondition("push before initialisation"));
     Stopwatch sw;
-    Status s = shard_->add_push(h.sender, h.clock, h.base_version, *data);
+    Status s = shard_->add_push(h.sender, h.clock, h.base_version, *data, owned);
     if (!s.ok()) {
       ++stats_.pushes_rejected;
       return count_malformed(peer, s);
@@ -385,16 +409,16 @@ void Server::answer_pull(const PendingPull& pull) {
   }
   protocol::EncodedMessage msg;
   if (sparse) {
-    h.index_encoding = protocol::IndexEncoding::kRawU32;
+    h.index_encoding = key_coding(cfg_.compression.index_coding, changed_keys_.size(), shard_->size());
     changed_values_.resize(changed_keys_.size());
     const auto params = shard_->params();
     for (size_t i = 0; i < changed_keys_.size(); ++i) changed_values_[i] = params[changed_keys_[i] - h.key_begin];
-    msg = protocol::encode_data(h, changed_keys_, changed_values_);
+    msg = protocol::encode_data(h, changed_keys_, changed_values_, protocol::ValueType::kF32, &pool_);
   } else {
     h.index_encoding = protocol::IndexEncoding::kNone;
-    msg = protocol::encode_data(h, {}, shard_->params());
+    msg = protocol::encode_data(h, {}, shard_->params(), protocol::ValueType::kF32, &pool_);
   }
-  auto sent = net::send(data_, msg, &pull.routing_id);
+  auto sent = net::send(data_, std::move(msg), &pull.routing_id);
   if (!sent.ok()) return;
   const double waited = clock_.seconds() - pull.since;
   stats_.bytes_out += *sent;

@@ -119,6 +119,7 @@ class Server {
   void update_metrics();
   std::vector<uint32_t> changed_keys_;  // scratch for sparse pulls
   std::vector<float> changed_values_;
+  protocol::FramePool pool_{16};  // pull responses: frames ZeroMQ adopts without a copy
 };
 
 }  // namespace sps::server

@@ -1,12 +1,14 @@
 // Shard: one contiguous key range of the flat parameter vector, the pushes
-// waiting to be applied, the apply rule and per-key change stamps. Pure
+// waiting to be applied, the apply rule and a log of recent changes. Pure
 // state, no sockets, so the single-process reference run in the tests uses
 // exactly this code.
 //
 // Apply rules (the policy decides which):
 // - aggregating (bsp): when every live worker has pushed clock c, the shard
 //   sums the pushes in worker-rank order (a fixed order, so reruns agree bit
-//   for bit) and hands sum / live to the optimizer; version c -> c+1.
+//   for bit) and hands sum / live to the optimizer; version c -> c+1. The
+//   sum is a merge of the workers' sorted key lists, so each key is read
+//   once per push and written once.
 // - on arrival (ssp, asp): each push v goes to the optimizer at once as
 //   v / live, one version per push, so W pushes move the model as far as
 //   one averaged synchronous step.
@@ -20,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <span>
 #include <string>
@@ -29,6 +32,7 @@
 #include "protocol/message.h"
 #include "scheduler/consistency.h"
 #include "server/optimizer.h"
+#include "server/param_array.h"
 
 namespace sps::server {
 
@@ -50,7 +54,7 @@ class Shard {
   uint32_t key_end() const { return key_end_; }
   uint32_t size() const { return key_end_ - key_begin_; }
   uint64_t version() const { return version_; }
-  std::span<const float> params() const { return params_; }
+  std::span<const float> params() const { return params_.span(); }
   const scheduler::ClockTable& pushed() const { return pushed_; }
   const scheduler::ConsistencyPolicy& policy() const { return *policy_; }
 
@@ -62,7 +66,12 @@ class Shard {
   // Refuses, with the state unchanged, a push the policy does not accept
   // (unknown or dead worker, clock out of order, base_version from the
   // future) or keys outside the range / not increasing.
-  Status add_push(uint32_t w, uint64_t clock, uint64_t base_version, const protocol::DataView& data);
+  // The view form takes a validated push (protocol::decode_data against this
+  // shard's range) whose arrays live as long as `owner`; the shard keeps
+  // `owner` until the push is applied, so nothing is copied. The span form
+  // validates and copies (tests, the reference run).
+  Status add_push(uint32_t w, uint64_t clock, uint64_t base_version, const protocol::DataView& data,
+                  std::shared_ptr<const void> owner);
   Status add_push(uint32_t w, uint64_t clock, uint64_t base_version, std::span<const uint32_t> keys,
                   std::span<const float> values);
 
@@ -70,8 +79,8 @@ class Shard {
   std::span<const float> velocity() const { return optimizer_.velocity(); }
   // Restarts the shard from a snapshot: parameters, momentum buffer and
   // version; every worker is live at clock `clock` (the step the whole job
-  // resumes from) and every key is stamped with the version (a restarted
-  // worker pulls densely). Fails, changing nothing, on a size mismatch.
+  // resumes from) and the change log starts empty at the version (a
+  // restarted worker pulls densely). Fails, changing nothing, on a size mismatch.
   Status restore(std::span<const float> params, std::span<const float> velocity, uint64_t version, uint64_t clock);
 
   // Aggregating policies: applies every complete clock; returns how many.
@@ -81,7 +90,10 @@ class Shard {
   bool may_answer_pull(uint64_t clock) const;
 
   // Keys (global) changed after `since_version`, ascending, into `keys`;
-  // false (and `keys` unspecified) when there are more than `limit`.
+  // false (and `keys` unspecified) when the updates since then changed more
+  // than `limit` entries (counting a key once per update), changed every
+  // key (dense pushes, momentum), or are older than the change log keeps.
+  // Costs time in the changes, not in the shard size.
   bool changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const;
 
   // Pushes applied since the last take_applied() (for logs and statistics).
@@ -89,9 +101,15 @@ class Shard {
 
  private:
   struct Pending {
-    std::vector<uint32_t> keys;  // local offsets
-    std::vector<float> values;
+    std::shared_ptr<const void> owner;  // keeps data's arrays alive
+    protocol::DataView data;            // global keys; size() == 0 when nothing is held
+    std::vector<uint32_t> own_keys;     // the span form's copy
+    std::vector<float> own_values;
     uint64_t base_version = 0;
+    void clear() {
+      owner.reset();
+      data = protocol::DataView();
+    }
   };
   Status check_push(uint32_t w, uint64_t clock, uint64_t base_version) const;
   void accept(uint32_t w, uint64_t clock);
@@ -101,13 +119,37 @@ class Shard {
   uint32_t key_begin_;
   uint32_t key_end_;
   Optimizer optimizer_;
-  std::vector<float> sum_values_;  // scratch: sum_ gathered in touched_list_ order
+  // One worker's held push as a sorted stream of (key, value).
+  struct Cursor {
+    const uint32_t* keys = nullptr;  // null: dense from `first`
+    const float* values = nullptr;
+    size_t pos = 0;
+    size_t size = 0;
+    uint32_t first = 0;
+    bool done() const { return pos == size; }
+    uint32_t key() const { return keys != nullptr ? keys[pos] : first + static_cast<uint32_t>(pos); }
+  };
+  void merge_sorted(std::vector<Cursor>& cursors);
+  std::vector<Cursor> cursors_;
+  std::vector<uint32_t> fold_keys_;  // merge_sorted's second buffer
+  std::vector<float> fold_sums_;
+  // Scratch for an aggregated clock: the merged keys (global; empty when the
+  // sum is dense) and their sums.
+  std::vector<uint32_t> merged_keys_;
+  std::vector<float> merged_sums_;
   std::unique_ptr<scheduler::ConsistencyPolicy> policy_;
-  std::vector<float> params_;
-  std::vector<uint64_t> stamp_;   // per key: the version that last changed it (0 = initial)
-  std::vector<float> sum_;        // aggregation buffer, zero between applies
-  std::vector<uint8_t> touched_;  // marks keys in touched_list_
-  std::vector<uint32_t> touched_list_;
+  ParamArray params_;
+  // Sparse pulls: the keys each recent update changed (global, ascending),
+  // oldest first, holding at most size() / 2 entries; every update with a
+  // version above log_from_ is in it.
+  struct LoggedUpdate {
+    uint64_t version = 0;
+    std::vector<uint32_t> keys;
+  };
+  void log_change(uint64_t version, std::span<const uint32_t> keys, bool every_key);
+  std::deque<LoggedUpdate> change_log_;
+  size_t change_log_entries_ = 0;
+  uint64_t log_from_ = 0;
   std::vector<Pending> pending_;  // per worker: the held (aggregating) or in-flight push
   scheduler::ClockTable pushed_;  // per worker, pushes received
   uint64_t version_ = 0;

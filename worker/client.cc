@@ -117,6 +117,7 @@ Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
                                            num_params));
   for (const auto& shard : assign_.shards) {
     servers_.push_back(net::make_socket(ctx_, net::SocketKind::kDealer));
+    servers_.back().set(zmq::sockopt::sndhwm, kDataSendHighWaterMark);
     net::make_curve_client(servers_.back(), curve_);
     servers_.back().connect(shard.endpoint);
   }
@@ -125,8 +126,8 @@ Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
   return {};
 }
 
-Status PsClient::send_to_server(size_t s, const protocol::EncodedMessage& m) {
-  auto r = net::send(servers_[s], m, nullptr);
+Status PsClient::send_to_server(size_t s, protocol::EncodedMessage&& m) {
+  auto r = net::send(servers_[s], std::move(m), nullptr);
   if (!r.ok()) return r.status().with_context(fmt::format("server {}", s));
   return {};
 }
@@ -200,17 +201,23 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
         auto m = net::decode(*r);
         if (!m.ok()) return m.status().with_context(fmt::format("pull response from server {}", s));
         const auto& shard = assign_.shards[s];
-        auto data = protocol::decode_data(*m, shard.key_begin, shard.key_end);
+        auto data = protocol::decode_data(*m, shard.key_begin, shard.key_end, scratch_);
         if (!data.ok()) return data.status().with_context(fmt::format("pull response from server {}", s));
         if (m->header.type != MessageType::kPullResponse || m->header.clock != clock || got[s] ||
             (!data->dense() && !pulled_[s]))
           return malformed(fmt::format("unexpected reply from server {} to the pull for clock {}", s, clock));
-        for (uint32_t i = 0; i < data->size(); ++i) params[data->key(i)] = data->value(i);
+        if (data->dense()) {
+          std::copy(data->values().begin(), data->values().end(), params.begin() + shard.key_begin);
+        } else {
+          const auto keys = data->keys();
+          const auto values = data->values();
+          for (size_t i = 0; i < keys.size(); ++i) params[keys[i]] = values[i];
+        }
         if (changes != nullptr) {
           if (data->dense()) {
             changes->ranges.emplace_back(shard.key_begin, shard.key_end);
           } else {
-            for (uint32_t i = 0; i < data->size(); ++i) changes->keys.push_back(data->key(i));
+            changes->keys.insert(changes->keys.end(), data->keys().begin(), data->keys().end());
           }
         }
         counters_.bytes_pulled += r->bytes();
@@ -242,6 +249,16 @@ protocol::ValueType wire_type(ValueFormat f) {
     default: return protocol::ValueType::kF32;
   }
 }
+
+protocol::IndexEncoding key_coding(config::IndexCoding c, uint64_t nnz, uint64_t range) {
+  switch (c) {
+    case config::IndexCoding::kRaw: return protocol::IndexEncoding::kRawU32;
+    case config::IndexCoding::kDeltaVarint: return protocol::IndexEncoding::kDeltaVarint;
+    case config::IndexCoding::kBitmap: return protocol::IndexEncoding::kBitmap;
+    case config::IndexCoding::kAuto: break;
+  }
+  return protocol::choose_index_encoding(nnz, range);
+}
 }  // namespace
 
 Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, ValueFormat values) {
@@ -260,11 +277,11 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, V
     h.shard = static_cast<uint32_t>(s);
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
-    h.index_encoding = protocol::IndexEncoding::kRawU32;
-    const auto msg = protocol::encode_data(h, std::span(sel.indices).subspan(begin, pos - begin),
-                                           std::span(sel.values).subspan(begin, pos - begin), wire_type(values));
-    SPS_RETURN_IF_ERROR(send_to_server(s, msg));
+    h.index_encoding = key_coding(cfg_.compression.index_coding, pos - begin, shard.key_end - shard.key_begin);
+    auto msg = protocol::encode_data(h, std::span(sel.indices).subspan(begin, pos - begin),
+                                     std::span(sel.values).subspan(begin, pos - begin), wire_type(values), &pool_);
     counters_.bytes_pushed += msg.total_bytes();
+    SPS_RETURN_IF_ERROR(send_to_server(s, std::move(msg)));
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
     counters_.nnz_pushed += pos - begin;
   }
@@ -285,10 +302,10 @@ Status PsClient::push_dense(uint64_t clock, std::span<const float> values, Value
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
     h.index_encoding = protocol::IndexEncoding::kNone;
-    const auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin),
-                                           wire_type(format));
-    SPS_RETURN_IF_ERROR(send_to_server(s, msg));
+    auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin),
+                                     wire_type(format), &pool_);
     counters_.bytes_pushed += msg.total_bytes();
+    SPS_RETURN_IF_ERROR(send_to_server(s, std::move(msg)));
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
     counters_.nnz_pushed += shard.key_end - shard.key_begin;
   }

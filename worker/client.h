@@ -79,6 +79,11 @@ class PsClient {
   // Tells the scheduler this worker failed (best effort).
   void report_error(const std::string& what);
 
+  // Messages queued per server before a push waits (a worker has at most a
+  // push and a pull request in flight per server; a pushing loop that
+  // outruns a server is slowed to its pace instead of queueing without bound).
+  static constexpr int kDataSendHighWaterMark = 8;
+
   uint32_t rank() const { return assign_.rank; }
   const protocol::AssignInfo& assignment() const { return assign_; }
   const ClientCounters& counters() const { return counters_; }
@@ -98,7 +103,7 @@ class PsClient {
   Status handle_scheduler_message(const protocol::MessageView& m);
   Status check_alive();
   void heartbeat_if_due();
-  Status send_to_server(size_t s, const protocol::EncodedMessage& m);
+  Status send_to_server(size_t s, protocol::EncodedMessage&& m);
   Status send_control(protocol::MessageType type, protocol::Bytes payload = {});
   // cluster.link_mbps: waits as long as `bytes` take on the emulated link in
   // one direction, queued behind that direction's earlier transfers.
@@ -123,6 +128,10 @@ class PsClient {
   double downlink_free_at_ = 0;
   std::vector<uint64_t> versions_;  // per shard: the version last pulled
   std::vector<bool> pulled_;        // per shard: pulled at least once
+  // Push frames are encoded straight into pooled buffers that ZeroMQ adopts
+  // (no copy on send); pull responses decode in place or into the scratch.
+  protocol::FramePool pool_{16};
+  protocol::DecodeScratch scratch_;
 };
 
 }  // namespace sps::worker

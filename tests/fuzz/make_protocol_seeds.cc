@@ -15,10 +15,10 @@ namespace {
 void write(const std::string& path, const EncodedMessage& m) {
   std::vector<char> out;
   out.push_back(3);
-  for (const Bytes* f : {&m.header, &m.frame1, &m.frame2}) {
-    out.push_back(static_cast<char>(f->size() & 0xff));
-    out.push_back(static_cast<char>((f->size() >> 8) & 0xff));
-    for (std::byte b : *f) out.push_back(static_cast<char>(b));
+  for (ByteSpan f : {ByteSpan(m.header), m.frame1.span(), m.frame2.span()}) {
+    out.push_back(static_cast<char>(f.size() & 0xff));
+    out.push_back(static_cast<char>((f.size() >> 8) & 0xff));
+    for (std::byte b : f) out.push_back(static_cast<char>(b));
   }
   std::ofstream(path, std::ios::binary).write(out.data(), static_cast<std::streamsize>(out.size()));
 }
@@ -48,8 +48,15 @@ int main(int argc, char** argv) {
     write(dir + "/push_sparse_" + std::to_string(i), encode_data(data_header(MessageType::kPush, IndexEncoding::kRawU32), keys, values, vt));
     write(dir + "/push_dense_" + std::to_string(i), encode_data(data_header(MessageType::kPush, IndexEncoding::kNone), {}, dense, vt));
     write(dir + "/pull_sparse_" + std::to_string(i), encode_data(data_header(MessageType::kPullResponse, IndexEncoding::kRawU32), keys, values, vt));
+    write(dir + "/push_varint_" + std::to_string(i), encode_data(data_header(MessageType::kPush, IndexEncoding::kDeltaVarint), keys, values, vt));
+    write(dir + "/push_bitmap_" + std::to_string(i), encode_data(data_header(MessageType::kPush, IndexEncoding::kBitmap), keys, values, vt));
     ++i;
   }
+  // A varint gap that needs several bytes (keys far apart in a wide range).
+  Header wide = data_header(MessageType::kPush, IndexEncoding::kDeltaVarint);
+  wide.key_begin = 0;
+  wide.key_end = 1u << 30;
+  write(dir + "/push_varint_wide", encode_data(wide, std::vector<uint32_t>{5, 300, 70000, (1u << 30) - 1}, std::vector<float>{1, 2, 3, 4}));
   Header h;
   h.type = MessageType::kRegister;
   RegisterInfo r;

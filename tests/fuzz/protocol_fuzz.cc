@@ -18,7 +18,8 @@ namespace {
 volatile float sink;  // keeps the decoded values alive
 
 void consume_data(const MessageView& m, uint32_t begin, uint32_t end) {
-  auto data = decode_data(m, begin, end);
+  DecodeScratch scratch;
+  auto data = decode_data(m, begin, end, scratch);
   if (!data.ok()) return;
   float acc = 0;
   for (uint32_t i = 0; i < data->size(); ++i) acc += static_cast<float>(data->key(i)) + data->value(i);

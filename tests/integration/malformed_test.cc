@@ -65,7 +65,7 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   h.index_encoding = protocol::IndexEncoding::kRawU32;
   const auto good = protocol::encode_data(h, std::vector<uint32_t>{1, 2}, std::vector<float>{5, 5});
   auto variant = [&](auto mutate) {
-    std::vector<Bytes> f = {good.header, good.frame1, good.frame2};
+    std::vector<Bytes> f = {good.header, good.frame1.to_bytes(), good.frame2.to_bytes()};
     mutate(f);
     return f;
   };
@@ -88,6 +88,31 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
       {Bytes{}},                                                           // one empty frame
       variant([](auto& f) { f[0][6] = std::byte{static_cast<uint8_t>(MessageType::kPullResponse)}; }),
   };
+  // Compact index codings: a varint that runs past its frame, one wider than
+  // 32 bits, a gap that leaves the range, and a bitmap whose bit count
+  // disagrees with nnz.
+  Header hv = h;
+  hv.index_encoding = protocol::IndexEncoding::kDeltaVarint;
+  const auto varint = protocol::encode_data(hv, std::vector<uint32_t>{1, 2}, std::vector<float>{5, 5});
+  auto with_index = [&](const protocol::EncodedMessage& m, Bytes index) {
+    auto head = protocol::decode_header(m.header);
+    head->frame1_bytes = static_cast<uint32_t>(index.size());
+    return std::vector<Bytes>{protocol::encode_header(*head), std::move(index), m.frame2.to_bytes()};
+  };
+  auto b = [](std::initializer_list<int> v) {
+    Bytes out;
+    for (int x : v) out.push_back(static_cast<std::byte>(x));
+    return out;
+  };
+  bad.push_back(with_index(varint, b({0x01, 0x80})));
+  bad.push_back(with_index(varint, b({0x01, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F})));
+  bad.push_back(with_index(varint, b({0x01, 0xFF, 0xFF, 0x7F})));
+  Header hb = h;
+  hb.index_encoding = protocol::IndexEncoding::kBitmap;
+  const auto bitmap = protocol::encode_data(hb, std::vector<uint32_t>{1, 2}, std::vector<float>{5, 5});
+  Bytes three_bits = bitmap.frame1.to_bytes();
+  three_bits[0] |= std::byte{0x08};
+  bad.push_back(with_index(bitmap, three_bits));
   for (const auto& f : bad) send_frames(evil, f);
   // Messages on one connection are handled in order: once a valid pull sent
   // after the bad messages is answered, the server has judged every one.
@@ -96,7 +121,7 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   pull.key_begin = 0;
   pull.key_end = n;
   const auto pull_msg = protocol::encode_control(pull);
-  send_frames(evil, {pull_msg.header, pull_msg.frame1, pull_msg.frame2});
+  send_frames(evil, {pull_msg.header, pull_msg.frame1.to_bytes(), pull_msg.frame2.to_bytes()});
   ASSERT_TRUE(net::wait_readable({&evil}, std::chrono::seconds(10))[0]) << "the server stopped answering";
   auto reply = net::try_recv(evil, false);
   ASSERT_TRUE(reply.has_value());
@@ -122,8 +147,8 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   Header future = pull;
   future.clock = 50;
   const auto future_msg = protocol::encode_control(future);
-  for (int i = 0; i < 2; ++i) send_frames(evil, {future_msg.header, future_msg.frame1, future_msg.frame2});
-  send_frames(evil, {pull_msg.header, pull_msg.frame1, pull_msg.frame2});  // refused too: worker 0 has one held
+  for (int i = 0; i < 2; ++i) send_frames(evil, {future_msg.header, future_msg.frame1.to_bytes(), future_msg.frame2.to_bytes()});
+  send_frames(evil, {pull_msg.header, pull_msg.frame1.to_bytes(), pull_msg.frame2.to_bytes()});  // refused too: worker 0 has one held
   const size_t refused_pulls = 2;
   // Refused messages get no answer to wait for; give the server a moment
   // before the job ends (it handles a message in microseconds).

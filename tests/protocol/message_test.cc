@@ -9,6 +9,8 @@
 namespace sps::protocol {
 namespace {
 
+DecodeScratch g_scratch;  // decoded views in these tests are used before the next decode
+
 std::vector<ByteSpan> spans(const EncodedMessage& m) { return {m.header, m.frame1, m.frame2}; }
 
 Header push_header(uint32_t begin, uint32_t end) {
@@ -66,7 +68,7 @@ TEST(DataTest, SparsePushRoundTrip) {
   auto f = spans(m);
   auto view = decode_message(f);
   ASSERT_TRUE(view.ok()) << view.status().to_string();
-  auto data = decode_data(*view, 100, 200);
+  auto data = decode_data(*view, 100, 200, g_scratch);
   ASSERT_TRUE(data.ok()) << data.status().to_string();
   ASSERT_EQ(data->size(), 3u);
   EXPECT_FALSE(data->dense());
@@ -86,7 +88,7 @@ TEST(DataTest, HalfPrecisionValuesRoundTripAndAreSizeChecked) {
     auto view = decode_message(f);
     ASSERT_TRUE(view.ok()) << view.status().to_string();
     EXPECT_EQ(view->header.value_type, t);
-    auto data = decode_data(*view, 100, 200);
+    auto data = decode_data(*view, 100, 200, g_scratch);
     ASSERT_TRUE(data.ok()) << data.status().to_string();
     for (uint32_t i = 0; i < 3; ++i) EXPECT_EQ(data->value(i), values[i]);
     // A value frame sized for f32 does not pass as f16.
@@ -100,13 +102,13 @@ TEST(DataTest, HalfPrecisionValuesRoundTripAndAreSizeChecked) {
   // An f16 Inf on the wire is refused like an f32 one.
   const auto inf = encode_data(push_header(100, 200), std::vector<uint32_t>{101}, std::vector<float>{0.0f},
                                ValueType::kF16);
-  Bytes values_inf = inf.frame2;
+  Bytes values_inf = inf.frame2.to_bytes();
   values_inf[0] = std::byte{0x00};
   values_inf[1] = std::byte{0x7C};
   const std::vector<ByteSpan> frames = {ByteSpan(inf.header), ByteSpan(inf.frame1), ByteSpan(values_inf)};
   auto view = decode_message(frames);
   ASSERT_TRUE(view.ok());
-  EXPECT_FALSE(decode_data(*view, 100, 200).ok());
+  EXPECT_FALSE(decode_data(*view, 100, 200, g_scratch).ok());
 }
 
 TEST(DataTest, DenseRoundTripAndEmptySparse) {
@@ -116,7 +118,7 @@ TEST(DataTest, DenseRoundTripAndEmptySparse) {
   const auto m = encode_data(h, {}, values);
   EXPECT_TRUE(m.frame1.empty());
   auto f = spans(m);
-  auto data = decode_data(*decode_message(f), 5, 9);
+  auto data = decode_data(*decode_message(f), 5, 9, g_scratch);
   ASSERT_TRUE(data.ok());
   EXPECT_TRUE(data->dense());
   EXPECT_EQ(data->key(3), 8u);
@@ -124,7 +126,7 @@ TEST(DataTest, DenseRoundTripAndEmptySparse) {
 
   const auto e = encode_data(push_header(5, 9), {}, {});
   auto fe = spans(e);
-  auto empty = decode_data(*decode_message(fe), 5, 9);
+  auto empty = decode_data(*decode_message(fe), 5, 9, g_scratch);
   ASSERT_TRUE(empty.ok());
   EXPECT_EQ(empty->size(), 0u);
 }
@@ -172,13 +174,13 @@ Status decode_push_frames(const std::vector<Bytes>& frames, uint32_t begin = 100
   std::vector<ByteSpan> s(frames.begin(), frames.end());
   auto m = decode_message(s);
   if (!m.ok()) return m.status();
-  auto d = decode_data(*m, begin, end);
+  auto d = decode_data(*m, begin, end, g_scratch);
   return d.status();
 }
 
 std::vector<Bytes> good_push() {
   const auto m = encode_data(push_header(100, 200), std::vector<uint32_t>{101, 150}, std::vector<float>{1, 2});
-  return {m.header, m.frame1, m.frame2};
+  return {m.header, m.frame1.to_bytes(), m.frame2.to_bytes()};
 }
 
 void set_u32(Bytes& b, size_t offset, uint32_t v) {
@@ -255,14 +257,14 @@ TEST(MalformedTest, IndicesOutOfRangeOrNotIncreasing) {
   const std::vector<std::vector<uint32_t>> bad = {{99, 150}, {101, 200}, {150, 150}, {150, 101}, {0xFFFFFFFF, 5}};
   for (const auto& keys : bad) {
     const auto m = encode_data(push_header(100, 200), keys, std::vector<float>{1, 2});
-    EXPECT_FALSE(decode_push_frames({m.header, m.frame1, m.frame2}).ok()) << keys[0] << "," << keys[1];
+    EXPECT_FALSE(decode_push_frames({m.header, m.frame1.to_bytes(), m.frame2.to_bytes()}).ok()) << keys[0] << "," << keys[1];
   }
 }
 
 TEST(MalformedTest, NonFiniteValues) {
   for (float v : {NAN, INFINITY, -INFINITY}) {
     const auto m = encode_data(push_header(100, 200), std::vector<uint32_t>{101, 102}, std::vector<float>{1, v});
-    EXPECT_EQ(decode_push_frames({m.header, m.frame1, m.frame2}).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(decode_push_frames({m.header, m.frame1.to_bytes(), m.frame2.to_bytes()}).code(), StatusCode::kInvalidArgument);
   }
 }
 
@@ -274,10 +276,10 @@ TEST(MalformedTest, DenseSliceWithWrongCountOrIndexFrame) {
   Header h = push_header(100, 104);
   h.index_encoding = IndexEncoding::kNone;
   auto m = encode_data(h, {}, std::vector<float>{1, 2, 3, 4});
-  std::vector<Bytes> f = {m.header, m.frame1, m.frame2};
+  std::vector<Bytes> f = {m.header, m.frame1.to_bytes(), m.frame2.to_bytes()};
   set_u32(f[0], 44, 3);  // nnz 3 for a 4-key dense range
   EXPECT_FALSE(decode_push_frames(f, 100, 104).ok());
-  f = {m.header, Bytes(4), m.frame2};
+  f = {m.header, Bytes(4), m.frame2.to_bytes()};
   set_u32(f[0], 48, 4);  // dense with an index frame
   EXPECT_FALSE(decode_push_frames(f, 100, 104).ok());
 }
@@ -286,7 +288,7 @@ TEST(MalformedTest, ControlMessageWithDataFields) {
   Header h;
   h.type = MessageType::kHeartbeat;
   auto m = encode_control(h);
-  std::vector<Bytes> f = {m.header, m.frame1, Bytes(4)};
+  std::vector<Bytes> f = {m.header, m.frame1.to_bytes(), Bytes(4)};
   set_u32(f[0], 52, 4);
   std::vector<ByteSpan> s(f.begin(), f.end());
   EXPECT_FALSE(decode_message(s).ok());

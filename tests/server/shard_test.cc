@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 namespace sps::server {
 namespace {
 
@@ -71,8 +73,9 @@ TEST(ShardTest, RestoreContinuesFromTheSnapshotClock) {
   EXPECT_TRUE(s.may_answer_pull(40));
   EXPECT_FALSE(s.may_answer_pull(41));
   std::vector<uint32_t> changed;
-  ASSERT_TRUE(s.changed_since(39, 100, changed));
-  EXPECT_EQ(changed.size(), 10u) << "every key counts as changed at the restored version";
+  EXPECT_FALSE(s.changed_since(39, 100, changed)) << "a worker older than the restored version pulls densely";
+  ASSERT_TRUE(s.changed_since(40, 100, changed));
+  EXPECT_TRUE(changed.empty());
   // The next pushes are clock 40 from both workers; clock 39 is refused.
   EXPECT_FALSE(s.add_push(0, 39, 40, std::vector<uint32_t>{100}, std::vector<float>{1}).ok());
   ASSERT_TRUE(s.add_push(0, 40, 40, std::vector<uint32_t>{100}, std::vector<float>{2}).ok());
@@ -121,6 +124,57 @@ TEST(ShardAsyncTest, RefusesVersionsFromTheFuture) {
   Shard s = async_shard(1, 0);
   EXPECT_EQ(s.add_push(0, 0, 5, std::vector<uint32_t>{1}, std::vector<float>{1}).code(), StatusCode::kOutOfRange);
   EXPECT_EQ(s.version(), 0u);
+}
+
+TEST(ShardTest, AggregatesThreeWorkersInRankOrderIncludingEmptyPushes) {
+  Shard s(0, 10, 3, Optimizer::plain(1.0f), std::make_unique<scheduler::BspPolicy>());
+  // Clock 0: every worker sends nothing for this shard; the clock still completes.
+  for (uint32_t w = 0; w < 3; ++w) ASSERT_TRUE(s.add_push(w, 0, 0, std::vector<uint32_t>{}, std::vector<float>{}).ok());
+  EXPECT_EQ(s.apply_ready(), 1);
+  EXPECT_EQ(s.version(), 1u);
+  // Clock 1: overlapping keys, one worker empty; sums added in rank order.
+  ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{1, 4, 9}, std::vector<float>{0.1f, 3.0f, -0.0f}).ok());
+  ASSERT_TRUE(s.add_push(1, 1, 1, std::vector<uint32_t>{}, std::vector<float>{}).ok());
+  ASSERT_TRUE(s.add_push(2, 1, 1, std::vector<uint32_t>{0, 4, 9}, std::vector<float>{6.0f, 0.2f, -0.0f}).ok());
+  EXPECT_EQ(s.apply_ready(), 1);
+  const auto x = s.params();
+  EXPECT_EQ(x[0], -(0.0f + 6.0f) / 3.0f);
+  EXPECT_EQ(x[1], -(0.0f + 0.1f) / 3.0f);
+  EXPECT_EQ(x[4], -((0.0f + 3.0f) + 0.2f) / 3.0f);
+  EXPECT_EQ(x[9], 0.0f);  // (0 + -0) + -0 = +0: nothing moves
+  std::vector<uint32_t> keys;
+  ASSERT_TRUE(s.changed_since(1, 10, keys));
+  EXPECT_EQ(keys, (std::vector<uint32_t>{0, 1, 4, 9}));
+}
+
+TEST(ShardChangeTest, ChangeLogMergesRunsAndForgetsWhatItCannotHold) {
+  // A 100-key shard logs at most 50 changed entries.
+  Shard s(0, 100, 1, Optimizer::plain(1.0f), std::make_unique<scheduler::AspPolicy>());
+  const std::vector<std::vector<uint32_t>> pushes = {{3, 40, 90}, {1, 40}, {2, 3, 99}, {0, 50}, {40}};
+  for (uint64_t c = 0; c < pushes.size(); ++c)
+    ASSERT_TRUE(s.add_push(0, c, c, pushes[c], std::vector<float>(pushes[c].size(), 1.0f)).ok());
+  std::vector<uint32_t> keys;
+  ASSERT_TRUE(s.changed_since(0, 50, keys));
+  EXPECT_EQ(keys, (std::vector<uint32_t>{0, 1, 2, 3, 40, 50, 90, 99}));
+  ASSERT_TRUE(s.changed_since(2, 50, keys));
+  EXPECT_EQ(keys, (std::vector<uint32_t>{0, 2, 3, 40, 50, 99}));
+  // 11 entries logged; a limit of 10 answers dense.
+  EXPECT_FALSE(s.changed_since(0, 10, keys));
+  // A 45-key update pushes the oldest ones out: versions before it are no
+  // longer answerable sparsely, later ones still are.
+  std::vector<uint32_t> many(45);
+  for (uint32_t i = 0; i < 45; ++i) many[i] = 2 * i;
+  ASSERT_TRUE(s.add_push(0, 5, 5, many, std::vector<float>(45, 1.0f)).ok());
+  EXPECT_FALSE(s.changed_since(0, 100, keys));
+  ASSERT_TRUE(s.changed_since(5, 100, keys));
+  EXPECT_EQ(keys, many);
+  // More than the log holds in one update: everything older is dense.
+  std::vector<uint32_t> most(60);
+  for (uint32_t i = 0; i < 60; ++i) most[i] = i;
+  ASSERT_TRUE(s.add_push(0, 6, 6, most, std::vector<float>(60, 1.0f)).ok());
+  EXPECT_FALSE(s.changed_since(6, 100, keys));
+  ASSERT_TRUE(s.changed_since(7, 100, keys));
+  EXPECT_TRUE(keys.empty());
 }
 
 TEST(ShardChangeTest, ChangedSinceListsKeysStampedAfterAVersion) {
