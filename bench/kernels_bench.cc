@@ -9,6 +9,7 @@
 //   BM_ScatterAdd/n/pm       baseline for apply: a plain scatter-add of 4 x k entries
 //   BM_ShardApply/n/pm       the server's BSP apply of 4 workers' k-entry pushes
 //                            (decoded in place, as the server holds them)
+//   BM_ShardApplyAsync/n/pm  the same pushes applied on arrival (ssp/asp)
 //   BM_IndexCoding/n/pm/e    encode + decode (with validation) of one push of a
 //                            top-k index set: e = 1 raw u32, 2 delta varint,
 //                            3 bitmap; counters: index bytes per key, message bytes
@@ -210,6 +211,31 @@ void BM_ShardApply(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
 }
 
+// The same pushes applied on arrival (ssp/asp): one optimizer pass per push.
+void BM_ShardApplyAsync(benchmark::State& state) {
+  const size_t n = static_cast<size_t>(state.range(0));
+  const size_t k = k_of(state);
+  sps::server::Shard shard(0, static_cast<uint32_t>(n), 4, sps::server::Optimizer::plain(1.0f),
+                           std::make_unique<sps::scheduler::AspPolicy>());
+  std::vector<std::vector<uint32_t>> keys;
+  for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
+  const std::vector<float> values(k, 0.5f);
+  sps::protocol::Header h;
+  h.type = sps::protocol::MessageType::kPush;
+  h.index_encoding = sps::protocol::IndexEncoding::kRawU32;
+  h.key_end = static_cast<uint32_t>(n);
+  h.nnz = static_cast<uint32_t>(k);
+  uint64_t clock = 0;
+  for (auto _ : state) {
+    for (uint32_t w = 0; w < 4; ++w)
+      if (!shard.add_push(w, clock, shard.version(), sps::protocol::DataView(h, keys[w], values), nullptr).ok())
+        state.SkipWithError("push refused");
+    (void)shard.take_applied();
+    ++clock;
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
+}
+
 // The index set top-k selects from i.i.d. data: each key independently with
 // probability k/n (geometric gaps).
 std::vector<uint32_t> topk_like_keys(size_t n, size_t k, uint32_t seed) {
@@ -281,5 +307,6 @@ BENCHMARK(BM_EfTopK2Threads)->Apply(sizes);
 BENCHMARK(BM_EfThreshold2Threads)->Apply(sizes);
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
+BENCHMARK(BM_ShardApplyAsync)->Apply(sizes);
 BENCHMARK(BM_IndexCoding)->Apply(coding_sizes);
 BENCHMARK_MAIN();
