@@ -52,6 +52,7 @@ size_t encode_delta_varint(std::span<const uint32_t> keys, uint32_t key_begin, s
 }
 
 void encode_bitmap(std::span<const uint32_t> keys, uint32_t key_begin, uint64_t range, std::byte* out) {
+  if (range == 0) return;  // an empty frame (its storage may be null)
   std::memset(out, 0, bitmap_bytes(range));
   for (uint32_t k : keys) {
     const uint32_t j = k - key_begin;
