@@ -262,6 +262,10 @@ const std::vector<Field>& fields() {
       string_field("cluster.scheduler_host", SPS_REF(cluster.scheduler_host)),
       integer_field("cluster.scheduler_port", SPS_REF(cluster.scheduler_port), 0, 65535),
       string_field("cluster.bind_host", SPS_REF(cluster.bind_host)),
+      string_field("cluster.advertise_host", SPS_REF(cluster.advertise_host), {}, /*allow_empty=*/true),
+      integer_field("cluster.port_min", SPS_REF(cluster.port_min), 0, 65535),
+      integer_field("cluster.port_max", SPS_REF(cluster.port_max), 0, 65535),
+      integer_field("cluster.connect_timeout_ms", SPS_REF(cluster.connect_timeout_ms), 100, 3600000),
       integer_field("cluster.num_servers", SPS_REF(cluster.num_servers), 1, 1024),
       integer_field("cluster.num_workers", SPS_REF(cluster.num_workers), 1, 4096),
       integer_field("cluster.heartbeat_ms", SPS_REF(cluster.heartbeat_ms), 10, 60000),
@@ -439,6 +443,10 @@ Status check_cross_keys(const Config& c) {
   if (c.cluster.heartbeat_timeout_ms <= c.cluster.heartbeat_ms)
     return invalid_argument(fmt::format("{}: cluster.heartbeat_timeout_ms ({}) must exceed cluster.heartbeat_ms ({})",
                                         c.source, c.cluster.heartbeat_timeout_ms, c.cluster.heartbeat_ms));
+  if ((c.cluster.port_min == 0) != (c.cluster.port_max == 0) || c.cluster.port_max < c.cluster.port_min)
+    return invalid_argument(fmt::format("{}: cluster.port_min/port_max: {}..{} is not a port range (set both, "
+                                        "port_min <= port_max, or both 0 for any free port)",
+                                        c.source, c.cluster.port_min, c.cluster.port_max));
   if (c.model.device == "cuda" && c.compression.backend != BackendName::kCuda)
     return invalid_argument(fmt::format("{}: model.device: cuda keeps the gradient on the GPU; it needs "
                                         "compression.backend: cuda",

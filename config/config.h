@@ -48,8 +48,21 @@ struct ClusterConfig {
   // Scheduler TCP port; 0 = pick a free port and write it to
   // <run>/scheduler.port. Default: 0. Range [0, 65535].
   int scheduler_port = 0;
-  // Address servers and the scheduler bind to. Default: 127.0.0.1.
+  // Address servers and the scheduler bind to (0.0.0.0: every interface).
+  // Default: 127.0.0.1.
   std::string bind_host = "127.0.0.1";
+  // Address a server tells workers to connect to; "" = bind_host, or, when
+  // that is 0.0.0.0, this host's address on the route to the scheduler.
+  // Default: "".
+  std::string advertise_host;
+  // Ports servers (and a scheduler with scheduler_port 0) bind to: the first
+  // free one in [port_min, port_max]; 0 and 0 = any free port. Default: 0, 0.
+  int port_min = 0;
+  int port_max = 0;
+  // How long a server or worker keeps trying to reach the scheduler (and a
+  // worker each server) before it fails with a message naming the address,
+  // ms. Default: 30000. Range [100, 3600000].
+  int connect_timeout_ms = 30000;
   // Number of server processes (shards). Default: 1. Range [1, 1024].
   int num_servers = 1;
   // Number of worker processes. Default: 1. Range [1, 4096].

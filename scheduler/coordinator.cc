@@ -12,6 +12,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/histogram.h"
+#include "net/address.h"
 #include "net/link.h"
 #include "net/metrics_http.h"
 #include "scheduler/consistency.h"
@@ -59,7 +60,20 @@ Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
     zap_ = std::move(zap).value();
     net::make_curve_server(socket_, *curve);
   }
-  endpoint_ = net::bind_tcp(socket_, cfg_.cluster.bind_host, cfg_.cluster.scheduler_port);
+  auto bind_ip = net::resolve_ipv4(cfg_.cluster.bind_host, "cluster.bind_host");
+  if (!bind_ip.ok()) throw std::runtime_error(bind_ip.status().message());
+  if (cfg_.cluster.scheduler_port != 0) {
+    try {
+      endpoint_ = net::bind_tcp(socket_, *bind_ip, cfg_.cluster.scheduler_port);
+    } catch (const zmq::error_t& e) {
+      throw std::runtime_error(fmt::format("cluster.bind_host, cluster.scheduler_port: cannot bind to {}:{}: {}",
+                                           *bind_ip, cfg_.cluster.scheduler_port, e.what()));
+    }
+  } else {
+    auto bound = net::bind_tcp_in_range(socket_, *bind_ip, cfg_.cluster.port_min, cfg_.cluster.port_max);
+    if (!bound.ok()) throw std::runtime_error(bound.status().with_context("cluster.bind_host").message());
+    endpoint_ = *bound;
+  }
   std::filesystem::create_directories(cfg_.run_folder());
   if (cfg_.metrics.enabled) {
     metrics_ = std::make_unique<Metrics>();
@@ -254,6 +268,12 @@ void Coordinator::handle_register(const std::string& key, zmq::message_t routing
   else if (worker && num_params_ != 0 && info->num_params != num_params_)
     refusal = fmt::format("model size {} differs from the first worker's {}", info->num_params, num_params_);
   else if (!worker && info->endpoint.empty()) refusal = "a server must report its data endpoint";
+  else if (!worker && !net::parse_tcp_endpoint(info->endpoint).ok())
+    refusal = fmt::format("the data endpoint '{}' is not tcp://host:port", info->endpoint);
+  else if (!worker && net::is_wildcard_host(net::parse_tcp_endpoint(info->endpoint)->host))
+    refusal = fmt::format("the data endpoint '{}' is a wildcard address that workers cannot connect to; set "
+                          "cluster.advertise_host",
+                          info->endpoint);
   else if (info->requested_rank >= static_cast<int32_t>(want))
     refusal = fmt::format("requested rank {} but the job has {} {}s", info->requested_rank, want,
                           worker ? "worker" : "server");
@@ -288,7 +308,8 @@ void Coordinator::handle_register(const std::string& key, zmq::message_t routing
   }
   log_.write({{"event", "register"}, {"role", worker ? "worker" : "server"}, {"rank", n.rank}, {"host", n.host},
               {"pid", n.pid}, {"endpoint", n.endpoint}});
-  spdlog::info("scheduler: {} {} registered (pid {})", worker ? "worker" : "server", n.rank, n.pid);
+  spdlog::info("scheduler: {} {} registered (host {}, pid {}{}{})", worker ? "worker" : "server", n.rank, n.host,
+               n.pid, worker ? "" : ", data ", n.endpoint);
   nodes_.emplace(key, std::move(n));
   if (workers_registered_ == static_cast<uint32_t>(cfg_.cluster.num_workers) &&
       servers_registered_ == static_cast<uint32_t>(cfg_.cluster.num_servers))

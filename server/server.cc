@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/snapshot.h"
+#include "net/address.h"
 
 namespace sps::server {
 
@@ -42,8 +43,22 @@ Server::Server(const config::Config& cfg, zmq::context_t& ctx, int requested_ran
   // and a pull in flight); beyond it libzmq stops reading that connection,
   // so a flooding peer is slowed by TCP instead of growing our memory.
   data_.set(zmq::sockopt::rcvhwm, kDataReceiveHighWaterMark);
-  endpoint_ = net::bind_tcp(data_, cfg_.cluster.bind_host, 0);
-  control_.connect(fmt::format("tcp://{}:{}", cfg_.cluster.scheduler_host, cfg_.cluster.scheduler_port));
+  // Names are resolved once, here, so a typo fails now and names its key.
+  auto scheduler_ip = net::resolve_ipv4(cfg_.cluster.scheduler_host, "cluster.scheduler_host");
+  if (!scheduler_ip.ok()) throw std::runtime_error(scheduler_ip.status().message());
+  auto bind_ip = net::resolve_ipv4(cfg_.cluster.bind_host, "cluster.bind_host");
+  if (!bind_ip.ok()) throw std::runtime_error(bind_ip.status().message());
+  auto advertised = net::advertised_ipv4(cfg_.cluster.advertise_host, *bind_ip, *scheduler_ip);
+  if (!advertised.ok()) throw std::runtime_error(advertised.status().message());
+  auto bound = net::bind_tcp_in_range(data_, *bind_ip, cfg_.cluster.port_min, cfg_.cluster.port_max);
+  if (!bound.ok()) throw std::runtime_error(bound.status().with_context("cluster.bind_host").message());
+  auto port = net::parse_tcp_endpoint(*bound);
+  if (!port.ok()) throw std::runtime_error(port.status().message());
+  // Peers get the advertised address: a server bound to 0.0.0.0 is reached
+  // at its routable address, never at the wildcard.
+  endpoint_ = fmt::format("tcp://{}:{}", *advertised, port->port);
+  scheduler_ip_ = *scheduler_ip;
+  control_.connect(fmt::format("tcp://{}:{}", scheduler_ip_, cfg_.cluster.scheduler_port));
 }
 
 void Server::send_control(MessageType type, protocol::Bytes payload) {
@@ -55,6 +70,17 @@ void Server::send_control(MessageType type, protocol::Bytes payload) {
 }
 
 int Server::run() {
+  // ZeroMQ reconnects silently forever; a plain TCP probe first turns a wrong
+  // or unreachable scheduler address into an error that names it.
+  const Status reachable =
+      net::wait_tcp_reachable(scheduler_ip_, cfg_.cluster.scheduler_port, cfg_.cluster.connect_timeout_ms,
+                              fmt::format("the scheduler (cluster.scheduler_host '{}', cluster.scheduler_port)",
+                                          cfg_.cluster.scheduler_host));
+  if (!reachable.ok()) {
+    spdlog::error("server {}: {}", requested_rank_, reachable.message());
+    return 1;
+  }
+  spdlog::info("server: data endpoint {} (bound to {})", endpoint_, cfg_.cluster.bind_host);
   protocol::RegisterInfo reg;
   reg.role = protocol::Role::kServer;
   reg.endpoint = endpoint_;

@@ -90,6 +90,7 @@ class Server {
   zmq::socket_t data_;
   zmq::socket_t control_;
   std::string endpoint_;
+  std::string scheduler_ip_;  // cluster.scheduler_host, resolved once
   JsonlWriter log_;
   Stopwatch clock_;
   std::optional<Shard> shard_;

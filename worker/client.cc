@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "net/address.h"
 #include "net/link.h"
 
 namespace sps::worker {
@@ -25,7 +26,10 @@ PsClient::PsClient(const config::Config& cfg, zmq::context_t& ctx)
     curve_ = std::move(curve).value();
     net::make_curve_client(control_, curve_);
   }
-  control_.connect(fmt::format("tcp://{}:{}", cfg_.cluster.scheduler_host, cfg_.cluster.scheduler_port));
+  auto scheduler_ip = net::resolve_ipv4(cfg_.cluster.scheduler_host, "cluster.scheduler_host");
+  if (!scheduler_ip.ok()) throw std::runtime_error(scheduler_ip.status().message());
+  scheduler_ip_ = *scheduler_ip;
+  control_.connect(fmt::format("tcp://{}:{}", scheduler_ip_, cfg_.cluster.scheduler_port));
 }
 
 Status PsClient::send_control(MessageType type, protocol::Bytes payload) {
@@ -97,6 +101,11 @@ Status PsClient::pump_scheduler(int timeout_ms) {
 }
 
 Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
+  // ZeroMQ reconnects silently forever; a plain TCP probe first turns a wrong
+  // or unreachable address into an error that names it.
+  SPS_RETURN_IF_ERROR(net::wait_tcp_reachable(
+      scheduler_ip_, cfg_.cluster.scheduler_port, cfg_.cluster.connect_timeout_ms,
+      fmt::format("the scheduler (cluster.scheduler_host '{}', cluster.scheduler_port)", cfg_.cluster.scheduler_host)));
   protocol::RegisterInfo reg;
   reg.role = protocol::Role::kWorker;
   reg.num_params = num_params;
@@ -115,6 +124,13 @@ Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
   if (assign_.num_params != num_params)
     return failed_precondition(fmt::format("assigned model size {} differs from ours ({})", assign_.num_params,
                                            num_params));
+  for (size_t i = 0; i < assign_.shards.size(); ++i) {
+    auto ep = net::parse_tcp_endpoint(assign_.shards[i].endpoint);
+    if (!ep.ok()) return ep.status().with_context(fmt::format("server {}'s endpoint", i));
+    SPS_RETURN_IF_ERROR(net::wait_tcp_reachable(
+        ep->host, ep->port, cfg_.cluster.connect_timeout_ms,
+        fmt::format("server {} (the address it advertised; see cluster.advertise_host)", i)));
+  }
   for (const auto& shard : assign_.shards) {
     servers_.push_back(net::make_socket(ctx_, net::SocketKind::kDealer));
     servers_.back().set(zmq::sockopt::sndhwm, kDataSendHighWaterMark);

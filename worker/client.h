@@ -113,6 +113,7 @@ class PsClient {
   net::CurveSettings curve_;  // security.curve: every socket here is a CURVE client
   zmq::context_t& ctx_;
   zmq::socket_t control_;
+  std::string scheduler_ip_;  // cluster.scheduler_host, resolved once
   std::vector<zmq::socket_t> servers_;
   protocol::AssignInfo assign_;
   ClientCounters counters_;
