@@ -94,6 +94,7 @@ SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
+MailProg=/bin/true
 {auth}StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid
@@ -141,19 +142,31 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         if self._workdir:
             os.makedirs(self._workdir, exist_ok=True)
         self.dir = self._workdir or tempfile.mkdtemp(prefix="local-slurm-")
-        deadline = time.monotonic() + timeout
+        try:
+            self._launch(time.monotonic() + timeout, timeout)
+        except SlurmUnavailable:
+            raise  # _failure() has cleaned up
+        except BaseException:  # e.g. Ctrl-C: leave nothing running
+            self.stop()
+            raise
+
+    def _launch(self, deadline, timeout):
         self._write_config(self._start_munged() if self.auth == "munge" else
                            "AuthType=auth/none\nCredType=cred/none\n")
-        # -D: stay in the foreground (we own the process); -i: no saved state is fine.
-        self._spawn("slurmctld", [f"{SBIN}/slurmctld", "-D", "-i", "-f", self.conf])
+        # -D: stay in the foreground (we own the process); -c: start from no
+        # saved state (matters when a workdir is reused); -i: tolerate that.
+        self._spawn("slurmctld", [f"{SBIN}/slurmctld", "-D", "-c", "-i", "-f", self.conf])
         self._spawn("slurmd", [f"{SBIN}/slurmd", "-D", "-f", self.conf, "-N", self.node])
         state = ""
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
                 if p.poll() is not None:
                     raise self._failure(f"{name} exited with status {p.returncode}")
-            r = subprocess.run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%t"], env=self.env(),
-                               capture_output=True, text=True)
+            try:
+                r = subprocess.run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%t"], env=self.env(),
+                                   capture_output=True, text=True, timeout=10)
+            except subprocess.TimeoutExpired:
+                continue
             state = (r.stdout + r.stderr).strip()
             if r.returncode == 0 and state == "idle":
                 return
@@ -163,18 +176,19 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def env(self):
         # Drop inherited SLURM_* (e.g. when the test itself runs inside a job).
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        env["SLURM_CONF"] = self.conf
+        env["SLURM_CONF"] = self.conf or "(LocalSlurm not started)"
         return env
 
-    def _stepd_sessions(self):
-        """Sessions of this cluster's slurmstepds. They daemonize out of slurmd's
-        session, so find them by the socket each keeps in our SlurmdSpoolDir."""
+    def _kill_steps(self):
+        """SIGKILL this cluster's slurmstepds and their tasks. They daemonize out
+        of slurmd's session, so find them by the socket each keeps in our
+        SlurmdSpoolDir, then kill everything in their sessions."""
         spool = os.path.join(self.dir, "spool") + "/"
         try:
             with open("/proc/net/unix") as f:
                 socks = {f"socket:[{w[6]}]" for w in map(str.split, f) if len(w) > 7 and w[7].startswith(spool)}
         except OSError:
-            return set()
+            return
         sids = set()
         for pid in filter(str.isdigit, os.listdir("/proc")) if socks else ():
             try:
@@ -182,23 +196,35 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     sids.add(os.getsid(int(pid)))
             except OSError:
                 continue
-        return sids - {os.getsid(0)}
+        sids.discard(os.getsid(0))
+        for pid in filter(str.isdigit, os.listdir("/proc")) if sids else ():
+            try:
+                if os.getsid(int(pid)) in sids:
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                continue
 
     def stop(self):
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
-            # Cancel running jobs the Slurm way first, so their sruns exit too.
+            # Cancel jobs the Slurm way first, so their sruns are told and exit,
+            # and give the steps a moment to end.
             try:
                 subprocess.run(["scancel", "--quiet", "-w", self.node], env=self.env(),
                                capture_output=True, timeout=10)
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline and subprocess.run(
+                        ["squeue", "-h", "-o", "%i"], env=self.env(), capture_output=True, timeout=5).stdout.strip():
+                    time.sleep(0.1)
             except subprocess.TimeoutExpired:
                 pass
-            deadline = time.monotonic() + 5
-            while self._stepd_sessions() and time.monotonic() < deadline:
-                time.sleep(0.1)
-        for p in self.procs.values():
+        if self.dir:
+            # A step still there (e.g. retrying to reach a gone srun) would hold
+            # up slurmd's shutdown for seconds.
+            self._kill_steps()
+        # slurmd first (it reports to slurmctld on the way out), munged last.
+        for p in reversed(list(self.procs.values())):
             if p.poll() is None:
                 p.terminate()
-        for p in reversed(list(self.procs.values())):
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -210,14 +236,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             p.wait()
         self.procs = {}
         if self.dir:
-            # Steps that outlived the scancel: SIGKILL their slurmstepd and tasks.
-            sids = self._stepd_sessions()
-            for pid in filter(str.isdigit, os.listdir("/proc")) if sids else ():
-                try:
-                    if os.getsid(int(pid)) in sids:
-                        os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    continue
+            self._kill_steps()  # any step launched meanwhile
             if not self._workdir:
                 shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None

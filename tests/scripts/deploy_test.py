@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""The three cluster launch modes of scripts/sps-launch, each with real
+processes started through the real tool:
+
+  --hosts  over a real sshd started by the test (hosts 127.0.0.1-3: three
+           addresses, so every process binds 0.0.0.0 and advertises its own)
+  --mpi    under Debian's Open MPI: mpirun --oversubscribe -n 7
+  --slurm  under a real single-node Slurm (slurmctld + slurmd + munged)
+           started by the test: srun -n 7
+
+Each part skips, saying why, only where its daemon or tool cannot run.
+Usage: deploy_test.py BIN_DIR"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+LAUNCH = os.path.join(ROOT, "scripts", "sps-launch")
+DEMO = os.path.join(ROOT, "config", "demo.yaml")
+BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build", "bin"))
+sys.path.insert(0, HERE)
+
+SMALL = ["data.train_limit=2000", "data.test_limit=500", "training.steps=200"]
+
+
+def processes_mentioning(token):
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if token in cmd and state != "Z" and "deploy_test" not in cmd:
+            found.append(int(pid))
+    return found
+
+
+def sps_processes(token):
+    """The sps binaries among them (not the ssh clients and remote shells)."""
+    found = []
+    for pid in processes_mentioning(token):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0].decode()).startswith("sps-"):
+            found.append((pid, b" ".join(argv).decode(errors="replace")))
+    return found
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sets(*pairs):
+    out = []
+    for p in pairs:
+        out += ["--set", p]
+    return out
+
+
+def read_summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+class LocalSshd:
+    """A private sshd on three loopback addresses, with its own host and user keys."""
+
+    ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="sps-sshd-")
+        self.port = free_port()
+        self.proc = None
+
+    def start(self):
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not os.path.exists(sshd) or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
+            raise unittest.SkipTest("openssh-server/openssh-client are not installed (scripts/setup installs them)")
+        for name in ("host", "user"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(self.dir, name)],
+                           check=True)
+        shutil.copy(os.path.join(self.dir, "user.pub"), os.path.join(self.dir, "authorized_keys"))
+        conf = os.path.join(self.dir, "sshd_config")
+        with open(conf, "w") as f:
+            f.write(f"Port {self.port}\n")
+            for a in self.ADDRESSES:
+                f.write(f"ListenAddress {a}\n")
+            f.write(f"HostKey {self.dir}/host\nAuthorizedKeysFile {self.dir}/authorized_keys\n"
+                    f"PidFile {self.dir}/sshd.pid\nStrictModes no\nPasswordAuthentication no\n"
+                    "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n")
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
+        self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", conf], stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(self.dir, "sshd.log"), "w"))
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            r = subprocess.run(self.ssh_command().split() + ["127.0.0.2", "true"], capture_output=True, text=True)
+            if r.returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        with open(os.path.join(self.dir, "sshd.log")) as f:
+            log = f.read()[-500:]
+        self.stop()
+        raise unittest.SkipTest(f"a private sshd could not be started: {log.strip()}")
+
+    def ssh_command(self):
+        return (f"ssh -p {self.port} -i {self.dir}/user -o StrictHostKeyChecking=no "
+                "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SshLaunchTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.sshd = LocalSshd()
+        cls.sshd.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sshd.stop()
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="sps-deploy-")
+        self.hosts = os.path.join(self.tmp, "hosts.txt")
+        with open(self.hosts, "w") as f:
+            f.write("# three hosts on three loopback addresses\n"
+                    "127.0.0.1  scheduler server\n"
+                    "127.0.0.2  server worker:2\n"
+                    "127.0.0.3  slots=2\n")
+
+    def launch(self, name, *extra, hosts=None):
+        return ([sys.executable, LAUNCH, DEMO, "--bin", BIN, "--hosts", hosts or self.hosts,
+                 "--ssh", self.sshd.ssh_command()] + sets(f"run.dir={self.tmp}", f"run.name={name}", *SMALL) +
+                sets(*extra))
+
+    def test_job_over_ssh_trains_and_servers_advertise_their_host(self):
+        r = subprocess.run(self.launch("ssh_ok"), capture_output=True, text=True, timeout=180)
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr)
+        self.assertIn("test accuracy", r.stdout)
+        self.assertIn("[server-1@127.0.0.2", r.stdout)  # host/role prefixes
+        s = read_summary(os.path.join(self.tmp, "ssh_ok"))
+        self.assertEqual(s["steps"], 200)
+        self.assertGreater(s["test_accuracy"], 0.75)
+        endpoints = {}
+        with open(os.path.join(self.tmp, "ssh_ok", "scheduler.jsonl")) as f:
+            for line in f:
+                e = json.loads(line)
+                if e.get("event") == "register" and e.get("role") == "server":
+                    endpoints[e["rank"]] = e["endpoint"]
+        # Bound to 0.0.0.0 on every host; each advertises its own address.
+        self.assertTrue(endpoints[0].startswith("tcp://127.0.0.1:"), endpoints)
+        self.assertTrue(endpoints[1].startswith("tcp://127.0.0.2:"), endpoints)
+
+    def wait_running(self, name):
+        log = os.path.join(self.tmp, name, "worker-0.jsonl")
+        deadline = time.time() + 60
+        while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 2000):
+            time.sleep(0.05)
+        self.assertTrue(os.path.exists(log), "the job never started")
+
+    def test_ctrl_c_stops_every_remote_process(self):
+        name = "ssh_interrupted"
+        p = subprocess.Popen(self.launch(name, "training.steps=100000000"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        token = f"sps-launch-{name}-{p.pid}.json"  # every remote process's --config
+        self.wait_running(name)
+        self.assertEqual(len(sps_processes(token)), 7)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+        self.assertEqual(p.returncode, 130, out[-2000:])
+        deadline = time.time() + 10
+        while time.time() < deadline and processes_mentioning(token):
+            time.sleep(0.1)
+        self.assertEqual(processes_mentioning(token), [], out[-2000:])
+
+    def test_killed_launcher_leaves_nothing_on_any_host(self):
+        name = "ssh_killed"
+        p = subprocess.Popen(self.launch(name, "training.steps=100000000"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        token = f"sps-launch-{name}-{p.pid}.json"
+        self.wait_running(name)
+        self.assertEqual(len(sps_processes(token)), 7)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and processes_mentioning(token):
+            time.sleep(0.1)
+        self.assertEqual(processes_mentioning(token), [])
+
+    def test_a_failed_server_stops_the_job_on_every_host(self):
+        name = "ssh_server_dies"
+        p = subprocess.Popen(self.launch(name, "training.steps=100000000"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        token = f"sps-launch-{name}-{p.pid}.json"
+        self.wait_running(name)
+        victims = [pid for pid, cmd in sps_processes(token) if "sps-server --rank 1 " in cmd]
+        self.assertEqual(len(victims), 1)
+        os.kill(victims[0], signal.SIGKILL)
+        out, _ = p.communicate(timeout=60)
+        self.assertEqual(p.returncode, 1, out[-2000:])
+        self.assertIn("server-1@127.0.0.2 exited with status", out)
+        deadline = time.time() + 10
+        while time.time() < deadline and processes_mentioning(token):
+            time.sleep(0.1)
+        self.assertEqual(processes_mentioning(token), [])
+
+    def test_an_unreachable_host_fails_before_anything_starts(self):
+        bad = os.path.join(self.tmp, "bad_hosts.txt")
+        with open(bad, "w") as f:
+            f.write("127.0.0.1 scheduler server:2\n127.0.0.9 slots=4\n")  # sshd does not listen on .9
+        t0 = time.time()
+        r = subprocess.run(self.launch("ssh_unreachable", hosts=bad), capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("cannot reach '127.0.0.9' over ssh", r.stderr)
+        self.assertLess(time.time() - t0, 30)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "ssh_unreachable", "scheduler.jsonl")))
+
+    def test_hosts_file_mistakes_name_the_line(self):
+        cases = [("127.0.0.1 scheduler gpu\n", "hosts.txt:1: 'gpu' is not a role"),
+                 ("127.0.0.1 scheduler\n127.0.0.2 worker:9\n", "hosts.txt:2: 'worker:9' places more workers"),
+                 ("127.0.0.1 scheduler server:2 worker:1\n", "3 processes have no host (worker-1, worker-2"),
+                 ("127.0.0.1 slots=0\n", "hosts.txt:1: 'slots=0'")]
+        for text, message in cases:
+            path = os.path.join(self.tmp, "hosts.txt")
+            with open(path, "w") as f:
+                f.write(text)
+            r = subprocess.run(self.launch("bad_hosts", hosts=path) + ["--dry-run"], capture_output=True, text=True,
+                               timeout=60)
+            self.assertEqual(r.returncode, 2, text + r.stdout + r.stderr)
+            self.assertIn(message, r.stderr, text)
+        # One line without roles takes every process.
+        with open(path, "w") as f:
+            f.write("127.0.0.5\n")
+        r = subprocess.run(self.launch("one_host", hosts=path) + ["--dry-run"], capture_output=True, text=True,
+                           timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.count("@127.0.0.5"), 7, r.stdout)
+
+
+class MpiLaunchTest(unittest.TestCase):
+    def test_mpirun_starts_one_process_per_rank(self):
+        if not shutil.which("mpirun"):
+            self.skipTest("mpirun (Open MPI, Debian's openmpi-bin) is not installed")
+        tmp = tempfile.mkdtemp(prefix="sps-mpi-")
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   OMPI_MCA_rmaps_base_oversubscribe="1")
+        argv = (["mpirun", "--oversubscribe", "-n", "7", sys.executable, LAUNCH, DEMO, "--bin", BIN, "--mpi"] +
+                sets(f"run.dir={tmp}", "run.name=mpi", f"cluster.scheduler_port={free_port()}", *SMALL))
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-2000:])
+        self.assertIn("test accuracy", r.stdout)
+        for name in ("scheduler-0@", "server-1@", "worker-0@"):
+            self.assertIn(f"[{name}", r.stdout)
+        self.assertEqual(read_summary(os.path.join(tmp, "mpi"))["steps"], 200)
+        # A task count that does not match the config is refused by rank 0.
+        argv[argv.index("7")] = "5"
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("started 5 tasks, but the job has 7 processes", r.stdout + r.stderr)
+
+
+class SlurmLaunchTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        try:
+            from local_slurm import LocalSlurm, SlurmUnavailable
+        except ImportError as e:
+            raise unittest.SkipTest(f"local_slurm: {e}")
+        if not shutil.which("slurmctld") or not shutil.which("srun"):
+            raise unittest.SkipTest("Slurm (Debian's slurm-wlm) is not installed")
+        cls.slurm = LocalSlurm(cpus=8)
+        try:
+            cls.slurm.start()
+        except SlurmUnavailable as e:
+            cls.slurm.stop()
+            raise unittest.SkipTest(f"a single-node Slurm could not be started: {e}")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.slurm.stop()
+
+    def test_srun_starts_one_process_per_task(self):
+        tmp = tempfile.mkdtemp(prefix="sps-slurm-")
+        argv = (["srun", "-N", "1", "-n", "7", "--overcommit", "--kill-on-bad-exit=1", sys.executable, LAUNCH, DEMO,
+                 "--bin", BIN, "--slurm"] + sets(f"run.dir={tmp}", "run.name=slurm", *SMALL))
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=self.slurm.env())
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-2000:])
+        self.assertIn("test accuracy", r.stdout)
+        for name in ("scheduler-0@", "server-1@", "worker-0@"):
+            self.assertIn(f"[{name}", r.stdout)
+        s = read_summary(os.path.join(tmp, "slurm"))
+        self.assertEqual(s["steps"], 200)
+        # The scheduler's host came from SLURM_NODELIST, the port from the job id.
+        with open(os.path.join(tmp, "slurm", "scheduler.jsonl")) as f:
+            start = json.loads(f.readline())
+        self.assertNotEqual(start["config"]["cluster"]["scheduler_host"], "127.0.0.1")
+        self.assertGreaterEqual(start["config"]["cluster"]["scheduler_port"], 20000)
+
+
+if __name__ == "__main__":
+    unittest.main(argv=[sys.argv[0], "-v"])
