@@ -133,9 +133,22 @@ void Server::heartbeat_if_due() {
     send_control(MessageType::kHeartbeat);
     last_heartbeat_sent_ = now;
   }
+  // A port that accepts connections but never answers (a wrong port, a
+  // proxy, or security.curve on one side only) is named, not waited out.
+  if (!heard_from_scheduler_ && (now - last_scheduler_seen_) * 1000.0 > cfg_.cluster.connect_timeout_ms) {
+    spdlog::error("server {}: no answer from the scheduler at {}:{} (cluster.scheduler_host '{}') within "
+                  "cluster.connect_timeout_ms ({} ms): the port accepts connections but nothing answers (a wrong "
+                  "address or port, or security.curve set on one side only); exiting",
+                  requested_rank_, scheduler_ip_, cfg_.cluster.scheduler_port, cfg_.cluster.scheduler_host,
+                  cfg_.cluster.connect_timeout_ms);
+    finish("scheduler never answered");
+    exit_status_ = 1;
+    return;
+  }
   const double limit = cfg_.cluster.heartbeat_timeout_ms / 1000.0;
   if (now - last_scheduler_seen_ > limit) {
-    spdlog::error("server {}: the scheduler has been silent for {:.1f} s; exiting", rank_, now - last_scheduler_seen_);
+    spdlog::error("server {}: the scheduler at {}:{} has been silent for {:.1f} s; exiting", rank_, scheduler_ip_,
+                  cfg_.cluster.scheduler_port, now - last_scheduler_seen_);
     finish("scheduler lost");
     exit_status_ = 1;
   }
@@ -148,6 +161,7 @@ void Server::handle_control(const net::Received& r) {
     return;
   }
   last_scheduler_seen_ = clock_.seconds();
+  heard_from_scheduler_ = true;
   switch (m->header.type) {
     case MessageType::kAssign: {
       auto a = protocol::decode_assign(m->frame1);

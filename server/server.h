@@ -91,6 +91,7 @@ class Server {
   zmq::socket_t control_;
   std::string endpoint_;
   std::string scheduler_ip_;  // cluster.scheduler_host, resolved once
+  bool heard_from_scheduler_ = false;
   JsonlWriter log_;
   Stopwatch clock_;
   std::optional<Shard> shard_;

@@ -52,14 +52,24 @@ Status PsClient::check_alive() {
   if (stop_requested()) return unavailable(fmt::format("stopped by signal {}", stop_signal()));
   if (shutdown_seen_ && !shutdown_status_.ok()) return shutdown_status_;
   const double silent = clock_.seconds() - last_scheduler_seen_;
+  // A port that accepts connections but never answers (a wrong port, a
+  // proxy, or security.curve on one side only) is named, not waited out.
+  if (!heard_from_scheduler_ && silent * 1000.0 > cfg_.cluster.connect_timeout_ms)
+    return unavailable(fmt::format(
+        "no answer from the scheduler at {}:{} (cluster.scheduler_host '{}') within cluster.connect_timeout_ms ({} "
+        "ms): the port accepts connections but nothing answers (a wrong address or port, or security.curve set on "
+        "one side only)",
+        scheduler_ip_, cfg_.cluster.scheduler_port, cfg_.cluster.scheduler_host, cfg_.cluster.connect_timeout_ms));
   if (silent * 1000.0 > cfg_.cluster.heartbeat_timeout_ms)
-    return unavailable(fmt::format("the scheduler has been silent for {:.1f} s", silent));
+    return unavailable(fmt::format("the scheduler at {}:{} has been silent for {:.1f} s", scheduler_ip_,
+                                   cfg_.cluster.scheduler_port, silent));
   heartbeat_if_due();
   return {};
 }
 
 Status PsClient::handle_scheduler_message(const protocol::MessageView& m) {
   last_scheduler_seen_ = clock_.seconds();
+  heard_from_scheduler_ = true;
   switch (m.header.type) {
     case MessageType::kAssign: {
       SPS_ASSIGN_OR_RETURN(assign_, protocol::decode_assign(m.frame1));

@@ -114,6 +114,7 @@ class PsClient {
   zmq::context_t& ctx_;
   zmq::socket_t control_;
   std::string scheduler_ip_;  // cluster.scheduler_host, resolved once
+  bool heard_from_scheduler_ = false;
   std::vector<zmq::socket_t> servers_;
   protocol::AssignInfo assign_;
   ClientCounters counters_;

@@ -4,6 +4,9 @@
 // that does not answer ends the process with an error naming it, within
 // cluster.connect_timeout_ms, instead of ZeroMQ's silent reconnect loop.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <chrono>
 
@@ -74,6 +77,36 @@ TEST(NodeAddressTest, AnUnreachableSchedulerFailsEachNodeNamingTheAddress) {
     EXPECT_NE(out.find("127.0.0.1:" + std::to_string(port)), std::string::npos) << program << ": " << out;
     EXPECT_NE(out.find("cluster.scheduler_host"), std::string::npos) << program << ": " << out;
   }
+}
+
+// A port that accepts TCP connections but never speaks (a wrong port, a
+// proxy): the probe passes, so the silence itself is reported, naming the
+// address, after cluster.connect_timeout_ms.
+TEST(NodeAddressTest, APortThatAcceptsButNeverAnswersIsNamed) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(::listen(fd, 16), 0);
+  socklen_t len = sizeof(a);
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  const int port = ntohs(a.sin_port);
+  const std::string dir = fresh_run_dir("mute_scheduler");
+  for (const char* program : {"sps-worker", "sps-server"}) {
+    const auto t0 = std::chrono::steady_clock::now();
+    Process p({bin(program), "--set", "cluster.scheduler_port=" + std::to_string(port), "--set",
+               "cluster.connect_timeout_ms=1500", "--set", "run.dir=" + dir},
+              dir + "/" + program + ".out");
+    const int status = p.wait(30);
+    const std::string out = read_text(dir + "/" + program + ".out");
+    EXPECT_NE(status, 0) << program;
+    EXPECT_NE(status, -1) << program << " hung";
+    EXPECT_LT(seconds_since(t0), 9.0) << program << " waited for the heartbeat timeout instead";
+    EXPECT_NE(out.find("no answer from the scheduler at 127.0.0.1:" + std::to_string(port)), std::string::npos)
+        << program << ": " << out;
+  }
+  ::close(fd);
 }
 
 TEST(NodeAddressTest, AnUnresolvableHostIsAnErrorNamingKeyAndHost) {

@@ -262,7 +262,7 @@ class NetnsTest(unittest.TestCase):
               f"worker 3 logged {mean * 1e3:.1f} ms/step on the network (uncapped {free_mean * 1e3:.2f} ms)")
         self.assertGreater(per_step, 30000)  # dense: 7850 floats
         self.assertGreaterEqual(mean, 0.8 * bound)
-        self.assertGreater(mean, 10 * free_mean)
+        self.assertGreater(mean, 3 * free_mean)
         # And the job's training time grew by at least that much per step.
         slower = capped.summary()["train_seconds"] - free.summary()["train_seconds"]
         print(f"training time: {free.summary()['train_seconds']:.2f} s uncapped, "
