@@ -243,7 +243,9 @@ class SshLaunchTest(unittest.TestCase):
         cases = [("127.0.0.1 scheduler gpu\n", "hosts.txt:1: 'gpu' is not a role"),
                  ("127.0.0.1 scheduler\n127.0.0.2 worker:9\n", "hosts.txt:2: 'worker:9' places more workers"),
                  ("127.0.0.1 scheduler server:2 worker:1\n", "3 processes have no host (worker-1, worker-2"),
-                 ("127.0.0.1 slots=0\n", "hosts.txt:1: 'slots=0'")]
+                 ("127.0.0.1 slots=0\n", "hosts.txt:1: 'slots=0'"),
+                 ("127.0.0.1 scheduler\nno-such-host.invalid slots=6\n",
+                  "cannot resolve host 'no-such-host.invalid'")]
         for text, message in cases:
             path = os.path.join(self.tmp, "hosts.txt")
             with open(path, "w") as f:
