@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ LAUNCH = os.path.join(ROOT, "scripts", "sps-launch")
 DEMO = os.path.join(ROOT, "config", "demo.yaml")
 BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build", "bin"))
 sys.path.insert(0, HERE)
+from local_sshd import LocalSshd, free_port  # noqa: E402
 
 SMALL = ["data.train_limit=2000", "data.test_limit=500", "training.steps=200"]
 
@@ -62,12 +62,6 @@ def sps_processes(token):
     return found
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sets(*pairs):
     out = []
     for p in pairs:
@@ -80,63 +74,10 @@ def read_summary(run_dir):
         return json.load(f)
 
 
-class LocalSshd:
-    """A private sshd on three loopback addresses, with its own host and user keys."""
-
-    ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="sps-sshd-")
-        self.port = free_port()
-        self.proc = None
-
-    def start(self):
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        if not os.path.exists(sshd) or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
-            raise unittest.SkipTest("openssh-server/openssh-client are not installed (scripts/setup installs them)")
-        for name in ("host", "user"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(self.dir, name)],
-                           check=True)
-        shutil.copy(os.path.join(self.dir, "user.pub"), os.path.join(self.dir, "authorized_keys"))
-        conf = os.path.join(self.dir, "sshd_config")
-        with open(conf, "w") as f:
-            f.write(f"Port {self.port}\n")
-            for a in self.ADDRESSES:
-                f.write(f"ListenAddress {a}\n")
-            f.write(f"HostKey {self.dir}/host\nAuthorizedKeysFile {self.dir}/authorized_keys\n"
-                    f"PidFile {self.dir}/sshd.pid\nStrictModes no\nPasswordAuthentication no\n"
-                    "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n")
-        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
-        self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", conf], stdout=subprocess.DEVNULL,
-                                     stderr=open(os.path.join(self.dir, "sshd.log"), "w"))
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            r = subprocess.run(self.ssh_command().split() + ["127.0.0.2", "true"], capture_output=True, text=True)
-            if r.returncode == 0:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        with open(os.path.join(self.dir, "sshd.log")) as f:
-            log = f.read()[-500:]
-        self.stop()
-        raise unittest.SkipTest(f"a private sshd could not be started: {log.strip()}")
-
-    def ssh_command(self):
-        return (f"ssh -p {self.port} -i {self.dir}/user -o StrictHostKeyChecking=no "
-                "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 class SshLaunchTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.sshd = LocalSshd()
+        cls.sshd = LocalSshd(["127.0.0.1", "127.0.0.2", "127.0.0.3"])
         cls.sshd.start()
 
     @classmethod

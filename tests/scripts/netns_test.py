@@ -29,7 +29,9 @@ import tempfile
 import time
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+LAUNCH = os.path.join(ROOT, "scripts", "sps-launch")
 DEMO = os.path.join(ROOT, "config", "demo.yaml")
 BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build", "bin"))
 IP = shutil.which("ip") or "/sbin/ip"
@@ -38,6 +40,7 @@ PREFIX = f"sps{os.getpid()}"
 SWITCH = f"{PREFIX}-sw"
 HOSTS = [f"{PREFIX}-h{i}" for i in range(4)]
 ADDRESS = [f"10.77.0.{i + 1}" for i in range(4)]
+ROOT_LINK = f"{PREFIX}r"
 PORT = 29400  # every namespace has its own ports, so a fixed one is free
 # (role, rank) -> host index
 PLACEMENT = {("scheduler", 0): 0, ("server", 0): 0, ("server", 1): 1, ("worker", 0): 1, ("worker", 1): 2,
@@ -71,7 +74,18 @@ def make_network():
         run(IP, "-n", SWITCH, "link", "set", f"port{i}", "up")
 
 
+def connect_this_host():
+    """A veth from this (the root) namespace into the bridge, as 10.77.0.254,
+    so that ssh and the launcher here reach the namespaced hosts."""
+    run(IP, "link", "add", ROOT_LINK, "type", "veth", "peer", "name", "port9", "netns", SWITCH)
+    run(IP, "addr", "add", "10.77.0.254/24", "dev", ROOT_LINK)
+    run(IP, "link", "set", ROOT_LINK, "up")
+    run(IP, "-n", SWITCH, "link", "set", "port9", "master", "br0")
+    run(IP, "-n", SWITCH, "link", "set", "port9", "up")
+
+
 def remove_network():
+    run(IP, "link", "del", ROOT_LINK, check=False)
     for ns in HOSTS + [SWITCH]:
         run(IP, "netns", "del", ns, check=False)
 
@@ -171,6 +185,7 @@ class NetnsTest(unittest.TestCase):
         atexit.register(remove_network)
         try:
             make_network()
+            connect_this_host()
         except RuntimeError as e:
             remove_network()
             raise unittest.SkipTest(f"cannot make network namespaces here: {e}")
@@ -210,6 +225,43 @@ class NetnsTest(unittest.TestCase):
         workers = {e["rank"]: e["host"] for e in across.log("scheduler.jsonl")
                    if e.get("event") == "register" and e.get("role") == "worker"}
         self.assertEqual(len(workers), 4)
+
+    def test_the_ssh_launcher_runs_the_job_across_the_namespaces(self):
+        sys.path.insert(0, HERE)
+        from local_sshd import LocalSshd
+        sshds = []
+        try:
+            # One sshd per namespaced host, on its own address, sharing one key pair.
+            for i, ns in enumerate(HOSTS):
+                sshd = LocalSshd([ADDRESS[i]], port=22, netns=ns, keys_from=sshds[0] if sshds else None)
+                sshd.start()
+                sshds.append(sshd)
+            tmp = tempfile.mkdtemp(prefix="sps-netns-ssh-")
+            hosts = os.path.join(tmp, "hosts.txt")
+            with open(hosts, "w") as f:
+                f.write(f"{ADDRESS[0]} scheduler server\n{ADDRESS[1]} server worker\n{ADDRESS[2]} worker:2\n"
+                        f"{ADDRESS[3]} worker\n")
+            sets = ["data.train_limit=10000", "data.test_limit=2000", "training.steps=600"]
+            argv = [sys.executable, LAUNCH, DEMO, "--bin", BIN, "--hosts", hosts, "--ssh", sshds[0].ssh_command(),
+                    "--set", f"run.dir={tmp}", "--set", "run.name=ssh"]
+            for x in sets:
+                argv += ["--set", x]
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+            self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr)
+            self.assertIn(f"[worker-0@{ADDRESS[1]}", r.stdout)
+        finally:
+            for sshd in reversed(sshds):
+                sshd.stop()
+        with open(os.path.join(tmp, "ssh", "summary.json")) as f:
+            over_ssh = json.load(f)
+        loopback = self.run_job("loopback_for_ssh", ["training.steps=600"], netns=False).summary()
+        self.assertEqual(over_ssh["test_accuracy"], loopback["test_accuracy"])
+        self.assertEqual(over_ssh["train_loss"], loopback["train_loss"])
+        with open(os.path.join(tmp, "ssh", "scheduler.jsonl")) as f:
+            servers = {e["rank"]: e["endpoint"] for e in map(json.loads, f)
+                       if e.get("event") == "register" and e.get("role") == "server"}
+        self.assertTrue(servers[0].startswith(f"tcp://{ADDRESS[0]}:"), servers)
+        self.assertTrue(servers[1].startswith(f"tcp://{ADDRESS[1]}:"), servers)
 
     def test_cutting_a_workers_link_takes_the_dead_worker_path(self):
         job = Job("cut", ["training.steps=2500", "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=2000",
