@@ -69,6 +69,28 @@ def sets(*pairs):
     return out
 
 
+def run_and_kill_worker(test, argv, env, run_dir, rank=2):
+    """Starts a long job through a cluster tool, SIGKILLs one worker mid-run and
+    checks that the job completes without it (cluster.on_worker_loss: continue)
+    and that the tool itself reports success."""
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = os.path.join(run_dir, f"worker-{rank}.jsonl")
+    deadline = time.time() + 90
+    while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 20000):
+        time.sleep(0.05)
+    token = f"run.dir={os.path.dirname(run_dir)} "
+    victims = [pid for pid, cmd in sps_processes(token) if f"--rank {rank} " in cmd and "sps-worker" in cmd]
+    test.assertEqual(len(victims), 1, sps_processes(token))
+    os.kill(victims[0], signal.SIGKILL)
+    out, _ = p.communicate(timeout=180)
+    test.assertEqual(p.returncode, 0, out[-3000:])
+    test.assertIn(f"worker-{rank}@", out)
+    test.assertIn("cluster.on_worker_loss is continue", out)
+    s = read_summary(run_dir)
+    test.assertEqual(s.get("dead_workers"), [rank], s)
+    return s
+
+
 def read_summary(run_dir):
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
@@ -219,6 +241,14 @@ class MpiLaunchTest(unittest.TestCase):
         for name in ("scheduler-0@", "server-1@", "worker-0@"):
             self.assertIn(f"[{name}", r.stdout)
         self.assertEqual(read_summary(os.path.join(tmp, "mpi"))["steps"], 200)
+        # A worker killed mid-run: its rank exits 0 (so mpirun does not end
+        # the job), and the job completes without it.
+        mpi_argv = (["mpirun", "--oversubscribe", "-n", "7", sys.executable, LAUNCH, DEMO, "--bin", BIN, "--mpi"] +
+                    sets(f"run.dir={tmp}", "run.name=mpi_loss", f"cluster.scheduler_port={free_port()}",
+                         "data.train_limit=2000", "data.test_limit=500", "training.steps=4000",
+                         "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=2000"))
+        s = run_and_kill_worker(self, mpi_argv, env, os.path.join(tmp, "mpi_loss"))
+        self.assertEqual(s["steps"], 4000)
         # A task count that does not match the config is refused by rank 0.
         argv[argv.index("7")] = "5"
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
@@ -262,6 +292,15 @@ class SlurmLaunchTest(unittest.TestCase):
             start = json.loads(f.readline())
         self.assertNotEqual(start["config"]["cluster"]["scheduler_host"], "127.0.0.1")
         self.assertGreaterEqual(start["config"]["cluster"]["scheduler_port"], 20000)
+
+    def test_a_dead_worker_does_not_end_the_srun_job(self):
+        tmp = tempfile.mkdtemp(prefix="sps-slurm-")
+        argv = (["srun", "-N", "1", "-n", "7", "--overcommit", "--kill-on-bad-exit=1", sys.executable, LAUNCH, DEMO,
+                 "--bin", BIN, "--slurm"] +
+                sets(f"run.dir={tmp}", "run.name=slurm_loss", "data.train_limit=2000", "data.test_limit=500",
+                     "training.steps=4000", "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=2000"))
+        s = run_and_kill_worker(self, argv, self.slurm.env(), os.path.join(tmp, "slurm_loss"))
+        self.assertEqual(s["steps"], 4000)
 
 
 if __name__ == "__main__":
