@@ -217,6 +217,11 @@ class SshLaunchTest(unittest.TestCase):
                                timeout=60)
             self.assertEqual(r.returncode, 2, text + r.stdout + r.stderr)
             self.assertIn(message, r.stderr, text)
+        # The example hosts file places the demo job.
+        r = subprocess.run(self.launch("example", hosts=os.path.join(ROOT, "examples", "cluster", "hosts.txt")) +
+                           ["--dry-run"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(len(r.stdout.splitlines()), 8, r.stdout)
         # One line without roles takes every process.
         with open(path, "w") as f:
             f.write("127.0.0.5\n")
@@ -292,6 +297,19 @@ class SlurmLaunchTest(unittest.TestCase):
             start = json.loads(f.readline())
         self.assertNotEqual(start["config"]["cluster"]["scheduler_host"], "127.0.0.1")
         self.assertGreaterEqual(start["config"]["cluster"]["scheduler_port"], 20000)
+
+    def test_the_example_batch_script_runs_the_job(self):
+        tmp = tempfile.mkdtemp(prefix="sps-sbatch-")
+        out = os.path.join(tmp, "job.out")
+        argv = (["sbatch", "--wait", "-N", "1", "-n", "7", "--overcommit", f"--chdir={ROOT}", f"--output={out}",
+                 os.path.join(ROOT, "examples", "cluster", "sps.sbatch"), DEMO, "--bin", BIN] +
+                sets(f"run.dir={tmp}", "run.name=sbatch", *SMALL))
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=self.slurm.env())
+        with open(out) as f:
+            log = f.read()
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr + log[-3000:])
+        self.assertIn("test accuracy", log)
+        self.assertEqual(read_summary(os.path.join(tmp, "sbatch"))["steps"], 200)
 
     def test_a_dead_worker_does_not_end_the_srun_job(self):
         tmp = tempfile.mkdtemp(prefix="sps-slurm-")
