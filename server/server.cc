@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 #include <fmt/format.h>
@@ -135,7 +136,10 @@ void Server::heartbeat_if_due() {
   }
   // A port that accepts connections but never answers (a wrong port, a
   // proxy, or security.curve on one side only) is named, not waited out.
-  if (!heard_from_scheduler_ && (now - last_scheduler_seen_) * 1000.0 > cfg_.cluster.connect_timeout_ms) {
+  // The scheduler first speaks when it answers our first heartbeat, so the
+  // wait covers a few heartbeat periods however short connect_timeout_ms is.
+  const double answer_ms = std::max(cfg_.cluster.connect_timeout_ms, 3 * cfg_.cluster.heartbeat_ms);
+  if (!heard_from_scheduler_ && (now - last_scheduler_seen_) * 1000.0 > answer_ms) {
     spdlog::error("server {}: no answer from the scheduler at {}:{} (cluster.scheduler_host '{}') within "
                   "cluster.connect_timeout_ms ({} ms): the port accepts connections but nothing answers (a wrong "
                   "address or port, or security.curve set on one side only); exiting",
