@@ -182,4 +182,19 @@ Status wait_tcp_reachable(const std::string& ip, int port, int timeout_ms, const
                                  std::strerror(err)));
 }
 
+Status wait_for_scheduler(const std::string& ip, int port, const std::string& configured_host, int timeout_ms) {
+  return wait_tcp_reachable(
+      ip, port, timeout_ms,
+      fmt::format("the scheduler (cluster.scheduler_host '{}', cluster.scheduler_port)", configured_host));
+}
+
+std::string scheduler_never_answered(const std::string& ip, int port, const std::string& configured_host,
+                                     double waited_ms) {
+  return fmt::format(
+      "no answer from the scheduler at {}:{} (cluster.scheduler_host '{}') within {:.0f} ms "
+      "(cluster.connect_timeout_ms): the port accepts connections but nothing answers (a wrong address or port, or "
+      "security.curve set on one side only)",
+      ip, port, configured_host, waited_ms);
+}
+
 }  // namespace sps::net

@@ -51,4 +51,14 @@ Result<TcpEndpoint> parse_tcp_endpoint(const std::string& endpoint);
 // names `what` and the address, and says what the last attempt got.
 Status wait_tcp_reachable(const std::string& ip, int port, int timeout_ms, const std::string& what);
 
+// wait_tcp_reachable for the scheduler at ip:port; `configured_host` is
+// cluster.scheduler_host as written, for the message.
+Status wait_for_scheduler(const std::string& ip, int port, const std::string& configured_host, int timeout_ms);
+
+// The error for a scheduler port that accepts connections but has not said
+// a word in `waited_ms` (a wrong port, a proxy, or security.curve set on one
+// side only).
+std::string scheduler_never_answered(const std::string& ip, int port, const std::string& configured_host,
+                                     double waited_ms);
+
 }  // namespace sps::net

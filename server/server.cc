@@ -73,10 +73,8 @@ void Server::send_control(MessageType type, protocol::Bytes payload) {
 int Server::run() {
   // ZeroMQ reconnects silently forever; a plain TCP probe first turns a wrong
   // or unreachable scheduler address into an error that names it.
-  const Status reachable =
-      net::wait_tcp_reachable(scheduler_ip_, cfg_.cluster.scheduler_port, cfg_.cluster.connect_timeout_ms,
-                              fmt::format("the scheduler (cluster.scheduler_host '{}', cluster.scheduler_port)",
-                                          cfg_.cluster.scheduler_host));
+  const Status reachable = net::wait_for_scheduler(scheduler_ip_, cfg_.cluster.scheduler_port,
+                                                   cfg_.cluster.scheduler_host, cfg_.cluster.connect_timeout_ms);
   if (!reachable.ok()) {
     spdlog::error("server {}: {}", requested_rank_, reachable.message());
     return 1;
@@ -140,11 +138,9 @@ void Server::heartbeat_if_due() {
   // wait covers a few heartbeat periods however short connect_timeout_ms is.
   const double answer_ms = std::max(cfg_.cluster.connect_timeout_ms, 3 * cfg_.cluster.heartbeat_ms);
   if (!heard_from_scheduler_ && (now - last_scheduler_seen_) * 1000.0 > answer_ms) {
-    spdlog::error("server {}: no answer from the scheduler at {}:{} (cluster.scheduler_host '{}') within "
-                  "cluster.connect_timeout_ms ({} ms): the port accepts connections but nothing answers (a wrong "
-                  "address or port, or security.curve set on one side only); exiting",
-                  requested_rank_, scheduler_ip_, cfg_.cluster.scheduler_port, cfg_.cluster.scheduler_host,
-                  cfg_.cluster.connect_timeout_ms);
+    spdlog::error("server {}: {}; exiting", requested_rank_,
+                  net::scheduler_never_answered(scheduler_ip_, cfg_.cluster.scheduler_port,
+                                                cfg_.cluster.scheduler_host, answer_ms));
     finish("scheduler never answered");
     exit_status_ = 1;
     return;

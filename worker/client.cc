@@ -58,11 +58,8 @@ Status PsClient::check_alive() {
   // wait covers a few heartbeat periods however short connect_timeout_ms is.
   const double answer_ms = std::max(cfg_.cluster.connect_timeout_ms, 3 * cfg_.cluster.heartbeat_ms);
   if (!heard_from_scheduler_ && silent * 1000.0 > answer_ms)
-    return unavailable(fmt::format(
-        "no answer from the scheduler at {}:{} (cluster.scheduler_host '{}') within cluster.connect_timeout_ms ({} "
-        "ms): the port accepts connections but nothing answers (a wrong address or port, or security.curve set on "
-        "one side only)",
-        scheduler_ip_, cfg_.cluster.scheduler_port, cfg_.cluster.scheduler_host, cfg_.cluster.connect_timeout_ms));
+    return unavailable(net::scheduler_never_answered(scheduler_ip_, cfg_.cluster.scheduler_port,
+                                                     cfg_.cluster.scheduler_host, answer_ms));
   if (silent * 1000.0 > cfg_.cluster.heartbeat_timeout_ms)
     return unavailable(fmt::format("the scheduler at {}:{} has been silent for {:.1f} s", scheduler_ip_,
                                    cfg_.cluster.scheduler_port, silent));
@@ -116,9 +113,8 @@ Status PsClient::pump_scheduler(int timeout_ms) {
 Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
   // ZeroMQ reconnects silently forever; a plain TCP probe first turns a wrong
   // or unreachable address into an error that names it.
-  SPS_RETURN_IF_ERROR(net::wait_tcp_reachable(
-      scheduler_ip_, cfg_.cluster.scheduler_port, cfg_.cluster.connect_timeout_ms,
-      fmt::format("the scheduler (cluster.scheduler_host '{}', cluster.scheduler_port)", cfg_.cluster.scheduler_host)));
+  SPS_RETURN_IF_ERROR(net::wait_for_scheduler(scheduler_ip_, cfg_.cluster.scheduler_port,
+                                              cfg_.cluster.scheduler_host, cfg_.cluster.connect_timeout_ms));
   protocol::RegisterInfo reg;
   reg.role = protocol::Role::kWorker;
   reg.num_params = num_params;

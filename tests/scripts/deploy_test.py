@@ -26,26 +26,10 @@ LAUNCH = os.path.join(ROOT, "scripts", "sps-launch")
 DEMO = os.path.join(ROOT, "config", "demo.yaml")
 BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build", "bin"))
 sys.path.insert(0, HERE)
-from local_sshd import LocalSshd, free_port  # noqa: E402
+from local_sshd import LocalSshd  # noqa: E402
+from proc_util import free_port, processes_mentioning  # noqa: E402
 
 SMALL = ["data.train_limit=2000", "data.test_limit=500", "training.steps=200"]
-
-
-def processes_mentioning(token):
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().split(")")[-1].split()[0]
-        except OSError:
-            continue
-        if token in cmd and state != "Z" and "deploy_test" not in cmd:
-            found.append(int(pid))
-    return found
 
 
 def sps_processes(token):

@@ -15,24 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAUNCH = os.path.join(ROOT, "scripts", "sps-launch")
 DEMO = os.path.join(ROOT, "config", "demo.yaml")
 BIN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build", "bin")
-
-
-def processes_mentioning(token):
-    """PIDs of live processes whose command line contains token."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().split(")")[-1].split()[0]
-        except OSError:
-            continue
-        if token in cmd and state != "Z" and "launcher_test" not in cmd:
-            found.append(int(pid))
-    return found
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from proc_util import processes_mentioning  # noqa: E402
 
 
 class LauncherTest(unittest.TestCase):

@@ -10,17 +10,12 @@ command reaches all of them. start() raises unittest.SkipTest, with sshd's
 log as the reason, where sshd cannot run."""
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import unittest
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from proc_util import free_port
 
 
 class LocalSshd:
