@@ -315,11 +315,12 @@ class NetnsTest(unittest.TestCase):
         self.assertGreater(per_step, 30000)  # dense: 7850 floats
         self.assertGreaterEqual(mean, 0.8 * bound)
         self.assertGreater(mean, 3 * free_mean)
-        # And the job's training time grew by at least that much per step.
-        slower = capped.summary()["train_seconds"] - free.summary()["train_seconds"]
-        print(f"training time: {free.summary()['train_seconds']:.2f} s uncapped, "
-              f"{capped.summary()['train_seconds']:.2f} s capped")
-        self.assertGreater(slower, 39 * 0.8 * bound)
+        # And the job took at least as long as the link alone needs for those
+        # steps (compute overlaps the transfers, so the times do not add up).
+        free_s, capped_s = free.summary()["train_seconds"], capped.summary()["train_seconds"]
+        print(f"training time: {free_s:.2f} s uncapped, {capped_s:.2f} s capped")
+        self.assertGreater(capped_s, 39 * 0.8 * bound)
+        self.assertGreater(capped_s, 1.5 * free_s)
 
     def test_added_latency_shows_in_the_network_time(self):
         delay = 0.025
