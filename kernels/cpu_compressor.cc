@@ -1,11 +1,14 @@
 #include "kernels/cpu_compressor.h"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <numeric>
+#include <string_view>
 #include <thread>
 
 #if defined(__SSE2__)
@@ -24,6 +27,8 @@ inline uint32_t magnitude_bits(float x) { return std::bit_cast<uint32_t>(x) & 0x
 inline uint32_t non_finite(uint32_t m) { return ((m & 0x7F800000u) + 0x00800000u) >> 31; }
 // Bits no magnitude reaches: collect no candidates.
 constexpr uint32_t kNoCandidates = 0xFFFFFFFFu;
+// candidate_rank's histogram buckets: 1/32 of an octave each.
+constexpr int kRankShift = 18;
 
 // The first pass works in lanes of 16 (vectorisable) inside blocks of 256,
 // whose moments fold into doubles; threads split n at multiples of
@@ -31,6 +36,7 @@ constexpr uint32_t kNoCandidates = 0xFFFFFFFFu;
 constexpr size_t kLanes = 16;
 constexpr size_t kBlock = 256;
 constexpr size_t kChunkAlign = size_t{1} << 16;
+constexpr size_t kCandidatePad = 16;
 
 // Writes 16 floats to dst (16-byte aligned). On x86 with streaming stores:
 // acc is written once and read back only at a few indices, so bypassing the
@@ -44,11 +50,62 @@ inline void store_lanes(float* dst, const float* lanes) {
 #endif
 }
 
+struct PassArgs {
+  const float* r;
+  const float* g;
+  const float* c;
+  const float* u;
+  float* u_next;
+  float* acc;
+  uint32_t* ci;
+  uint32_t* cv;
+  float grad_factor, scale, momentum;
+  uint32_t candidate_bits;
+  size_t begin, end;  // entries
+  size_t out_begin;   // where this chunk's candidates go
+};
+struct PassResult {
+  size_t candidates;
+  uint32_t non_finite;
+  double sum, sum_sq;
+};
+
+namespace pass_baseline {
+#include "kernels/cpu_pass.inc"
+}  // namespace pass_baseline
+
+// The same pass for AVX2 machines (chosen at run time): 256-bit arithmetic
+// and a branch-free compress-store of the candidates, so their cost no
+// longer depends on how many lanes hold one.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SPS_HAVE_AVX2_PASS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,popcnt")
+#define SPS_PASS_AVX2 1
+namespace pass_avx2 {
+#include "kernels/cpu_pass.inc"
+}  // namespace pass_avx2
+#undef SPS_PASS_AVX2
+#pragma GCC pop_options
+#endif
+
+bool use_avx2_pass() {
+#if defined(SPS_HAVE_AVX2_PASS)
+  // SPS_CPU_PASS=baseline forces the portable pass (for comparisons).
+  const char* forced = std::getenv("SPS_CPU_PASS");
+  if (forced != nullptr && std::string_view(forced) == "baseline") return false;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 struct CpuCompressor::Chunk {
   size_t begin = 0, end = 0;
-  size_t candidates = 0;  // written at cand_*[begin ..)
+  size_t out_begin = 0;   // candidates are written at cand_*[out_begin ..)
+  size_t candidates = 0;
   uint32_t non_finite = 0;
   double sum = 0, sum_sq = 0;
 };
@@ -66,9 +123,6 @@ CpuCompressor::CpuCompressor(size_t n, const CompressorOptions& options)
     momentum_next_.assign(n, 0.0f);
   }
   if (options_.error_feedback == ErrorFeedbackMode::kHessianDiag) hessian_factor_.assign(n, 1.0f);
-  // new[] without () leaves the memory untouched, so unused pages cost nothing.
-  cand_index_.reset(new uint32_t[n + 1]);
-  cand_mag_.reset(new uint32_t[n + 1]);
   int threads = options_.threads > 0 ? options_.threads : static_cast<int>(std::thread::hardware_concurrency());
   threads = std::max(1, std::min<int>(threads, static_cast<int>((n + kChunkAlign - 1) / kChunkAlign)));
   chunks_.resize(static_cast<size_t>(threads));
@@ -76,7 +130,14 @@ CpuCompressor::CpuCompressor(size_t n, const CompressorOptions& options)
   for (size_t t = 0; t < chunks_.size(); ++t) {
     chunks_[t].begin = std::min(n, units * t / chunks_.size() * kChunkAlign);
     chunks_[t].end = std::min(n, units * (t + 1) / chunks_.size() * kChunkAlign);
+    // The AVX2 pass stores 8 lanes past its last candidate: a gap of
+    // kCandidatePad between the chunks' regions keeps them apart.
+    chunks_[t].out_begin = chunks_[t].begin + kCandidatePad * t;
   }
+  // new[] without () leaves the memory untouched, so unused pages cost nothing.
+  cand_index_.reset(new uint32_t[n + kCandidatePad * (chunks_.size() + 1)]);
+  cand_value_.reset(new uint32_t[n + kCandidatePad * (chunks_.size() + 1)]);
+  avx2_pass_ = use_avx2_pass();
   if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
 }
 
@@ -130,97 +191,43 @@ uint32_t CpuCompressor::predicted_candidate_bits() const {
 void CpuCompressor::first_pass(std::span<const float> grad, float grad_factor, float scale, uint32_t candidate_bits) {
   const ErrorFeedbackMode mode = options_.error_feedback;
   const bool with_momentum = !momentum_.empty();
+  const bool with_moments = options_.selection.method == Method::kGaussianK;  // gaussiank only
+  const bool avx2 = avx2_pass_;
   auto run_chunk = [&](Chunk& chunk, auto mode_tag, auto momentum_tag, auto moments_tag) {
-    constexpr int kMode = decltype(mode_tag)::value;  // 0 none, 1 ef, 2 hessian_diag
+    constexpr int kMode = decltype(mode_tag)::value;
     constexpr bool kMomentum = decltype(momentum_tag)::value;
-    constexpr bool kMoments = decltype(moments_tag)::value;  // gaussiank only
-    // Distinct buffers: __restrict lets the compiler vectorise without
-    // run-time alias checks.
-    const float* __restrict r = residual_.data();
-    const float* __restrict g = grad.data();
-    const float* __restrict c = hessian_factor_.data();
-    const float* __restrict u = momentum_.data();
-    float* __restrict u_next = momentum_next_.data();
-    float* __restrict acc = acc_.data();
-    const float m = options_.momentum;
-    auto load = [&](size_t i) -> float {
-      float x = g[i] * grad_factor;  // * 1.0f when not clipping: exact
-      if constexpr (kMomentum) {
-        x = m * u[i] + x;
-        u_next[i] = x;
-      }
-      if constexpr (kMode == 0) {
-        return scale * x;
-      } else if constexpr (kMode == 1) {
-        return r[i] + scale * x;
-      } else {
-        return c[i] * r[i] + scale * x;
-      }
-    };
-    uint32_t* ci = cand_index_.get();
-    uint32_t* cm = cand_mag_.get();
-    size_t count = chunk.begin;
-    uint32_t bad = 0;
-    double sum = 0, sum_sq = 0;
-    for (size_t block = chunk.begin; block < chunk.end; block += kBlock) {
-      const size_t block_end = std::min(chunk.end, block + kBlock);
-      float lane_sum[kLanes] = {}, lane_sq[kLanes] = {};
-      size_t i = block;
-      for (; i + kLanes <= block_end; i += kLanes) {
-        uint32_t hit = 0;
-        alignas(16) float lane[kLanes];
-        for (size_t j = 0; j < kLanes; ++j) {
-          const float a = load(i + j);
-          lane[j] = a;
-          const uint32_t mag = magnitude_bits(a);
-          bad |= non_finite(mag);
-          hit |= mag >= candidate_bits ? 1u : 0u;
-          if constexpr (kMoments) {
-            lane_sum[j] += a;
-            lane_sq[j] += a * a;
-          }
-        }
-        store_lanes(acc + i, lane);
-        if (hit != 0) {
-          // Rare by construction: record in index order without branches.
-          for (size_t j = 0; j < kLanes; ++j) {
-            const uint32_t mag = magnitude_bits(lane[j]);
-            ci[count] = static_cast<uint32_t>(i + j);
-            cm[count] = mag;
-            count += mag >= candidate_bits ? 1 : 0;
-          }
-        }
-      }
-      for (size_t j = 0; i < block_end; ++i, ++j) {
-        const float a = load(i);
-        acc[i] = a;
-        const uint32_t mag = magnitude_bits(a);
-        bad |= non_finite(mag);
-        lane_sum[j] += a;
-        lane_sq[j] += a * a;
-        ci[count] = static_cast<uint32_t>(i);
-        cm[count] = mag;
-        count += mag >= candidate_bits ? 1 : 0;
-      }
-      if constexpr (kMoments) {
-        double s = 0, sq = 0;
-        for (size_t j = 0; j < kLanes; ++j) {
-          s += lane_sum[j];
-          sq += lane_sq[j];
-        }
-        sum += s;
-        sum_sq += sq;
-      }
+    constexpr bool kMoments = decltype(moments_tag)::value;
+    const PassArgs args{residual_.data(),
+                        grad.data(),
+                        hessian_factor_.data(),
+                        momentum_.data(),
+                        momentum_next_.data(),
+                        acc_.data(),
+                        cand_index_.get(),
+                        cand_value_.get(),
+                        grad_factor,
+                        scale,
+                        options_.momentum,
+                        candidate_bits,
+                        chunk.begin,
+                        chunk.end,
+                        chunk.out_begin};
+    PassResult result{};
+#if defined(SPS_HAVE_AVX2_PASS)
+    if (avx2) {
+      result = pass_avx2::run_pass<kMode, kMomentum, kMoments>(args);
+    } else {
+      result = pass_baseline::run_pass<kMode, kMomentum, kMoments>(args);
     }
-#if defined(__SSE2__)
-    _mm_sfence();  // streaming stores are weakly ordered: publish them before acc is read
+#else
+    (void)avx2;
+    result = pass_baseline::run_pass<kMode, kMomentum, kMoments>(args);
 #endif
-    chunk.candidates = count - chunk.begin;
-    chunk.non_finite = bad;
-    chunk.sum = sum;
-    chunk.sum_sq = sum_sq;
+    chunk.candidates = result.candidates;
+    chunk.non_finite = result.non_finite;
+    chunk.sum = result.sum;
+    chunk.sum_sq = result.sum_sq;
   };
-  const bool with_moments = options_.selection.method == Method::kGaussianK;
   auto dispatch = [&](Chunk& chunk) {
     using F = std::false_type;
     using T = std::true_type;
@@ -246,15 +253,16 @@ void CpuCompressor::first_pass(std::span<const float> grad, float grad_factor, f
   cand_count_ = 0;
   sum_ = sum_sq_ = 0;
   for (const auto& chunk : chunks_) {
-    if (chunk.begin != cand_count_ && chunk.candidates > 0) {
-      std::memmove(cand_index_.get() + cand_count_, cand_index_.get() + chunk.begin, chunk.candidates * 4);
-      std::memmove(cand_mag_.get() + cand_count_, cand_mag_.get() + chunk.begin, chunk.candidates * 4);
+    if (chunk.out_begin != cand_count_ && chunk.candidates > 0) {
+      std::memmove(cand_index_.get() + cand_count_, cand_index_.get() + chunk.out_begin, chunk.candidates * 4);
+      std::memmove(cand_value_.get() + cand_count_, cand_value_.get() + chunk.out_begin, chunk.candidates * 4);
     }
     cand_count_ += chunk.candidates;
     sum_ += chunk.sum;
     sum_sq_ += chunk.sum_sq;
   }
   cand_bits_ = candidate_bits;
+  cand_zeroed_ = candidate_bits != kNoCandidates;
 }
 
 Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step) {
@@ -271,12 +279,10 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
   }
 
   uint32_t candidate_bits = predicted_candidate_bits();
-  SampleLayout layout;
-  float sampled_threshold = 0;
   if (options_.selection.method == Method::kSampled && options_.selection.k > 0 && options_.selection.k < n_) {
     // DGC's sample is taken first, straight from the inputs (the same
     // arithmetic as the pass), so the pass can collect candidates for it.
-    layout = sampled_layout(n_, options_.selection.k, options_.selection.seed, step);
+    const SampleLayout layout = sampled_layout(n_, options_.selection.k, options_.selection.seed, step);
     auto& sample = topk_.magnitudes;
     sample.clear();
     const float m = options_.momentum;
@@ -292,17 +298,21 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
     const size_t top = std::max<size_t>(1, static_cast<size_t>(std::ceil(rho * static_cast<double>(sample.size()))));
     std::nth_element(sample.begin(), sample.begin() + static_cast<std::ptrdiff_t>(top - 1), sample.end(),
                      std::greater<uint32_t>());
-    sampled_threshold = std::bit_cast<float>(sample[top - 1]);
-    // Room for one 0.8x lowering round inside the candidates (more rounds
-    // count over all of acc).
-    candidate_bits = magnitude_bits(sampled_threshold * 0.8f);
+    stats_.threshold = std::bit_cast<float>(sample[top - 1]);
+    // Usually the first round stands; after steps that lowered it, collect
+    // as far down as they went.
+    candidate_bits = magnitude_bits(static_cast<float>(stats_.threshold) * sampled_margin_);
   }
 
   first_pass(grad, grad_factor, scale, candidate_bits);
   stats_.candidates = cand_count_;
+  sel_.clear();
+  sel_all_ = false;
+  from_candidates_ = false;
   bool bad = false;
   for (const auto& c : chunks_) bad = bad || c.non_finite != 0;
   if (bad) {
+    restore_candidates();
     size_t i = 0;
     while (i < n_ && std::isfinite(acc_[i])) ++i;
     return invalid_argument(fmt::format(
@@ -330,11 +340,11 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
         std::iota(out.indices.begin(), out.indices.end(), 0u);
         out.values.assign(acc_.begin(), acc_.end());
       } else if (options_.selection.k > 0) {
-        stats_.threshold = sampled_threshold;
-        select_sampled(step, out);
+        select_sampled(out);
       }
       break;
   }
+  if (cand_zeroed_ && !from_candidates_) restore_candidates();  // e.g. k = 0: nothing selected
   stats_.nnz = out.size();
   if (stats_.predicted) {
     ++predicted_steps_;
@@ -345,49 +355,151 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
   // What is sent, after optional unbiased scaling and value rounding; the
   // rounding error stays in the residual. Momentum masking zeroes u at S.
   const bool keep_residual = options_.error_feedback != ErrorFeedbackMode::kNone;
-  const bool unbiased = options_.selection.method == Method::kRandomK && options_.selection.randomk_unbiased &&
-                        options_.selection.k > 0;
-  const float factor =
-      unbiased ? static_cast<float>(static_cast<double>(n_) / static_cast<double>(options_.selection.k)) : 1.0f;
   const ValueFormat format = options_.values;
-  for (size_t j = 0; j < out.indices.size(); ++j) {
-    const uint32_t i = out.indices[j];
-    const float v = unbiased ? out.values[j] * factor : out.values[j];
-    const float sent = quantise(v, format);
-    out.values[j] = sent;
-    if (keep_residual) acc_[i] = acc_[i] - sent;
-    if (!momentum_next_.empty()) momentum_next_[i] = 0.0f;
+  if (cand_zeroed_) {
+    // acc holds 0 at every candidate. The selected ones' residual is
+    // v - sent (0 for f32), kept in the candidate list; then every
+    // candidate's value goes back in one ascending sweep. For the hard
+    // threshold in f32 (all candidates sent, residual 0) nothing is written.
+    uint32_t* cv = cand_value_.get();
+    for (size_t j = 0; j < out.indices.size(); ++j) {
+      const size_t p = sel_all_ ? j : sel_[j];
+      const float v = out.values[j];
+      const float sent = quantise(v, format);
+      out.values[j] = sent;
+      cv[p] = std::bit_cast<uint32_t>(v - sent);
+    }
+    if (keep_residual && !(sel_all_ && format == ValueFormat::kF32)) restore_candidates();
+    cand_zeroed_ = false;
+    if (!momentum_next_.empty())
+      for (uint32_t i : out.indices) momentum_next_[i] = 0.0f;
+  } else {
+    const bool unbiased = options_.selection.method == Method::kRandomK && options_.selection.randomk_unbiased &&
+                          options_.selection.k > 0;
+    const float factor =
+        unbiased ? static_cast<float>(static_cast<double>(n_) / static_cast<double>(options_.selection.k)) : 1.0f;
+    for (size_t j = 0; j < out.indices.size(); ++j) {
+      const uint32_t i = out.indices[j];
+      const float v = unbiased ? out.values[j] * factor : out.values[j];
+      const float sent = quantise(v, format);
+      out.values[j] = sent;
+      if (keep_residual) acc_[i] = acc_[i] - sent;
+      if (!momentum_next_.empty()) momentum_next_[i] = 0.0f;
+    }
   }
   if (keep_residual) residual_.swap(acc_);
   if (!momentum_.empty()) momentum_.swap(momentum_next_);
   return {};
 }
 
-uint32_t CpuCompressor::keep_largest_candidates(size_t keep, std::vector<uint32_t>& kept) {
-  kept.clear();
+void CpuCompressor::restore_candidates() {
+  if (!cand_zeroed_) return;
   const uint32_t* ci = cand_index_.get();
-  const uint32_t* cm = cand_mag_.get();
-  if (keep >= cand_count_) {
-    kept.assign(ci, ci + cand_count_);
+  const uint32_t* cv = cand_value_.get();
+  float* acc = acc_.data();
+  for (size_t j = 0; j < cand_count_; ++j) acc[ci[j]] = std::bit_cast<float>(cv[j]);
+  cand_zeroed_ = false;
+}
+
+void CpuCompressor::emit_selected(SparseVector& out) {
+  from_candidates_ = true;
+  const uint32_t* ci = cand_index_.get();
+  const uint32_t* cv = cand_value_.get();
+  const size_t count = sel_all_ ? cand_count_ : sel_.size();
+  out.indices.resize(count);
+  out.values.resize(count);
+  for (size_t j = 0; j < count; ++j) {
+    const size_t p = sel_all_ ? j : sel_[j];
+    out.indices[j] = ci[p];
+    out.values[j] = std::bit_cast<float>(cv[p]);
+  }
+}
+
+void CpuCompressor::recollect(uint32_t bits) {
+  restore_candidates();
+  size_t count = 0;
+  for (size_t i = 0; i < n_; ++i) {
+    const uint32_t v = std::bit_cast<uint32_t>(acc_[i]);
+    cand_index_[count] = static_cast<uint32_t>(i);
+    cand_value_[count] = v;
+    count += (v & 0x7FFFFFFFu) >= bits ? 1 : 0;
+  }
+  cand_count_ = count;
+  cand_bits_ = bits;
+}
+
+void CpuCompressor::candidates_at_least(uint32_t bits, std::vector<uint32_t>& positions) const {
+  positions.resize(cand_count_);
+  const uint32_t* cv = cand_value_.get();
+  size_t count = 0;
+  for (size_t j = 0; j < cand_count_; ++j) {
+    positions[count] = static_cast<uint32_t>(j);
+    count += (cv[j] & 0x7FFFFFFFu) >= bits ? 1 : 0;
+  }
+  positions.resize(count);
+}
+
+size_t CpuCompressor::count_candidates_at_least(uint32_t bits) const {
+  const uint32_t* cv = cand_value_.get();
+  size_t count = 0;
+  for (size_t j = 0; j < cand_count_; ++j) count += (cv[j] & 0x7FFFFFFFu) >= bits ? 1 : 0;
+  return count;
+}
+
+uint32_t CpuCompressor::keep_largest(const std::vector<uint32_t>* subset, size_t keep, std::vector<uint32_t>& kept) {
+  const uint32_t* cv = cand_value_.get();
+  const size_t count = subset != nullptr ? subset->size() : cand_count_;
+  auto position = [&](size_t j) -> uint32_t { return subset != nullptr ? (*subset)[j] : static_cast<uint32_t>(j); };
+  kept.clear();
+  if (keep >= count) {
     uint32_t low = UINT32_MAX;
-    for (size_t j = 0; j < cand_count_; ++j) low = std::min(low, cm[j]);
+    kept.resize(count);
+    for (size_t j = 0; j < count; ++j) {
+      kept[j] = position(j);
+      low = std::min(low, cv[kept[j]] & 0x7FFFFFFFu);
+    }
     return low;
   }
-  auto& mags = topk_.kept;
-  mags.assign(cm, cm + cand_count_);
-  const auto kth = mags.begin() + static_cast<std::ptrdiff_t>(keep - 1);
-  std::nth_element(mags.begin(), kth, mags.end(), std::greater<uint32_t>());
-  const uint32_t t = *kth;
   size_t greater = 0;
-  for (auto it = mags.begin(); it != kth; ++it) greater += (*it > t) ? 1 : 0;
+  const uint32_t t = candidate_rank(subset, keep, &greater);
   size_t ties_left = keep - greater;
   kept.reserve(keep);
-  for (size_t j = 0; j < cand_count_; ++j) {
-    const uint32_t m = cm[j];
+  for (size_t j = 0; j < count; ++j) {
+    const uint32_t p = position(j);
+    const uint32_t m = cv[p] & 0x7FFFFFFFu;
     if (m > t || (m == t && ties_left > 0)) {
       if (m == t) --ties_left;
-      kept.push_back(ci[j]);
+      kept.push_back(p);
     }
+  }
+  return t;
+}
+
+uint32_t CpuCompressor::candidate_rank(const std::vector<uint32_t>* subset, size_t rank, size_t* greater) {
+  const uint32_t* cv = cand_value_.get();
+  const size_t count = subset != nullptr ? subset->size() : cand_count_;
+  auto magnitude = [&](size_t j) { return cv[subset != nullptr ? (*subset)[j] : j] & 0x7FFFFFFFu; };
+  // A histogram of 1/32-octave buckets finds the bucket holding the rank,
+  // then an exact select runs inside that bucket only.
+  auto& h = rank_histogram_;
+  h.assign(size_t{1} << (31 - kRankShift), 0u);
+  for (size_t j = 0; j < count; ++j) ++h[magnitude(j) >> kRankShift];
+  size_t seen = 0;
+  size_t b = h.size() - 1;
+  while (seen + h[b] < rank) seen += h[b--];  // terminates: the counts sum to count >= rank
+  auto& mags = topk_.boundary;
+  mags.clear();
+  for (size_t j = 0; j < count; ++j) {
+    const uint32_t m = magnitude(j);
+    if ((m >> kRankShift) == b) mags.push_back(m);
+  }
+  const auto nth = mags.begin() + static_cast<std::ptrdiff_t>(rank - seen - 1);
+  std::nth_element(mags.begin(), nth, mags.end(), std::greater<uint32_t>());
+  const uint32_t t = *nth;
+  if (greater != nullptr) {
+    size_t above = seen;
+    for (auto it = mags.begin(); it != nth; ++it) above += (*it > t) ? 1 : 0;
+    *greater = above;
   }
   return t;
 }
@@ -397,28 +509,20 @@ void CpuCompressor::select_topk(SparseVector& out) {
   if (k == 0) return;
   const auto spare_count = static_cast<size_t>(spare_ * static_cast<double>(k));
   uint32_t low = 0;
-  if (cand_bits_ != kNoCandidates && cand_count_ >= k) {
+  if (candidates_valid() && cand_count_ >= k) {
     // Every entry at or above the k-th largest magnitude is a candidate, so
     // the top-k of the candidates (ties to the smaller index) is the answer.
     stats_.predicted = true;
-    low = keep_largest_candidates(k, kept_);
-    out.indices = kept_;
-    out.values.resize(out.indices.size());
-    for (size_t j = 0; j < out.indices.size(); ++j) out.values[j] = acc_[out.indices[j]];
+    low = keep_largest(nullptr, k, sel_);
+    emit_selected(out);
     // Next time collect about spare_ * k: the magnitude of that rank now
-    // (thresholds drift slowly between steps). keep_largest_candidates left
-    // the magnitudes below rank k in topk_.kept[k ..).
-    auto& mags = topk_.kept;
-    if (cand_count_ > spare_count && spare_count > k && mags.size() == cand_count_) {
-      const auto nth = mags.begin() + static_cast<std::ptrdiff_t>(spare_count - 1);
-      std::nth_element(mags.begin() + static_cast<std::ptrdiff_t>(k), nth, mags.end(), std::greater<uint32_t>());
-      next_cand_bits_ = *nth;
-    } else {
-      next_cand_bits_ = cand_bits_;
-    }
+    // (thresholds drift slowly between steps).
+    next_cand_bits_ = cand_count_ > spare_count && spare_count > k ? candidate_rank(nullptr, spare_count, nullptr)
+                                                                   : cand_bits_;
     spare_ = std::max(1.25, spare_ * 0.9);
   } else {
-    if (cand_bits_ != kNoCandidates) spare_ = std::min(8.0, spare_ * 2.0);
+    if (candidates_valid()) spare_ = std::min(8.0, spare_ * 2.0);
+    restore_candidates();
     topk_select(acc_, k, out, topk_);
     low = UINT32_MAX;
     for (float v : out.values) low = std::min(low, magnitude_bits(v));
@@ -446,56 +550,56 @@ void CpuCompressor::select_threshold(SparseVector& out) {
   stats_.threshold = options_.selection.lambda;
   const size_t cap = options_.selection.max_nnz;
   if (cap > 0 && cand_count_ > cap) {
-    const uint32_t t = keep_largest_candidates(cap, kept_);
-    out.indices = kept_;
-    stats_.threshold = std::bit_cast<float>(t);
+    stats_.threshold = std::bit_cast<float>(keep_largest(nullptr, cap, sel_));
   } else {
-    out.indices.assign(cand_index_.get(), cand_index_.get() + cand_count_);
+    sel_all_ = true;
   }
-  out.values.resize(out.indices.size());
-  for (size_t j = 0; j < out.indices.size(); ++j) out.values[j] = acc_[out.indices[j]];
-}
-
-bool CpuCompressor::covered_by_candidates(float t) const {
-  // |acc| > t for t >= 0 is magnitude bits > bits(t); the candidates hold
-  // every entry with bits >= cand_bits_, which covers it when bits(t) >= cand_bits_.
-  return t >= 0 && cand_bits_ != kNoCandidates && std::bit_cast<uint32_t>(t) >= cand_bits_;
-}
-
-size_t CpuCompressor::count_above(float t, bool& used_candidates) const {
-  if (covered_by_candidates(t)) {
-    const uint32_t tb = std::bit_cast<uint32_t>(t);
-    size_t c = 0;
-    const uint32_t* cm = cand_mag_.get();
-    for (size_t j = 0; j < cand_count_; ++j) c += cm[j] > tb ? 1 : 0;
-    return c;
-  }
-  used_candidates = false;
-  size_t c = 0;
-  for (float a : acc_) c += (std::fabs(a) > t) ? 1 : 0;
-  return c;
+  emit_selected(out);
 }
 
 void CpuCompressor::select_gaussiank(SparseVector& out) {
   // Shi et al.'s estimate, then the sps correction (docs/kernels.md): up to
   // 4 rounds, recounting after every adjustment; too many -> the exact top
-  // ceil(4k/3) of the candidates; too few after 4 rounds -> exact top-k.
+  // ceil(4k/3); too few after 4 rounds -> exact top-k.
+  //
+  // A count at t only decides "< 2k/3", "> 4k/3" or "in the band". Counts
+  // above the candidate threshold come from the candidates; below it, every
+  // candidate passes, so when there are more than 4k/3 candidates the
+  // answer is "too many" without looking at acc. The next step collects
+  // about spare_ * k candidates (spare_ >= 2, grown after a miss) so that
+  // this is the usual case.
   const size_t n = n_;
   const size_t k_int = options_.selection.k;
   if (k_int == 0) return;
   if (k_int >= n) {
+    restore_candidates();
     out.indices.resize(n);
     std::iota(out.indices.begin(), out.indices.end(), 0u);
     out.values.assign(acc_.begin(), acc_.end());
     return;
   }
   const double k = static_cast<double>(k_int);
+  const auto cap = static_cast<size_t>(std::ceil(4.0 * k / 3.0));
   const double mean = sum_ / static_cast<double>(n);
   const double var = n > 1 ? std::max(0.0, (sum_sq_ - sum_ * mean) / static_cast<double>(n - 1)) : 0.0;
   const double ratio = k / static_cast<double>(n);
   double thr = mean + std::sqrt(var) * normal_two_sided_quantile(ratio);
-  bool from_candidates = true;
-  size_t c = count_above(static_cast<float>(thr), from_candidates);
+  bool full_pass = false;
+  // |acc| > t is magnitude bits > bits(t), i.e. >= bits(t) + 1, for t >= 0.
+  auto above_bits = [](float t) { return std::bit_cast<uint32_t>(t) + 1; };
+  auto covered = [&](float t) { return t >= 0 && candidates_valid() && above_bits(t) >= cand_bits_; };
+  auto count = [&](double td) -> size_t {
+    const auto t = static_cast<float>(td);
+    if (covered(t)) return count_candidates_at_least(above_bits(t));
+    // Every candidate passes: a lower bound that settles "too many".
+    if (candidates_valid() && static_cast<double>(cand_count_) > 4.0 * k / 3.0) return cand_count_;
+    restore_candidates();
+    full_pass = true;
+    size_t c = 0;
+    for (float a : acc_) c += (std::fabs(a) > t) ? 1 : 0;
+    return c;
+  };
+  size_t c = count(thr);
   int rounds = 1;
   while (rounds < 4) {
     if (static_cast<double>(c) < 2.0 * k / 3.0) {
@@ -505,101 +609,131 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
     } else {
       break;
     }
-    c = count_above(static_cast<float>(thr), from_candidates);
+    c = count(thr);
     ++rounds;
   }
   stats_.rounds = rounds;
   stats_.threshold = thr;
+  const auto tf = static_cast<float>(thr);
   if (static_cast<double>(c) < 2.0 * k / 3.0) {
     // Far from Gaussian (e.g. a spike at zero with a heavy tail: sigma is
     // dominated by the tail and the estimate stays far too high). Accepting
     // would send almost nothing while the residual grows, so fall back to
     // the exact top-k: the band [2k/3, 4k/3] always holds.
     stats_.fallback = true;
-    topk_select(acc_, k_int, out, topk_);
     uint32_t low = UINT32_MAX;
-    for (float v : out.values) low = std::min(low, magnitude_bits(v));
-    stats_.threshold = out.size() > 0 ? std::bit_cast<float>(low) : 0.0;
-    next_cand_bits_ = magnitude_bits(static_cast<float>(stats_.threshold * 0.95));
-    return;
-  }
-  const auto tf = static_cast<float>(thr);
-  auto& above = topk_.above;
-  above.clear();
-  const bool final_from_candidates = covered_by_candidates(tf);
-  if (final_from_candidates) {
-    const uint32_t tb = std::bit_cast<uint32_t>(tf);
-    for (size_t j = 0; j < cand_count_; ++j)
-      if (cand_mag_[j] > tb) above.push_back(cand_index_[j]);
-  } else {
-    for (size_t i = 0; i < n; ++i)
-      if (std::fabs(acc_[i]) > tf) above.push_back(static_cast<uint32_t>(i));
-  }
-  stats_.predicted = from_candidates && final_from_candidates;
-  // Next step: collect a little below this step's final threshold.
-  next_cand_bits_ = magnitude_bits(static_cast<float>(thr * 0.95));
-  const auto cap = static_cast<size_t>(std::ceil(4.0 * k / 3.0));
-  if (above.size() > cap) {
-    // Exact top-cap of `above`: reuse the candidate machinery on it.
-    cand_count_ = above.size();
-    for (size_t j = 0; j < above.size(); ++j) {
-      cand_index_[j] = above[j];
-      cand_mag_[j] = magnitude_bits(acc_[above[j]]);
+    if (candidates_valid() && cand_count_ >= k_int) {
+      low = keep_largest(nullptr, k_int, sel_);
+      emit_selected(out);
+    } else {
+      restore_candidates();
+      full_pass = true;
+      topk_select(acc_, k_int, out, topk_);
+      for (float v : out.values) low = std::min(low, magnitude_bits(v));
     }
-    keep_largest_candidates(cap, kept_);
-    out.indices = kept_;
+    stats_.threshold = out.size() > 0 ? std::bit_cast<float>(low) : 0.0;
+  } else if (covered(tf)) {
+    candidates_at_least(above_bits(tf), positions_);
+    if (positions_.size() > cap) {
+      keep_largest(&positions_, cap, sel_);
+    } else {
+      sel_.swap(positions_);
+    }
+    emit_selected(out);
+  } else if (tf >= 0 && candidates_valid() && cand_count_ >= cap) {
+    // Everything above tf includes every candidate, at least cap of them:
+    // its top cap are the candidates' top cap.
+    keep_largest(nullptr, cap, sel_);
+    emit_selected(out);
   } else {
-    out.indices = above;
+    recollect(tf >= 0 ? above_bits(tf) : 0);
+    full_pass = true;
+    if (cand_count_ > cap) {
+      keep_largest(nullptr, cap, sel_);
+    } else {
+      sel_all_ = true;
+    }
+    emit_selected(out);
   }
-  above.clear();
-  out.values.resize(out.indices.size());
-  for (size_t j = 0; j < out.indices.size(); ++j) out.values[j] = acc_[out.indices[j]];
+  stats_.predicted = !full_pass;
+  // Next step: collect about spare_ * k, or below this step's threshold
+  // when the candidates were too few to tell.
+  spare_ = full_pass ? std::min(8.0, spare_ * 2.0) : std::max(2.0, spare_ * 0.9);
+  const auto spare_count = static_cast<size_t>(spare_ * k);
+  if (!full_pass && cand_count_ >= spare_count && spare_count > 0) {
+    next_cand_bits_ = candidate_rank(nullptr, spare_count, nullptr);
+  } else if (!full_pass) {
+    next_cand_bits_ = magnitude_bits(std::bit_cast<float>(cand_bits_) * 0.95f);
+  } else {
+    const double low = stats_.fallback ? stats_.threshold : thr;
+    next_cand_bits_ = magnitude_bits(static_cast<float>(low * 0.8));
+  }
 }
 
-void CpuCompressor::select_sampled(uint64_t /*step*/, SparseVector& out) {
+void CpuCompressor::select_sampled(SparseVector& out) {
   // DGC's sampled threshold (ALGORITHMS.md 2.5), the sample taken before the
   // pass: lower it by 0.8x while too few pass (at most 10 rounds), cut too
   // many to the exact top-k (> 1.3k) or to the first k in index order.
+  // Counts at or above the candidate threshold come from the candidates;
+  // below it every candidate passes, which settles "not too few" when there
+  // are at least 0.8k of them.
   const size_t k = options_.selection.k;
-  float thr = static_cast<float>(stats_.threshold);
+  const double kd = static_cast<double>(k);
+  const float first = static_cast<float>(stats_.threshold);
+  float thr = first;
   int rounds = 0;
-  auto& cand = topk_.above;
-  bool from_candidates = true;
+  bool full_pass = false;
+  size_t c = 0;
   while (true) {
     ++rounds;
-    cand.clear();
     const uint32_t tb = magnitude_bits(thr);
-    if (tb >= cand_bits_) {
-      for (size_t j = 0; j < cand_count_; ++j)
-        if (cand_mag_[j] >= tb) cand.push_back(cand_index_[j]);
+    if (candidates_valid() && tb >= cand_bits_) {
+      c = count_candidates_at_least(tb);
+    } else if (candidates_valid() && static_cast<double>(cand_count_) >= 0.8 * kd) {
+      c = cand_count_;  // a lower bound, enough to stop lowering
     } else {
-      from_candidates = false;
-      for (size_t i = 0; i < n_; ++i)
-        if (magnitude_bits(acc_[i]) >= tb) cand.push_back(static_cast<uint32_t>(i));
+      restore_candidates();
+      full_pass = true;
+      c = 0;
+      for (float a : acc_) c += magnitude_bits(a) >= tb ? 1 : 0;
     }
-    if (static_cast<double>(cand.size()) < 0.8 * static_cast<double>(k) && rounds < 10 && thr > 0) {
+    if (static_cast<double>(c) < 0.8 * kd && rounds < 10 && thr > 0) {
       thr *= 0.8f;
       continue;
     }
     break;
   }
-  stats_.predicted = from_candidates;
   stats_.rounds = rounds;
   stats_.threshold = thr;
-  if (static_cast<double>(cand.size()) > 1.3 * static_cast<double>(k)) {
-    cand_count_ = cand.size();
-    for (size_t j = 0; j < cand.size(); ++j) {
-      cand_index_[j] = cand[j];
-      cand_mag_[j] = magnitude_bits(acc_[cand[j]]);
+  const uint32_t tb = magnitude_bits(thr);
+  if (candidates_valid() && tb >= cand_bits_) {
+    candidates_at_least(tb, positions_);
+    if (static_cast<double>(positions_.size()) > 1.3 * kd) {
+      keep_largest(&positions_, k, sel_);
+    } else {
+      positions_.resize(std::min(k, positions_.size()));
+      sel_.swap(positions_);
     }
-    keep_largest_candidates(k, kept_);
-    out.indices = kept_;
+  } else if (candidates_valid() && static_cast<double>(cand_count_) > 1.3 * kd) {
+    // More than 1.3k pass (every candidate does): their top k are the
+    // candidates' top k.
+    keep_largest(nullptr, k, sel_);
   } else {
-    out.indices.assign(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(std::min(k, cand.size())));
+    recollect(tb);
+    full_pass = true;
+    if (static_cast<double>(cand_count_) > 1.3 * kd) {
+      keep_largest(nullptr, k, sel_);
+    } else {
+      sel_.resize(std::min(k, cand_count_));
+      std::iota(sel_.begin(), sel_.end(), 0u);
+    }
   }
-  cand.clear();
-  out.values.resize(out.indices.size());
-  for (size_t j = 0; j < out.indices.size(); ++j) out.values[j] = acc_[out.indices[j]];
+  emit_selected(out);
+  stats_.predicted = !full_pass;
+  // Next step collects from as far below its sampled threshold as this one
+  // went (creeping back up while the first round stands).
+  const float needed = first > 0 ? thr / first : 1.0f;
+  sampled_margin_ = std::min(needed, std::min(1.0f, sampled_margin_ * 1.05f));
 }
 
 }  // namespace sps::kernels

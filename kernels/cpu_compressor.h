@@ -3,10 +3,14 @@
 // Speed (docs/kernels.md, docs/benchmarks.md): the first pass reads the
 // gradient and the residual once, writes acc once, and on the way collects
 // "candidates": the entries with |acc| at or above a threshold predicted
-// from the previous step (exactly lambda for the hard threshold). When the
-// candidates provably contain the answer, selection works on them alone and
-// nothing else touches n; otherwise a full fallback pass runs. Results never
-// depend on the prediction, nor on the thread count.
+// from the previous step (exactly lambda for the hard threshold), with
+// their values, and writes 0 into acc in their place. When the candidates
+// provably contain the answer, selection works on them alone and nothing
+// else touches n: the sent values come from the candidate list, and only
+// the candidates that were not sent are written back into acc (none for
+// the hard threshold). Otherwise the candidates are put back and a full
+// pass runs. Results never depend on the prediction, nor on the thread
+// count.
 #pragma once
 
 #include <cstddef>
@@ -46,6 +50,9 @@ class CpuCompressor final : public Compressor {
   // Steps whose candidates sufficed / that needed the fallback pass.
   uint64_t predicted_steps() const { return predicted_steps_; }
   uint64_t fallback_steps() const { return fallback_steps_; }
+  // Whether the first pass runs its AVX2 version (x86-64 with AVX2, unless
+  // the environment sets SPS_CPU_PASS=baseline); results are identical.
+  bool avx2_pass() const { return avx2_pass_; }
 
  private:
   struct Chunk;  // one thread's share of the first pass
@@ -54,14 +61,29 @@ class CpuCompressor final : public Compressor {
   void select_topk(SparseVector& out);
   void select_threshold(SparseVector& out);
   void select_gaussiank(SparseVector& out);
-  void select_sampled(uint64_t step, SparseVector& out);
-  // Keeps the `keep` largest candidates (ties to the smaller index).
-  uint32_t keep_largest_candidates(size_t keep, std::vector<uint32_t>& kept);
-  // Counts |acc| > t (strictly), over the candidates when they suffice.
-  size_t count_above(float t, bool& used_candidates) const;
-  bool covered_by_candidates(float t) const;
+  void select_sampled(SparseVector& out);
+  // Positions (into the candidate list, ascending) of the `keep` largest
+  // candidates among `subset` (all candidates when null), ties to the
+  // smaller index, into `kept`. Returns the smallest kept magnitude bits.
+  uint32_t keep_largest(const std::vector<uint32_t>* subset, size_t keep, std::vector<uint32_t>& kept);
+  // Positions of the candidates whose magnitude bits are >= `bits`.
+  void candidates_at_least(uint32_t bits, std::vector<uint32_t>& positions) const;
+  size_t count_candidates_at_least(uint32_t bits) const;
+  // Puts the candidates' values back into acc (before any pass over acc).
+  void restore_candidates();
+  // Out from the selected candidate positions (sel_, or all of them).
+  void emit_selected(SparseVector& out);
+  // Replaces the candidates by every entry of acc at or above `bits`.
+  void recollect(uint32_t bits);
+  bool candidates_valid() const { return cand_bits_ != kNoCandidateBits; }
   uint32_t predicted_candidate_bits() const;
   uint32_t bits_at_rank(size_t rank) const;
+  // The rank-th largest (1-based) candidate magnitude bits among `subset`
+  // (all candidates when null); `greater` (optional) gets how many are
+  // strictly larger. REQUIRES: 0 < rank <= their count.
+  uint32_t candidate_rank(const std::vector<uint32_t>* subset, size_t rank, size_t* greater);
+
+  static constexpr uint32_t kNoCandidateBits = 0xFFFFFFFFu;
 
   CompressorOptions options_;
   size_t n_ = 0;
@@ -70,12 +92,18 @@ class CpuCompressor final : public Compressor {
   std::vector<float> momentum_;   // DGC u (empty when momentum is off)
   std::vector<float> momentum_next_;
   std::vector<float> hessian_factor_;  // 1 - clamp(gamma * h, 0, 1)
-  // Candidates: indices (ascending) and |acc| bits; capacity n + 1, pages
-  // are only touched as far as they are used.
+  // Candidates: indices (ascending) and acc's values as bits; capacity
+  // n + 1, pages are only touched as far as they are used.
   std::unique_ptr<uint32_t[]> cand_index_;
-  std::unique_ptr<uint32_t[]> cand_mag_;
+  std::unique_ptr<uint32_t[]> cand_value_;
   size_t cand_count_ = 0;
-  uint32_t cand_bits_ = 0;  // every entry with |acc| bits >= this is a candidate
+  uint32_t cand_bits_ = 0;     // every entry with |acc| bits >= this is a candidate
+  bool cand_zeroed_ = false;   // acc holds 0 at every candidate (the pass took them out)
+  std::vector<uint32_t> sel_;  // selected candidate positions, ascending
+  bool sel_all_ = false;       // every candidate is selected (sel_ unused)
+  bool from_candidates_ = false;  // this step's selection is sel_ / sel_all_
+  std::vector<uint32_t> positions_;
+  std::vector<uint32_t> rank_histogram_;
   std::vector<Chunk> chunks_;
   std::unique_ptr<ThreadPool> pool_;
   double sum_ = 0, sum_sq_ = 0;
@@ -85,9 +113,13 @@ class CpuCompressor final : public Compressor {
   SelectionStats stats_;
   // Prediction: collect at or above these bits next step (0xFFFFFFFF: none);
   // top-k aims at spare_ * k candidates.
-  uint32_t next_cand_bits_ = 0xFFFFFFFFu;
+  uint32_t next_cand_bits_ = kNoCandidateBits;
   double spare_ = 1.5;
+  // sampled: collect at this fraction of the sampled threshold (lowered
+  // after steps that needed lowering rounds).
+  float sampled_margin_ = 1.0f;
   uint64_t predicted_steps_ = 0, fallback_steps_ = 0;
+  bool avx2_pass_ = false;  // the first pass's AVX2 version (chosen at construction)
 };
 
 }  // namespace sps::kernels
