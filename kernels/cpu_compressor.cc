@@ -100,6 +100,34 @@ bool use_avx2_pass() {
 #endif
 }
 
+// The rank-th largest (1-based) of count magnitudes (bits), exactly: a
+// histogram of 1/32-octave buckets finds the bucket holding the rank, then
+// an exact select runs inside that bucket only. `greater` (optional) gets
+// how many are strictly larger. REQUIRES: 0 < rank <= count.
+template <class Magnitude>
+uint32_t rank_by_histogram(size_t count, size_t rank, Magnitude magnitude, std::vector<uint32_t>& histogram,
+                           std::vector<uint32_t>& bucket, size_t* greater) {
+  histogram.assign(size_t{1} << (31 - kRankShift), 0u);
+  for (size_t j = 0; j < count; ++j) ++histogram[magnitude(j) >> kRankShift];
+  size_t seen = 0;
+  size_t b = histogram.size() - 1;
+  while (seen + histogram[b] < rank) seen += histogram[b--];  // terminates: the counts sum to count >= rank
+  bucket.clear();
+  for (size_t j = 0; j < count; ++j) {
+    const uint32_t m = magnitude(j);
+    if ((m >> kRankShift) == b) bucket.push_back(m);
+  }
+  const auto nth = bucket.begin() + static_cast<std::ptrdiff_t>(rank - seen - 1);
+  std::nth_element(bucket.begin(), nth, bucket.end(), std::greater<uint32_t>());
+  const uint32_t t = *nth;
+  if (greater != nullptr) {
+    size_t above = seen;
+    for (auto it = bucket.begin(); it != nth; ++it) above += (*it > t) ? 1 : 0;
+    *greater = above;
+  }
+  return t;
+}
+
 }  // namespace
 
 struct CpuCompressor::Chunk {
@@ -286,7 +314,13 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
     auto& sample = topk_.magnitudes;
     sample.clear();
     const float m = options_.momentum;
+    // Scattered reads (one cache line per entry): fetch 16 entries ahead.
+    const size_t ahead = 16 * layout.stride;
     for (size_t i = layout.start; i < n_; i += layout.stride) {
+      if (i + ahead < n_) {
+        __builtin_prefetch(grad.data() + i + ahead);
+        __builtin_prefetch(residual_.data() + i + ahead);
+      }
       float x = grad[i] * grad_factor;
       if (!momentum_.empty()) x = m * momentum_[i] + x;
       float a = scale * x;
@@ -296,9 +330,8 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
     }
     const double rho = static_cast<double>(options_.selection.k) / static_cast<double>(n_);
     const size_t top = std::max<size_t>(1, static_cast<size_t>(std::ceil(rho * static_cast<double>(sample.size()))));
-    std::nth_element(sample.begin(), sample.begin() + static_cast<std::ptrdiff_t>(top - 1), sample.end(),
-                     std::greater<uint32_t>());
-    stats_.threshold = std::bit_cast<float>(sample[top - 1]);
+    stats_.threshold = std::bit_cast<float>(rank_by_histogram(
+        sample.size(), top, [&](size_t j) { return sample[j]; }, rank_histogram_, topk_.boundary, nullptr));
     // Usually the first round stands; after steps that lowered it, collect
     // as far down as they went.
     candidate_bits = magnitude_bits(static_cast<float>(stats_.threshold) * sampled_margin_);
@@ -369,7 +402,12 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
       out.values[j] = sent;
       cv[p] = std::bit_cast<uint32_t>(v - sent);
     }
-    if (keep_residual && !(sel_all_ && format == ValueFormat::kF32)) restore_candidates();
+    if (keep_residual && format == ValueFormat::kF32) {
+      // The sent ones already hold their residual, 0: write the others only.
+      if (!sel_all_) restore_unselected();
+    } else if (keep_residual) {
+      restore_candidates();
+    }
     cand_zeroed_ = false;
     if (!momentum_next_.empty())
       for (uint32_t i : out.indices) momentum_next_[i] = 0.0f;
@@ -399,6 +437,18 @@ void CpuCompressor::restore_candidates() {
   float* acc = acc_.data();
   for (size_t j = 0; j < cand_count_; ++j) acc[ci[j]] = std::bit_cast<float>(cv[j]);
   cand_zeroed_ = false;
+}
+
+void CpuCompressor::restore_unselected() {
+  const uint32_t* ci = cand_index_.get();
+  const uint32_t* cv = cand_value_.get();
+  float* acc = acc_.data();
+  size_t next = 0;
+  for (size_t s = 0; s <= sel_.size(); ++s) {
+    const size_t stop = s < sel_.size() ? sel_[s] : cand_count_;
+    for (size_t j = next; j < stop; ++j) acc[ci[j]] = std::bit_cast<float>(cv[j]);
+    next = stop + 1;
+  }
 }
 
 void CpuCompressor::emit_selected(SparseVector& out) {
@@ -477,31 +527,13 @@ uint32_t CpuCompressor::keep_largest(const std::vector<uint32_t>* subset, size_t
 
 uint32_t CpuCompressor::candidate_rank(const std::vector<uint32_t>* subset, size_t rank, size_t* greater) {
   const uint32_t* cv = cand_value_.get();
-  const size_t count = subset != nullptr ? subset->size() : cand_count_;
-  auto magnitude = [&](size_t j) { return cv[subset != nullptr ? (*subset)[j] : j] & 0x7FFFFFFFu; };
-  // A histogram of 1/32-octave buckets finds the bucket holding the rank,
-  // then an exact select runs inside that bucket only.
-  auto& h = rank_histogram_;
-  h.assign(size_t{1} << (31 - kRankShift), 0u);
-  for (size_t j = 0; j < count; ++j) ++h[magnitude(j) >> kRankShift];
-  size_t seen = 0;
-  size_t b = h.size() - 1;
-  while (seen + h[b] < rank) seen += h[b--];  // terminates: the counts sum to count >= rank
-  auto& mags = topk_.boundary;
-  mags.clear();
-  for (size_t j = 0; j < count; ++j) {
-    const uint32_t m = magnitude(j);
-    if ((m >> kRankShift) == b) mags.push_back(m);
+  if (subset != nullptr) {
+    return rank_by_histogram(
+        subset->size(), rank, [&](size_t j) { return cv[(*subset)[j]] & 0x7FFFFFFFu; }, rank_histogram_,
+        topk_.boundary, greater);
   }
-  const auto nth = mags.begin() + static_cast<std::ptrdiff_t>(rank - seen - 1);
-  std::nth_element(mags.begin(), nth, mags.end(), std::greater<uint32_t>());
-  const uint32_t t = *nth;
-  if (greater != nullptr) {
-    size_t above = seen;
-    for (auto it = mags.begin(); it != nth; ++it) above += (*it > t) ? 1 : 0;
-    *greater = above;
-  }
-  return t;
+  return rank_by_histogram(
+      cand_count_, rank, [&](size_t j) { return cv[j] & 0x7FFFFFFFu; }, rank_histogram_, topk_.boundary, greater);
 }
 
 void CpuCompressor::select_topk(SparseVector& out) {

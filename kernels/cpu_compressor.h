@@ -71,6 +71,8 @@ class CpuCompressor final : public Compressor {
   size_t count_candidates_at_least(uint32_t bits) const;
   // Puts the candidates' values back into acc (before any pass over acc).
   void restore_candidates();
+  // The same for the candidates not in sel_ only.
+  void restore_unselected();
   // Out from the selected candidate positions (sel_, or all of them).
   void emit_selected(SparseVector& out);
   // Replaces the candidates by every entry of acc at or above `bits`.
