@@ -27,8 +27,8 @@ inline uint32_t magnitude_bits(float x) { return std::bit_cast<uint32_t>(x) & 0x
 inline uint32_t non_finite(uint32_t m) { return ((m & 0x7F800000u) + 0x00800000u) >> 31; }
 // Bits no magnitude reaches: collect no candidates.
 constexpr uint32_t kNoCandidates = 0xFFFFFFFFu;
-// candidate_rank's histogram buckets: 1/32 of an octave each.
-constexpr int kRankShift = 18;
+// rank_by_histogram's buckets: 1/256 of an octave each.
+constexpr int kRankShift = 15;
 
 // The first pass works in lanes of 16 (vectorisable) inside blocks of 256,
 // whose moments fold into doubles; threads split n at multiples of
@@ -101,7 +101,7 @@ bool use_avx2_pass() {
 }
 
 // The rank-th largest (1-based) of count magnitudes (bits), exactly: a
-// histogram of 1/32-octave buckets finds the bucket holding the rank, then
+// histogram of 1/256-octave buckets finds the bucket holding the rank, then
 // an exact select runs inside that bucket only. `greater` (optional) gets
 // how many are strictly larger. REQUIRES: 0 < rank <= count.
 template <class Magnitude>
@@ -598,7 +598,7 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
   // above the candidate threshold come from the candidates; below it, every
   // candidate passes, so when there are more than 4k/3 candidates the
   // answer is "too many" without looking at acc. The next step collects
-  // about spare_ * k candidates (spare_ >= 2, grown after a miss) so that
+  // about spare_ * k candidates (spare_ >= 2, doubled after a miss) so that
   // this is the usual case.
   const size_t n = n_;
   const size_t k_int = options_.selection.k;

@@ -5,9 +5,12 @@
 
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 
@@ -565,6 +568,58 @@ TEST(CpuCompressorTest, ThreadCountDoesNotChangeResults) {
       ASSERT_EQ(a.indices, b.indices) << static_cast<int>(m) << " step " << s;
       ASSERT_EQ(a.values, b.values);
       ASSERT_EQ(one.residual(), three.residual());
+    }
+  }
+}
+
+// The AVX2 first pass (chosen at run time) and the portable one give the
+// same bits for every method, error-feedback mode and option.
+TEST(CpuCompressorTest, Avx2AndPortablePassesAgree) {
+  const size_t n = 70001;  // not a multiple of 16: the tail path too
+  std::vector<CompressorOptions> cases;
+  for (Method m : {Method::kTopK, Method::kThreshold, Method::kGaussianK, Method::kSampled, Method::kRandomK,
+                   Method::kDense}) {
+    for (ErrorFeedbackMode mode : {ErrorFeedbackMode::kNone, ErrorFeedbackMode::kEf, ErrorFeedbackMode::kHessianDiag}) {
+      CompressorOptions o;
+      o.selection.method = m;
+      o.selection.k = 300;
+      o.selection.lambda = 0.25f;
+      o.selection.seed = 9;
+      o.error_feedback = mode;
+      cases.push_back(o);
+    }
+  }
+  CompressorOptions with_momentum = cases[1];
+  with_momentum.momentum = 0.9f;
+  with_momentum.clip_norm = 50.0f;
+  cases.push_back(with_momentum);
+  CompressorOptions two_threads = cases[4];
+  two_threads.threads = 2;
+  cases.push_back(two_threads);
+  const auto hessian = normal(n, 3);
+  for (const auto& o : cases) {
+    ::setenv("SPS_CPU_PASS", "baseline", 1);
+    CpuCompressor portable(n, o);
+    ::unsetenv("SPS_CPU_PASS");
+    CpuCompressor native(n, o);
+    ASSERT_FALSE(portable.avx2_pass());
+    if (!native.avx2_pass()) GTEST_SKIP() << "this CPU has no AVX2: only the portable pass runs";
+    if (o.error_feedback == ErrorFeedbackMode::kHessianDiag) {
+      ASSERT_TRUE(portable.set_hessian_diag(hessian, 0.2f).ok());
+      ASSERT_TRUE(native.set_hessian_diag(hessian, 0.2f).ok());
+    }
+    SparseVector a, b;
+    for (int s = 0; s < 6; ++s) {
+      const auto g = s % 2 == 0 ? normal(n, 200 + static_cast<uint32_t>(s)) : heavy_tailed(n, 300);
+      ASSERT_TRUE(portable.compress(g, 0.1f, a, static_cast<uint64_t>(s)).ok());
+      ASSERT_TRUE(native.compress(g, 0.1f, b, static_cast<uint64_t>(s)).ok());
+      const std::string where = fmt::format("method {} mode {} step {}", static_cast<int>(o.selection.method),
+                                            static_cast<int>(o.error_feedback), s);
+      ASSERT_EQ(a.indices, b.indices) << where;
+      ASSERT_EQ(a.values, b.values) << where;
+      ASSERT_EQ(portable.residual(), native.residual()) << where;
+      ASSERT_EQ(portable.momentum(), native.momentum()) << where;
+      EXPECT_EQ(portable.last_stats().candidates, native.last_stats().candidates) << where;
     }
   }
 }
