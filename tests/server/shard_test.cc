@@ -2,7 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <random>
+#include <set>
 
 namespace sps::server {
 namespace {
@@ -145,6 +148,53 @@ TEST(ShardTest, AggregatesThreeWorkersInRankOrderIncludingEmptyPushes) {
   std::vector<uint32_t> keys;
   ASSERT_TRUE(s.changed_since(1, 10, keys));
   EXPECT_EQ(keys, (std::vector<uint32_t>{0, 1, 4, 9}));
+}
+
+// Aggregated sparse pushes are summed in rank order, ((0 + v0) + v1) + ...,
+// bit for bit (signed zeros, denormals, keys held by some workers only), at
+// several shard sizes and fills, and the changed keys are their union.
+TEST(ShardTest, AggregatedSumsAreRankOrderSumsBitForBit) {
+  struct Case {
+    uint32_t size;
+    size_t keys_per_worker;
+  };
+  for (const Case& c : {Case{5000, 900}, Case{200000, 40}, Case{(1u << 21) + 7, 3000}}) {
+    const uint32_t workers = 4, base = 1000;
+    Shard s(base, base + c.size, workers, Optimizer::plain(1.0f), std::make_unique<scheduler::BspPolicy>());
+    std::mt19937 rng(c.size);
+    std::vector<float> x(c.size);
+    for (auto& v : x) v = std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng);
+    s.set_params(x);
+    std::vector<float> sum(c.size, 0.0f);
+    std::vector<bool> touched(c.size, false);
+    const float values[] = {0.1f, -0.0f, 0.0f, 1e-3f, -7.5f, 3.0e-39f, 0.3f};
+    for (uint32_t w = 0; w < workers; ++w) {
+      std::set<uint32_t> picked;
+      while (picked.size() < c.keys_per_worker) picked.insert(static_cast<uint32_t>(rng() % (c.size / (w + 1))));
+      std::vector<uint32_t> keys;
+      std::vector<float> vals;
+      for (uint32_t j : picked) {
+        keys.push_back(base + j);
+        vals.push_back(values[rng() % 7] * static_cast<float>(1 + rng() % 5));
+        sum[j] += vals.back();  // rank order, from +0.0f
+        touched[j] = true;
+      }
+      ASSERT_TRUE(s.add_push(w, 0, 0, keys, vals).ok());
+    }
+    ASSERT_EQ(s.apply_ready(), 1);
+    std::vector<uint32_t> want_keys;
+    for (uint32_t j = 0; j < c.size; ++j) {
+      if (!touched[j]) continue;
+      want_keys.push_back(base + j);
+      x[j] -= (1.0f / 4.0f) * sum[j];
+    }
+    const auto got = s.params();
+    for (uint32_t j = 0; j < c.size; ++j)
+      ASSERT_EQ(std::bit_cast<uint32_t>(got[j]), std::bit_cast<uint32_t>(x[j])) << "size " << c.size << " key " << j;
+    std::vector<uint32_t> keys;
+    ASSERT_TRUE(s.changed_since(0, c.size, keys));
+    EXPECT_EQ(keys, want_keys) << "size " << c.size;
+  }
 }
 
 TEST(ShardChangeTest, ChangeLogMergesRunsAndForgetsWhatItCannotHold) {
