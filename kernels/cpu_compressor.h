@@ -104,13 +104,12 @@ class CpuCompressor final : public Compressor {
   std::vector<uint32_t> sel_;  // selected candidate positions, ascending
   bool sel_all_ = false;       // every candidate is selected (sel_ unused)
   bool from_candidates_ = false;  // this step's selection is sel_ / sel_all_
-  std::vector<uint32_t> positions_;
+  std::vector<uint32_t> positions_;  // scratch: candidate positions above a threshold
   std::vector<uint32_t> rank_histogram_;
   std::vector<Chunk> chunks_;
   std::unique_ptr<ThreadPool> pool_;
   double sum_ = 0, sum_sq_ = 0;
   TopKScratch topk_;
-  std::vector<uint32_t> kept_;
   std::vector<uint32_t> random_bitmap_;  // random-k membership bits, all zero between steps
   SelectionStats stats_;
   // Prediction: collect at or above these bits next step (0xFFFFFFFF: none);
