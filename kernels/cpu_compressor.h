@@ -94,8 +94,9 @@ class CpuCompressor final : public Compressor {
   std::vector<float> momentum_;   // DGC u (empty when momentum is off)
   std::vector<float> momentum_next_;
   std::vector<float> hessian_factor_;  // 1 - clamp(gamma * h, 0, 1)
-  // Candidates: indices (ascending) and acc's values as bits; capacity
-  // n + 1, pages are only touched as far as they are used.
+  // Candidates: indices (ascending) and acc's values as bits; capacity n
+  // plus a pad per thread (the AVX2 pass stores past its last candidate);
+  // pages are only touched as far as they are used.
   std::unique_ptr<uint32_t[]> cand_index_;
   std::unique_ptr<uint32_t[]> cand_value_;
   size_t cand_count_ = 0;
@@ -113,7 +114,7 @@ class CpuCompressor final : public Compressor {
   std::vector<uint32_t> random_bitmap_;  // random-k membership bits, all zero between steps
   SelectionStats stats_;
   // Prediction: collect at or above these bits next step (0xFFFFFFFF: none);
-  // top-k aims at spare_ * k candidates.
+  // top-k and gaussiank aim at spare_ * k candidates.
   uint32_t next_cand_bits_ = kNoCandidateBits;
   double spare_ = 1.5;
   // sampled: collect at this fraction of the sampled threshold (lowered
