@@ -218,6 +218,12 @@ std::vector<float> adversarial(size_t n, uint32_t seed) {
   return v;
 }
 
+// In the error-feedback steady state (many steps from one start), where the
+// CPU backend's predicted candidates are used, miss and are corrected.
+std::vector<std::vector<float>> gradient_mix(size_t n, uint32_t seed) {
+  return {normal(n, seed), normal(n, seed + 1, 3.0f), heavy_tailed(n, seed + 2), normal(n, seed + 3, 0.2f)};
+}
+
 class CompressorTest : public ::testing::TestWithParam<Backend> {
  protected:
   std::unique_ptr<Compressor> make(size_t n, const CompressorOptions& o) {
@@ -262,6 +268,26 @@ class CompressorTest : public ::testing::TestWithParam<Backend> {
         for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(u[i]), bits(ref.momentum[i])) << "step " << s << " momentum " << i;
       }
       EXPECT_EQ(c->last_stats().nnz, want.size());
+    }
+  }
+
+  // An approximate method against its reference over several n and k (the
+  // gradient mix, 12 steps each) and over adversarial ties.
+  void expect_method_matches_reference(Method m, uint32_t grad_seed) {
+    for (size_t n : {size_t{10}, size_t{4099}, size_t{100003}}) {
+      for (size_t k : {size_t{1}, n / 1000 + 1, n / 100 + 1, n / 3}) {
+        CompressorOptions o;
+        o.selection.method = m;
+        o.selection.k = k;
+        o.selection.seed = 5;
+        expect_same_as_reference(o, gradient_mix(n, grad_seed), 12);
+      }
+    }
+    for (size_t k : {1, 7, 100, 999}) {
+      CompressorOptions o;
+      o.selection.method = m;
+      o.selection.k = k;
+      expect_same_as_reference(o, {adversarial(1000, 6)}, 4, 1.0f);
     }
   }
 };
@@ -461,22 +487,8 @@ TEST_P(CompressorTest, ApproximateMethodsLandNearK) {
   }
 }
 
-// In the error-feedback steady state (many steps from one start), where the
-// CPU backend's predicted candidates are used, miss and are corrected.
-std::vector<std::vector<float>> gradient_mix(size_t n, uint32_t seed) {
-  return {normal(n, seed), normal(n, seed + 1, 3.0f), heavy_tailed(n, seed + 2), normal(n, seed + 3, 0.2f)};
-}
-
 TEST_P(CompressorTest, SampledMatchesTheReference) {
-  for (size_t n : {size_t{10}, size_t{4099}, size_t{100003}}) {
-    for (size_t k : {size_t{1}, n / 1000 + 1, n / 100 + 1, n / 3}) {
-      CompressorOptions o;
-      o.selection.method = Method::kSampled;
-      o.selection.k = k;
-      o.selection.seed = 5;
-      expect_same_as_reference(o, gradient_mix(n, 60), 12);
-    }
-  }
+  expect_method_matches_reference(Method::kSampled, 60);
   CompressorOptions o;
   o.selection.method = Method::kSampled;
   o.selection.k = 500;
@@ -484,12 +496,6 @@ TEST_P(CompressorTest, SampledMatchesTheReference) {
   expect_same_as_reference(o, gradient_mix(50000, 70), 8);
   o.values = ValueFormat::kBF16;
   expect_same_as_reference(o, gradient_mix(50000, 70), 8);
-  for (size_t k : {1, 7, 100, 999}) {
-    o = {};
-    o.selection.method = Method::kSampled;
-    o.selection.k = k;
-    expect_same_as_reference(o, {adversarial(1000, 6)}, 4, 1.0f);
-  }
 }
 
 // CPU only: the CUDA backend sums the moments in another order, so its
@@ -497,14 +503,7 @@ TEST_P(CompressorTest, SampledMatchesTheReference) {
 // its band).
 TEST_P(CompressorTest, GaussianKMatchesTheReferenceOnTheCpu) {
   if (GetParam() != Backend::kCpu) GTEST_SKIP() << "exact only on the CPU backend (moments summation order)";
-  for (size_t n : {size_t{10}, size_t{4099}, size_t{100003}}) {
-    for (size_t k : {size_t{1}, n / 1000 + 1, n / 100 + 1, n / 3}) {
-      CompressorOptions o;
-      o.selection.method = Method::kGaussianK;
-      o.selection.k = k;
-      expect_same_as_reference(o, gradient_mix(n, 80), 12);
-    }
-  }
+  expect_method_matches_reference(Method::kGaussianK, 80);
   CompressorOptions o;
   o.selection.method = Method::kGaussianK;
   o.selection.k = 500;
@@ -513,12 +512,6 @@ TEST_P(CompressorTest, GaussianKMatchesTheReferenceOnTheCpu) {
   o.values = ValueFormat::kF16;
   o.error_feedback = ErrorFeedbackMode::kNone;
   expect_same_as_reference(o, gradient_mix(50000, 90), 4);
-  for (size_t k : {1, 7, 100, 999}) {
-    o = {};
-    o.selection.method = Method::kGaussianK;
-    o.selection.k = k;
-    expect_same_as_reference(o, {adversarial(1000, 6)}, 4, 1.0f);
-  }
 }
 
 TEST_P(CompressorTest, ThresholdFusedResidualWithFormatsAndMomentum) {
