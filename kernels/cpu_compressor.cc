@@ -27,7 +27,7 @@ inline uint32_t magnitude_bits(float x) { return std::bit_cast<uint32_t>(x) & 0x
 inline uint32_t non_finite(uint32_t m) { return ((m & 0x7F800000u) + 0x00800000u) >> 31; }
 // Bits no magnitude reaches: collect no candidates.
 constexpr uint32_t kNoCandidates = 0xFFFFFFFFu;
-// rank_by_histogram's buckets: 1/256 of an octave each.
+// Rank histograms (fill_histogram) have buckets of 1/256 of an octave.
 constexpr int kRankShift = 15;
 
 // The first pass works in lanes of 16 (vectorisable) inside blocks of 256,
@@ -100,18 +100,30 @@ bool use_avx2_pass() {
 #endif
 }
 
-// The rank-th largest (1-based) of count magnitudes (bits), exactly: a
-// histogram of 1/256-octave buckets finds the bucket holding the rank, then
-// an exact select runs inside that bucket only. `greater` (optional) gets
-// how many are strictly larger. REQUIRES: 0 < rank <= count.
+// A histogram of count magnitudes (bits) in 1/256-octave buckets.
 template <class Magnitude>
-uint32_t rank_by_histogram(size_t count, size_t rank, Magnitude magnitude, std::vector<uint32_t>& histogram,
-                           std::vector<uint32_t>& bucket, size_t* greater) {
+void fill_histogram(size_t count, Magnitude magnitude, std::vector<uint32_t>& histogram) {
   histogram.assign(size_t{1} << (31 - kRankShift), 0u);
   for (size_t j = 0; j < count; ++j) ++histogram[magnitude(j) >> kRankShift];
+}
+
+// The bucket holding the rank-th largest, and how many lie in the buckets
+// above it. REQUIRES: 0 < rank <= the histogram's total.
+std::pair<size_t, size_t> bucket_of_rank(const std::vector<uint32_t>& histogram, size_t rank) {
   size_t seen = 0;
   size_t b = histogram.size() - 1;
-  while (seen + histogram[b] < rank) seen += histogram[b--];  // terminates: the counts sum to count >= rank
+  while (seen + histogram[b] < rank) seen += histogram[b--];  // terminates: the counts sum to >= rank
+  return {b, seen};
+}
+
+// The rank-th largest (1-based) of count magnitudes (bits), exactly, given
+// their histogram (fill_histogram): an exact select runs inside the bucket
+// holding the rank only. `greater` (optional) gets how many are strictly
+// larger. REQUIRES: 0 < rank <= count.
+template <class Magnitude>
+uint32_t rank_in_histogram(size_t count, size_t rank, Magnitude magnitude, const std::vector<uint32_t>& histogram,
+                           std::vector<uint32_t>& bucket, size_t* greater) {
+  const auto [b, seen] = bucket_of_rank(histogram, rank);
   bucket.clear();
   for (size_t j = 0; j < count; ++j) {
     const uint32_t m = magnitude(j);
@@ -291,6 +303,7 @@ void CpuCompressor::first_pass(std::span<const float> grad, float grad_factor, f
   }
   cand_bits_ = candidate_bits;
   cand_zeroed_ = candidate_bits != kNoCandidates;
+  cand_histogram_valid_ = false;
 }
 
 Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseVector& out, uint64_t step) {
@@ -330,8 +343,10 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
     }
     const double rho = static_cast<double>(options_.selection.k) / static_cast<double>(n_);
     const size_t top = std::max<size_t>(1, static_cast<size_t>(std::ceil(rho * static_cast<double>(sample.size()))));
-    stats_.threshold = std::bit_cast<float>(rank_by_histogram(
-        sample.size(), top, [&](size_t j) { return sample[j]; }, rank_histogram_, topk_.boundary, nullptr));
+    auto sampled_magnitude = [&](size_t j) { return sample[j]; };
+    fill_histogram(sample.size(), sampled_magnitude, rank_histogram_);
+    stats_.threshold = std::bit_cast<float>(
+        rank_in_histogram(sample.size(), top, sampled_magnitude, rank_histogram_, topk_.boundary, nullptr));
     // Usually the first round stands; after steps that lowered it, collect
     // as far down as they went.
     candidate_bits = magnitude_bits(static_cast<float>(stats_.threshold) * sampled_margin_);
@@ -476,6 +491,7 @@ void CpuCompressor::recollect(uint32_t bits) {
   }
   cand_count_ = count;
   cand_bits_ = bits;
+  cand_histogram_valid_ = false;
 }
 
 void CpuCompressor::candidates_at_least(uint32_t bits, std::vector<uint32_t>& positions) const {
@@ -496,44 +512,65 @@ size_t CpuCompressor::count_candidates_at_least(uint32_t bits) const {
   return count;
 }
 
-uint32_t CpuCompressor::keep_largest(const std::vector<uint32_t>* subset, size_t keep, std::vector<uint32_t>& kept) {
+std::pair<size_t, size_t> CpuCompressor::count_bounds(uint32_t bits) {
+  const auto& h = candidate_histogram();
+  const size_t b = bits >> kRankShift;
+  if (b >= h.size()) return {0, 0};  // bits above every finite magnitude's bucket
+  size_t above = 0;
+  for (size_t j = h.size(); --j > b;) above += h[j];
+  const bool edge = (bits & ((1u << kRankShift) - 1)) == 0;
+  return edge ? std::pair{above + h[b], above + h[b]} : std::pair{above, above + h[b]};
+}
+
+const std::vector<uint32_t>& CpuCompressor::candidate_histogram() {
+  if (!cand_histogram_valid_) {
+    const uint32_t* cv = cand_value_.get();
+    fill_histogram(cand_count_, [&](size_t j) { return cv[j] & 0x7FFFFFFFu; }, cand_histogram_);
+    cand_histogram_valid_ = true;
+  }
+  return cand_histogram_;
+}
+
+uint32_t CpuCompressor::keep_largest(size_t keep, std::vector<uint32_t>& kept) {
   const uint32_t* cv = cand_value_.get();
-  const size_t count = subset != nullptr ? subset->size() : cand_count_;
-  auto position = [&](size_t j) -> uint32_t { return subset != nullptr ? (*subset)[j] : static_cast<uint32_t>(j); };
+  const size_t count = cand_count_;
   kept.clear();
   if (keep >= count) {
     uint32_t low = UINT32_MAX;
     kept.resize(count);
     for (size_t j = 0; j < count; ++j) {
-      kept[j] = position(j);
-      low = std::min(low, cv[kept[j]] & 0x7FFFFFFFu);
+      kept[j] = static_cast<uint32_t>(j);
+      low = std::min(low, cv[j] & 0x7FFFFFFFu);
     }
     return low;
   }
   size_t greater = 0;
-  const uint32_t t = candidate_rank(subset, keep, &greater);
+  const uint32_t t = candidate_rank(keep, &greater);
   size_t ties_left = keep - greater;
-  kept.reserve(keep);
+  kept.resize(keep);
+  size_t o = 0;
   for (size_t j = 0; j < count; ++j) {
-    const uint32_t p = position(j);
-    const uint32_t m = cv[p] & 0x7FFFFFFFu;
-    if (m > t || (m == t && ties_left > 0)) {
-      if (m == t) --ties_left;
-      kept.push_back(p);
-    }
+    const uint32_t m = cv[j] & 0x7FFFFFFFu;
+    // Branch-free (bitwise, not ||): whether a candidate is kept is a coin
+    // flip, and a branch would mispredict on half of them.
+    const size_t tie = static_cast<size_t>(m == t) & static_cast<size_t>(ties_left != 0);
+    kept[o] = static_cast<uint32_t>(j);
+    o += static_cast<size_t>(m > t) | tie;
+    ties_left -= tie;
+    if (o == keep) break;
   }
   return t;
 }
 
-uint32_t CpuCompressor::candidate_rank(const std::vector<uint32_t>* subset, size_t rank, size_t* greater) {
+uint32_t CpuCompressor::candidate_rank(size_t rank, size_t* greater) {
   const uint32_t* cv = cand_value_.get();
-  if (subset != nullptr) {
-    return rank_by_histogram(
-        subset->size(), rank, [&](size_t j) { return cv[(*subset)[j]] & 0x7FFFFFFFu; }, rank_histogram_,
-        topk_.boundary, greater);
-  }
-  return rank_by_histogram(
-      cand_count_, rank, [&](size_t j) { return cv[j] & 0x7FFFFFFFu; }, rank_histogram_, topk_.boundary, greater);
+  return rank_in_histogram(
+      cand_count_, rank, [&](size_t j) { return cv[j] & 0x7FFFFFFFu; }, candidate_histogram(), topk_.boundary,
+      greater);
+}
+
+uint32_t CpuCompressor::candidate_rank_floor(size_t rank) {
+  return static_cast<uint32_t>(bucket_of_rank(candidate_histogram(), rank).first) << kRankShift;
 }
 
 void CpuCompressor::select_topk(SparseVector& out) {
@@ -545,11 +582,11 @@ void CpuCompressor::select_topk(SparseVector& out) {
     // Every entry at or above the k-th largest magnitude is a candidate, so
     // the top-k of the candidates (ties to the smaller index) is the answer.
     stats_.predicted = true;
-    low = keep_largest(nullptr, k, sel_);
+    low = keep_largest(k, sel_);
     emit_selected(out);
     // Next time collect about spare_ * k: the magnitude of that rank now
     // (thresholds drift slowly between steps).
-    next_cand_bits_ = cand_count_ > spare_count && spare_count > k ? candidate_rank(nullptr, spare_count, nullptr)
+    next_cand_bits_ = cand_count_ > spare_count && spare_count > k ? candidate_rank_floor(spare_count)
                                                                    : cand_bits_;
     spare_ = std::max(1.25, spare_ * 0.9);
   } else {
@@ -582,7 +619,7 @@ void CpuCompressor::select_threshold(SparseVector& out) {
   stats_.threshold = options_.selection.lambda;
   const size_t cap = options_.selection.max_nnz;
   if (cap > 0 && cand_count_ > cap) {
-    stats_.threshold = std::bit_cast<float>(keep_largest(nullptr, cap, sel_));
+    stats_.threshold = std::bit_cast<float>(keep_largest(cap, sel_));
   } else {
     sel_all_ = true;
   }
@@ -620,9 +657,18 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
   // |acc| > t is magnitude bits > bits(t), i.e. >= bits(t) + 1, for t >= 0.
   auto above_bits = [](float t) { return std::bit_cast<uint32_t>(t) + 1; };
   auto covered = [&](float t) { return t >= 0 && candidates_valid() && above_bits(t) >= cand_bits_; };
+  // Counts only decide below / in / above the band: the histogram's bounds
+  // settle most without a scan.
+  auto band = [&](size_t c) {
+    const auto cd = static_cast<double>(c);
+    return cd < 2.0 * k / 3.0 ? -1 : (cd > 4.0 * k / 3.0 ? 1 : 0);
+  };
   auto count = [&](double td) -> size_t {
     const auto t = static_cast<float>(td);
-    if (covered(t)) return count_candidates_at_least(above_bits(t));
+    if (covered(t)) {
+      const auto [low, high] = count_bounds(above_bits(t));
+      return band(low) == band(high) ? low : count_candidates_at_least(above_bits(t));
+    }
     // Every candidate passes: a lower bound that settles "too many".
     if (candidates_valid() && static_cast<double>(cand_count_) > 4.0 * k / 3.0) return cand_count_;
     restore_candidates();
@@ -655,7 +701,7 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
     stats_.fallback = true;
     uint32_t low = UINT32_MAX;
     if (candidates_valid() && cand_count_ >= k_int) {
-      low = keep_largest(nullptr, k_int, sel_);
+      low = keep_largest(k_int, sel_);
       emit_selected(out);
     } else {
       restore_candidates();
@@ -667,7 +713,9 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
   } else if (covered(tf)) {
     candidates_at_least(above_bits(tf), positions_);
     if (positions_.size() > cap) {
-      keep_largest(&positions_, cap, sel_);
+      // positions_ holds every candidate at or above a magnitude, more than
+      // cap of them: its top cap are all the candidates' top cap.
+      keep_largest(cap, sel_);
     } else {
       sel_.swap(positions_);
     }
@@ -675,13 +723,13 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
   } else if (tf >= 0 && candidates_valid() && cand_count_ >= cap) {
     // Everything above tf includes every candidate, at least cap of them:
     // its top cap are the candidates' top cap.
-    keep_largest(nullptr, cap, sel_);
+    keep_largest(cap, sel_);
     emit_selected(out);
   } else {
     recollect(tf >= 0 ? above_bits(tf) : 0);
     full_pass = true;
     if (cand_count_ > cap) {
-      keep_largest(nullptr, cap, sel_);
+      keep_largest(cap, sel_);
     } else {
       sel_all_ = true;
     }
@@ -693,7 +741,7 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
   spare_ = full_pass ? std::min(8.0, spare_ * 2.0) : std::max(2.0, spare_ * 0.9);
   const auto spare_count = static_cast<size_t>(spare_ * k);
   if (!full_pass && cand_count_ >= spare_count && spare_count > 0) {
-    next_cand_bits_ = candidate_rank(nullptr, spare_count, nullptr);
+    next_cand_bits_ = candidate_rank_floor(spare_count);
   } else if (!full_pass) {
     next_cand_bits_ = magnitude_bits(std::bit_cast<float>(cand_bits_) * 0.95f);
   } else {
@@ -720,7 +768,10 @@ void CpuCompressor::select_sampled(SparseVector& out) {
     ++rounds;
     const uint32_t tb = magnitude_bits(thr);
     if (candidates_valid() && tb >= cand_bits_) {
-      c = count_candidates_at_least(tb);
+      // Only "fewer than 0.8k" matters: the histogram's bounds settle most.
+      const auto [low, high] = count_bounds(tb);
+      const bool settled = (static_cast<double>(low) < 0.8 * kd) == (static_cast<double>(high) < 0.8 * kd);
+      c = settled ? low : count_candidates_at_least(tb);
     } else if (candidates_valid() && static_cast<double>(cand_count_) >= 0.8 * kd) {
       c = cand_count_;  // a lower bound, enough to stop lowering
     } else {
@@ -741,7 +792,7 @@ void CpuCompressor::select_sampled(SparseVector& out) {
   if (candidates_valid() && tb >= cand_bits_) {
     candidates_at_least(tb, positions_);
     if (static_cast<double>(positions_.size()) > 1.3 * kd) {
-      keep_largest(&positions_, k, sel_);
+      keep_largest(k, sel_);  // as in gaussiank: the candidates' top k
     } else {
       positions_.resize(std::min(k, positions_.size()));
       sel_.swap(positions_);
@@ -749,12 +800,12 @@ void CpuCompressor::select_sampled(SparseVector& out) {
   } else if (candidates_valid() && static_cast<double>(cand_count_) > 1.3 * kd) {
     // More than 1.3k pass (every candidate does): their top k are the
     // candidates' top k.
-    keep_largest(nullptr, k, sel_);
+    keep_largest(k, sel_);
   } else {
     recollect(tb);
     full_pass = true;
     if (static_cast<double>(cand_count_) > 1.3 * kd) {
-      keep_largest(nullptr, k, sel_);
+      keep_largest(k, sel_);
     } else {
       sel_.resize(std::min(k, cand_count_));
       std::iota(sel_.begin(), sel_.end(), 0u);

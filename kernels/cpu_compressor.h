@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "kernels/compressor.h"
@@ -63,12 +64,15 @@ class CpuCompressor final : public Compressor {
   void select_gaussiank(SparseVector& out);
   void select_sampled(SparseVector& out);
   // Positions (into the candidate list, ascending) of the `keep` largest
-  // candidates among `subset` (all candidates when null), ties to the
-  // smaller index, into `kept`. Returns the smallest kept magnitude bits.
-  uint32_t keep_largest(const std::vector<uint32_t>* subset, size_t keep, std::vector<uint32_t>& kept);
+  // candidates, ties to the smaller index, into `kept`. Returns the
+  // smallest kept magnitude bits.
+  uint32_t keep_largest(size_t keep, std::vector<uint32_t>& kept);
   // Positions of the candidates whose magnitude bits are >= `bits`.
   void candidates_at_least(uint32_t bits, std::vector<uint32_t>& positions) const;
   size_t count_candidates_at_least(uint32_t bits) const;
+  // Bounds on count_candidates_at_least(bits) from the histogram alone:
+  // equal when `bits` is a bucket edge.
+  std::pair<size_t, size_t> count_bounds(uint32_t bits);
   // Puts the candidates' values back into acc (before any pass over acc).
   void restore_candidates();
   // The same for the candidates not in sel_ only.
@@ -80,10 +84,16 @@ class CpuCompressor final : public Compressor {
   bool candidates_valid() const { return cand_bits_ != kNoCandidateBits; }
   uint32_t predicted_candidate_bits() const;
   uint32_t bits_at_rank(size_t rank) const;
-  // The rank-th largest (1-based) candidate magnitude bits among `subset`
-  // (all candidates when null); `greater` (optional) gets how many are
-  // strictly larger. REQUIRES: 0 < rank <= their count.
-  uint32_t candidate_rank(const std::vector<uint32_t>* subset, size_t rank, size_t* greater);
+  // The candidates' magnitude histogram (1/256-octave buckets), built on
+  // first use after the candidates change, so the counts and ranks of one
+  // step share one scan over them.
+  const std::vector<uint32_t>& candidate_histogram();
+  // The rank-th largest (1-based) candidate magnitude bits; `greater`
+  // (optional) gets how many are strictly larger. REQUIRES: 0 < rank <= count.
+  uint32_t candidate_rank(size_t rank, size_t* greater);
+  // The lower edge of the histogram bucket holding the rank-th largest
+  // candidate: at least `rank` candidates lie at or above it.
+  uint32_t candidate_rank_floor(size_t rank);
 
   static constexpr uint32_t kNoCandidateBits = 0xFFFFFFFFu;
 
@@ -106,7 +116,9 @@ class CpuCompressor final : public Compressor {
   bool sel_all_ = false;       // every candidate is selected (sel_ unused)
   bool from_candidates_ = false;  // this step's selection is sel_ / sel_all_
   std::vector<uint32_t> positions_;  // scratch: candidate positions above a threshold
-  std::vector<uint32_t> rank_histogram_;
+  std::vector<uint32_t> rank_histogram_;  // the sampled threshold's histogram
+  std::vector<uint32_t> cand_histogram_;
+  bool cand_histogram_valid_ = false;
   std::vector<Chunk> chunks_;
   std::unique_ptr<ThreadPool> pool_;
   double sum_ = 0, sum_sq_ = 0;
