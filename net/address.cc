@@ -16,6 +16,8 @@
 
 #include <fmt/format.h>
 
+#include "common/process.h"
+
 namespace sps::net {
 
 namespace {
@@ -170,6 +172,11 @@ Status wait_tcp_reachable(const std::string& ip, int port, int timeout_ms, const
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
   int err = 0;
   while (true) {
+    // A node told to stop (SIGTERM from a dying launcher, Ctrl-C) must not
+    // wait out the whole timeout for a scheduler that is gone too.
+    if (stop_requested())
+      return unavailable(fmt::format("stopped by signal {} while waiting for {} at {}:{}", stop_signal(), what, ip,
+                                     port));
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
     err = try_connect(*a, static_cast<int>(std::clamp<int64_t>(left, 1, 1000)));
     if (err == 0) return {};

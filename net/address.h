@@ -48,7 +48,8 @@ Result<TcpEndpoint> parse_tcp_endpoint(const std::string& endpoint);
 
 // Waits until a TCP connection to ip:port succeeds (then closes it), trying
 // again every 100 ms on refusal or timeout, for at most timeout_ms. The error
-// names `what` and the address, and says what the last attempt got.
+// names `what` and the address, and says what the last attempt got. Returns
+// early, unavailable, once the process was asked to stop (stop_requested()).
 Status wait_tcp_reachable(const std::string& ip, int port, int timeout_ms, const std::string& what);
 
 // wait_tcp_reachable for the scheduler at ip:port; `configured_host` is

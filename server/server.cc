@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "common/process.h"
 #include "common/snapshot.h"
 #include "net/address.h"
 
@@ -77,7 +78,7 @@ int Server::run() {
                                                    cfg_.cluster.scheduler_host, cfg_.cluster.connect_timeout_ms);
   if (!reachable.ok()) {
     spdlog::error("server {}: {}", requested_rank_, reachable.message());
-    return 1;
+    return stop_requested() ? 128 + stop_signal() : 1;
   }
   spdlog::info("server: data endpoint {} (bound to {})", endpoint_, cfg_.cluster.bind_host);
   protocol::RegisterInfo reg;

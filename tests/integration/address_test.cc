@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
+#include <thread>
 
 #include <zmq.hpp>
 
@@ -79,6 +81,34 @@ TEST(NodeAddressTest, AnUnreachableSchedulerFailsEachNodeNamingTheAddress) {
     EXPECT_LT(seconds_since(t0), 30.0) << program;  // start-up (slow under sanitizers) + 1 s
     EXPECT_NE(out.find("127.0.0.1:" + std::to_string(port)), std::string::npos) << program << ": " << out;
     EXPECT_NE(out.find("cluster.scheduler_host"), std::string::npos) << program << ": " << out;
+  }
+}
+
+// A node still waiting for its scheduler stops at SIGTERM (what a dying
+// sps-launch sends its children), not at the end of the connect timeout.
+TEST(NodeAddressTest, ASignalStopsANodeWaitingForTheScheduler) {
+  const std::string dir = fresh_run_dir("stopped_while_waiting");
+  const int port = closed_port();
+  const std::vector<std::string> common = {"--set", "cluster.scheduler_port=" + std::to_string(port),
+                                           "--set", "cluster.connect_timeout_ms=120000",
+                                           "--set", "cluster.heartbeat_timeout_ms=120000",
+                                           "--set", "data.train_limit=500", "--set", "data.test_limit=100",
+                                           "--set", "run.dir=" + dir};
+  for (const char* program : {"sps-worker", "sps-server"}) {
+    std::vector<std::string> argv = {bin(program)};
+    argv.insert(argv.end(), common.begin(), common.end());
+    Process p(argv, dir + "/" + program + ".out");
+    // Long enough to reach the wait (start-up is slower under sanitizers;
+    // a signal that comes earlier ends the process as well).
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    ASSERT_TRUE(p.running()) << program << ": " << read_text(dir + "/" + program + ".out");
+    const auto t0 = std::chrono::steady_clock::now();
+    p.send_signal(SIGTERM);
+    const int status = p.wait(20);
+    const std::string out = read_text(dir + "/" + program + ".out");
+    ASSERT_NE(status, -1) << program << " kept waiting after SIGTERM: " << out;
+    EXPECT_EQ(status, 128 + SIGTERM) << program << ": " << out;
+    EXPECT_LT(seconds_since(t0), 5.0) << program;
   }
 }
 
