@@ -626,6 +626,11 @@ void CpuCompressor::select_threshold(SparseVector& out) {
   emit_selected(out);
 }
 
+// More than 4k/3 candidates settle "too many" without a scan; a margin over
+// that absorbs the threshold's drift between steps. Every unsent candidate
+// is written back to the residual, so the margin costs a random write each.
+constexpr double kGaussianKSpareFloor = 1.5;
+
 void CpuCompressor::select_gaussiank(SparseVector& out) {
   // Shi et al.'s estimate, then the sps correction (docs/kernels.md): up to
   // 4 rounds, recounting after every adjustment; too many -> the exact top
@@ -635,8 +640,8 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
   // above the candidate threshold come from the candidates; below it, every
   // candidate passes, so when there are more than 4k/3 candidates the
   // answer is "too many" without looking at acc. The next step collects
-  // about spare_ * k candidates (spare_ >= 2, doubled after a miss) so that
-  // this is the usual case.
+  // about spare_ * k candidates (spare_ >= kGaussianKSpareFloor, doubled
+  // after a miss) so that this is the usual case.
   const size_t n = n_;
   const size_t k_int = options_.selection.k;
   if (k_int == 0) return;
@@ -670,7 +675,7 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
       return band(low) == band(high) ? low : count_candidates_at_least(above_bits(t));
     }
     // Every candidate passes: a lower bound that settles "too many".
-    if (candidates_valid() && static_cast<double>(cand_count_) > 4.0 * k / 3.0) return cand_count_;
+    if (candidates_valid() && band(cand_count_) > 0) return cand_count_;
     restore_candidates();
     full_pass = true;
     size_t c = 0;
@@ -679,21 +684,15 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
   };
   size_t c = count(thr);
   int rounds = 1;
-  while (rounds < 4) {
-    if (static_cast<double>(c) < 2.0 * k / 3.0) {
-      thr *= 0.5;
-    } else if (static_cast<double>(c) > 4.0 * k / 3.0) {
-      thr *= 1.5;
-    } else {
-      break;
-    }
+  while (rounds < 4 && band(c) != 0) {
+    thr *= band(c) < 0 ? 0.5 : 1.5;
     c = count(thr);
     ++rounds;
   }
   stats_.rounds = rounds;
   stats_.threshold = thr;
   const auto tf = static_cast<float>(thr);
-  if (static_cast<double>(c) < 2.0 * k / 3.0) {
+  if (band(c) < 0) {
     // Far from Gaussian (e.g. a spike at zero with a heavy tail: sigma is
     // dominated by the tail and the estimate stays far too high). Accepting
     // would send almost nothing while the residual grows, so fall back to
@@ -738,7 +737,7 @@ void CpuCompressor::select_gaussiank(SparseVector& out) {
   stats_.predicted = !full_pass;
   // Next step: collect about spare_ * k, or below this step's threshold
   // when the candidates were too few to tell.
-  spare_ = full_pass ? std::min(8.0, spare_ * 2.0) : std::max(2.0, spare_ * 0.9);
+  spare_ = full_pass ? std::min(8.0, spare_ * 2.0) : std::max(kGaussianKSpareFloor, spare_ * 0.9);
   const auto spare_count = static_cast<size_t>(spare_ * k);
   if (!full_pass && cand_count_ >= spare_count && spare_count > 0) {
     next_cand_bits_ = candidate_rank_floor(spare_count);
