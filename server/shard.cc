@@ -101,21 +101,26 @@ void Shard::apply_one(uint32_t w) {
   const uint64_t next = version_ + 1;
   optimizer_.apply(params_.span(), key_begin_, p.data.keys(), p.data.values(), pushed_.live_count(),
                    static_cast<int64_t>(pushed_.clock(w) - 1));
-  log_change(next, p.data.keys(), p.data.dense() || optimizer_.dense());
+  if (p.data.dense() || optimizer_.dense()) {
+    log_every_key(next);
+  } else {
+    const auto keys = p.data.keys();
+    log_scratch_.assign(keys.begin(), keys.end());
+    log_update(next, log_scratch_);
+  }
   applied_.push_back({w, pushed_.clock(w) - 1, p.base_version, next, version_ - p.base_version, p.data.size()});
   version_ = next;
   p.clear();
 }
 
 
-// k-way merge of the workers' sorted key lists into merged_keys_ /
-// merged_sums_; each key's values are added in rank order starting from
-// 0.0f, exactly as a zeroed sum buffer would. Sparse lists take a branch-free
-// path (which worker holds the next key is random, so branches would
-// mispredict on most keys): adding +0.0f for a worker without the key leaves
-// the sum's bits unchanged, as the sum starts at +0.0f and so is never -0.0.
-void Shard::merge_sorted(std::vector<Cursor>& cursors) {
-  if (cursors.empty()) return;  // every live worker pushed nothing for this shard
+// Merges the workers' sorted key lists into merged_keys_ / merged_sums_
+// (ascending keys); each key's values are added in rank order starting from
+// +0.0f, exactly as a zeroed dense sum buffer would. Returns true when it
+// also handed the sums to the optimizer (block by block, for an optimizer
+// that touches only the given keys); merged_sums_ is then empty.
+bool Shard::merge_sorted(std::vector<Cursor>& cursors, uint32_t count, int64_t step) {
+  if (cursors.empty()) return false;  // every live worker pushed nothing for this shard
   bool any_dense = false;
   for (const Cursor& c : cursors) any_dense = any_dense || c.keys == nullptr;
   if (any_dense) {
@@ -139,11 +144,91 @@ void Shard::merge_sorted(std::vector<Cursor>& cursors) {
       merged_keys_.push_back(min_key);
       merged_sums_.push_back(sum);
     }
-    return;
+    return false;
   }
-  // Fold the lists left to right with branch-free two-way merges: merge
-  // (0 + w0) with w1, the result with w2, ... so every key's sum is
-  // ((0 + v0) + v1) + v2 ..., the rank order.
+  // Sparse lists. Dense enough (about one pair per 64 keys of the span the
+  // lists cover, or more), they are summed block by block: each block of
+  // kBlockKeys keys gets a small dense buffer that stays in cache, every
+  // worker's pairs in the block are added into it in rank order, and the
+  // touched keys are read out in key order through a bitmap; each pair is
+  // read once and each output written once, whatever the worker count.
+  // Sparser, the bitmap would be mostly zero words, each a likely branch
+  // miss, so the lists are folded with two-way merges instead.
+  size_t total = 0;
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (const Cursor& c : cursors) {
+    total += c.size;
+    lo = std::min(lo, c.keys[0]);
+    hi = std::max(hi, c.keys[c.size - 1]);
+  }
+  if (total * 64 < uint64_t{hi} - lo + 1) {
+    sum_by_fold(cursors);
+    return false;
+  }
+  sum_by_blocks(cursors, total, !optimizer_.dense(), count, step);
+  return !optimizer_.dense();
+}
+
+// Sums sparse lists through a per-block dense buffer (see merge_sorted).
+// With `apply`, each block's sums go to the optimizer while they are still
+// in cache instead of into merged_sums_.
+void Shard::sum_by_blocks(std::vector<Cursor>& cursors, size_t total, bool apply, uint32_t count, int64_t step) {
+  merged_keys_.reserve(total);
+  if (!apply) merged_sums_.reserve(total);
+  block_sums_.resize(kBlockKeys, 0.0f);
+  block_touched_.resize(kBlockKeys / 64, 0);
+  block_out_.resize(kBlockKeys);
+  float* const sums = block_sums_.data();
+  uint64_t* const touched = block_touched_.data();
+  while (true) {
+    // The block starts at the smallest key still unread, so empty stretches
+    // of the key range cost nothing.
+    uint32_t first = UINT32_MAX;
+    for (const Cursor& c : cursors)
+      if (!c.done()) first = std::min(first, c.keys[c.pos]);
+    if (first == UINT32_MAX) break;  // keys are below key_end_ <= UINT32_MAX
+    const uint64_t end = uint64_t{first} + kBlockKeys;
+    uint32_t last_word = 0;
+    for (Cursor& c : cursors) {
+      size_t pos = c.pos;
+      while (pos < c.size && c.keys[pos] < end) {
+        const uint32_t off = c.keys[pos] - first;
+        sums[off] += c.values[pos];
+        touched[off / 64] |= uint64_t{1} << (off % 64);
+        ++pos;
+      }
+      if (pos > c.pos) last_word = std::max(last_word, (c.keys[pos - 1] - first) / 64);
+      c.pos = pos;
+    }
+    const size_t block_begin = merged_keys_.size();
+    float* out_sums = block_out_.data();
+    for (uint32_t w = 0; w <= last_word; ++w) {
+      uint64_t bits = touched[w];
+      if (bits == 0) continue;
+      touched[w] = 0;
+      do {
+        const uint32_t off = w * 64 + static_cast<uint32_t>(std::countr_zero(bits));
+        merged_keys_.push_back(first + off);
+        *out_sums++ = sums[off];
+        sums[off] = 0.0f;
+        bits &= bits - 1;
+      } while (bits != 0);
+    }
+    const std::span<const float> block_sums(block_out_.data(), out_sums);
+    if (apply) {
+      optimizer_.apply(params_.span(), key_begin_, std::span(merged_keys_).subspan(block_begin), block_sums, count,
+                       step);
+    } else {
+      merged_sums_.insert(merged_sums_.end(), block_sums.begin(), block_sums.end());
+    }
+  }
+}
+
+// Sums sparse lists as a left fold of branch-free two-way merges (which
+// worker holds the next key is random, so branches would mispredict on most
+// keys): merge (0 + w0) with w1, the result with w2, ... so every key's sum
+// is ((0 + v0) + v1) + v2 ..., the rank order.
+void Shard::sum_by_fold(const std::vector<Cursor>& cursors) {
   merged_keys_.assign(cursors[0].keys, cursors[0].keys + cursors[0].size);
   merged_sums_.resize(cursors[0].size);
   for (size_t i = 0; i < cursors[0].size; ++i) merged_sums_[i] = 0.0f + cursors[0].values[i];
@@ -192,6 +277,7 @@ void Shard::merge_sorted(std::vector<Cursor>& cursors) {
 void Shard::apply_clock() {
   const uint32_t live = pushed_.live_count();
   const uint64_t next = version_ + 1;
+  const auto step = static_cast<int64_t>(version_);
   std::vector<Cursor>& cursors = cursors_;  // live workers in rank order (the summation order)
   cursors.clear();
   bool all_dense = true;
@@ -211,12 +297,17 @@ void Shard::apply_clock() {
     merged_sums_.assign(size(), 0.0f);
     for (const Cursor& c : cursors)
       for (size_t j = 0; j < c.size; ++j) merged_sums_[j] += c.values[j];
+    for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
+    optimizer_.apply(params_.span(), key_begin_, {}, merged_sums_, live, step);
+    log_every_key(next);
   } else {
-    merge_sorted(cursors);
+    if (!merge_sorted(cursors, live, step)) optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, live, step);
+    for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
+    if (optimizer_.dense())
+      log_every_key(next);
+    else
+      log_update(next, merged_keys_);
   }
-  for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
-  optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, live, static_cast<int64_t>(version_));
-  log_change(next, merged_keys_, (merged_keys_.empty() && !merged_sums_.empty()) || optimizer_.dense());
   version_ = next;
 }
 
@@ -237,30 +328,25 @@ void Shard::remove_worker(uint32_t w) {
 
 bool Shard::may_answer_pull(uint64_t clock) const { return policy_->may_answer_pull(clock, version_, pushed_); }
 
-void Shard::log_change(uint64_t version, std::span<const uint32_t> keys, bool every_key) {
-  if (every_key) {
-    change_log_.clear();
-    change_log_entries_ = 0;
-    log_from_ = version;
-    return;
-  }
-  LoggedUpdate u;
-  // Reuse the storage of the update about to fall out of the log.
-  if (!change_log_.empty() && change_log_entries_ + keys.size() > size() / 2) {
-    u.keys = std::move(change_log_.front().keys);
-    log_from_ = change_log_.front().version;
-    change_log_entries_ -= u.keys.size();
-    change_log_.pop_front();
-  }
-  u.version = version;
-  u.keys.assign(keys.begin(), keys.end());
-  change_log_entries_ += u.keys.size();
-  change_log_.push_back(std::move(u));
+void Shard::log_every_key(uint64_t version) {
+  change_log_.clear();
+  change_log_entries_ = 0;
+  log_from_ = version;
+}
+
+void Shard::log_update(uint64_t version, std::vector<uint32_t>& keys) {
+  change_log_entries_ += keys.size();
+  change_log_.push_back({version, {}});
+  change_log_.back().keys.swap(keys);
+  keys.clear();
   while (change_log_entries_ > size() / 2) {
     log_from_ = change_log_.front().version;
     change_log_entries_ -= change_log_.front().keys.size();
+    // Hand the caller the evicted update's storage, so a full log allocates nothing.
+    if (change_log_.front().keys.capacity() > keys.capacity()) keys.swap(change_log_.front().keys);
     change_log_.pop_front();
   }
+  keys.clear();
 }
 
 bool Shard::changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const {

@@ -7,8 +7,10 @@
 // - aggregating (bsp): when every live worker has pushed clock c, the shard
 //   sums the pushes in worker-rank order (a fixed order, so reruns agree bit
 //   for bit) and hands sum / live to the optimizer; version c -> c+1. The
-//   sum is a merge of the workers' sorted key lists, so each key is read
-//   once per push and written once.
+//   sum is built from the workers' sorted key lists block by block through a
+//   small cached buffer (or, for very sparse lists, by merging them), so
+//   each pair is read once; a plain-SGD shard applies each block's sums
+//   while they are still in cache.
 // - on arrival (ssp, asp): each push v goes to the optimizer at once as
 //   v / live, one version per push, so W pushes move the model as far as
 //   one averaged synchronous step.
@@ -129,10 +131,18 @@ class Shard {
     bool done() const { return pos == size; }
     uint32_t key() const { return keys != nullptr ? keys[pos] : first + static_cast<uint32_t>(pos); }
   };
-  void merge_sorted(std::vector<Cursor>& cursors);
+  bool merge_sorted(std::vector<Cursor>& cursors, uint32_t count, int64_t step);
+  void sum_by_blocks(std::vector<Cursor>& cursors, size_t total, bool apply, uint32_t count, int64_t step);
+  void sum_by_fold(const std::vector<Cursor>& cursors);
   std::vector<Cursor> cursors_;
-  std::vector<uint32_t> fold_keys_;  // merge_sorted's second buffer
+  std::vector<uint32_t> fold_keys_;  // sum_by_fold's second buffer
   std::vector<float> fold_sums_;
+  // sum_by_blocks' per-block sum buffer and its bitmap of touched keys
+  // (both all zero between calls). 64 KiB: stays in L2 while a block fills.
+  static constexpr uint32_t kBlockKeys = 16384;
+  std::vector<float> block_sums_;
+  std::vector<uint64_t> block_touched_;
+  std::vector<float> block_out_;  // one block's sums in key order
   // Scratch for an aggregated clock: the merged keys (global; empty when the
   // sum is dense) and their sums.
   std::vector<uint32_t> merged_keys_;
@@ -146,7 +156,12 @@ class Shard {
     uint64_t version = 0;
     std::vector<uint32_t> keys;
   };
-  void log_change(uint64_t version, std::span<const uint32_t> keys, bool every_key);
+  // An update that changed every key: the log restarts empty at `version`.
+  void log_every_key(uint64_t version);
+  // Logs `keys` (ascending) as changed by `version`, taking their storage;
+  // `keys` comes back empty, holding an evicted update's storage if any.
+  void log_update(uint64_t version, std::vector<uint32_t>& keys);
+  std::vector<uint32_t> log_scratch_;  // apply_one's copy of a push's keys
   std::deque<LoggedUpdate> change_log_;
   size_t change_log_entries_ = 0;
   uint64_t log_from_ = 0;
