@@ -33,6 +33,19 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// The command line of `program` (sps-worker or sps-server) started on its
+// own and aimed at a scheduler on 127.0.0.1:`port`, with its output under `dir`.
+std::vector<std::string> node_aimed_at(const char* program, int port, int connect_timeout_ms, int heartbeat_timeout_ms,
+                                       const std::string& dir) {
+  return {bin(program),
+          "--set", "cluster.scheduler_port=" + std::to_string(port),
+          "--set", "cluster.connect_timeout_ms=" + std::to_string(connect_timeout_ms),
+          "--set", "cluster.heartbeat_timeout_ms=" + std::to_string(heartbeat_timeout_ms),
+          "--set", "data.train_limit=500",
+          "--set", "data.test_limit=100",
+          "--set", "run.dir=" + dir};
+}
+
 const std::vector<std::string> kSmallJob = {"data.train_limit=2000", "data.test_limit=500", "training.steps=60"};
 
 TEST(NodeAddressTest, WildcardBoundServersAdvertiseARoutableAddressInThePortRange) {
@@ -63,17 +76,10 @@ TEST(NodeAddressTest, WildcardBoundServersAdvertiseARoutableAddressInThePortRang
 TEST(NodeAddressTest, AnUnreachableSchedulerFailsEachNodeNamingTheAddress) {
   const std::string dir = fresh_run_dir("unreachable_scheduler");
   const int port = closed_port();
-  const std::vector<std::string> common = {"--set", "cluster.scheduler_port=" + std::to_string(port),
-                                           "--set", "cluster.connect_timeout_ms=1000",
-                                           // A fallback to the heartbeat timeout would take a minute.
-                                           "--set", "cluster.heartbeat_timeout_ms=60000",
-                                           "--set", "data.train_limit=500", "--set", "data.test_limit=100",
-                                           "--set", "run.dir=" + dir};
   for (const char* program : {"sps-worker", "sps-server"}) {
-    std::vector<std::string> argv = {bin(program)};
-    argv.insert(argv.end(), common.begin(), common.end());
     const auto t0 = std::chrono::steady_clock::now();
-    Process p(argv, dir + "/" + program + ".out");
+    // A fallback to the heartbeat timeout would take a minute.
+    Process p(node_aimed_at(program, port, 1000, 60000, dir), dir + "/" + program + ".out");
     const int status = p.wait(45);
     const std::string out = read_text(dir + "/" + program + ".out");
     EXPECT_NE(status, 0) << program;
@@ -89,15 +95,8 @@ TEST(NodeAddressTest, AnUnreachableSchedulerFailsEachNodeNamingTheAddress) {
 TEST(NodeAddressTest, ASignalStopsANodeWaitingForTheScheduler) {
   const std::string dir = fresh_run_dir("stopped_while_waiting");
   const int port = closed_port();
-  const std::vector<std::string> common = {"--set", "cluster.scheduler_port=" + std::to_string(port),
-                                           "--set", "cluster.connect_timeout_ms=120000",
-                                           "--set", "cluster.heartbeat_timeout_ms=120000",
-                                           "--set", "data.train_limit=500", "--set", "data.test_limit=100",
-                                           "--set", "run.dir=" + dir};
   for (const char* program : {"sps-worker", "sps-server"}) {
-    std::vector<std::string> argv = {bin(program)};
-    argv.insert(argv.end(), common.begin(), common.end());
-    Process p(argv, dir + "/" + program + ".out");
+    Process p(node_aimed_at(program, port, 120000, 120000, dir), dir + "/" + program + ".out");
     // Long enough to reach the wait (start-up is slower under sanitizers;
     // a signal that comes earlier ends the process as well).
     std::this_thread::sleep_for(std::chrono::seconds(2));
@@ -128,10 +127,7 @@ TEST(NodeAddressTest, APortThatAcceptsButNeverAnswersIsNamed) {
   const std::string dir = fresh_run_dir("mute_scheduler");
   for (const char* program : {"sps-worker", "sps-server"}) {
     const auto t0 = std::chrono::steady_clock::now();
-    Process p({bin(program), "--set", "cluster.scheduler_port=" + std::to_string(port), "--set",
-               "cluster.connect_timeout_ms=1500", "--set", "cluster.heartbeat_timeout_ms=60000", "--set",
-               "data.train_limit=500", "--set", "data.test_limit=100", "--set", "run.dir=" + dir},
-              dir + "/" + program + ".out");
+    Process p(node_aimed_at(program, port, 1500, 60000, dir), dir + "/" + program + ".out");
     const int status = p.wait(45);
     const std::string out = read_text(dir + "/" + program + ".out");
     EXPECT_NE(status, 0) << program;
