@@ -350,6 +350,7 @@ const std::vector<Field>& fields() {
 
       real_list_field("workers.delay_ms", SPS_REF(workers.delay_ms), 0.0, 3.6e6),
       real_list_field("workers.slowdown", SPS_REF(workers.slowdown), 1.0, 1000.0),
+      integer_field("workers.gradient_delay", SPS_REF(workers.gradient_delay), 0, 10000),
 
       integer_field("checkpoint.interval", SPS_REF(checkpoint.interval), 0, 1000000000),
       string_field("checkpoint.dir", SPS_REF(checkpoint.dir), {}, /*allow_empty=*/true),

@@ -218,6 +218,11 @@ struct WorkersConfig {
   // Per-rank slowdown factor >= 1: a worker with factor f sleeps (f - 1) x
   // its own step time (compute + selection + sending) every step. Default: [].
   std::vector<double> slowdown;
+  // Constant gradient delay d: every worker computes step k's gradient on
+  // the parameters it pulled at step max(0, k - d) (a ring of d + 1 pulled
+  // copies), the delayed-gradient model of the step-size analyses, exactly.
+  // Host models only. Default: 0. Range [0, 10000].
+  int gradient_delay = 0;
 };
 
 struct CheckpointConfig {

@@ -41,6 +41,10 @@ struct Worker::Impl {
   std::unique_ptr<worker::CompressionStage> compression;
   JsonlWriter log;
   std::vector<float> params;  // what the last pull wrote
+  // workers.gradient_delay d > 0: the last d + 1 pulls (step s in slot
+  // s % (d + 1)) and their versions; gradients use the one of step k - d.
+  std::vector<std::vector<float>> delayed;
+  std::vector<uint64_t> delayed_version;
   // GPU models: the parameters and gradient in device memory.
   std::unique_ptr<worker::DeviceMirror> device;
   worker::PullChanges changes;
@@ -82,6 +86,18 @@ struct Worker::Impl {
   std::span<const float> model_params() {
     return device ? std::span<const float>(device->params()) : std::span<const float>(params);
   }
+  // The slot of the pull this step's gradient is computed on: step
+  // max(k - d, first pulled step).
+  size_t delayed_slot() const {
+    const auto d = static_cast<int64_t>(cfg.workers.gradient_delay);
+    return static_cast<size_t>(std::max(step - d, first_step) % (d + 1));
+  }
+  // The parameters this step's gradient is computed on: the current ones,
+  // or with workers.gradient_delay d those pulled d steps ago.
+  std::span<const float> gradient_params() {
+    return delayed.empty() ? model_params() : std::span<const float>(delayed[delayed_slot()]);
+  }
+  uint64_t gradient_version() const { return delayed.empty() ? version : delayed_version[delayed_slot()]; }
   void require_connected(const char* call) const {
     if (!connected()) throw Error(fmt::format("Worker::{}: call connect(model) first", call));
   }
@@ -240,6 +256,13 @@ void Worker::connect_impl(Model& model) {
   w.log.write({{"event", "assign"}, {"rank", rank}, {"workers", world}, {"num_params", w.n},
                {"config", config::to_json(w.cfg)}});
   w.params.assign(w.n, 0.0f);
+  if (w.cfg.workers.gradient_delay > 0) {
+    if (model.memory() == Memory::kCuda)
+      throw Error("workers.gradient_delay is for host models; this model keeps its parameters on the GPU");
+    const auto slots = static_cast<size_t>(w.cfg.workers.gradient_delay) + 1;
+    w.delayed.assign(slots, std::vector<float>());
+    w.delayed_version.assign(slots, 0);
+  }
   if (model.memory() == Memory::kCuda) {
     auto mirror = worker::DeviceMirror::create(w.n);
     w.check(mirror.status());
@@ -272,6 +295,11 @@ void Worker::Impl::pull_into_params() {
   check(v.status());
   if (device) check(device->update(params, changes));
   version = v.value();
+  if (!delayed.empty()) {
+    const size_t slot = static_cast<size_t>(step % static_cast<int64_t>(delayed.size()));
+    delayed[slot] = params;
+    delayed_version[slot] = version;
+  }
   pull_wait = client->last_pull_wait_seconds();
   since_pull.reset();
 }
@@ -285,8 +313,11 @@ uint64_t Worker::pull(std::span<float> params) {
     w.pull_into_params();
     if (w.device) w.check(w.device->copy_params_to(params.data()));
   });
-  if (!w.device) std::copy(w.params.begin(), w.params.end(), params.begin());
-  return w.version;
+  if (!w.device) {
+    const auto p = w.gradient_params();
+    std::copy(p.begin(), p.end(), params.begin());
+  }
+  return w.gradient_version();
 }
 
 void Worker::push(std::span<const float> grad, double loss, const Batch* batch) {
@@ -340,6 +371,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
              {"push_s", push_s},
              {"pull_wait_s", pull_wait},
              {"delay_s", delay_s}};
+  if (!delayed.empty()) line["gradient_version"] = gradient_version();
   if (cfg.run.log_residual_every > 0 && step % cfg.run.log_residual_every == 0)
     line["residual_norm"] = std::sqrt(compression->residual_norm_sq());
   log.write(std::move(line));
@@ -463,7 +495,7 @@ TrainResult Worker::train_loop(Model& model, const Dataset& train_set, const Dat
     try {
       sampler.next(static_cast<size_t>(w.cfg.training.batch_size), ids);
       train_set.batch(ids, batch);
-      loss = model.loss_and_gradient(w.model_params(), batch, grad);
+      loss = model.loss_and_gradient(w.gradient_params(), batch, grad);
     } catch (const Error&) {
       throw;
     } catch (const std::exception& e) {

@@ -20,8 +20,9 @@ namespace {
 
 // `classifier`: the model reports accuracy (least squares does not).
 void run_and_compare(const std::string& name, int workers, int servers, const std::vector<std::string>& extra,
-                     bool classifier = true) {
+                     bool classifier = true, std::string* run_dir = nullptr) {
   Job job(name, workers, servers, extra);
+  if (run_dir != nullptr) *run_dir = job.run_dir;
   job.sets.push_back("run.save_params=true");
   ASSERT_TRUE(job.start()) << read_text(job.path("scheduler.out"));
   ASSERT_TRUE(job.wait_all(180)) << "job did not finish in time";
@@ -99,6 +100,38 @@ TEST(JobTest, PerTensorHalfValuesHessianAndWarmupMatchTheReferenceBitForBit) {
                    "compression.values=f16", "compression.error_feedback=hessian_diag",
                    "compression.hessian_every=5", "compression.momentum_correction=0.5",
                    "compression.warmup_steps=40", "compression.warmup_ratio=0.5", "compression.clip_norm=5"});
+}
+
+// workers.gradient_delay: every gradient is taken on the parameters pulled
+// 3 steps earlier, the same floats as the reference's ring of copies; each
+// step's log names the version its gradient saw.
+TEST(JobTest, ConstantGradientDelayMatchesTheReferenceBitForBit) {
+  const std::vector<std::string> sets = {"data.train_limit=2000", "data.test_limit=500", "training.steps=120",
+                                         "training.batch_size=16", "training.lr=0.03", "compression.ratio=0.05",
+                                         "workers.gradient_delay=3"};
+  std::string dir;
+  run_and_compare("gradient_delay", 2, 2, sets, true, &dir);
+  if (::testing::Test::HasFatalFailure()) return;
+  // The same job without the delay ends elsewhere: the delay was applied.
+  auto cfg = config::load(std::string(SPS_SOURCE_DIR) + "/config/demo.yaml", sets);
+  ASSERT_TRUE(cfg.ok());
+  cfg->workers.gradient_delay = 0;
+  auto undelayed = run_reference(*cfg);
+  ASSERT_TRUE(undelayed.ok());
+  const auto params = read_f32(dir + "/params.f32");
+  ASSERT_EQ(params.size(), undelayed->params.size());
+  EXPECT_NE(params, undelayed->params);
+  for (const char* log : {"worker-0.jsonl", "worker-1.jsonl"}) {
+    int checked = 0;
+    for (const auto& l : read_jsonl(dir + "/" + log)) {
+      if (!l.contains("step")) continue;
+      const int64_t step = l["step"];
+      // BSP: the pull of step s returns version s.
+      EXPECT_EQ(l["gradient_version"].get<int64_t>(), std::max<int64_t>(step - 3, 0)) << log << " step " << step;
+      ++checked;
+    }
+    EXPECT_EQ(checked, 120) << log;
+  }
 }
 
 // The built-in MLP (OpenBLAS products) through real processes: the same

@@ -1,5 +1,6 @@
 #include "tests/integration/reference.h"
 
+#include <algorithm>
 #include <memory>
 
 #include "kernels/sparsify.h"
@@ -50,13 +51,18 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
   std::vector<uint32_t> ids;
   Batch batch;
   kernels::SparseVector sel;
+  // workers.gradient_delay d: gradients on the parameters of step k - d.
+  const int64_t d = cfg.workers.gradient_delay;
+  std::vector<std::vector<float>> history(static_cast<size_t>(d) + 1);
   for (int64_t step = 0; step < cfg.training.steps; ++step) {
     for (auto& sh : shards)
       std::copy(sh.params().begin(), sh.params().end(), params.begin() + sh.key_begin());
+    history[static_cast<size_t>(step % (d + 1))] = params;
+    const std::vector<float>& grad_params = history[static_cast<size_t>(std::max<int64_t>(step - d, 0) % (d + 1))];
     for (uint32_t w = 0; w < W; ++w) {
       samplers[w].next(static_cast<size_t>(cfg.training.batch_size), ids);
       train.batch(ids, batch);
-      model->loss_and_gradient(params, batch, grad);
+      model->loss_and_gradient(grad_params, batch, grad);
       SPS_RETURN_IF_ERROR(compressors[w]->compress(params, batch, grad, step, sel));
       size_t pos = 0;
       for (auto& sh : shards) {

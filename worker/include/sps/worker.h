@@ -152,6 +152,8 @@ class SPS_API Worker {
   int64_t step() const;          // pushes done so far
   // Writes the current parameters into `params` (num_params entries),
   // waiting as long as the consistency mode requires; returns the version.
+  // With workers.gradient_delay d it writes (and versions) the parameters
+  // pulled d steps earlier, those this step's gradient is to be taken on.
   uint64_t pull(std::span<float> params);
   // Error feedback, selection and push of one step's gradient; `loss` is
   // logged. `batch` is needed only by compression.error_feedback:
