@@ -342,6 +342,22 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   check(compression->compress(params, batch ? *batch : no_batch, grad, step, sel, /*grad_on_device=*/device != nullptr)
             .with_context(fmt::format("worker {} step {}", rank, step)));
   const double select_s = sw.seconds();
+  // The compressor refuses a non-finite acc, but a finite one can still
+  // overflow on its way to the wire (f16 rounding, random-k's n/k scaling).
+  // A server drops such a push as malformed, and the job would wait for it
+  // forever: stop here instead, saying why.
+  for (size_t j = 0; j < sel.values.size(); ++j) {
+    if (std::isfinite(sel.values[j])) continue;
+    const size_t index = sel.indices.empty() ? j : sel.indices[j];
+    fail(fmt::format("worker {} step {}: the value to send for parameter {} is {} after compression (values: {}{}); "
+                     "it overflowed the wire format, refusing to push it (the training has likely diverged: lower "
+                     "training.lr)",
+                     rank, step, index, sel.values[j],
+                     cc.values == config::ValueFormatName::kF16    ? "f16"
+                     : cc.values == config::ValueFormatName::kBF16 ? "bf16"
+                                                                   : "f32",
+                     cc.method == config::CompressionMethod::kRandomK && cc.randomk_unbiased ? ", scaled by n/k" : ""));
+  }
   if (std::find(cfg.run.dump_acc_steps.begin(), cfg.run.dump_acc_steps.end(), step) != cfg.run.dump_acc_steps.end())
     dump_acc(rank);
   sw.reset();

@@ -160,7 +160,8 @@ TEST(ShardTest, AggregatedSumsAreRankOrderSumsBitForBit) {
   };
   // Dense lists are summed through per-block buffers, sparse ones by merging
   // (shard.cc), so the cases cover both, and lists spanning many blocks.
-  for (const Case& c : {Case{5000, 900}, Case{200000, 40}, Case{(1u << 21) + 7, 3000}, Case{300000, 60000}}) {
+  for (const Case& c : {Case{5000, 900}, Case{200000, 40}, Case{(1u << 21) + 7, 3000}, Case{300000, 60000},
+                       Case{1u << 20, 6000}}) {
     const uint32_t workers = 4, base = 1000;
     Shard s(base, base + c.size, workers, Optimizer::plain(1.0f), std::make_unique<scheduler::BspPolicy>());
     std::mt19937 rng(c.size);
