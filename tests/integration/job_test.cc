@@ -134,6 +134,26 @@ TEST(JobTest, ConstantGradientDelayMatchesTheReferenceBitForBit) {
   }
 }
 
+// A diverging run whose acc is still finite but whose n/k-scaled random-k
+// values overflow: the worker stops the job naming the step and the cause
+// (a server would drop the non-finite push as malformed, and the job would
+// wait for it forever). One worker in BSP with a seeded random-k, so the
+// overflow comes at the same step every run (119).
+TEST(JobTest, AValueThatOverflowsOnTheWayToTheWireEndsTheJobNamingIt) {
+  Job job("wire_overflow", 1, 1,
+          {"model.name=least_squares", "data.name=least_squares", "data.rows=500", "data.features=50",
+           "data.condition=10", "data.noise=0", "training.batch_size=500", "training.steps=2000",
+           "compression.method=randomk", "compression.ratio=0.02", "compression.randomk_unbiased=true",
+           "compression.error_feedback=none", "training.lr=2.5"});
+  ASSERT_TRUE(job.start()) << read_text(job.path("scheduler.out"));
+  ASSERT_TRUE(job.wait_all(90)) << "the job hung";
+  const std::string out = read_text(job.path("worker-0.out"));
+  EXPECT_NE(job.workers[0].exit_status(), 0) << out;
+  EXPECT_NE(job.scheduler.exit_status(), 0);
+  EXPECT_NE(out.find("overflowed the wire format"), std::string::npos) << out;
+  EXPECT_NE(out.find("scaled by n/k"), std::string::npos) << out;
+}
+
 // The built-in MLP (OpenBLAS products) through real processes: the same
 // floats as the reference, per-tensor selection over its six tensors.
 TEST(JobTest, MlpMatchesTheReferenceBitForBit) {
