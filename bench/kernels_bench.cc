@@ -205,7 +205,7 @@ void BM_ShardApply(benchmark::State& state) {
       if (!shard.add_push(w, clock, clock, sps::protocol::DataView(h, keys[w], values), nullptr).ok())
         state.SkipWithError("push refused");
     if (shard.apply_ready() != 1) state.SkipWithError("no apply");
-    (void)shard.take_applied();
+    (void)shard.take_handled();
     ++clock;
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
@@ -230,7 +230,7 @@ void BM_ShardApplyAsync(benchmark::State& state) {
     for (uint32_t w = 0; w < 4; ++w)
       if (!shard.add_push(w, clock, shard.version(), sps::protocol::DataView(h, keys[w], values), nullptr).ok())
         state.SkipWithError("push refused");
-    (void)shard.take_applied();
+    (void)shard.take_handled();
     ++clock;
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));

@@ -346,6 +346,7 @@ const std::vector<Field>& fields() {
                                    {"ssp", ConsistencyMode::kSsp},
                                    {"asp", ConsistencyMode::kAsp}}),
       integer_field("consistency.staleness", SPS_REF(consistency.staleness), 0, 1000000),
+      integer_field("consistency.max_push_staleness", SPS_REF(consistency.max_push_staleness), -1, 1000000),
       bool_field("consistency.sparse_pull", SPS_REF(consistency.sparse_pull)),
 
       real_list_field("workers.delay_ms", SPS_REF(workers.delay_ms), 0.0, 3.6e6),

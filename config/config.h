@@ -207,6 +207,11 @@ struct ConsistencyConfig {
   // SSP bound s: a pull at clock c waits until every live worker has clock
   // >= c - s. Default: 0. Range [0, 1e6].
   int staleness = 0;
+  // Strict staleness (ssp, asp): a shard refuses, and counts, a push whose
+  // staleness (versions applied since the worker's pull) exceeds this; the
+  // worker puts the refused values back into its residual. -1 = off.
+  // Default: -1. Range [-1, 1e6].
+  int max_push_staleness = -1;
   // Answer pulls with only the keys changed since the worker's last pull
   // when that is smaller than the dense slice. Default: true.
   bool sparse_pull = true;

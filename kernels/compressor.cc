@@ -1,5 +1,7 @@
 #include "kernels/compressor.h"
 
+#include <cmath>
+
 #include <fmt/format.h>
 
 #include "kernels/backend.h"
@@ -19,6 +21,19 @@ Status Compressor::compress_device(const float* /*grad*/, size_t /*n*/, float /*
   return failed_precondition(fmt::format("the {} compressor reads host memory only; a gradient in device memory "
                                          "needs compression.backend: cuda",
                                          backend_name(backend())));
+}
+
+Status check_undo_send(size_t n, std::span<const uint32_t> indices, std::span<const float> values) {
+  if (indices.size() != values.size())
+    return invalid_argument(fmt::format("undo_send: {} indices but {} values", indices.size(), values.size()));
+  for (size_t j = 0; j < indices.size(); ++j) {
+    if (indices[j] >= n) return invalid_argument(fmt::format("undo_send: index {} is outside [0, {})", indices[j], n));
+    if (j > 0 && indices[j] <= indices[j - 1])
+      return invalid_argument(fmt::format("undo_send: indices are not strictly increasing at position {}", j));
+    if (!std::isfinite(values[j]))
+      return invalid_argument(fmt::format("undo_send: the value for index {} is {}", indices[j], values[j]));
+  }
+  return {};
 }
 
 Result<std::unique_ptr<Compressor>> make_compressor(Backend backend, size_t n, const CompressorOptions& options) {

@@ -8,6 +8,7 @@
 //   residual = acc - sent;  u[S] = 0            (momentum-factor masking)
 // A backend owns its buffers (residual, momentum, scratch) and reuses them
 // across steps. Non-finite input fails the step and changes no state.
+// undo_send() puts a refused selection back into the residual.
 #pragma once
 
 #include <cstddef>
@@ -65,12 +66,26 @@ class Compressor {
   virtual size_t size() const = 0;
   virtual std::vector<float> residual() const = 0;  // a host copy
   virtual Status set_residual(std::span<const float> residual) = 0;
+  // Undoes a send that was not applied (a server refused the push as too
+  // stale): adds `values` back into the residual at `indices`, so for those
+  // entries the residual holds acc again, as if nothing had been selected.
+  // Takes what compress() returned, or any part of it: indices strictly
+  // increasing and < size(), values finite. Fails with kInvalidArgument,
+  // changing nothing, otherwise (or when a sum would overflow). A no-op
+  // with error_feedback none: there is no residual to keep them in.
+  // Momentum-factor masking is not undone (those entries' momentum
+  // restarts, as after a send).
+  virtual Status undo_send(std::span<const uint32_t> indices, std::span<const float> values) = 0;
   virtual std::vector<float> momentum() const = 0;  // a host copy (empty when momentum is off)
   virtual const SelectionStats& last_stats() const = 0;
   // Squared L2 norm of the residual after the last step (0 with kNone).
   virtual double residual_norm_sq() const = 0;
   virtual Backend backend() const = 0;
 };
+
+// undo_send's argument check, shared by the backends: equal lengths,
+// indices strictly increasing and < n, values finite.
+Status check_undo_send(size_t n, std::span<const uint32_t> indices, std::span<const float> values);
 
 // Makes a compressor for n entries. Fails with a clear message when the
 // options are inconsistent (e.g. unbiased random-k with error feedback) or

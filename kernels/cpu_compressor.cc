@@ -214,6 +214,18 @@ Status CpuCompressor::set_residual(std::span<const float> residual) {
   return {};
 }
 
+Status CpuCompressor::undo_send(std::span<const uint32_t> indices, std::span<const float> values) {
+  SPS_RETURN_IF_ERROR(check_undo_send(n_, indices, values));
+  if (options_.error_feedback == ErrorFeedbackMode::kNone) return {};
+  // Checked before anything is written, so a failure changes nothing.
+  for (size_t j = 0; j < indices.size(); ++j)
+    if (!std::isfinite(residual_[indices[j]] + values[j]))
+      return invalid_argument(
+          fmt::format("undo_send: residual + value at index {} is not finite; nothing was changed", indices[j]));
+  for (size_t j = 0; j < indices.size(); ++j) residual_[indices[j]] += values[j];
+  return {};
+}
+
 double CpuCompressor::residual_norm_sq() const {
   if (options_.error_feedback == ErrorFeedbackMode::kNone) return 0.0;
   double s = 0;

@@ -105,6 +105,11 @@ class CudaCompressor final : public Compressor {
     return device_->set_residual(residual.data());
   }
 
+  Status undo_send(std::span<const uint32_t> indices, std::span<const float> values) override {
+    SPS_RETURN_IF_ERROR(check_undo_send(n_, indices, values));
+    return device_->undo_send(indices.data(), values.data(), indices.size());
+  }
+
   std::vector<float> momentum() const override {
     if (options_.momentum == 0.0f) return {};
     std::vector<float> u(n_);

@@ -444,8 +444,8 @@ Result<DoneReport> decode_done(ByteSpan payload) {
 
 Bytes encode_server_report(const ServerReport& r) {
   Bytes out;
-  for (uint64_t v : {r.version, r.pushes_applied, r.pushes_rejected, r.malformed, r.pulls_answered, r.sparse_pulls,
-                     r.bytes_in, r.bytes_out})
+  for (uint64_t v : {r.version, r.pushes_applied, r.pushes_rejected, r.pushes_refused_stale, r.malformed,
+                     r.pulls_answered, r.sparse_pulls, r.bytes_in, r.bytes_out})
     put_le<uint64_t>(out, v);
   const size_t pairs = std::min(r.staleness.size(), kMaxReportEntries);
   put_le<uint32_t>(out, static_cast<uint32_t>(pairs));
@@ -464,8 +464,8 @@ Bytes encode_server_report(const ServerReport& r) {
 Result<ServerReport> decode_server_report(ByteSpan payload) {
   Reader rd(payload);
   ServerReport r;
-  for (uint64_t* v : {&r.version, &r.pushes_applied, &r.pushes_rejected, &r.malformed, &r.pulls_answered,
-                      &r.sparse_pulls, &r.bytes_in, &r.bytes_out})
+  for (uint64_t* v : {&r.version, &r.pushes_applied, &r.pushes_rejected, &r.pushes_refused_stale, &r.malformed,
+                      &r.pulls_answered, &r.sparse_pulls, &r.bytes_in, &r.bytes_out})
     *v = rd.get<uint64_t>();
   const auto pairs = rd.get<uint32_t>();
   if (pairs > kMaxReportEntries) return malformed("server report: too many staleness entries");

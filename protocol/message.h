@@ -67,6 +67,11 @@ inline constexpr uint16_t kFlagError = 1 << 1;  // kShutdown: the job failed
 // kPullRequest: base_version is the version this worker last received for
 // the shard, so the server may answer with only the keys changed since.
 inline constexpr uint16_t kFlagHaveVersion = 1 << 2;
+// kPullResponse: this worker's push for clock `clock - 1` (the one sent just
+// before this pull) was refused as too stale and not applied
+// (consistency.max_push_staleness); the worker puts its values back into
+// its residual.
+inline constexpr uint16_t kFlagPushRefused = 1 << 3;
 
 struct Header {
   MessageType type = MessageType::kHeartbeat;
@@ -208,6 +213,7 @@ struct ServerReport {
   uint64_t version = 0;
   uint64_t pushes_applied = 0;
   uint64_t pushes_rejected = 0;
+  uint64_t pushes_refused_stale = 0;  // strict staleness: too stale to apply
   uint64_t malformed = 0;
   uint64_t pulls_answered = 0;
   uint64_t sparse_pulls = 0;

@@ -1,5 +1,7 @@
 #include "scheduler/consistency.h"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 namespace sps::scheduler {
@@ -15,6 +17,10 @@ uint64_t ClockTable::min_live_clock() const {
   for (uint32_t w = 0; w < size(); ++w)
     if (live_[w] && clocks_[w] < m) m = clocks_[w];
   return m;
+}
+
+uint64_t ConsistencyPolicy::staleness_bound(uint32_t workers) const {
+  return std::min(mode_staleness_bound(workers), max_push_staleness_);
 }
 
 bool ConsistencyPolicy::accepts_push(uint32_t w, uint64_t clock, uint64_t, const ClockTable& pushed) const {
@@ -48,18 +54,20 @@ bool SspPolicy::may_answer_pull(uint64_t pull_clock, uint64_t, const ClockTable&
   return min_clock == UINT64_MAX || min_clock >= pull_clock - s_;
 }
 
-uint64_t SspPolicy::staleness_bound(uint32_t workers) const {
+uint64_t SspPolicy::mode_staleness_bound(uint32_t workers) const {
   if (workers == 0) return 0;
   return uint64_t{workers - 1} * (2 * s_ + 1);
 }
 
 std::unique_ptr<ConsistencyPolicy> make_policy(const config::ConsistencyConfig& c) {
+  std::unique_ptr<ConsistencyPolicy> p;
   switch (c.mode) {
-    case config::ConsistencyMode::kBsp: return std::make_unique<BspPolicy>();
-    case config::ConsistencyMode::kSsp: return std::make_unique<SspPolicy>(static_cast<uint64_t>(c.staleness));
-    case config::ConsistencyMode::kAsp: return std::make_unique<AspPolicy>();
+    case config::ConsistencyMode::kBsp: p = std::make_unique<BspPolicy>(); break;
+    case config::ConsistencyMode::kSsp: p = std::make_unique<SspPolicy>(static_cast<uint64_t>(c.staleness)); break;
+    case config::ConsistencyMode::kAsp: p = std::make_unique<AspPolicy>(); break;
   }
-  return std::make_unique<BspPolicy>();
+  if (c.max_push_staleness >= 0) p->set_max_push_staleness(static_cast<uint64_t>(c.max_push_staleness));
+  return p;
 }
 
 }  // namespace sps::scheduler

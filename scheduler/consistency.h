@@ -15,6 +15,12 @@
 //           updates are applied one by one as they arrive.
 //   asp     pushes applied on arrival; pulls never wait.
 //
+// Strict staleness (ssp, asp; max_push_staleness): a push whose staleness
+// would exceed the limit is refused instead of applied. Its clock still
+// counts (the worker moves on; nobody waits for it), the version does not
+// move, and the worker is told on its next pull so it can put the values
+// back into its residual. The analysed bound then holds by construction.
+//
 // Dead workers leave the table (mark_dead) and are never waited for.
 #pragma once
 
@@ -62,8 +68,21 @@ class ConsistencyPolicy {
   // Aggregating policies: may the pending clock-`clock` pushes be applied?
   virtual bool ready_to_apply(uint64_t clock, const ClockTable& pushed) const;
   // Largest staleness (shard versions) an applied push can have with
-  // `workers` workers, or UINT64_MAX when unbounded (asp).
-  virtual uint64_t staleness_bound(uint32_t workers) const = 0;
+  // `workers` workers, or UINT64_MAX when unbounded (asp without a limit).
+  uint64_t staleness_bound(uint32_t workers) const;
+  // Strict staleness: pushes staler than `limit` are refused (UINT64_MAX:
+  // none are). Aggregating policies never see a stale push.
+  void set_max_push_staleness(uint64_t limit) { max_push_staleness_ = limit; }
+  uint64_t max_push_staleness() const { return max_push_staleness_; }
+  // Whether an on-arrival push with this staleness is refused.
+  bool refuses_staleness(uint64_t staleness) const { return staleness > max_push_staleness_; }
+
+ protected:
+  // The bound the mode itself guarantees.
+  virtual uint64_t mode_staleness_bound(uint32_t workers) const = 0;
+
+ private:
+  uint64_t max_push_staleness_ = UINT64_MAX;
 };
 
 class BspPolicy final : public ConsistencyPolicy {
@@ -73,7 +92,9 @@ class BspPolicy final : public ConsistencyPolicy {
   bool accepts_push(uint32_t w, uint64_t clock, uint64_t version, const ClockTable& pushed) const override;
   bool may_answer_pull(uint64_t pull_clock, uint64_t version, const ClockTable& pushed) const override;
   bool ready_to_apply(uint64_t clock, const ClockTable& pushed) const override;
-  uint64_t staleness_bound(uint32_t) const override { return 0; }
+
+ protected:
+  uint64_t mode_staleness_bound(uint32_t) const override { return 0; }
 };
 
 class SspPolicy final : public ConsistencyPolicy {
@@ -82,10 +103,12 @@ class SspPolicy final : public ConsistencyPolicy {
   std::string name() const override;
   bool apply_on_arrival() const override { return true; }
   bool may_answer_pull(uint64_t pull_clock, uint64_t version, const ClockTable& pushed) const override;
+  uint64_t staleness() const { return s_; }
+
+ protected:
   // While one worker computes, every other worker can push at most 2s + 1
   // times (docs/consistency.md): (W - 1)(2s + 1).
-  uint64_t staleness_bound(uint32_t workers) const override;
-  uint64_t staleness() const { return s_; }
+  uint64_t mode_staleness_bound(uint32_t workers) const override;
 
  private:
   uint64_t s_;
@@ -96,9 +119,12 @@ class AspPolicy final : public ConsistencyPolicy {
   std::string name() const override { return "asp"; }
   bool apply_on_arrival() const override { return true; }
   bool may_answer_pull(uint64_t, uint64_t, const ClockTable&) const override { return true; }
-  uint64_t staleness_bound(uint32_t) const override { return UINT64_MAX; }
+
+ protected:
+  uint64_t mode_staleness_bound(uint32_t) const override { return UINT64_MAX; }
 };
 
+// The policy of the config, strict staleness included.
 std::unique_ptr<ConsistencyPolicy> make_policy(const config::ConsistencyConfig& c);
 
 }  // namespace sps::scheduler

@@ -469,7 +469,7 @@ void Coordinator::write_summary() {
   }
   CountHistogram staleness;
   LogHistogram pull_wait;
-  uint64_t sparse_pulls = 0, pulls = 0, malformed_at_servers = 0;
+  uint64_t sparse_pulls = 0, pulls = 0, malformed_at_servers = 0, refused_stale = 0;
   for (const auto& [k, n] : nodes_) {
     if (n.role != Role::kServer || !n.server_report) continue;
     const auto& r = *n.server_report;
@@ -478,6 +478,7 @@ void Coordinator::write_summary() {
     sparse_pulls += r.sparse_pulls;
     pulls += r.pulls_answered;
     malformed_at_servers += r.malformed;
+    refused_stale += r.pushes_refused_stale;
   }
   auto policy = make_policy(cfg_.consistency);
   const uint64_t bound = policy->staleness_bound(static_cast<uint32_t>(cfg_.cluster.num_workers));
@@ -486,6 +487,10 @@ void Coordinator::write_summary() {
       {"consistency", policy->name()},
       {"staleness", staleness.summary()},
       {"staleness_bound", bound == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(bound)},
+      {"max_push_staleness", cfg_.consistency.max_push_staleness < 0
+                                 ? nlohmann::json(nullptr)
+                                 : nlohmann::json(cfg_.consistency.max_push_staleness)},
+      {"pushes_refused_stale", refused_stale},
       {"pull_wait_seconds", pull_wait.summary()},
       {"pulls", pulls},
       {"sparse_pulls", sparse_pulls},
@@ -514,6 +519,10 @@ void Coordinator::write_summary() {
                staleness.mean(), staleness.quantile(0.5), staleness.quantile(0.99), staleness.max(),
                bound == UINT64_MAX ? std::string("none") : std::to_string(bound), pull_wait.quantile(0.5),
                pull_wait.quantile(0.99));
+  if (cfg_.consistency.max_push_staleness >= 0)
+    spdlog::info("scheduler: {} pushes refused as staler than consistency.max_push_staleness = {} (with error "
+                 "feedback their values went back into the workers' residuals)",
+                 refused_stale, cfg_.consistency.max_push_staleness);
   log_.write({{"event", "summary"}, {"summary", s}});
 }
 

@@ -32,6 +32,8 @@ Result<std::unique_ptr<ServerMetrics>> ServerMetrics::start(const config::Config
   m->pushes_applied_ = &counter(r, "sps_server_pushes_applied_total", "Pushes applied to the shard", s);
   m->pushes_rejected_ =
       &counter(r, "sps_server_pushes_rejected_total", "Well-formed pushes the consistency policy refused", s);
+  m->pushes_refused_stale_ = &counter(r, "sps_server_pushes_refused_stale_total",
+                                      "Pushes refused as staler than consistency.max_push_staleness", s);
   m->malformed_ = &counter(r, "sps_server_malformed_messages_total", "Messages dropped because they failed validation", s);
   m->pulls_ = &counter(r, "sps_server_pulls_answered_total", "Pulls answered", s);
   m->sparse_pulls_ = &counter(r, "sps_server_sparse_pulls_total", "Pulls answered with only the changed keys", s);
@@ -68,6 +70,7 @@ Result<std::unique_ptr<ServerMetrics>> ServerMetrics::start(const config::Config
 void ServerMetrics::update(const ServerStats& stats, const ServerGauges& g) {
   set_total(*pushes_applied_, static_cast<double>(stats.pushes_applied));
   set_total(*pushes_rejected_, static_cast<double>(stats.pushes_rejected));
+  set_total(*pushes_refused_stale_, static_cast<double>(stats.pushes_refused_stale));
   set_total(*malformed_, static_cast<double>(stats.malformed));
   set_total(*pulls_, static_cast<double>(stats.pulls_answered));
   set_total(*sparse_pulls_, static_cast<double>(stats.sparse_pulls));

@@ -47,6 +47,7 @@ class ServerMetrics {
   std::string url_;
   prometheus::Counter* pushes_applied_ = nullptr;
   prometheus::Counter* pushes_rejected_ = nullptr;
+  prometheus::Counter* pushes_refused_stale_ = nullptr;
   prometheus::Counter* malformed_ = nullptr;
   prometheus::Counter* pulls_ = nullptr;
   prometheus::Counter* sparse_pulls_ = nullptr;

@@ -207,7 +207,7 @@ void Server::handle_control(const net::Received& r) {
       spdlog::warn("server {}: worker {} left; continuing with {} workers", rank_, *w,
                    shard_->pushed().live_count());
       shard_->apply_ready();
-      record_applied();
+      record_handled();
       answer_pulls();
       snapshot_if_due();
       break;
@@ -395,7 +395,7 @@ void Server::handle_data(net::Received& received) {
     }
     shard_->apply_ready();
     stats_.apply_seconds += sw.seconds();
-    record_applied();
+    record_handled();
     answer_pulls();
     snapshot_if_due();
     return;
@@ -423,8 +423,14 @@ void Server::handle_data(net::Received& received) {
   count_malformed(peer, malformed(fmt::format("a server does not take {} messages", protocol::message_type_name(h.type))));
 }
 
-void Server::record_applied() {
-  for (const auto& a : shard_->take_applied()) {
+void Server::record_handled() {
+  for (const auto& a : shard_->take_handled()) {
+    if (a.refused) {
+      ++stats_.pushes_refused_stale;
+      log_.write({{"event", "refuse_stale"}, {"worker", a.worker}, {"clock", a.clock}, {"base_version", a.base_version},
+                  {"version", a.version}, {"staleness", a.staleness}, {"nnz", a.nnz}});
+      continue;
+    }
     ++stats_.pushes_applied;
     stats_.staleness.add(a.staleness);
     if (metrics_) metrics_->observe_staleness(a.staleness);
@@ -440,6 +446,7 @@ void Server::answer_pull(const PendingPull& pull) {
   h.shard = rank_;
   h.clock = pull.clock;
   h.base_version = shard_->version();
+  if (shard_->push_refused_before(pull.worker, pull.clock)) h.flags |= protocol::kFlagPushRefused;
   h.key_begin = shard_->key_begin();
   h.key_end = shard_->key_end();
   // Sparse when the worker holds an older copy and the changed keys cost
@@ -489,6 +496,7 @@ void Server::send_report() {
   r.version = shard_ ? shard_->version() : 0;
   r.pushes_applied = stats_.pushes_applied;
   r.pushes_rejected = stats_.pushes_rejected;
+  r.pushes_refused_stale = stats_.pushes_refused_stale;
   r.malformed = stats_.malformed;
   r.pulls_answered = stats_.pulls_answered;
   r.sparse_pulls = stats_.sparse_pulls;
@@ -508,6 +516,7 @@ void Server::finish(const std::string& reason) {
               {"version", shard_ ? shard_->version() : 0},
               {"pushes_applied", stats_.pushes_applied},
               {"pushes_rejected", stats_.pushes_rejected},
+              {"pushes_refused_stale", stats_.pushes_refused_stale},
               {"malformed", stats_.malformed},
               {"pulls_answered", stats_.pulls_answered},
               {"bytes_in", stats_.bytes_in},

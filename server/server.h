@@ -31,6 +31,7 @@ namespace sps::server {
 struct ServerStats {
   uint64_t pushes_applied = 0;   // pushes applied to the shard
   uint64_t pushes_rejected = 0;  // well-formed pushes the shard refused
+  uint64_t pushes_refused_stale = 0;  // strict staleness: too stale to apply
   uint64_t malformed = 0;        // messages that failed validation
   uint64_t pulls_answered = 0;
   uint64_t sparse_pulls = 0;     // of those, answered with changed keys only
@@ -70,7 +71,8 @@ class Server {
   void on_assign(const protocol::AssignInfo& a);
   void answer_pulls();
   void answer_pull(const PendingPull& pull);
-  void record_applied();
+  // Logs and counts the pushes the shard applied or refused.
+  void record_handled();
   void heartbeat_if_due();
   // Writes the shard when every live worker has passed a multiple of
   // checkpoint.interval (common/snapshot.h).

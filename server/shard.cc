@@ -15,7 +15,8 @@ Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimiz
       policy_(std::move(policy)),
       params_(key_end - key_begin),
       pending_(num_workers),
-      pushed_(num_workers) {
+      pushed_(num_workers),
+      refused_clock_(num_workers, kNoClock) {
   SPS_CHECK(key_end >= key_begin);
 }
 
@@ -38,7 +39,8 @@ Status Shard::restore(std::span<const float> params, std::span<const float> velo
   pushed_ = scheduler::ClockTable(pushed_.size());
   for (uint32_t w = 0; w < pushed_.size(); ++w) pushed_.set_clock(w, clock);
   for (auto& p : pending_) p.clear();
-  applied_.clear();
+  handled_.clear();
+  std::fill(refused_clock_.begin(), refused_clock_.end(), kNoClock);
   return {};
 }
 
@@ -98,6 +100,14 @@ Status Shard::add_push(uint32_t w, uint64_t clock, uint64_t base_version, std::s
 
 void Shard::apply_one(uint32_t w) {
   Pending& p = pending_[w];
+  const uint64_t clock = pushed_.clock(w) - 1;
+  const uint64_t staleness = version_ - p.base_version;
+  if (policy_->refuses_staleness(staleness)) {
+    handled_.push_back({w, clock, p.base_version, version_, staleness, p.data.size(), /*refused=*/true});
+    refused_clock_[w] = clock;
+    p.clear();
+    return;
+  }
   const uint64_t next = version_ + 1;
   optimizer_.apply(params_.span(), key_begin_, p.data.keys(), p.data.values(), pushed_.live_count(),
                    static_cast<int64_t>(pushed_.clock(w) - 1));
@@ -108,7 +118,7 @@ void Shard::apply_one(uint32_t w) {
     log_scratch_.assign(keys.begin(), keys.end());
     log_update(next, log_scratch_);
   }
-  applied_.push_back({w, pushed_.clock(w) - 1, p.base_version, next, version_ - p.base_version, p.data.size()});
+  handled_.push_back({w, clock, p.base_version, next, staleness, p.data.size()});
   version_ = next;
   p.clear();
 }
@@ -288,7 +298,7 @@ void Shard::apply_clock() {
     all_dense = all_dense && dense;
     if (p.data.size() > 0)
       cursors.push_back({dense ? nullptr : p.data.keys().data(), p.data.values().data(), 0, p.data.size(), key_begin_});
-    applied_.push_back({w, version_, p.base_version, next, version_ - p.base_version, p.data.size()});
+    handled_.push_back({w, version_, p.base_version, next, version_ - p.base_version, p.data.size()});
   }
   merged_keys_.clear();
   merged_sums_.clear();
@@ -382,10 +392,14 @@ bool Shard::changed_since(uint64_t since_version, size_t limit, std::vector<uint
   return true;
 }
 
-std::vector<AppliedPush> Shard::take_applied() {
-  std::vector<AppliedPush> out;
-  out.swap(applied_);
+std::vector<HandledPush> Shard::take_handled() {
+  std::vector<HandledPush> out;
+  out.swap(handled_);
   return out;
+}
+
+bool Shard::push_refused_before(uint32_t w, uint64_t pull_clock) const {
+  return w < refused_clock_.size() && refused_clock_[w] != kNoClock && refused_clock_[w] + 1 == pull_clock;
 }
 
 }  // namespace sps::server

@@ -19,7 +19,10 @@
 // is inside the values) or lr for gradient pushes.
 //
 // Staleness of an applied push = shard version when it is applied - the
-// version the worker computed it on (base_version).
+// version the worker computed it on (base_version). With strict staleness
+// (the policy's max_push_staleness) an on-arrival push staler than the
+// limit is refused: its clock counts, nothing is applied, and the shard
+// remembers it so the worker's next pull can say so.
 // Not thread-safe: owned by the server's loop thread.
 #pragma once
 
@@ -38,13 +41,15 @@
 
 namespace sps::server {
 
-struct AppliedPush {
+// A push the shard has applied, or refused as too stale.
+struct HandledPush {
   uint32_t worker = 0;
   uint64_t clock = 0;
   uint64_t base_version = 0;
-  uint64_t version = 0;    // shard version after the apply
+  uint64_t version = 0;    // shard version after the apply (unchanged when refused)
   uint64_t staleness = 0;  // version before the apply - base_version
   uint32_t nnz = 0;
+  bool refused = false;    // staleness above the policy's max_push_staleness
 };
 
 class Shard {
@@ -98,8 +103,12 @@ class Shard {
   // Costs time in the changes, not in the shard size.
   bool changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const;
 
-  // Pushes applied since the last take_applied() (for logs and statistics).
-  std::vector<AppliedPush> take_applied();
+  // Pushes applied or refused since the last take_handled(), in order (for
+  // logs and statistics).
+  std::vector<HandledPush> take_handled();
+  // Whether worker w's push for clock `pull_clock - 1`, the one before its
+  // pull for `pull_clock`, was refused as too stale.
+  bool push_refused_before(uint32_t w, uint64_t pull_clock) const;
 
  private:
   struct Pending {
@@ -168,7 +177,11 @@ class Shard {
   std::vector<Pending> pending_;  // per worker: the held (aggregating) or in-flight push
   scheduler::ClockTable pushed_;  // per worker, pushes received
   uint64_t version_ = 0;
-  std::vector<AppliedPush> applied_;
+  std::vector<HandledPush> handled_;
+  // Per worker: the clock of its latest push refused as too stale
+  // (kNoClock: none).
+  static constexpr uint64_t kNoClock = UINT64_MAX;
+  std::vector<uint64_t> refused_clock_;
 };
 
 }  // namespace sps::server

@@ -194,6 +194,7 @@ Status PsClient::start_barrier() {
 
 Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullChanges* changes) {
   if (changes != nullptr) changes->clear();
+  refused_shards_.clear();
   const uint64_t pulled_before = counters_.bytes_pulled;
   Stopwatch wait;
   const size_t n = servers_.size();
@@ -249,6 +250,7 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
         counters_.sparse_pulls += data->dense() ? 0 : 1;
         versions_[s] = m->header.base_version;
         pulled_[s] = true;
+        if ((m->header.flags & protocol::kFlagPushRefused) != 0) refused_shards_.push_back(static_cast<uint32_t>(s));
         min_version = std::min(min_version, m->header.base_version);
         got[s] = true;
         --remaining;
@@ -262,6 +264,7 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
     if (shutdown_seen_) return unavailable("the job ended while this worker waited for parameters");
   }
   emulate_link(counters_.bytes_pulled - pulled_before, downlink_free_at_);
+  std::sort(refused_shards_.begin(), refused_shards_.end());
   last_pull_wait_ = wait.seconds();
   return min_version;
 }

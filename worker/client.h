@@ -65,7 +65,10 @@ class PsClient {
   // that shard, so `params` must hold what the previous pull left there.
   // Returns the oldest shard version received.
   // `changes`, when given, receives what this pull wrote.
+  // refused_shards() then lists the shards that refused this client's push
+  // for clock - 1 as too stale (consistency.max_push_staleness).
   Result<uint64_t> pull(uint64_t clock, std::span<float> params, PullChanges* changes = nullptr);
+  const std::vector<uint32_t>& refused_shards() const { return refused_shards_; }
   // Pushes a sparse selection (global keys, ascending) tagged with `clock`;
   // each shard's part carries the version of that shard this client last
   // pulled. Every shard receives a message, empty or not, so clocks advance
@@ -130,6 +133,7 @@ class PsClient {
   double downlink_free_at_ = 0;
   std::vector<uint64_t> versions_;  // per shard: the version last pulled
   std::vector<bool> pulled_;        // per shard: pulled at least once
+  std::vector<uint32_t> refused_shards_;  // the last pull's PUSH_REFUSED flags, ascending
   // Push frames are encoded straight into pooled buffers that ZeroMQ adopts
   // (no copy on send); pull responses decode in place or into the scratch.
   protocol::FramePool pool_{16};

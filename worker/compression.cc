@@ -204,6 +204,27 @@ Status CompressionStage::set_residual(std::span<const float> residual) {
   return {};
 }
 
+Result<bool> CompressionStage::undo_send(std::span<const uint32_t> indices, std::span<const float> values) {
+  if (indices.size() != values.size())
+    return invalid_argument(fmt::format("undo_send: {} indices but {} values", indices.size(), values.size()));
+  if (cfg_.compression.error_feedback == config::ErrorFeedback::kNone) return false;
+  std::vector<uint32_t> local;
+  size_t pos = 0;
+  for (size_t i = 0; i < tensors_.size() && pos < indices.size(); ++i) {
+    const auto& t = tensors_[i];
+    const size_t begin = pos;
+    while (pos < indices.size() && indices[pos] < t.offset + t.size) ++pos;
+    if (pos == begin) continue;
+    local.resize(pos - begin);
+    for (size_t j = begin; j < pos; ++j) local[j - begin] = indices[j] - static_cast<uint32_t>(t.offset);
+    SPS_RETURN_IF_ERROR(compressors_[i]->undo_send(local, values.subspan(begin, pos - begin))
+                            .with_context(fmt::format("tensor {}", t.name)));
+  }
+  if (pos != indices.size())
+    return invalid_argument(fmt::format("undo_send: index {} is outside the model", indices[pos]));
+  return true;
+}
+
 double CompressionStage::residual_norm_sq() const {
   double s = 0;
   for (const auto& c : compressors_) s += c->residual_norm_sq();

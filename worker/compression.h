@@ -48,6 +48,11 @@ class CompressionStage {
   // Restores a residual over the whole model (a snapshot); a no-op without
   // error feedback. Fails on a size mismatch.
   Status set_residual(std::span<const float> residual);
+  // A push that a server refused: puts its pairs (global indices,
+  // ascending, as compress() gave them, or a contiguous part of them) back
+  // into the residual. Returns false when there is no residual to keep
+  // them (error_feedback: none): they are then lost.
+  Result<bool> undo_send(std::span<const uint32_t> indices, std::span<const float> values);
   size_t hessian_clamped() const { return hessian_clamped_; }
 
  private:

@@ -48,7 +48,11 @@ struct Worker::Impl {
   // GPU models: the parameters and gradient in device memory.
   std::unique_ptr<worker::DeviceMirror> device;
   worker::PullChanges changes;
-  kernels::SparseVector sel;
+  kernels::SparseVector sel;  // the last push's selection, until the next compress
+  int64_t last_push_step = -1;
+  // consistency.max_push_staleness: shard pushes refused, and their values.
+  uint64_t pushes_refused = 0;
+  uint64_t values_refused = 0;
   Batch no_batch;
   int64_t step = 0;
   int64_t first_step = 0;  // > 0 when resumed from a snapshot
@@ -108,6 +112,10 @@ struct Worker::Impl {
     return s;
   }
   void pull_into_params();
+  // After a pull for `pull_clock`: the shards that refused this worker's
+  // push for pull_clock - 1 as too stale get its values back into the
+  // residual (sel still holds that push).
+  void take_back_refused(uint64_t pull_clock);
   // acc of this step = the new residual + what was selected.
   void dump_acc(uint32_t rank) {
     std::vector<float> acc = compression->residual();
@@ -290,9 +298,52 @@ void Worker::connect_impl(Model& model) {
   w.train_clock.reset();
 }
 
+void Worker::Impl::take_back_refused(uint64_t pull_clock) {
+  const auto& refused = client->refused_shards();
+  if (refused.empty()) return;
+  const uint32_t rank = client->rank();
+  if (last_push_step < 0 || static_cast<uint64_t>(last_push_step) + 1 != pull_clock) {
+    // Only after a restart of this worker alone: that push's selection is gone.
+    spdlog::warn("worker {}: {} server(s) refused the push for clock {}, sent before this process started; its values "
+                 "are lost",
+                 rank, refused.size(), pull_clock - 1);
+    for (uint32_t s : refused)
+      log.write({{"event", "push_refused"}, {"clock", pull_clock - 1}, {"shard", s}, {"restored", false}});
+    return;
+  }
+  const bool dense = sel.indices.empty() && sel.values.size() == n;
+  std::vector<uint32_t> all_keys;
+  for (uint32_t s : refused) {
+    const auto& shard = client->assignment().shards[s];
+    std::span<const uint32_t> keys;
+    std::span<const float> values;
+    if (dense) {
+      all_keys.resize(shard.key_end - shard.key_begin);
+      for (uint32_t k = shard.key_begin; k < shard.key_end; ++k) all_keys[k - shard.key_begin] = k;
+      keys = all_keys;
+      values = std::span<const float>(sel.values).subspan(shard.key_begin, all_keys.size());
+    } else {
+      // The selection is sorted: the shard's pairs are one run.
+      const auto first = std::lower_bound(sel.indices.begin(), sel.indices.end(), shard.key_begin);
+      const auto last = std::lower_bound(first, sel.indices.end(), shard.key_end);
+      const auto offset = static_cast<size_t>(first - sel.indices.begin());
+      keys = std::span<const uint32_t>(sel.indices.data() + offset, static_cast<size_t>(last - first));
+      values = std::span<const float>(sel.values).subspan(offset, keys.size());
+    }
+    auto kept = compression->undo_send(keys, values);
+    check(kept.status().with_context(fmt::format("worker {}: putting back the push for clock {} that server {} refused",
+                                                 rank, last_push_step, s)));
+    ++pushes_refused;
+    values_refused += keys.size();
+    log.write({{"event", "push_refused"}, {"clock", last_push_step}, {"shard", s}, {"nnz", keys.size()},
+               {"restored", *kept}});
+  }
+}
+
 void Worker::Impl::pull_into_params() {
   auto v = client->pull(static_cast<uint64_t>(step), params, device ? &changes : nullptr);
   check(v.status());
+  take_back_refused(static_cast<uint64_t>(step));
   if (device) check(device->update(params, changes));
   version = v.value();
   if (!delayed.empty()) {
@@ -391,6 +442,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   if (cfg.run.log_residual_every > 0 && step % cfg.run.log_residual_every == 0)
     line["residual_norm"] = std::sqrt(compression->residual_norm_sq());
   log.write(std::move(line));
+  last_push_step = step;
   last_loss = loss;
   loss_window += loss;
   ++window;
@@ -434,6 +486,7 @@ TrainResult Worker::finish_impl(const Dataset* train_set, const Dataset* test_se
   if (w.client->rank() == 0) {
     auto v = w.client->pull(static_cast<uint64_t>(w.step), w.params, w.device ? &w.changes : nullptr);
     w.check(v.status());
+    w.take_back_refused(static_cast<uint64_t>(w.step));
     if (w.device) w.check(w.device->update(w.params, w.changes));
     const std::span<const float> model_params = w.model_params();
     nlohmann::json line = {{"event", "eval"}, {"version", v.value()}};
@@ -477,6 +530,8 @@ TrainResult Worker::finish_impl(const Dataset* train_set, const Dataset* test_se
                {"bytes_pulled", c.bytes_pulled},
                {"nnz_pushed", c.nnz_pushed},
                {"residual_norm", std::sqrt(w.compression->residual_norm_sq())},
+               {"pushes_refused", w.pushes_refused},
+               {"values_refused", w.values_refused},
                {"hessian_clamped", w.compression->hessian_clamped()}});
   result.bytes_pushed = c.bytes_pushed;
   result.bytes_pulled = c.bytes_pulled;

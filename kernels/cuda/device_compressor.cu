@@ -422,6 +422,19 @@ __global__ void hessian_coeff_kernel(const float* h, float gamma, size_t n, floa
   if (threadIdx.x == 0 && block_clamped != 0) atomicAdd(&c->clamped, block_clamped);
 }
 
+// undo_send, in two launches so that nothing changes when any sum overflows.
+__global__ void undo_check_kernel(const float* residual, const uint32_t* idx, const float* v, size_t m, Control* c) {
+  const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
+  for (size_t j = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; j < m; j += step)
+    if (!isfinite(__fadd_rn(residual[idx[j]], v[j]))) atomicMin(&c->bad_index, idx[j]);
+}
+
+__global__ void undo_add_kernel(float* residual, const uint32_t* idx, const float* v, size_t m) {
+  const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
+  for (size_t j = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; j < m; j += step)
+    residual[idx[j]] = __fadd_rn(residual[idx[j]], v[j]);
+}
+
 __global__ void fill_kernel(float* p, size_t n, float value) {
   const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
   for (size_t i = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; i < n; i += step) p[i] = value;
@@ -977,6 +990,33 @@ Status DeviceCompressor::set_residual(const float* host) {
   SPS_RETURN_IF_ERROR(check(
       cudaMemcpyAsync(s.residual.as<float>(), host, s.n * sizeof(float), cudaMemcpyHostToDevice, s.stream), "set residual"));
   return check(cudaStreamSynchronize(s.stream), "set residual");
+}
+
+Status DeviceCompressor::undo_send(const uint32_t* indices, const float* values, size_t m) {
+  State& s = *state_;
+  if (m == 0 || s.options.error_feedback == DeviceErrorFeedback::kNone) return {};
+  DeviceGuard guard(s.options.device);
+  SPS_RETURN_IF_ERROR(guard.status());
+  // A refused push is rare: staging memory per call keeps the step's buffers out of it.
+  DeviceMemory idx, val;
+  SPS_RETURN_IF_ERROR(idx.allocate(m * sizeof(uint32_t), "allocate undo_send indices"));
+  SPS_RETURN_IF_ERROR(val.allocate(m * sizeof(float), "allocate undo_send values"));
+  SPS_RETURN_IF_ERROR(check(
+      cudaMemcpyAsync(idx.as<uint32_t>(), indices, m * sizeof(uint32_t), cudaMemcpyHostToDevice, s.stream), "copy indices"));
+  SPS_RETURN_IF_ERROR(
+      check(cudaMemcpyAsync(val.as<float>(), values, m * sizeof(float), cudaMemcpyHostToDevice, s.stream), "copy values"));
+  reset_control_kernel<<<1, 1, 0, s.stream>>>(s.ctl());
+  undo_check_kernel<<<s.grid(m), kThreads, 0, s.stream>>>(s.residual.as<float>(), idx.as<uint32_t>(), val.as<float>(),
+                                                          m, s.ctl());
+  SPS_RETURN_IF_ERROR(check_launch("undo_check_kernel"));
+  SPS_RETURN_IF_ERROR(s.fetch());
+  if (s.host->bad_index != kNoIndex)
+    return invalid_argument("undo_send: residual + value at index " + std::to_string(s.host->bad_index) +
+                            " is not finite; nothing was changed");
+  undo_add_kernel<<<s.grid(m), kThreads, 0, s.stream>>>(s.residual.as<float>(), idx.as<uint32_t>(), val.as<float>(), m);
+  SPS_RETURN_IF_ERROR(check_launch("undo_add_kernel"));
+  // The staging memory is freed on return: wait for the kernel that reads it.
+  return check(cudaStreamSynchronize(s.stream), "undo_send");
 }
 
 Status DeviceCompressor::copy_momentum(float* host) const {

@@ -71,6 +71,10 @@ class DeviceCompressor {
   size_t size() const;
   Status copy_residual(float* host) const;
   Status set_residual(const float* host);
+  // residual[indices[j]] += values[j] for j < m (host arrays; indices
+  // distinct and < n, checked by the caller). Fails with kInvalidArgument,
+  // changing nothing, when a sum is not finite.
+  Status undo_send(const uint32_t* indices, const float* values, size_t m);
   Status copy_momentum(float* host) const;  // kInvalidArgument when momentum is off
 
  private:

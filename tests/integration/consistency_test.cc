@@ -5,6 +5,9 @@
 
 #include <signal.h>
 
+#include <map>
+#include <tuple>
+
 #include "tests/integration/harness.h"
 
 namespace sps::testing {
@@ -123,6 +126,74 @@ TEST(SspBoundTest, NeverExceededInTheLogs) {
   EXPECT_EQ(summary["staleness"]["max"].get<uint64_t>(), max_staleness);
   EXPECT_EQ(summary["staleness"]["count"].get<uint64_t>(), applies);
   EXPECT_EQ(summary["staleness_bound"].get<uint64_t>(), bound);
+}
+
+// Strict staleness with real processes: ASP with a 3x straggler and
+// consistency.max_push_staleness = 2. From the servers' logs: no applied
+// push is staler than 2, the staler ones were refused and every push was
+// either applied or refused. From the workers' logs: each refusal reached
+// the worker that sent it, which put exactly that many values back into
+// its residual.
+TEST(StrictStalenessTest, RefusesStalerPushesAndTheWorkersTakeTheirValuesBack) {
+  const uint64_t W = 4, steps = 300, limit = 2;
+  Job job("strict_staleness", 4, 2,
+          {"consistency.mode=asp", "consistency.max_push_staleness=2", "data.train_limit=4000", "data.test_limit=500",
+           "training.steps=300", "workers.slowdown=[1, 1, 1, 3]", "workers.delay_ms=[0, 0, 0, 2]"});
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(job.wait_all(180));
+  ASSERT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  // (worker, clock, shard) -> nnz of each refused push, from the servers.
+  std::map<std::tuple<uint32_t, uint64_t, uint32_t>, uint64_t> refused;
+  uint64_t applies = 0;
+  for (uint32_t sv = 0; sv < 2; ++sv) {
+    for (const auto& line : read_jsonl(job.path("server-" + std::to_string(sv) + ".jsonl"))) {
+      const std::string ev = line.value("event", "");
+      if (ev == "assign") {
+        EXPECT_EQ(line["staleness_bound"].get<uint64_t>(), limit);
+      } else if (ev == "apply") {
+        ++applies;
+        EXPECT_LE(line["staleness"].get<uint64_t>(), limit) << line.dump();
+      } else if (ev == "refuse_stale") {
+        EXPECT_GT(line["staleness"].get<uint64_t>(), limit) << line.dump();
+        refused[{line["worker"].get<uint32_t>(), line["clock"].get<uint64_t>(), sv}] = line["nnz"].get<uint64_t>();
+      }
+    }
+  }
+  EXPECT_EQ(applies + refused.size(), 2 * W * steps) << "every push is applied or refused";
+  ASSERT_GT(refused.size(), 0u) << "nothing was refused: the limit was not exercised";
+  // Every refusal the workers heard of is one the servers made, with the
+  // same size, and went back into the residual; the workers hear of all of
+  // them except a refused last push (nothing pulls after it, except on
+  // worker 0, which pulls the final model).
+  size_t heard = 0;
+  for (uint32_t w = 0; w < W; ++w) {
+    uint64_t events = 0, done_refused = 0;
+    for (const auto& line : read_jsonl(job.path("worker-" + std::to_string(w) + ".jsonl"))) {
+      const std::string ev = line.value("event", "");
+      if (ev == "push_refused") {
+        ++events;
+        const auto key = std::make_tuple(w, line["clock"].get<uint64_t>(), line["shard"].get<uint32_t>());
+        ASSERT_TRUE(refused.count(key)) << "worker " << w << ": " << line.dump();
+        EXPECT_EQ(line["nnz"].get<uint64_t>(), refused[key]) << line.dump();
+        EXPECT_TRUE(line["restored"].get<bool>()) << line.dump();
+      } else if (ev == "done") {
+        done_refused = line["pushes_refused"].get<uint64_t>();
+      }
+    }
+    EXPECT_EQ(done_refused, events) << "worker " << w;
+    heard += events;
+  }
+  size_t unheard_possible = 0;
+  for (const auto& [key, nnz] : refused)
+    if (std::get<1>(key) == steps - 1 && std::get<0>(key) != 0) ++unheard_possible;
+  EXPECT_GE(heard + unheard_possible, refused.size());
+  EXPECT_LE(heard, refused.size());
+  const auto summary = read_json(job.path("summary.json"));
+  EXPECT_EQ(summary["pushes_refused_stale"].get<uint64_t>(), refused.size());
+  EXPECT_EQ(summary["max_push_staleness"].get<uint64_t>(), limit);
+  EXPECT_EQ(summary["staleness_bound"].get<uint64_t>(), limit);
+  EXPECT_LE(summary["staleness"]["max"].get<uint64_t>(), limit);
+  EXPECT_EQ(summary["staleness"]["count"].get<uint64_t>(), applies);
 }
 
 }  // namespace

@@ -464,6 +464,104 @@ TEST_P(CompressorTest, NonFiniteInputIsRefusedAndChangesNothing) {
   EXPECT_TRUE(c->compress(normal(1000, 26), 1.0f, out, 1).ok());  // still usable
 }
 
+// A refused push: undo_send puts the sent values back, so the residual is
+// acc again and the next step is the one a compressor that sent nothing
+// would take (checked against a second compressor handed acc as its residual).
+TEST_P(CompressorTest, UndoSendPutsARefusedSelectionBackIntoTheResidual) {
+  const size_t n = 20000;
+  for (ErrorFeedbackMode mode : {ErrorFeedbackMode::kEf, ErrorFeedbackMode::kHessianDiag}) {
+    for (Method m : {Method::kTopK, Method::kThreshold, Method::kDense}) {
+      for (ValueFormat f : {ValueFormat::kF32, ValueFormat::kF16}) {
+        CompressorOptions o = topk_options(150, mode);
+        o.selection.method = m;
+        o.selection.lambda = 2.5f;
+        o.values = f;
+        const std::string what = "method " + std::to_string(static_cast<int>(m)) + " mode " +
+                                 std::to_string(static_cast<int>(mode)) + " format " + std::to_string(static_cast<int>(f));
+        auto c = make(n, o);
+        auto fresh = make(n, o);
+        ASSERT_NE(c, nullptr);
+        auto h = normal(n, 40);
+        for (auto& x : h) x = std::fabs(x);
+        if (mode == ErrorFeedbackMode::kHessianDiag) {
+          ASSERT_TRUE(c->set_hessian_diag(h, 0.2f).ok());
+          ASSERT_TRUE(fresh->set_hessian_diag(h, 0.2f).ok());
+        }
+        SparseVector out, again, want;
+        ASSERT_TRUE(c->compress(normal(n, 41), 1.0f, out, 0).ok());
+        ASSERT_TRUE(c->compress(normal(n, 42), 1.0f, out, 1).ok());
+        ASSERT_GT(out.values.size(), 0u) << what;
+        std::vector<uint32_t> sent_indices = out.indices;
+        if (sent_indices.empty()) {  // dense: every index
+          sent_indices.resize(n);
+          for (uint32_t i = 0; i < n; ++i) sent_indices[i] = i;
+        }
+        const auto before = c->residual();
+        std::vector<float> acc = before;
+        for (size_t j = 0; j < sent_indices.size(); ++j) acc[sent_indices[j]] += out.values[j];
+        ASSERT_TRUE(c->undo_send(sent_indices, out.values).ok()) << what;
+        const auto after = c->residual();
+        for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(after[i]), bits(acc[i])) << what << " index " << i;
+        if (f == ValueFormat::kF32 && m != Method::kDense && mode == ErrorFeedbackMode::kEf) {
+          // f32: the sent entries' residual was exactly 0, so it is acc exactly.
+          for (size_t j = 0; j < sent_indices.size(); ++j) ASSERT_EQ(bits(before[sent_indices[j]]), bits(0.0f));
+        }
+        ASSERT_TRUE(fresh->set_residual(after).ok());
+        const auto g = normal(n, 43);
+        ASSERT_TRUE(c->compress(g, 1.0f, again, 2).ok());
+        ASSERT_TRUE(fresh->compress(g, 1.0f, want, 2).ok());
+        ASSERT_EQ(again.indices, want.indices) << what;
+        for (size_t j = 0; j < want.values.size(); ++j) ASSERT_EQ(bits(again.values[j]), bits(want.values[j])) << what;
+        const auto r1 = c->residual(), r2 = fresh->residual();
+        for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(r1[i]), bits(r2[i])) << what << " index " << i;
+      }
+    }
+  }
+}
+
+TEST_P(CompressorTest, UndoSendOfOneShardsPartAndBadArgumentsChangeNothingElse) {
+  const size_t n = 5000;
+  auto c = make(n, topk_options(100));
+  ASSERT_NE(c, nullptr);
+  SparseVector out;
+  ASSERT_TRUE(c->compress(normal(n, 44), 1.0f, out, 0).ok());
+  ASSERT_EQ(out.size(), 100u);
+  const auto before = c->residual();
+  // Only the part below key 2500 (one shard's run of the sorted selection).
+  size_t cut = 0;
+  while (cut < out.size() && out.indices[cut] < 2500) ++cut;
+  ASSERT_GT(cut, 0u);
+  ASSERT_LT(cut, out.size());
+  const std::span<const uint32_t> idx(out.indices);
+  const std::span<const float> val(out.values);
+  ASSERT_TRUE(c->undo_send(idx.first(cut), val.first(cut)).ok());
+  auto r = c->residual();
+  for (size_t j = 0; j < out.size(); ++j)
+    EXPECT_EQ(bits(r[out.indices[j]]), bits(j < cut ? out.values[j] : 0.0f)) << j;
+  const auto state = c->residual();
+  const std::vector<uint32_t> unsorted = {7, 3}, outside = {1, static_cast<uint32_t>(n)}, repeated = {4, 4};
+  const std::vector<float> two = {1.0f, 2.0f};
+  EXPECT_EQ(c->undo_send(unsorted, two).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->undo_send(outside, two).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->undo_send(repeated, two).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->undo_send(unsorted, std::vector<float>{1.0f}).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->undo_send(std::vector<uint32_t>{1, 2}, std::vector<float>{1.0f, NAN}).code(),
+            StatusCode::kInvalidArgument);
+  // A sum that overflows: refused, and the entry before it is untouched too.
+  std::vector<float> big = state;
+  big[10] = 3e38f;
+  ASSERT_TRUE(c->set_residual(big).ok());
+  const Status s = c->undo_send(std::vector<uint32_t>{5, 10}, std::vector<float>{1.0f, 3e38f});
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("index 10"), std::string::npos) << s.message();
+  EXPECT_EQ(c->residual(), big);
+  // Without error feedback there is no residual to put anything into.
+  auto none = make(n, topk_options(100, ErrorFeedbackMode::kNone));
+  ASSERT_TRUE(none->compress(normal(n, 44), 1.0f, out, 0).ok());
+  EXPECT_TRUE(none->undo_send(out.indices, out.values).ok());
+  EXPECT_EQ(none->residual_norm_sq(), 0.0);
+}
+
 TEST_P(CompressorTest, ApproximateMethodsLandNearK) {
   const size_t n = 200000, k = 2000;
   for (Method m : {Method::kGaussianK, Method::kSampled}) {

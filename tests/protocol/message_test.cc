@@ -162,6 +162,29 @@ TEST(ControlTest, PayloadsRoundTrip) {
   EXPECT_TRUE(std::isnan(dr->test_accuracy));
   EXPECT_EQ(dr->train_loss, 0.25);
 
+  ServerReport sr;
+  sr.version = 40;
+  sr.pushes_applied = 37;
+  sr.pushes_rejected = 1;
+  sr.pushes_refused_stale = 3;
+  sr.malformed = 2;
+  sr.staleness = {{0, 30}, {5, 7}};
+  sr.wait_buckets = {1, 0, 4};
+  sr.wait_sum = 0.5;
+  sr.wait_max = 0.25;
+  const Bytes sr_bytes = encode_server_report(sr);
+  auto srr = decode_server_report(sr_bytes);
+  ASSERT_TRUE(srr.ok()) << srr.status().to_string();
+  EXPECT_EQ(srr->version, 40u);
+  EXPECT_EQ(srr->pushes_applied, 37u);
+  EXPECT_EQ(srr->pushes_rejected, 1u);
+  EXPECT_EQ(srr->pushes_refused_stale, 3u);
+  EXPECT_EQ(srr->malformed, 2u);
+  EXPECT_EQ(srr->staleness, sr.staleness);
+  EXPECT_EQ(srr->wait_buckets, sr.wait_buckets);
+  EXPECT_EQ(srr->wait_max, 0.25);
+  EXPECT_FALSE(decode_server_report(ByteSpan(sr_bytes).first(sr_bytes.size() - 1)).ok());
+
   auto t = decode_text(encode_text("job complete"));
   ASSERT_TRUE(t.ok());
   EXPECT_EQ(*t, "job complete");

@@ -171,5 +171,28 @@ TEST(PolicyFactoryTest, BuildsEachMode) {
   EXPECT_EQ(config::consistency_name(c), "asp");
 }
 
+TEST(StrictStalenessTest, CapsTheBoundOfEveryModeAndRefusesOnlyAboveTheLimit) {
+  config::ConsistencyConfig c;
+  c.mode = config::ConsistencyMode::kAsp;
+  EXPECT_EQ(make_policy(c)->max_push_staleness(), UINT64_MAX);  // off by default
+  EXPECT_FALSE(make_policy(c)->refuses_staleness(1000000));
+  c.max_push_staleness = 3;
+  auto asp = make_policy(c);
+  EXPECT_EQ(asp->staleness_bound(4), 3u) << "asp has no bound of its own";
+  EXPECT_FALSE(asp->refuses_staleness(3));
+  EXPECT_TRUE(asp->refuses_staleness(4));
+  c.mode = config::ConsistencyMode::kSsp;
+  c.staleness = 2;
+  EXPECT_EQ(make_policy(c)->staleness_bound(4), 3u);  // min((4-1)(2*2+1), 3)
+  c.max_push_staleness = 100;
+  EXPECT_EQ(make_policy(c)->staleness_bound(4), 15u) << "a limit above the mode's bound never bites";
+  c.max_push_staleness = 0;
+  auto ssp = make_policy(c);
+  EXPECT_EQ(ssp->staleness_bound(4), 0u);
+  EXPECT_TRUE(ssp->refuses_staleness(1));
+  c.mode = config::ConsistencyMode::kBsp;
+  EXPECT_EQ(make_policy(c)->staleness_bound(4), 0u);
+}
+
 }  // namespace
 }  // namespace sps::scheduler

@@ -112,15 +112,52 @@ TEST(ShardAsyncTest, AppliesOnArrivalScaledByLiveWorkersAndRecordsStaleness) {
   // Worker 1 computed on version 0, applied at version 2: staleness 2.
   ASSERT_TRUE(s.add_push(1, 0, 0, std::vector<uint32_t>{1}, std::vector<float>{2.0f}).ok());
   EXPECT_FLOAT_EQ(s.params()[1], -3.0f);
-  const auto applied = s.take_applied();
+  const auto applied = s.take_handled();
   ASSERT_EQ(applied.size(), 3u);
   EXPECT_EQ(applied[0].staleness, 0u);
   EXPECT_EQ(applied[1].staleness, 0u);
   EXPECT_EQ(applied[2].staleness, 2u);
   EXPECT_EQ(applied[2].worker, 1u);
   EXPECT_EQ(applied[2].version, 3u);
-  EXPECT_TRUE(s.take_applied().empty());
+  EXPECT_TRUE(s.take_handled().empty());
   EXPECT_EQ(s.apply_ready(), 0);  // nothing is ever held
+}
+
+TEST(ShardAsyncTest, StrictStalenessRefusesTooStalePushesAndRemembersThemForThePull) {
+  auto policy = std::make_unique<scheduler::AspPolicy>();
+  policy->set_max_push_staleness(1);
+  Shard s(0, 8, 2, Optimizer::plain(1.0f), std::move(policy));
+  ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{1}, std::vector<float>{4.0f}).ok());  // staleness 0
+  ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{2}, std::vector<float>{2.0f}).ok());  // staleness 0
+  EXPECT_EQ(s.version(), 2u);
+  const std::vector<float> before(s.params().begin(), s.params().end());
+  // Worker 1 computed on version 0; two versions landed since: refused.
+  ASSERT_TRUE(s.add_push(1, 0, 0, std::vector<uint32_t>{1, 5}, std::vector<float>{8.0f, 8.0f}).ok());
+  EXPECT_EQ(s.version(), 2u) << "a refused push is not a version";
+  EXPECT_EQ(std::vector<float>(s.params().begin(), s.params().end()), before);
+  EXPECT_EQ(s.pushed().clock(1), 1u) << "its clock still counts";
+  std::vector<uint32_t> changed;
+  ASSERT_TRUE(s.changed_since(2, 8, changed));
+  EXPECT_TRUE(changed.empty());
+  EXPECT_TRUE(s.push_refused_before(1, 1)) << "its next pull (clock 1) says so";
+  EXPECT_FALSE(s.push_refused_before(1, 2));
+  EXPECT_FALSE(s.push_refused_before(0, 2));
+  // Staleness 1 is within the limit: applied.
+  ASSERT_TRUE(s.add_push(1, 1, 1, std::vector<uint32_t>{5}, std::vector<float>{2.0f}).ok());
+  EXPECT_EQ(s.version(), 3u);
+  EXPECT_FLOAT_EQ(s.params()[5], -1.0f);
+  EXPECT_FALSE(s.push_refused_before(1, 2)) << "the latest push was applied";
+  const auto handled = s.take_handled();
+  ASSERT_EQ(handled.size(), 4u);
+  EXPECT_FALSE(handled[1].refused);
+  EXPECT_TRUE(handled[2].refused);
+  EXPECT_EQ(handled[2].worker, 1u);
+  EXPECT_EQ(handled[2].clock, 0u);
+  EXPECT_EQ(handled[2].staleness, 2u);
+  EXPECT_EQ(handled[2].version, 2u);
+  EXPECT_EQ(handled[2].nnz, 2u);
+  EXPECT_FALSE(handled[3].refused);
+  EXPECT_EQ(handled[3].staleness, 1u);
 }
 
 TEST(ShardAsyncTest, RefusesVersionsFromTheFuture) {

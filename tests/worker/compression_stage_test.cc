@@ -1,0 +1,73 @@
+// The worker's compression stage over a multi-tensor model: a refused push
+// (or one shard's part of it) goes back into the right tensors' residuals.
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <random>
+
+#include "config/config.h"
+#include "worker/compression.h"
+#include "worker/mlp.h"
+
+namespace sps::worker {
+namespace {
+
+std::vector<float> random_vector(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+TEST(CompressionStageTest, UndoSendPutsEachTensorsPartBack) {
+  for (const char* scope : {"global", "per_tensor"}) {
+    auto cfg = config::load("", {std::string("compression.scope=") + scope, "compression.method=topk",
+                                 "compression.ratio=0.05", "compression.error_feedback=ef"});
+    ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+    Mlp model({20, 16, 8, 4});
+    const size_t n = model.num_params();
+    auto stage = CompressionStage::create(*cfg, model, 0);
+    ASSERT_TRUE(stage.ok()) << stage.status().to_string();
+    std::vector<float> params(n, 0.0f);
+    Batch batch;
+    kernels::SparseVector sel;
+    ASSERT_TRUE((*stage)->compress(params, batch, random_vector(n, 1), 0, sel).ok());
+    ASSERT_TRUE((*stage)->compress(params, batch, random_vector(n, 2), 1, sel).ok());
+    const auto before = (*stage)->residual();
+    // One "shard": the keys from a quarter to three quarters of the model,
+    // which cuts across tensors.
+    const auto lo = static_cast<uint32_t>(n / 4), hi = static_cast<uint32_t>(3 * n / 4);
+    std::vector<uint32_t> keys;
+    std::vector<float> values;
+    for (size_t j = 0; j < sel.size(); ++j) {
+      if (sel.indices[j] < lo || sel.indices[j] >= hi) continue;
+      keys.push_back(sel.indices[j]);
+      values.push_back(sel.values[j]);
+    }
+    ASSERT_GT(keys.size(), 2u) << scope;
+    auto kept = (*stage)->undo_send(keys, values);
+    ASSERT_TRUE(kept.ok()) << kept.status().to_string();
+    EXPECT_TRUE(*kept);
+    std::vector<float> want = before;
+    for (size_t j = 0; j < keys.size(); ++j) want[keys[j]] += values[j];
+    const auto after = (*stage)->residual();
+    for (size_t i = 0; i < n; ++i)
+      ASSERT_EQ(std::bit_cast<uint32_t>(after[i]), std::bit_cast<uint32_t>(want[i])) << scope << " index " << i;
+    // Out of the model, or out of order: refused.
+    EXPECT_FALSE((*stage)->undo_send(std::vector<uint32_t>{static_cast<uint32_t>(n)}, std::vector<float>{1.0f}).ok());
+    EXPECT_FALSE((*stage)->undo_send(std::vector<uint32_t>{hi, lo}, std::vector<float>{1.0f, 1.0f}).ok());
+  }
+  auto none = config::load("", {"compression.error_feedback=none"});
+  ASSERT_TRUE(none.ok());
+  Mlp model({20, 16, 8, 4});
+  auto stage = CompressionStage::create(*none, model, 0);
+  ASSERT_TRUE(stage.ok());
+  auto kept = (*stage)->undo_send(std::vector<uint32_t>{3}, std::vector<float>{1.0f});
+  ASSERT_TRUE(kept.ok());
+  EXPECT_FALSE(*kept) << "without error feedback the values are lost, and the caller is told";
+}
+
+}  // namespace
+}  // namespace sps::worker
