@@ -76,15 +76,21 @@ class MetricsTest(unittest.TestCase):
             server_url = wait_for(os.path.join(run, "metrics-server-0.url"), 30)
             sched_url = wait_for(os.path.join(run, "metrics-scheduler.url"), 30)
             self.assertRegex(server_url, r"^http://127\.0\.0\.1:\d+/metrics$")
-            time.sleep(1.0)
-            code, body = curl(server_url)
-            self.assertEqual(code, 200)
-            first = parse(body)
+            key = 'sps_server_pushes_applied_total{shard="0"}'
+            # The endpoint is up before training starts (under a sanitizer on
+            # a loaded machine, seconds before): scrape until pushes show.
+            deadline = time.time() + 60
+            while True:
+                code, body = curl(server_url)
+                self.assertEqual(code, 200)
+                first = parse(body)
+                if first.get(key, 0) > 0 or time.time() > deadline:
+                    break
+                time.sleep(0.2)
             self.assertIn("# TYPE sps_server_pushes_applied_total counter", body)
             self.assertIn("# TYPE sps_server_push_staleness histogram", body)
             time.sleep(1.0)
             second = parse(curl(server_url)[1])
-            key = 'sps_server_pushes_applied_total{shard="0"}'
             self.assertGreater(first[key], 0)
             self.assertGreater(second[key], first[key], "pushes did not move between two scrapes")
             self.assertGreater(second['sps_server_received_bytes_total{shard="0"}'], 0)
