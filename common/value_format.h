@@ -2,8 +2,17 @@
 // with host+device qualifiers under nvcc, so the CPU and CUDA backends round
 // with the very same code (round to nearest, ties to even; finite input
 // saturates at the format's largest finite value instead of becoming Inf).
+//
+// The scaled formats (int8, sign, qsgd) send one float scale per run of
+// values plus a small integer per value; the scale is computed over the
+// values one compress() step selected (ALGORITHMS.md 2.6):
+//   int8  scale = max|v| / 127,   sent = rint(v / scale) * scale
+//   sign  scale = sum|v| / m,     sent = (v >= 0 ? +1 : -1) * scale    (EF-signSGD)
+//   qsgd  scale = ||v||_2 / s,    sent = sign(v) * l * scale, l = floor(|v| / scale)
+//         plus 1 with probability frac(|v| / scale) (unbiased; s <= 127 levels)
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -15,7 +24,19 @@
 
 namespace sps {
 
-enum class ValueFormat : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum class ValueFormat : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kSign = 4, kQsgd = 5 };
+
+inline constexpr bool is_scaled(ValueFormat f) {
+  return f == ValueFormat::kInt8 || f == ValueFormat::kSign || f == ValueFormat::kQsgd;
+}
+// The largest integer level a scaled format sends (int8 on the wire).
+inline constexpr int kMaxQuantLevel = 127;
+
+// `count` consecutive sent values that share one scale (scaled formats).
+struct ScaleRun {
+  uint32_t count = 0;
+  float scale = 0.0f;
+};
 
 SPS_HOST_DEVICE inline uint32_t float_bits(float x) {
   uint32_t b;
@@ -75,11 +96,83 @@ SPS_HOST_DEVICE inline float quantise(float x, ValueFormat format) {
   }
 }
 
-inline int value_bytes(ValueFormat format) { return format == ValueFormat::kF32 ? 4 : 2; }
+// The scale of a scaled format from the selected values' max |v|, sum |v|,
+// sum v^2 (sums in double) and count m; `levels` is qsgd's s.
+SPS_HOST_DEVICE inline float value_scale_of(ValueFormat format, float max_abs, double sum_abs, double sum_sq, double m,
+                                         int levels) {
+  switch (format) {
+    case ValueFormat::kInt8: return max_abs / static_cast<float>(kMaxQuantLevel);
+    case ValueFormat::kSign: return m > 0 ? static_cast<float>(sum_abs / m) : 0.0f;
+    case ValueFormat::kQsgd: return static_cast<float>(sqrt(sum_sq) / static_cast<double>(levels));
+    default: return 0.0f;
+  }
+}
+
+// qsgd's uniform draw for entry `index` of step `step`: 24 random bits from
+// a counter-based hash (splitmix64), so every backend draws the same.
+SPS_HOST_DEVICE inline uint32_t quant_random24(uint64_t seed, uint64_t step, uint64_t index) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (step + 1) + 0xD1B54A32D192ED03ull * (index + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<uint32_t>(z >> 40);
+}
+
+// The signed integer level v is sent as (|level| <= 127). `random24` is
+// quant_random24's draw (qsgd only). A zero scale sends 0.
+SPS_HOST_DEVICE inline int quant_level(float v, ValueFormat format, float scale, uint32_t random24) {
+  if (!(scale > 0.0f)) return 0;
+  switch (format) {
+    case ValueFormat::kSign: return v >= 0.0f ? 1 : -1;
+    case ValueFormat::kQsgd: {
+      const double x = static_cast<double>(fabsf(v)) / static_cast<double>(scale);
+      double level = floor(x);
+      if (static_cast<double>(random24) * (1.0 / 16777216.0) < x - level) level += 1.0;
+      if (level > kMaxQuantLevel) level = kMaxQuantLevel;
+      const int l = static_cast<int>(level);
+      return v < 0.0f ? -l : l;
+    }
+    default: {
+      float q = rintf(v / scale);
+      if (q > static_cast<float>(kMaxQuantLevel)) q = static_cast<float>(kMaxQuantLevel);
+      if (q < -static_cast<float>(kMaxQuantLevel)) q = -static_cast<float>(kMaxQuantLevel);
+      return static_cast<int>(q);
+    }
+  }
+}
+
+// What the receiver decodes from a level and its run's scale.
+SPS_HOST_DEVICE inline float dequantise(int level, float scale) { return static_cast<float>(level) * scale; }
+
+// The level a sent value came from (the encoder's inverse of dequantise;
+// exact because |level| <= 127 and the product lost at most half an ulp).
+inline int level_of(float sent, float scale) {
+  if (!(scale > 0.0f)) return 0;
+  return static_cast<int>(std::nearbyint(sent / scale));
+}
+
+// The runs of `runs` (covering positions 0, 1, ...) that fall in
+// positions [begin, end), clipped; `out` is replaced.
+template <class Runs, class Out>
+void slice_runs(const Runs& runs, size_t begin, size_t end, Out& out) {
+  out.clear();
+  size_t pos = 0;
+  for (const ScaleRun& r : runs) {
+    const size_t lo = pos > begin ? pos : begin;
+    const size_t hi = pos + r.count < end ? pos + r.count : end;
+    if (lo < hi) out.push_back(ScaleRun{static_cast<uint32_t>(hi - lo), r.scale});
+    pos += r.count;
+    if (pos >= end) break;
+  }
+}
+
 inline const char* value_format_name(ValueFormat format) {
   switch (format) {
     case ValueFormat::kF16: return "f16";
     case ValueFormat::kBF16: return "bf16";
+    case ValueFormat::kInt8: return "int8";
+    case ValueFormat::kSign: return "sign";
+    case ValueFormat::kQsgd: return "qsgd";
     default: return "f32";
   }
 }

@@ -45,6 +45,9 @@ Result<std::unique_ptr<Compressor>> make_compressor(Backend backend, size_t n, c
   if (options.clip_norm < 0.0f) return invalid_argument(fmt::format("clip_norm must be >= 0, got {}", options.clip_norm));
   if (p.method == Method::kThreshold && !(p.lambda >= 0.0f))
     return invalid_argument(fmt::format("threshold lambda must be >= 0, got {}", p.lambda));
+  if (options.values == ValueFormat::kQsgd && (options.qsgd_levels < 1 || options.qsgd_levels > kMaxQuantLevel))
+    return invalid_argument(
+        fmt::format("qsgd levels must be in [1, {}], got {}", kMaxQuantLevel, options.qsgd_levels));
   if (n > UINT32_MAX) return invalid_argument(fmt::format("{} entries exceed the 32-bit index space", n));
   if (backend == Backend::kCpu) return std::unique_ptr<Compressor>(std::make_unique<CpuCompressor>(n, options));
 #if SPS_HAVE_CUDA

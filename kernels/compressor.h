@@ -4,7 +4,7 @@
 //   g'   = clip(g)                               (when clip_norm > 0)
 //   u    = momentum * u + g'                     (DGC momentum correction; u = g' when off)
 //   acc  = A(residual) + scale * u               A = 0 (none), I (ef), 1 - clamp(gamma * h, 0, 1) (hessian_diag)
-//   S    = select(acc);  sent = quantise(acc[S])
+//   S    = select(acc);  sent = quantise(acc[S])   (scaled formats: one scale over acc[S])
 //   residual = acc - sent;  u[S] = 0            (momentum-factor masking)
 // A backend owns its buffers (residual, momentum, scratch) and reuses them
 // across steps. Non-finite input fails the step and changes no state.
@@ -35,7 +35,10 @@ struct CompressorOptions {
   // Local gradient clipping: g is scaled by min(1, clip_norm / ||g||) (0 = off).
   float clip_norm = 0.0f;
   // Wire format of the sent values; the rounding error stays in the residual.
+  // Scaled formats compute one scale over each step's selected values.
   ValueFormat values = ValueFormat::kF32;
+  // qsgd: the number of levels s (1..127).
+  int qsgd_levels = 64;
   // CPU worker threads for the passes over n (1 = the calling thread only).
   int threads = 1;
   // CUDA device ordinal (CUDA backend only).

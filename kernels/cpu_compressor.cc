@@ -416,6 +416,33 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
   // rounding error stays in the residual. Momentum masking zeroes u at S.
   const bool keep_residual = options_.error_feedback != ErrorFeedbackMode::kNone;
   const ValueFormat format = options_.values;
+  const bool unbiased = options_.selection.method == Method::kRandomK && options_.selection.randomk_unbiased &&
+                        options_.selection.k > 0;
+  const float factor =
+      unbiased ? static_cast<float>(static_cast<double>(n_) / static_cast<double>(options_.selection.k)) : 1.0f;
+  // Scaled formats: one scale over this step's (scaled) selected values.
+  float value_scale = 0.0f;
+  if (is_scaled(format) && !out.values.empty()) {
+    float max_abs = 0.0f;
+    double sum_abs = 0, sum_sq = 0;
+    for (float x : out.values) {
+      const float v = unbiased ? x * factor : x;
+      const float a = std::fabs(v);
+      max_abs = std::max(max_abs, a);
+      sum_abs += a;
+      sum_sq += static_cast<double>(v) * v;
+    }
+    value_scale = value_scale_of(format, max_abs, sum_abs, sum_sq, static_cast<double>(out.values.size()),
+                                 options_.qsgd_levels);
+    out.scale_runs.push_back({static_cast<uint32_t>(out.values.size()), value_scale});
+  }
+  stats_.value_scale = value_scale;
+  const uint64_t seed = options_.selection.seed;
+  auto send = [&](float v, uint32_t i) {
+    if (!is_scaled(format)) return quantise(v, format);
+    const uint32_t random = format == ValueFormat::kQsgd ? quant_random24(seed, step, i) : 0u;
+    return dequantise(quant_level(v, format, value_scale, random), value_scale);
+  };
   if (cand_zeroed_) {
     // acc holds 0 at every candidate. The selected ones' residual is
     // v - sent (0 for f32), kept in the candidate list; then every
@@ -425,7 +452,7 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
     for (size_t j = 0; j < out.indices.size(); ++j) {
       const size_t p = sel_all_ ? j : sel_[j];
       const float v = out.values[j];
-      const float sent = quantise(v, format);
+      const float sent = send(v, out.indices[j]);
       out.values[j] = sent;
       cv[p] = std::bit_cast<uint32_t>(v - sent);
     }
@@ -439,14 +466,10 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
     if (!momentum_next_.empty())
       for (uint32_t i : out.indices) momentum_next_[i] = 0.0f;
   } else {
-    const bool unbiased = options_.selection.method == Method::kRandomK && options_.selection.randomk_unbiased &&
-                          options_.selection.k > 0;
-    const float factor =
-        unbiased ? static_cast<float>(static_cast<double>(n_) / static_cast<double>(options_.selection.k)) : 1.0f;
     for (size_t j = 0; j < out.indices.size(); ++j) {
       const uint32_t i = out.indices[j];
       const float v = unbiased ? out.values[j] * factor : out.values[j];
-      const float sent = quantise(v, format);
+      const float sent = send(v, i);
       out.values[j] = sent;
       if (keep_residual) acc_[i] = acc_[i] - sent;
       if (!momentum_next_.empty()) momentum_next_[i] = 0.0f;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/value_format.h"
 
 namespace sps::kernels {
 
@@ -43,14 +44,19 @@ struct SelectionParams {
   uint64_t seed = 0;            // randomk: indices depend on (seed, step) only
 };
 
-// (index, value) pairs with strictly increasing indices.
+// (index, value) pairs with strictly increasing indices. With a scaled
+// value format (int8, sign, qsgd) every value is level * scale, and
+// scale_runs says which scale: runs of consecutive values in order, their
+// counts summing to values.size() (empty for the other formats).
 struct SparseVector {
   std::vector<uint32_t> indices;
   std::vector<float> values;
+  std::vector<ScaleRun> scale_runs;
   size_t size() const { return indices.size(); }
   void clear() {
     indices.clear();
     values.clear();
+    scale_runs.clear();
   }
 };
 
@@ -64,6 +70,7 @@ struct SelectionStats {
   // predicted from the previous step) sufficed, so no second pass over n ran.
   bool predicted = false;
   size_t candidates = 0;  // CPU: entries collected in the first pass
+  float value_scale = 0;  // scaled value formats: the step's scale (0 otherwise)
 };
 
 // k = max(1, floor(ratio * n)) for n > 0, capped at n; 0 for n = 0.

@@ -32,6 +32,14 @@ inline void put_f64(Bytes& out, double v) { put_le(out, std::bit_cast<uint64_t>(
 inline void put_f32(Bytes& out, float v) { put_le(out, std::bit_cast<uint32_t>(v)); }
 
 template <class T>
+inline void store_le(std::byte* p, T v) {
+  static_assert(std::is_integral_v<T>);
+  using U = std::make_unsigned_t<T>;
+  U u = static_cast<U>(v);
+  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<std::byte>((u >> (8 * i)) & 0xFF);
+}
+
+template <class T>
 inline T load_le(const std::byte* p) {
   static_assert(std::is_integral_v<T>);
   using U = std::make_unsigned_t<T>;

@@ -129,7 +129,7 @@ Result<Header> decode_header(ByteSpan bytes) {
     return malformed(fmt::format("unknown index encoding {}", enc));
   h.index_encoding = static_cast<IndexEncoding>(enc);
   const auto vt = r.get<uint8_t>();
-  if (vt > static_cast<uint8_t>(ValueType::kBF16)) return malformed(fmt::format("unknown value type {}", vt));
+  if (vt > kMaxValueType) return malformed(fmt::format("unknown value type {}", vt));
   h.value_type = static_cast<ValueType>(vt);
   h.sender = r.get<uint32_t>();
   h.clock = r.get<uint64_t>();
@@ -163,7 +163,14 @@ Result<MessageView> decode_message(std::span<const ByteSpan> frames) {
     const uint64_t range = uint64_t{h.key_end} - h.key_begin;
     if (h.nnz > range)
       return malformed(fmt::format("{}: nnz {} exceeds the key range of {} keys", name, h.nnz, range));
-    if (uint64_t{h.frame2_bytes} != value_bytes(h.value_type) * uint64_t{h.nnz})
+    uint64_t runs = 0;
+    if (is_scaled(h.value_type)) {
+      if (frames[2].size() < 4) return malformed(fmt::format("{}: scaled value frame has no run count", name));
+      runs = load_le<uint32_t>(frames[2].data());
+      if (runs > h.nnz)
+        return malformed(fmt::format("{}: {} scale runs for nnz {}", name, runs, h.nnz));
+    }
+    if (uint64_t{h.frame2_bytes} != value_frame_bytes(h.value_type, h.nnz, runs))
       return malformed(fmt::format("{}: value frame is {} bytes for nnz {}", name, h.frame2_bytes, h.nnz));
     if (h.index_encoding == IndexEncoding::kNone) {
       if (h.nnz != range) return malformed(fmt::format("{}: dense slice has nnz {} for {} keys", name, h.nnz, range));
@@ -183,19 +190,26 @@ Result<MessageView> decode_message(std::span<const ByteSpan> frames) {
   return MessageView{h, frames[1], frames[2]};
 }
 
-uint32_t value_bytes(ValueType t) {
+uint64_t value_frame_bytes(ValueType t, uint64_t nnz, uint64_t runs) {
   switch (t) {
-    case ValueType::kF32: return 4;
+    case ValueType::kF32: return 4 * nnz;
     case ValueType::kF16:
-    case ValueType::kBF16: return 2;
+    case ValueType::kBF16: return 2 * nnz;
+    case ValueType::kI8: return 4 + 8 * runs + nnz;
+    case ValueType::kSign: return 4 + 8 * runs + (nnz + 7) / 8;
     default: return 0;
   }
 }
 
 EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, std::span<const float> values,
-                           ValueType value_type, FramePool* pool) {
+                           ValueType value_type, FramePool* pool, std::span<const ScaleRun> runs) {
   Header out = h;
   SPS_CHECK(value_type != ValueType::kNone);
+  if (is_scaled(value_type)) {
+    uint64_t counted = 0;
+    for (const ScaleRun& r : runs) counted += r.count;
+    SPS_CHECK(counted == values.size());
+  }
   out.value_type = value_type;
   out.nnz = static_cast<uint32_t>(values.size());
   const uint64_t range = uint64_t{h.key_end} - h.key_begin;
@@ -226,9 +240,28 @@ EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, s
       encode_bitmap(indices, h.key_begin, range, m.frame1.data());
       break;
   }
-  m.frame2 = frame(values.size() * value_bytes(value_type));
+  m.frame2 = frame(value_frame_bytes(value_type, values.size(), runs.size()));
   std::byte* v = m.frame2.data();
   switch (value_type) {
+    case ValueType::kI8:
+    case ValueType::kSign: {
+      store_le<uint32_t>(v, static_cast<uint32_t>(runs.size()));
+      std::byte* levels = v + 4 + 8 * runs.size();
+      if (value_type == ValueType::kSign) std::memset(levels, 0, (values.size() + 7) / 8);
+      size_t i = 0;
+      for (size_t r = 0; r < runs.size(); ++r) {
+        store_le<uint32_t>(v + 4 + 8 * r, runs[r].count);
+        store_le<uint32_t>(v + 8 + 8 * r, std::bit_cast<uint32_t>(runs[r].scale));
+        for (const size_t end = i + runs[r].count; i < end; ++i) {
+          if (value_type == ValueType::kI8) {
+            levels[i] = static_cast<std::byte>(static_cast<int8_t>(level_of(values[i], runs[r].scale)));
+          } else if (values[i] < 0.0f) {
+            levels[i / 8] |= static_cast<std::byte>(1u << (i % 8));
+          }
+        }
+      }
+      break;
+    }
     case ValueType::kF16:
     case ValueType::kBF16: {
       const bool half = value_type == ValueType::kF16;
@@ -308,7 +341,38 @@ Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint
   }
   std::span<const float> values;
   const std::byte* v = m.frame2.data();
-  if (h.value_type == ValueType::kF32 && kLittleEndianHost && aligned_for<float>(v)) {
+  if (is_scaled(h.value_type)) {
+    // decode_message checked the frame size against the run count.
+    const uint32_t runs = load_le<uint32_t>(v);
+    const std::byte* levels = v + 4 + 8 * size_t{runs};
+    scratch.values.resize(nnz);
+    uint32_t i = 0;
+    for (uint32_t r = 0; r < runs; ++r) {
+      const uint32_t count = load_le<uint32_t>(v + 4 + 8 * size_t{r});
+      const float scale = std::bit_cast<float>(load_le<uint32_t>(v + 8 + 8 * size_t{r}));
+      if (count == 0 || count > nnz - i)
+        return malformed(fmt::format("{}: scale run {} has count {} with {} of {} values left", name, r, count,
+                                     nnz - i, nnz));
+      if (!std::isfinite(scale) || !(scale >= 0.0f))
+        return invalid_argument(fmt::format("{}: scale run {} has scale {}", name, r, scale));
+      for (const uint32_t end = i + count; i < end; ++i) {
+        int level;
+        if (h.value_type == ValueType::kI8) {
+          level = static_cast<int8_t>(levels[i]);
+          if (level < -kMaxQuantLevel)
+            return malformed(fmt::format("{}: int8 level {} at entry {} is outside [-127, 127]", name, level, i));
+        } else {
+          level = (static_cast<unsigned>(levels[i / 8]) >> (i % 8)) & 1u ? -1 : 1;
+        }
+        scratch.values[i] = dequantise(level, scale);
+      }
+    }
+    if (i != nnz) return malformed(fmt::format("{}: scale runs cover {} of {} values", name, i, nnz));
+    if (h.value_type == ValueType::kSign && nnz % 8 != 0 &&
+        (static_cast<unsigned>(levels[nnz / 8]) >> (nnz % 8)) != 0)
+      return malformed(fmt::format("{}: sign bits past entry {} are set", name, nnz));
+    values = scratch.values;
+  } else if (h.value_type == ValueType::kF32 && kLittleEndianHost && aligned_for<float>(v)) {
     values = {reinterpret_cast<const float*>(v), nnz};
   } else {
     scratch.values.resize(nnz);

@@ -57,9 +57,17 @@ enum class ValueType : uint8_t {
   kF32 = 1,   // little-endian IEEE-754 binary32, finite
   kF16 = 2,   // little-endian IEEE-754 binary16, finite
   kBF16 = 3,  // little-endian bfloat16 (the top half of a binary32), finite
+  // Scaled: the value frame starts with u32 run count R and R runs
+  // (u32 count, f32 scale), counts >= 1 summing to nnz, scales finite and
+  // >= 0; then one level per value. A value is level * its run's scale.
+  kI8 = 4,    // levels as int8 in [-127, 127]
+  kSign = 5,  // levels as sign bits, LSB first: 0 = +1, 1 = -1
 };
-// Bytes per value on the wire (0 for kNone).
-uint32_t value_bytes(ValueType t);
+inline constexpr uint8_t kMaxValueType = 5;
+inline bool is_scaled(ValueType t) { return t == ValueType::kI8 || t == ValueType::kSign; }
+// Bytes of a value frame holding `nnz` values in `runs` scale runs (the
+// run count is ignored by the unscaled types; 0 for kNone).
+uint64_t value_frame_bytes(ValueType t, uint64_t nnz, uint64_t runs);
 
 // Header flags.
 inline constexpr uint16_t kFlagInit = 1 << 0;   // kPush: initial parameters, set not add
@@ -156,10 +164,14 @@ struct DecodeScratch {
 // h.index_encoding (see index_coding.h; choose_index_encoding picks the
 // smallest). Values go out as `value_type` (f16/bf16 round to nearest even
 // and saturate; senders that care about the rounding error quantise first,
-// as the compressor does, so nothing more is lost here). Frames come from
-// `pool` when given. One pass over the input; no other copy is made.
+// as the compressor does, so nothing more is lost here). The scaled types
+// need `runs` (counts summing to values.size()) and values that are
+// level * scale already (what a compressor with that format sent), so they
+// too go out exactly. Frames come from `pool` when given. One pass over the
+// input; no other copy is made.
 EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, std::span<const float> values,
-                           ValueType value_type = ValueType::kF32, FramePool* pool = nullptr);
+                           ValueType value_type = ValueType::kF32, FramePool* pool = nullptr,
+                           std::span<const ScaleRun> runs = {});
 // Full validation for kPush / kPullResponse against the range the receiver
 // owns: the header's range must equal `expected_begin/end`, keys must be
 // strictly increasing and inside the range, values finite. The view points

@@ -274,6 +274,9 @@ protocol::ValueType wire_type(ValueFormat f) {
   switch (f) {
     case ValueFormat::kF16: return protocol::ValueType::kF16;
     case ValueFormat::kBF16: return protocol::ValueType::kBF16;
+    case ValueFormat::kInt8:
+    case ValueFormat::kQsgd: return protocol::ValueType::kI8;
+    case ValueFormat::kSign: return protocol::ValueType::kSign;
     default: return protocol::ValueType::kF32;
   }
 }
@@ -306,8 +309,10 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, V
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
     h.index_encoding = key_coding(cfg_.compression.index_coding, pos - begin, shard.key_end - shard.key_begin);
+    slice_runs(sel.scale_runs, begin, pos, runs_);
     auto msg = protocol::encode_data(h, std::span(sel.indices).subspan(begin, pos - begin),
-                                     std::span(sel.values).subspan(begin, pos - begin), wire_type(values), &pool_);
+                                     std::span(sel.values).subspan(begin, pos - begin), wire_type(values), &pool_,
+                                     runs_);
     counters_.bytes_pushed += msg.total_bytes();
     SPS_RETURN_IF_ERROR(send_to_server(s, std::move(msg)));
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
@@ -317,7 +322,8 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, V
   return {};
 }
 
-Status PsClient::push_dense(uint64_t clock, std::span<const float> values, ValueFormat format) {
+Status PsClient::push_dense(uint64_t clock, std::span<const float> values, ValueFormat format,
+                            std::span<const ScaleRun> scale_runs) {
   const uint64_t before = counters_.bytes_pushed;
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
@@ -330,8 +336,9 @@ Status PsClient::push_dense(uint64_t clock, std::span<const float> values, Value
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
     h.index_encoding = protocol::IndexEncoding::kNone;
+    slice_runs(scale_runs, shard.key_begin, shard.key_end, runs_);
     auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin),
-                                     wire_type(format), &pool_);
+                                     wire_type(format), &pool_, runs_);
     counters_.bytes_pushed += msg.total_bytes();
     SPS_RETURN_IF_ERROR(send_to_server(s, std::move(msg)));
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};

@@ -73,10 +73,13 @@ class PsClient {
   // each shard's part carries the version of that shard this client last
   // pulled. Every shard receives a message, empty or not, so clocks advance
   // everywhere.
-  // Values go out in `values` format (already quantised by the compressor).
+  // Values go out in `values` format (already quantised by the compressor;
+  // scaled formats with sel.scale_runs).
   Status push_sparse(uint64_t clock, const kernels::SparseVector& sel, ValueFormat values = ValueFormat::kF32);
-  // Pushes the whole vector as dense slices.
-  Status push_dense(uint64_t clock, std::span<const float> values, ValueFormat format = ValueFormat::kF32);
+  // Pushes the whole vector as dense slices (scaled formats: `scale_runs`
+  // over the whole vector).
+  Status push_dense(uint64_t clock, std::span<const float> values, ValueFormat format = ValueFormat::kF32,
+                    std::span<const ScaleRun> scale_runs = {});
   // Reports the end of this worker's run and waits until the scheduler ends the job.
   Status finish(const protocol::DoneReport& report);
   // Tells the scheduler this worker failed (best effort).
@@ -134,6 +137,7 @@ class PsClient {
   std::vector<uint64_t> versions_;  // per shard: the version last pulled
   std::vector<bool> pulled_;        // per shard: pulled at least once
   std::vector<uint32_t> refused_shards_;  // the last pull's PUSH_REFUSED flags, ascending
+  std::vector<ScaleRun> runs_;  // one shard message's scale runs (reused)
   // Push frames are encoded straight into pooled buffers that ZeroMQ adopts
   // (no copy on send); pull responses decode in place or into the scratch.
   protocol::FramePool pool_{16};

@@ -33,6 +33,9 @@ ValueFormat value_format(const config::Config& cfg) {
   switch (cfg.compression.values) {
     case config::ValueFormatName::kF16: return ValueFormat::kF16;
     case config::ValueFormatName::kBF16: return ValueFormat::kBF16;
+    case config::ValueFormatName::kInt8: return ValueFormat::kInt8;
+    case config::ValueFormatName::kSign: return ValueFormat::kSign;
+    case config::ValueFormatName::kQsgd: return ValueFormat::kQsgd;
     default: return ValueFormat::kF32;
   }
 }
@@ -52,6 +55,7 @@ kernels::CompressorOptions compressor_options(const config::Config& cfg, size_t 
   o.momentum = static_cast<float>(cc.momentum_correction);
   o.clip_norm = static_cast<float>(cc.clip_norm);
   o.values = value_format(cfg);
+  o.qsgd_levels = static_cast<int>(cc.qsgd_levels);
   o.threads = static_cast<int>(cc.threads);
   return o;
 }
@@ -174,6 +178,7 @@ Status CompressionStage::compress(std::span<const float> params, const Batch& ba
     if (tensors_.size() > 1) {
       for (uint32_t idx : part.indices) out.indices.push_back(idx + static_cast<uint32_t>(t.offset));
       out.values.insert(out.values.end(), part.values.begin(), part.values.end());
+      out.scale_runs.insert(out.scale_runs.end(), part.scale_runs.begin(), part.scale_runs.end());
     }
     const auto& st = c.last_stats();
     stats_.nnz += st.nnz;

@@ -403,10 +403,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
     fail(fmt::format("worker {} step {}: the value to send for parameter {} is {} after compression (values: {}{}); "
                      "it overflowed the wire format, refusing to push it (the training has likely diverged: lower "
                      "training.lr)",
-                     rank, step, index, sel.values[j],
-                     cc.values == config::ValueFormatName::kF16    ? "f16"
-                     : cc.values == config::ValueFormatName::kBF16 ? "bf16"
-                                                                   : "f32",
+                     rank, step, index, sel.values[j], value_format_name(worker::value_format(cfg)),
                      cc.method == config::CompressionMethod::kRandomK && cc.randomk_unbiased ? ", scaled by n/k" : ""));
   }
   if (std::find(cfg.run.dump_acc_steps.begin(), cfg.run.dump_acc_steps.end(), step) != cfg.run.dump_acc_steps.end())
@@ -416,7 +413,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   const auto before = client->counters();  // copy: the deltas below are per step
   const auto wire_values = worker::value_format(cfg);
   if (cc.method == config::CompressionMethod::kDense) {
-    check(client->push_dense(clock, sel.values, wire_values));
+    check(client->push_dense(clock, sel.values, wire_values, sel.scale_runs));
   } else {
     check(client->push_sparse(clock, sel, wire_values));
   }

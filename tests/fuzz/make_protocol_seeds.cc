@@ -52,6 +52,14 @@ int main(int argc, char** argv) {
     write(dir + "/push_bitmap_" + std::to_string(i), encode_data(data_header(MessageType::kPush, IndexEncoding::kBitmap), keys, values, vt));
     ++i;
   }
+  // Scaled values: two runs (values are level * scale, as a compressor sends them).
+  const std::vector<sps::ScaleRun> runs{{2, 0.5f}, {1, 0.25f}};
+  const std::vector<float> scaled{63.5f, -1.0f, 0.25f};
+  write(dir + "/push_int8", encode_data(data_header(MessageType::kPush, IndexEncoding::kRawU32), keys, scaled,
+                                        ValueType::kI8, nullptr, runs));
+  const std::vector<float> signs{0.5f, -0.5f, 0.25f};
+  write(dir + "/push_sign", encode_data(data_header(MessageType::kPush, IndexEncoding::kDeltaVarint), keys, signs,
+                                        ValueType::kSign, nullptr, runs));
   // A varint gap that needs several bytes (keys far apart in a wide range).
   Header wide = data_header(MessageType::kPush, IndexEncoding::kDeltaVarint);
   wide.key_begin = 0;

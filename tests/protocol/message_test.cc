@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -109,6 +110,106 @@ TEST(DataTest, HalfPrecisionValuesRoundTripAndAreSizeChecked) {
   auto view = decode_message(frames);
   ASSERT_TRUE(view.ok());
   EXPECT_FALSE(decode_data(*view, 100, 200, g_scratch).ok());
+}
+
+// A value frame with its bytes replaced (header sizes adjusted to match).
+Result<DataView> decode_with_values(const EncodedMessage& m, const Bytes& values, uint32_t begin, uint32_t end) {
+  Header h = *decode_header(m.header);
+  h.frame2_bytes = static_cast<uint32_t>(values.size());
+  const Bytes hb = encode_header(h);
+  const std::vector<ByteSpan> frames = {ByteSpan(hb), ByteSpan(m.frame1), ByteSpan(values)};
+  SPS_ASSIGN_OR_RETURN(MessageView view, decode_message(frames));
+  return decode_data(view, begin, end, g_scratch);
+}
+
+TEST(DataTest, ScaledValuesRoundTripExactlyPerRun) {
+  const std::vector<uint32_t> keys = {100, 101, 150, 160, 199};
+  // Two runs: levels {127, -3, 0} at scale 0.1 and {5, -127} at scale 3e-5,
+  // as a compressor sends them (level * scale in float).
+  const std::vector<ScaleRun> runs = {{3, 0.1f}, {2, 3e-5f}};
+  const std::vector<float> values = {127 * 0.1f, -3 * 0.1f, 0.0f, 5 * 3e-5f, -127 * 3e-5f};
+  const auto m = encode_data(push_header(100, 200), keys, values, ValueType::kI8, nullptr, runs);
+  EXPECT_EQ(m.frame2.size(), 4u + 2 * 8 + 5);
+  auto f = spans(m);
+  auto view = decode_message(f);
+  ASSERT_TRUE(view.ok()) << view.status().to_string();
+  auto data = decode_data(*view, 100, 200, g_scratch);
+  ASSERT_TRUE(data.ok()) << data.status().to_string();
+  for (uint32_t i = 0; i < 5; ++i) EXPECT_EQ(data->value(i), values[i]) << i;
+
+  // Sign: one bit a value; 9 values need 2 bytes of bits.
+  std::vector<uint32_t> sign_keys;
+  for (uint32_t k = 100; k < 109; ++k) sign_keys.push_back(k);
+  const std::vector<float> signs = {0.5f, -0.5f, 0.5f, 0.5f, -0.5f, -0.5f, 0.5f, -2.0f, 2.0f};
+  const std::vector<ScaleRun> sign_runs = {{7, 0.5f}, {2, 2.0f}};
+  const auto s = encode_data(push_header(100, 200), sign_keys, signs, ValueType::kSign, nullptr, sign_runs);
+  EXPECT_EQ(s.frame2.size(), 4u + 2 * 8 + 2);
+  auto sf = spans(s);
+  auto sdata = decode_data(*decode_message(sf), 100, 200, g_scratch);
+  ASSERT_TRUE(sdata.ok()) << sdata.status().to_string();
+  for (uint32_t i = 0; i < 9; ++i) EXPECT_EQ(sdata->value(i), signs[i]) << i;
+
+  // Dense slices and empty messages take them too.
+  Header dense = push_header(5, 9);
+  dense.index_encoding = IndexEncoding::kNone;
+  const std::vector<float> dv = {0.25f, -0.25f, 0.25f, 0.25f};
+  const std::vector<ScaleRun> one = {{4, 0.25f}};
+  const auto d = encode_data(dense, {}, dv, ValueType::kSign, nullptr, one);
+  auto df = spans(d);
+  auto ddata = decode_data(*decode_message(df), 5, 9, g_scratch);
+  ASSERT_TRUE(ddata.ok()) << ddata.status().to_string();
+  for (uint32_t i = 0; i < 4; ++i) EXPECT_EQ(ddata->value(i), dv[i]);
+  const auto e = encode_data(push_header(5, 9), {}, {}, ValueType::kI8, nullptr, {});
+  auto ef = spans(e);
+  auto edata = decode_data(*decode_message(ef), 5, 9, g_scratch);
+  ASSERT_TRUE(edata.ok()) << edata.status().to_string();
+  EXPECT_EQ(edata->size(), 0u);
+}
+
+TEST(DataTest, MalformedScaleRunsAreRefused) {
+  const std::vector<uint32_t> keys = {100, 101, 150};
+  const std::vector<ScaleRun> runs = {{2, 0.5f}, {1, 1.0f}};
+  const auto m = encode_data(push_header(100, 200), keys, std::vector<float>{0.5f, -1.0f, 3.0f}, ValueType::kI8,
+                             nullptr, runs);
+  const Bytes good = m.frame2.to_bytes();
+  ASSERT_TRUE(decode_with_values(m, good, 100, 200).ok());
+  auto expect_refused = [&](Bytes b, const char* what) {
+    auto d = decode_with_values(m, b, 100, 200);
+    EXPECT_FALSE(d.ok()) << what;
+  };
+  Bytes b = good;
+  store_le<uint32_t>(b.data() + 4, 3);  // counts 3 + 1 exceed nnz
+  expect_refused(b, "counts past nnz");
+  b = good;
+  store_le<uint32_t>(b.data() + 4, 1);  // counts 1 + 1 fall short
+  expect_refused(b, "counts short of nnz");
+  b = good;
+  store_le<uint32_t>(b.data() + 4, 0);
+  store_le<uint32_t>(b.data() + 12, 3);
+  expect_refused(b, "an empty run");
+  b = good;
+  store_le<uint32_t>(b.data() + 8, std::bit_cast<uint32_t>(std::numeric_limits<float>::quiet_NaN()));
+  expect_refused(b, "NaN scale");
+  b = good;
+  store_le<uint32_t>(b.data() + 16, std::bit_cast<uint32_t>(-1.0f));
+  expect_refused(b, "negative scale");
+  b = good;
+  store_le<uint32_t>(b.data() + 16, std::bit_cast<uint32_t>(std::numeric_limits<float>::max()));
+  expect_refused(b, "a level times the scale overflows");
+  b = good;
+  b[4 + 16] = std::byte{0x80};  // level -128
+  expect_refused(b, "level -128");
+  b = good;
+  store_le<uint32_t>(b.data(), 5);  // more runs than the frame holds
+  expect_refused(b, "run count past the frame");
+  expect_refused(Bytes(3, std::byte{0}), "no run count");
+  // Sign bits past nnz must be zero.
+  const auto s = encode_data(push_header(100, 200), keys, std::vector<float>{0.5f, -0.5f, 1.0f}, ValueType::kSign,
+                             nullptr, runs);
+  Bytes sb = s.frame2.to_bytes();
+  ASSERT_TRUE(decode_with_values(s, sb, 100, 200).ok());
+  sb.back() |= std::byte{0x80};
+  EXPECT_FALSE(decode_with_values(s, sb, 100, 200).ok());
 }
 
 TEST(DataTest, DenseRoundTripAndEmptySparse) {
