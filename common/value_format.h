@@ -26,7 +26,7 @@ namespace sps {
 
 enum class ValueFormat : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kSign = 4, kQsgd = 5 };
 
-inline constexpr bool is_scaled(ValueFormat f) {
+SPS_HOST_DEVICE inline constexpr bool is_scaled(ValueFormat f) {
   return f == ValueFormat::kInt8 || f == ValueFormat::kSign || f == ValueFormat::kQsgd;
 }
 // The largest integer level a scaled format sends (int8 on the wire).

@@ -53,6 +53,7 @@ class CudaCompressor final : public Compressor {
     if (n != n_) return invalid_argument(fmt::format("gradient has {} entries, the model has {}", n, n_));
     const SelectionParams& p = options_.selection;
     cuda::StepInputs inputs;
+    inputs.step = step;
     if (p.method == Method::kRandomK) {
       randomk_indices(n_, p.k, p.seed, step, random_indices_, random_bitmap_);
       inputs.random_indices = random_indices_.data();
@@ -72,6 +73,9 @@ class CudaCompressor final : public Compressor {
     stats_.threshold = ds.threshold;
     stats_.rounds = ds.rounds;
     stats_.fallback = ds.fallback;
+    stats_.value_scale = ds.value_scale;
+    if (is_scaled(options_.values) && !out.values.empty())
+      out.scale_runs.push_back({static_cast<uint32_t>(out.values.size()), ds.value_scale});
     return {};
   }
 
@@ -156,6 +160,8 @@ Result<std::unique_ptr<Compressor>> make_cuda_compressor(size_t n, const Compres
   d.momentum = options.momentum;
   d.clip_norm = options.clip_norm;
   d.values = options.values;
+  d.qsgd_levels = options.qsgd_levels;
+  d.seed = options.selection.seed;
   d.device = options.device;
   SPS_ASSIGN_OR_RETURN(auto device, cuda::DeviceCompressor::create(n, d));
   CompressorOptions adjusted = options;

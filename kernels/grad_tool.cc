@@ -63,7 +63,7 @@ struct SelectOptions {
   std::string path, method = "topk", error_feedback = "none", backend = "cpu";
   std::string residual_in, residual_out, indices_out, values_out, hessian, value_format = "f32";
   double ratio = 0.01, lambda = 0, scale = 1, gamma = 0, momentum = 0, clip_norm = 0;
-  int64_t k = 0, max_nnz = 0, repeat = 1, threads = 1, seed = 0, step = 0;
+  int64_t k = 0, max_nnz = 0, repeat = 1, threads = 1, seed = 0, step = 0, qsgd_levels = 64;
   bool unbiased = false, json = false;
 };
 
@@ -94,9 +94,12 @@ int run_select(const SelectOptions& o) {
   options.error_feedback = o.error_feedback == "ef"             ? sps::kernels::ErrorFeedbackMode::kEf
                            : o.error_feedback == "hessian_diag" ? sps::kernels::ErrorFeedbackMode::kHessianDiag
                                                                 : sps::kernels::ErrorFeedbackMode::kNone;
-  options.values = o.value_format == "f16"    ? sps::ValueFormat::kF16
-                   : o.value_format == "bf16" ? sps::ValueFormat::kBF16
-                                              : sps::ValueFormat::kF32;
+  const std::vector<std::pair<std::string, sps::ValueFormat>> formats = {
+      {"f32", sps::ValueFormat::kF32},   {"f16", sps::ValueFormat::kF16},   {"bf16", sps::ValueFormat::kBF16},
+      {"int8", sps::ValueFormat::kInt8}, {"sign", sps::ValueFormat::kSign}, {"qsgd", sps::ValueFormat::kQsgd}};
+  for (const auto& [name, f] : formats)
+    if (name == o.value_format) options.values = f;
+  options.qsgd_levels = static_cast<int>(o.qsgd_levels);
   options.momentum = static_cast<float>(o.momentum);
   options.clip_norm = static_cast<float>(o.clip_norm);
   options.threads = static_cast<int>(o.threads);
@@ -148,7 +151,8 @@ int run_select(const SelectOptions& o) {
                       {"threshold", st.threshold}, {"rounds", st.rounds}, {"fallback", st.fallback},
                       {"error_feedback", o.error_feedback}, {"residual_norm", residual_norm},
                       {"seconds", median},         {"repeat", seconds.size()},
-                      {"backend", "cpu"}};
+                      {"backend", o.backend},      {"value_format", o.value_format}};
+  if (sps::is_scaled(options.values)) j["value_scale"] = st.value_scale;
   if (o.json) {
     std::cout << j.dump() << "\n";
   } else {
@@ -156,6 +160,8 @@ int run_select(const SelectOptions& o) {
                              "{:.3f} ms (median of {})\n",
                              o.path, o.method, n, out.size(), p.k, st.threshold, residual_norm, median * 1e3,
                              seconds.size());
+    if (sps::is_scaled(options.values))
+      std::cout << fmt::format("values {}: scale {:.6g}\n", o.value_format, st.value_scale);
   }
   return 0;
 }
@@ -201,8 +207,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 0.999999));
   sel->add_option("--clip-norm", o.clip_norm, "clip the gradient to this L2 norm first (default 0 = off)")
       ->check(CLI::NonNegativeNumber);
-  sel->add_option("--value-format", o.value_format, "f32 | f16 | bf16: round sent values (error kept in the residual)")
-      ->check(CLI::IsMember({"f32", "f16", "bf16"}));
+  sel->add_option("--value-format", o.value_format,
+                  "f32 | f16 | bf16 | int8 | sign | qsgd: round sent values (error kept in the residual); the "
+                  "scaled ones (int8, sign, qsgd) write level * scale as float32")
+      ->check(CLI::IsMember({"f32", "f16", "bf16", "int8", "sign", "qsgd"}));
+  sel->add_option("--qsgd-levels", o.qsgd_levels, "qsgd: number of levels s (default 64)")->check(CLI::Range(1, 127));
   sel->add_option("--repeat", o.repeat, "time this many runs, report the median (default 1)")
       ->check(CLI::PositiveNumber);
   sel->add_flag("--json", o.json, "print one JSON object");

@@ -50,6 +50,9 @@ struct Ref {
   double threshold = 0;
   int rounds = 0;
   bool fallback = false;
+  float value_scale = 0;     // scaled formats: the scale this reference computed
+  float forced_scale = -1;   // scaled formats: send with this (the device's) scale when >= 0
+  uint64_t step_number = 0;  // qsgd's draws
 
   Ref(size_t n_, const DeviceOptions& o_) : n(n_), o(o_), r(n_, 0.0f), u(n_, 0.0f), c(n_, 1.0f) {
     o.k = std::min(o.k, n);
@@ -195,10 +198,31 @@ struct Ref {
     const float f = unbiased ? static_cast<float>(static_cast<double>(n) / static_cast<double>(k)) : 1.0f;
     idx = s;
     val.resize(s.size());
+    // Scaled formats: the scale over the selected values in index order.
+    value_scale = 0;
+    if (sps::is_scaled(o.values) && !s.empty()) {
+      float max_abs = 0;
+      double sum_abs = 0, sum_sq = 0;
+      for (uint32_t i : s) {
+        const float v = unbiased ? acc[i] * f : acc[i];
+        max_abs = std::max(max_abs, std::fabs(v));
+        sum_abs += std::fabs(v);
+        sum_sq += double{v} * v;
+      }
+      value_scale = sps::value_scale_of(o.values, max_abs, sum_abs, sum_sq, static_cast<double>(s.size()),
+                                        o.qsgd_levels);
+    }
+    const float used_scale = forced_scale >= 0 ? forced_scale : value_scale;
     for (size_t j = 0; j < s.size(); ++j) {
       const uint32_t i = s[j];
       const float v = unbiased ? acc[i] * f : acc[i];
-      val[j] = quantise(v, o.values);
+      if (sps::is_scaled(o.values)) {
+        const uint32_t random =
+            o.values == ValueFormat::kQsgd ? sps::quant_random24(o.seed, step_number, i) : 0u;
+        val[j] = sps::dequantise(sps::quant_level(v, o.values, used_scale, random), used_scale);
+      } else {
+        val[j] = quantise(v, o.values);
+      }
       acc[i] = acc[i] - val[j];
       un[i] = 0.0f;
     }
@@ -274,6 +298,7 @@ void run_case(const char* name, size_t n, DeviceOptions o, int steps, bool ties,
   for (int t = 0; t < steps; ++t) {
     const std::vector<float> g = make_grad(n, rng, ties);
     StepInputs in;
+    in.step = static_cast<uint64_t>(t);
     std::vector<uint32_t> rnd;
     if (o.method == DeviceMethod::kRandomK) {
       std::vector<char> taken(n, 0);
@@ -297,12 +322,23 @@ void run_case(const char* name, size_t n, DeviceOptions o, int steps, bool ties,
     DeviceStats st;
     size_t bad = 0;
     const Status s = dev->compress_host(g.data(), scale, in, di, dv, st);
+    ref.forced_scale = sps::is_scaled(o.values) ? st.value_scale : -1.0f;
+    ref.step_number = in.step;
     const bool ok = ref.step(g, scale, in, ri, rv, bad);
     const std::string where = std::string(name) + " step " + std::to_string(t);
     if (!s.ok() || !ok) return fail(where + ": unexpected failure " + s.message());
     if (di != ri) return fail(where + ": indices differ (" + std::to_string(di.size()) + " vs " +
                               std::to_string(ri.size()) + ")");
     if (!same_bits(dv, rv, where + " values")) return;
+    // Scaled formats: the device sums |v| and v^2 in another order, so its
+    // scale may differ from the reference's in the last bits (int8's max is exact).
+    if (sps::is_scaled(o.values)) {
+      const bool exact = o.values == ValueFormat::kInt8;
+      if (exact ? st.value_scale != ref.value_scale
+                : std::fabs(st.value_scale - ref.value_scale) > 1e-6f * ref.value_scale)
+        return fail(where + ": value scale " + std::to_string(st.value_scale) + " vs " +
+                    std::to_string(ref.value_scale));
+    }
     if (st.nnz != ri.size()) return fail(where + ": stats.nnz");
     if (st.rounds != ref.rounds || st.fallback != ref.fallback) return fail(where + ": stats rounds/fallback");
     // gaussiank's threshold comes from mean/std, whose sums are ordered
@@ -381,6 +417,14 @@ int main(int argc, char** argv) {
     run_case("topk f16", n, o, 3, false);
     o.values = ValueFormat::kBF16;
     run_case("topk bf16 ties", n, o, 3, true);
+    o.values = ValueFormat::kInt8;
+    run_case("topk int8", n, o, 3, false);
+    o.values = ValueFormat::kSign;
+    run_case("topk sign ties", n, o, 3, true);
+    o.values = ValueFormat::kQsgd;
+    o.qsgd_levels = 7;
+    o.seed = 11;
+    run_case("topk qsgd", n, o, 3, false);
     o.values = ValueFormat::kF32;
 
     DeviceOptions th;
@@ -400,12 +444,16 @@ int main(int argc, char** argv) {
     rk.randomk_unbiased = true;
     rk.values = ValueFormat::kBF16;
     run_case("randomk unbiased bf16", n, rk, 3, false);
+    rk.values = ValueFormat::kQsgd;
+    run_case("randomk unbiased qsgd", n, rk, 3, false);
 
     DeviceOptions dn;
     dn.method = DeviceMethod::kDense;
     dn.k = n;
     dn.values = ValueFormat::kF16;
     run_case("dense f16", n, dn, 2, false, 1e4f);
+    dn.values = ValueFormat::kSign;
+    run_case("dense sign", n, dn, 2, false);
 
     DeviceOptions gk;
     gk.method = DeviceMethod::kGaussianK;

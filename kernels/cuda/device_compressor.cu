@@ -31,6 +31,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_select.cuh>
+#include <cuda/functional>
 #include <string>
 #include <utility>
 
@@ -126,6 +127,7 @@ struct Control {
   RadixState radix;
   double sum;     // gaussiank: sum of acc
   double sum_sq;  // gaussiank: sum of acc^2
+  float value_scale;  // scaled value formats: the step's scale
 };
 
 __device__ __forceinline__ uint32_t key_of(float x) { return __float_as_uint(x) & kKeyMask; }
@@ -150,6 +152,7 @@ __global__ void reset_control_kernel(Control* c) {
   c->radix = RadixState{0, 0, 0, 0};
   c->sum = 0;
   c->sum_sq = 0;
+  c->value_scale = 0.0f;
 }
 
 // Reduces per-block double partials in a fixed order (deterministic).
@@ -373,8 +376,58 @@ struct CommitArgs {
   bool write_residual;
   bool mask_momentum;
   ValueFormat format;
-  Control* control;
+  uint64_t seed;  // qsgd's draws depend on (seed, step, index)
+  uint64_t step;
+  Control* control;  // scaled formats read control->value_scale
 };
+
+// Scaled formats, first half: per block max |v| and the double sums of |v|
+// and v^2 over the selected (factor-scaled) values, 3 partials per block.
+__global__ void __launch_bounds__(kThreads) value_partials_kernel(CommitArgs a, double* partials) {
+  using Reduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename Reduce::TempStorage temp;
+  double mx = 0, sa = 0, sq = 0;
+  const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
+  for (size_t j = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; j < a.count; j += step) {
+    const size_t i = a.list != nullptr ? a.list[j] : j;
+    const float v = a.apply_factor ? __fmul_rn(a.acc[i], a.factor) : a.acc[i];
+    const double m = fabsf(v);
+    mx = fmax(mx, m);
+    sa = __dadd_rn(sa, m);
+    sq = __dadd_rn(sq, __dmul_rn(m, m));
+  }
+  const double bmx = Reduce(temp).Reduce(mx, ::cuda::maximum<>{});
+  __syncthreads();
+  const double bsa = Reduce(temp).Sum(sa);
+  __syncthreads();
+  const double bsq = Reduce(temp).Sum(sq);
+  if (threadIdx.x == 0) {
+    partials[3 * blockIdx.x] = bmx;
+    partials[3 * blockIdx.x + 1] = bsa;
+    partials[3 * blockIdx.x + 2] = bsq;
+  }
+}
+
+// Second half, one block: the partials in a fixed order, then the scale
+// with value_format.h's formula (the CPU's).
+__global__ void value_scale_kernel(const double* partials, int blocks, ValueFormat format, int levels, size_t count,
+                                   Control* c) {
+  using Reduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename Reduce::TempStorage temp;
+  double mx = 0, sa = 0, sq = 0;
+  for (int i = static_cast<int>(threadIdx.x); i < blocks; i += kThreads) {
+    mx = fmax(mx, partials[3 * i]);
+    sa = __dadd_rn(sa, partials[3 * i + 1]);
+    sq = __dadd_rn(sq, partials[3 * i + 2]);
+  }
+  const double tmx = Reduce(temp).Reduce(mx, ::cuda::maximum<>{});
+  __syncthreads();
+  const double tsa = Reduce(temp).Sum(sa);
+  __syncthreads();
+  const double tsq = Reduce(temp).Sum(sq);
+  if (threadIdx.x == 0)
+    c->value_scale = value_scale_of(format, static_cast<float>(tmx), tsa, tsq, static_cast<double>(count), levels);
+}
 
 __global__ void __launch_bounds__(kThreads) commit_kernel(CommitArgs a) {
   __shared__ uint32_t block_min;
@@ -387,7 +440,13 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitArgs a) {
     const float v = a.acc[i];
     low = min(low, key_of(v));
     float sent = a.apply_factor ? __fmul_rn(v, a.factor) : v;
-    sent = quantise(sent, a.format);  // value_format.h: the CPU's rounding code
+    if (is_scaled(a.format)) {  // value_format.h: the CPU's code
+      const float s = a.control->value_scale;
+      const uint32_t random = a.format == ValueFormat::kQsgd ? quant_random24(a.seed, a.step, i) : 0u;
+      sent = dequantise(quant_level(sent, a.format, s, random), s);
+    } else {
+      sent = quantise(sent, a.format);  // value_format.h: the CPU's rounding code
+    }
     a.values[j] = sent;
     if (a.write_residual) a.acc[i] = __fsub_rn(v, sent);
     if (a.mask_momentum) a.u_new[i] = 0.0f;
@@ -708,7 +767,17 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
                  keep_residual,
                  momentum_on,
                  options.values,
+                 options.seed,
+                 in.step,
                  ctl()};
+    if (is_scaled(options.values)) {
+      const int g = grid(sel.count);
+      value_partials_kernel<<<g, kThreads, 0, stream>>>(c, partials.as<double>());
+      SPS_RETURN_IF_ERROR(check_launch("value_partials_kernel"));
+      value_scale_kernel<<<1, kThreads, 0, stream>>>(partials.as<double>(), g, options.values, options.qsgd_levels,
+                                                     sel.count, ctl());
+      SPS_RETURN_IF_ERROR(check_launch("value_scale_kernel"));
+    }
     commit_kernel<<<grid(sel.count), kThreads, 0, stream>>>(c);
     SPS_RETURN_IF_ERROR(check_launch("commit_kernel"));
   }
@@ -735,6 +804,7 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
                              (method == DeviceMethod::kGaussianK && stats.fallback);
   if (min_threshold) stats.threshold = sel.count > 0 ? static_cast<double>(bits_float(host->min_key)) : 0.0;
   stats.nnz = sel.count;
+  stats.value_scale = is_scaled(options.values) && sel.count > 0 ? host->value_scale : 0.0f;
 
   // Success: the scratch buffers become the state.
   if (keep_residual) residual.swap(acc);
@@ -878,7 +948,7 @@ Result<std::unique_ptr<DeviceCompressor>> DeviceCompressor::create(size_t n, con
   const bool hessian = options.error_feedback == DeviceErrorFeedback::kHessianDiag;
   SPS_RETURN_IF_ERROR(s->coeff.allocate(hessian ? fbytes : 0, "cudaMalloc hessian"));
   SPS_RETURN_IF_ERROR(s->hist.allocate(3 * kBins * sizeof(uint32_t), "cudaMalloc histogram"));
-  SPS_RETURN_IF_ERROR(s->partials.allocate(2 * kMaxBlocks * sizeof(double), "cudaMalloc partials"));
+  SPS_RETURN_IF_ERROR(s->partials.allocate(3 * kMaxBlocks * sizeof(double), "cudaMalloc partials"));
   SPS_RETURN_IF_ERROR(s->control.allocate(sizeof(Control), "cudaMalloc control"));
   SPS_RETURN_IF_ERROR(check(cudaMallocHost(&s->host, sizeof(Control)), "cudaMallocHost"));
 

@@ -28,6 +28,8 @@ struct DeviceOptions {
   float momentum = 0.0f;
   float clip_norm = 0.0f;
   ValueFormat values = ValueFormat::kF32;
+  int qsgd_levels = 64;  // values: qsgd
+  uint64_t seed = 0;     // values: qsgd draws from (seed, step, index)
   int device = 0;
 };
 
@@ -37,6 +39,7 @@ struct StepInputs {
   const uint32_t* random_indices = nullptr;  // randomk: k distinct indices, ascending
   size_t sample_start = 0;                   // sampled: first sampled index
   size_t sample_stride = 1;                  // sampled: stride between samples
+  uint64_t step = 0;                         // the step number (qsgd's draws)
 };
 
 struct DeviceStats {
@@ -44,6 +47,7 @@ struct DeviceStats {
   double threshold = 0;
   int rounds = 0;
   bool fallback = false;
+  float value_scale = 0;  // scaled value formats: the step's scale
 };
 
 class DeviceCompressor {

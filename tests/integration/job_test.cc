@@ -289,6 +289,37 @@ TEST(JobTest, HalfValuesHalveTheValueBytes) {
   EXPECT_EQ(s["bytes_pushed"].get<uint64_t>(), 20 * (64 + 6 * k));
 }
 
+// Scaled values (int8, sign, qsgd) through real processes: per-tensor scales
+// whose runs the shard cut splits (two servers over a model of two tensors),
+// decoded by the servers into exactly the floats the workers' compressors sent.
+TEST(JobTest, ScaledValuesMatchTheReferenceBitForBit) {
+  run_and_compare("values_int8", 2, 2,
+                  {"data.train_limit=2000", "data.test_limit=500", "training.steps=120", "training.batch_size=16",
+                   "training.lr=0.1", "compression.ratio=0.05", "compression.scope=per_tensor",
+                   "compression.values=int8"});
+  run_and_compare("values_sign", 2, 3,
+                  {"data.train_limit=2000", "data.test_limit=500", "training.steps=120", "training.batch_size=16",
+                   "training.lr=0.1", "compression.ratio=0.05", "compression.values=sign"});
+  run_and_compare("values_qsgd", 2, 2,
+                  {"data.train_limit=2000", "data.test_limit=500", "training.steps=120", "training.batch_size=16",
+                   "training.lr=0.1", "compression.method=dense", "compression.error_feedback=none",
+                   "compression.values=qsgd", "compression.qsgd_levels=16", "compression.scope=per_tensor"});
+}
+
+TEST(JobTest, Int8ValuesTakeOneBytePlusTheirScaleRuns) {
+  Job job("bytes_int8", 1, 1, {"data.train_limit=500", "data.test_limit=100", "training.steps=20",
+                               "compression.ratio=0.01", "compression.values=int8", "compression.index_coding=raw"});
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(job.wait_all(120));
+  ASSERT_EQ(job.scheduler.exit_status(), 0);
+  const auto s = read_json(job.path("summary.json"));
+  const uint64_t n = s["num_params"];
+  const uint64_t k = n / 100;
+  // Per push: a 64-byte header, a 4-byte key and a 1-byte level per entry,
+  // the run count and one (count, scale) run.
+  EXPECT_EQ(s["bytes_pushed"].get<uint64_t>(), 20 * (64 + 5 * k + 4 + 8));
+}
+
 TEST(JobTest, SummaryCountsBytesConsistently) {
   Job job("bytes", 2, 2, {"data.train_limit=1000", "data.test_limit=200", "training.steps=50",
                           "compression.ratio=0.01", "consistency.sparse_pull=false", "compression.index_coding=raw"});

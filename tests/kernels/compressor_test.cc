@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include "kernels/backend.h"
@@ -30,6 +31,10 @@ uint32_t bits(float x) { return std::bit_cast<uint32_t>(x); }
 struct Reference {
   CompressorOptions o;
   std::vector<float> residual, momentum, hessian_factor;
+  float last_scale = 0;  // scaled formats: the scale this reference computed in the last step
+  // Scaled formats: send with this scale instead (a backend's, which may sum
+  // in another order; the caller checks it against last_scale).
+  std::optional<float> forced_scale;
   explicit Reference(size_t n, CompressorOptions options) : o(options), residual(n, 0.0f), momentum(n, 0.0f) {
     hessian_factor.assign(n, 1.0f);
   }
@@ -78,11 +83,35 @@ struct Reference {
     }
     out.indices = idx;
     out.values.clear();
+    out.scale_runs.clear();
     const bool unbiased = p.method == Method::kRandomK && p.randomk_unbiased;
-    for (uint32_t i : idx) {
+    auto value_of = [&](uint32_t i) {
       float v = acc[i];
       if (unbiased) v = v * static_cast<float>(static_cast<double>(n) / static_cast<double>(p.k));
-      const float sent = quantise(v, o.values);
+      return v;
+    };
+    // Scaled formats: the scale from the selected values, summed in index order.
+    last_scale = 0;
+    if (is_scaled(o.values) && !idx.empty()) {
+      float max_abs = 0;
+      double sum_abs = 0, sum_sq = 0;
+      for (uint32_t i : idx) {
+        const float v = value_of(i);
+        max_abs = std::max(max_abs, std::fabs(v));
+        sum_abs += std::fabs(v);
+        sum_sq += double{v} * v;
+      }
+      last_scale = value_scale_of(o.values, max_abs, sum_abs, sum_sq, static_cast<double>(idx.size()), o.qsgd_levels);
+      out.scale_runs.push_back({static_cast<uint32_t>(idx.size()), forced_scale.value_or(last_scale)});
+    }
+    const float value_scale = forced_scale.value_or(last_scale);
+    for (uint32_t i : idx) {
+      const float v = value_of(i);
+      float sent = quantise(v, o.values);
+      if (is_scaled(o.values)) {
+        const uint32_t random = o.values == ValueFormat::kQsgd ? quant_random24(p.seed, step, i) : 0u;
+        sent = dequantise(quant_level(v, o.values, value_scale, random), value_scale);
+      }
       out.values.push_back(sent);
       if (o.error_feedback != ErrorFeedbackMode::kNone) residual[i] = 0;  // set below
       u[i] = 0.0f;
@@ -254,8 +283,26 @@ class CompressorTest : public ::testing::TestWithParam<Backend> {
     for (int s = 0; s < steps; ++s) {
       const auto& g = grads[static_cast<size_t>(s) % grads.size()];
       ASSERT_TRUE(c->compress(g, scale, got, static_cast<uint64_t>(s)).ok());
+      ref.forced_scale.reset();
+      if (is_scaled(o.values) && !got.scale_runs.empty()) ref.forced_scale = got.scale_runs[0].scale;
       ref.step(g, scale, static_cast<uint64_t>(s), want, acc);
       ASSERT_EQ(got.indices, want.indices) << "step " << s << " n=" << n << " k=" << o.selection.k;
+      if (is_scaled(o.values)) {
+        // One run over the whole selection; its scale is the reference's,
+        // bit for bit where the sums run in the same order (CPU, and max |v|
+        // for int8 everywhere), else within a rounding of the double sums.
+        ASSERT_EQ(got.scale_runs.size(), want.size() == 0 ? 0u : 1u) << "step " << s;
+        if (want.size() != 0) {
+          EXPECT_EQ(got.scale_runs[0].count, want.size());
+          if (GetParam() == Backend::kCpu || o.values == ValueFormat::kInt8)
+            ASSERT_EQ(bits(got.scale_runs[0].scale), bits(ref.last_scale)) << "step " << s;
+          else
+            ASSERT_NEAR(got.scale_runs[0].scale, ref.last_scale, 1e-6 * ref.last_scale) << "step " << s;
+          EXPECT_EQ(bits(c->last_stats().value_scale), bits(got.scale_runs[0].scale));
+        }
+      } else {
+        ASSERT_TRUE(got.scale_runs.empty());
+      }
       ASSERT_EQ(got.values.size(), want.values.size());
       for (size_t j = 0; j < want.values.size(); ++j)
         ASSERT_EQ(bits(got.values[j]), bits(want.values[j])) << "step " << s << " entry " << j;
@@ -441,6 +488,121 @@ TEST_P(CompressorTest, HalfPrecisionValuesKeepTheRoundingErrorInTheResidual) {
       EXPECT_EQ(bits(r[i] + out.values[j]), bits(g[i])) << "residual + sent == acc";
     }
   }
+}
+
+TEST_P(CompressorTest, ScaledValuesMatchTheReference) {
+  for (ValueFormat f : {ValueFormat::kInt8, ValueFormat::kSign, ValueFormat::kQsgd}) {
+    for (ErrorFeedbackMode mode : {ErrorFeedbackMode::kEf, ErrorFeedbackMode::kNone}) {
+      for (Method m : {Method::kTopK, Method::kThreshold, Method::kDense, Method::kRandomK, Method::kGaussianK,
+                       Method::kSampled}) {
+        SCOPED_TRACE(std::string(value_format_name(f)) + " method " + std::to_string(static_cast<int>(m)));
+        CompressorOptions o;
+        o.selection.method = m;
+        o.selection.k = 300;
+        o.selection.lambda = 2.5f;
+        o.selection.seed = 9;
+        o.error_feedback = mode;
+        o.values = f;
+        o.qsgd_levels = 5;
+        expect_same_as_reference(o, {normal(30000, 41), heavy_tailed(30000, 42), normal(30000, 43)}, 6, 1.0f);
+      }
+    }
+  }
+  // Unbiased random-k's n/k scaling comes before the scale is computed.
+  CompressorOptions o;
+  o.selection.method = Method::kRandomK;
+  o.selection.k = 50;
+  o.selection.randomk_unbiased = true;
+  o.error_feedback = ErrorFeedbackMode::kNone;
+  o.values = ValueFormat::kQsgd;
+  expect_same_as_reference(o, {normal(5000, 44)}, 4, 1.0f);
+  // Per tensor too small to matter: a single selected entry, and all-zero input.
+  for (ValueFormat f : {ValueFormat::kInt8, ValueFormat::kSign, ValueFormat::kQsgd}) {
+    auto t = topk_options(1);
+    t.values = f;
+    expect_same_as_reference(t, {normal(10, 45)}, 3, 1.0f);
+    expect_same_as_reference(t, {std::vector<float>(64, 0.0f)}, 2, 1.0f);
+  }
+}
+
+TEST_P(CompressorTest, ScaledValuesAreLevelsTimesTheScale) {
+  const size_t n = 20000;
+  for (ValueFormat f : {ValueFormat::kInt8, ValueFormat::kSign, ValueFormat::kQsgd}) {
+    auto o = topk_options(2000);
+    o.values = f;
+    o.qsgd_levels = 16;
+    auto c = make(n, o);
+    ASSERT_NE(c, nullptr);
+    SparseVector out;
+    const auto g = heavy_tailed(n, 46);
+    ASSERT_TRUE(c->compress(g, 1.0f, out, 0).ok());
+    ASSERT_EQ(out.scale_runs.size(), 1u);
+    const float scale = out.scale_runs[0].scale;
+    ASSERT_GT(scale, 0.0f);
+    const int max_level = f == ValueFormat::kQsgd ? 16 : f == ValueFormat::kSign ? 1 : 127;
+    const auto r = c->residual();
+    double sum_abs = 0;
+    float max_abs = 0;
+    for (size_t j = 0; j < out.size(); ++j) {
+      const uint32_t i = out.indices[j];
+      const int level = level_of(out.values[j], scale);
+      ASSERT_LE(std::abs(level), max_level) << j;
+      ASSERT_EQ(bits(dequantise(level, scale)), bits(out.values[j])) << "sent = level * scale";
+      if (f == ValueFormat::kSign) {
+        ASSERT_EQ(level, g[i] >= 0 ? 1 : -1);
+      }
+      if (f == ValueFormat::kInt8) {
+        // Round to nearest: off by at most half a step, and the residual
+        // holds exactly what was not sent.
+        ASSERT_LE(std::fabs(g[i] - out.values[j]), 0.5f * scale * (1 + 1e-6f)) << j;
+        ASSERT_EQ(bits(r[i] + out.values[j]), bits(g[i])) << "residual + sent == acc";
+      }
+      if (f == ValueFormat::kQsgd) {
+        ASSERT_LE(std::fabs(g[i] - out.values[j]), scale * (1 + 1e-6f)) << j;
+      }
+      sum_abs += std::fabs(g[i]);
+      max_abs = std::max(max_abs, std::fabs(g[i]));
+    }
+    if (f == ValueFormat::kInt8) {
+      EXPECT_EQ(scale, max_abs / 127.0f);
+    }
+    if (f == ValueFormat::kSign) {
+      EXPECT_FLOAT_EQ(scale, static_cast<float>(sum_abs / 2000.0));
+    }
+  }
+}
+
+// QSGD rounds stochastically so that what is sent is unbiased: averaged over
+// many steps (a fresh draw each), the sent values approach acc.
+TEST_P(CompressorTest, QsgdIsUnbiased) {
+  const size_t n = 64;
+  CompressorOptions o;
+  o.selection.method = Method::kDense;
+  o.selection.k = n;
+  o.error_feedback = ErrorFeedbackMode::kNone;
+  o.values = ValueFormat::kQsgd;
+  o.qsgd_levels = 2;
+  o.selection.seed = 3;
+  auto c = make(n, o);
+  ASSERT_NE(c, nullptr);
+  const auto g = normal(n, 47);
+  std::vector<double> mean(n, 0.0);
+  const int steps = 4000;
+  SparseVector out;
+  float scale = 0;
+  for (int s = 0; s < steps; ++s) {
+    ASSERT_TRUE(c->compress(g, 1.0f, out, static_cast<uint64_t>(s)).ok());
+    scale = out.scale_runs[0].scale;
+    for (size_t i = 0; i < n; ++i) mean[i] += out.values[i] / steps;
+  }
+  // Each draw is off by at most one scale step; the mean of 4000 by a few
+  // scale / sqrt(4000) (about 0.016 scale per standard deviation).
+  for (size_t i = 0; i < n; ++i) EXPECT_NEAR(mean[i], g[i], 0.1 * scale) << i;
+  // Every draw is either neighbouring level, never a biased round to nearest.
+  ASSERT_TRUE(c->compress(g, 1.0f, out, 0).ok());
+  SparseVector again;
+  ASSERT_TRUE(c->compress(g, 1.0f, again, 0).ok());
+  EXPECT_EQ(out.values, again.values) << "the draw depends on (seed, step, index) only";
 }
 
 TEST_P(CompressorTest, NonFiniteInputIsRefusedAndChangesNothing) {

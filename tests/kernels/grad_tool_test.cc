@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -77,6 +78,35 @@ TEST(GradToolTest, SelectMatchesTheLibraryAndWritesItsFiles) {
   ASSERT_TRUE(residual.ok());
   for (size_t i = 0; i < want.size(); ++i) (*residual)[want.indices[i]] = want.values[i];
   EXPECT_EQ(*residual, g);  // residual + sent == acc
+}
+
+TEST(GradToolTest, ScaledValueFormatsReportTheirScale) {
+  const auto g = random_vector(20000);
+  const std::string in = dir() + "/gs.f32";
+  ASSERT_TRUE(save_f32(in, g).ok());
+  auto [rc, out] = grad("select " + in + " --method topk --k 100 --value-format int8 --values " + dir() +
+                        "/vs.f32 --error-feedback ef --residual-out " + dir() + "/rs.f32 --json");
+  ASSERT_EQ(rc, 0) << out;
+  const auto j = nlohmann::json::parse(out);
+  EXPECT_EQ(j["value_format"], "int8");
+  SparseVector want;
+  TopKScratch scratch;
+  topk_select(g, 100, want, scratch);
+  float max_abs = 0;
+  for (float v : want.values) max_abs = std::max(max_abs, std::fabs(v));
+  const float scale = max_abs / 127.0f;
+  EXPECT_EQ(j["value_scale"].get<float>(), scale);
+  auto values = load_f32(dir() + "/vs.f32");
+  auto residual = load_f32(dir() + "/rs.f32");
+  ASSERT_TRUE(values.ok() && residual.ok());
+  ASSERT_EQ(values->size(), 100u);
+  for (size_t i = 0; i < 100; ++i) {
+    const float level = std::nearbyint((*values)[i] / scale);
+    EXPECT_EQ((*values)[i], level * scale) << i;
+    EXPECT_EQ((*residual)[want.indices[i]] + (*values)[i], want.values[i]) << i;  // the rounding stays behind
+  }
+  std::tie(rc, out) = grad("select " + in + " --value-format qsgd --qsgd-levels 300");
+  EXPECT_NE(rc, 0) << "levels above 127 are refused: " << out;
 }
 
 TEST(GradToolTest, ResidualIsFedIn) {

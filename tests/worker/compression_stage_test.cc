@@ -69,5 +69,54 @@ TEST(CompressionStageTest, UndoSendPutsEachTensorsPartBack) {
   EXPECT_FALSE(*kept) << "without error feedback the values are lost, and the caller is told";
 }
 
+// Scaled values: one scale run per tensor that selected anything, in key
+// order, each the tensor's own scale; slicing them at a shard cut keeps
+// every value with its scale.
+TEST(CompressionStageTest, PerTensorScaledValuesCarryOneRunPerTensor) {
+  auto cfg = config::load("", {"compression.scope=per_tensor", "compression.method=topk", "compression.ratio=0.05",
+                               "compression.values=int8", "compression.scale=1"});
+  ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+  Mlp model({20, 16, 8, 4});
+  const auto specs = model.tensors();
+  const size_t n = model.num_params();
+  auto stage = CompressionStage::create(*cfg, model, 0);
+  ASSERT_TRUE(stage.ok()) << stage.status().to_string();
+  std::vector<float> params(n, 0.0f);
+  Batch batch;
+  kernels::SparseVector sel;
+  const auto g = random_vector(n, 3);
+  ASSERT_TRUE((*stage)->compress(params, batch, g, 0, sel).ok());
+  ASSERT_EQ(sel.scale_runs.size(), specs.size());
+  size_t pos = 0, offset = 0;
+  for (size_t t = 0; t < specs.size(); ++t) {
+    const auto& run = sel.scale_runs[t];
+    float max_abs = 0;
+    for (size_t j = pos; j < pos + run.count; ++j) {
+      ASSERT_GE(sel.indices[j], offset) << "run " << t << " holds tensor " << t << "'s keys only";
+      ASSERT_LT(sel.indices[j], offset + specs[t].size());
+      max_abs = std::max(max_abs, std::fabs(g[sel.indices[j]]));
+    }
+    EXPECT_EQ(run.scale, max_abs / 127.0f) << "tensor " << t;
+    pos += run.count;
+    offset += specs[t].size();
+  }
+  EXPECT_EQ(pos, sel.size());
+  // A shard cut in the middle of the selection.
+  std::vector<ScaleRun> part;
+  const size_t cut_lo = sel.size() / 3, cut_hi = 2 * sel.size() / 3;
+  slice_runs(sel.scale_runs, cut_lo, cut_hi, part);
+  size_t counted = 0, at = cut_lo;
+  for (const auto& r : part) {
+    ASSERT_GT(r.count, 0u);
+    // Every value in this piece has its own tensor's scale.
+    size_t p = 0, t = 0;
+    while (p + sel.scale_runs[t].count <= at) p += sel.scale_runs[t++].count;
+    EXPECT_EQ(r.scale, sel.scale_runs[t].scale);
+    counted += r.count;
+    at += r.count;
+  }
+  EXPECT_EQ(counted, cut_hi - cut_lo);
+}
+
 }  // namespace
 }  // namespace sps::worker
