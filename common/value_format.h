@@ -146,9 +146,12 @@ SPS_HOST_DEVICE inline float dequantise(int level, float scale) { return static_
 
 // The level a sent value came from (the encoder's inverse of dequantise;
 // exact because |level| <= 127 and the product lost at most half an ulp).
+// A value that is no level * scale gets the nearest level in [-127, 127].
 inline int level_of(float sent, float scale) {
   if (!(scale > 0.0f)) return 0;
-  return static_cast<int>(std::nearbyint(sent / scale));
+  const float q = std::nearbyint(sent / scale);
+  if (!(q >= -static_cast<float>(kMaxQuantLevel))) return q > 0 ? kMaxQuantLevel : -kMaxQuantLevel;
+  return q > static_cast<float>(kMaxQuantLevel) ? kMaxQuantLevel : static_cast<int>(q);
 }
 
 // The runs of `runs` (covering positions 0, 1, ...) that fall in

@@ -321,6 +321,7 @@ const std::vector<Field>& fields() {
                                    {"bf16", ValueFormatName::kBF16}, {"int8", ValueFormatName::kInt8},
                                    {"sign", ValueFormatName::kSign}, {"qsgd", ValueFormatName::kQsgd}}),
       integer_field("compression.qsgd_levels", SPS_REF(compression.qsgd_levels), 1, 127),
+      integer_field("compression.quant_bucket", SPS_REF(compression.quant_bucket), 0, kInt32Max),
       enum_field<IndexCoding>("compression.index_coding", SPS_REF(compression.index_coding),
                               {{"auto", IndexCoding::kAuto}, {"raw", IndexCoding::kRaw},
                                {"delta_varint", IndexCoding::kDeltaVarint}, {"bitmap", IndexCoding::kBitmap}}),

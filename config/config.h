@@ -167,6 +167,8 @@ struct CompressionConfig {
   ValueFormatName values = ValueFormatName::kF32;
   // values: qsgd: the number of levels s. Default: 64. Range 1..127.
   int64_t qsgd_levels = 64;
+  // Scaled values: one scale per this many consecutive selected values (0 = one per selection). Default: 512.
+  int64_t quant_bucket = 512;
   // Wire coding of sparse keys: auto (smallest per message) | raw | delta_varint | bitmap. Default: auto.
   IndexCoding index_coding = IndexCoding::kAuto;
   // DGC momentum correction with masking on the worker (0 = off). Default: 0.

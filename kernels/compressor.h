@@ -39,6 +39,9 @@ struct CompressorOptions {
   ValueFormat values = ValueFormat::kF32;
   // qsgd: the number of levels s (1..127).
   int qsgd_levels = 64;
+  // Scaled formats: one scale per this many consecutive selected values
+  // (QSGD's buckets; 0 = one scale over the whole selection).
+  size_t quant_bucket = 512;
   // CPU worker threads for the passes over n (1 = the calling thread only).
   int threads = 1;
   // CUDA device ordinal (CUDA backend only).

@@ -420,26 +420,33 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
                         options_.selection.k > 0;
   const float factor =
       unbiased ? static_cast<float>(static_cast<double>(n_) / static_cast<double>(options_.selection.k)) : 1.0f;
-  // Scaled formats: one scale over this step's (scaled) selected values.
-  float value_scale = 0.0f;
-  if (is_scaled(format) && !out.values.empty()) {
-    float max_abs = 0.0f;
-    double sum_abs = 0, sum_sq = 0;
-    for (float x : out.values) {
-      const float v = unbiased ? x * factor : x;
-      const float a = std::fabs(v);
-      max_abs = std::max(max_abs, a);
-      sum_abs += a;
-      sum_sq += static_cast<double>(v) * v;
+  // Scaled formats: one scale per bucket of quant_bucket consecutive
+  // selected values (after the n/k scaling), or one over them all.
+  const size_t m = out.values.size();
+  const size_t bucket = is_scaled(format) && options_.quant_bucket > 0 ? options_.quant_bucket : std::max<size_t>(m, 1);
+  if (is_scaled(format)) {
+    for (size_t b = 0; b < m; b += bucket) {
+      const size_t end = std::min(m, b + bucket);
+      float max_abs = 0.0f;
+      double sum_abs = 0, sum_sq = 0;
+      for (size_t j = b; j < end; ++j) {
+        const float v = unbiased ? out.values[j] * factor : out.values[j];
+        const float a = std::fabs(v);
+        max_abs = std::max(max_abs, a);
+        sum_abs += a;
+        sum_sq += static_cast<double>(v) * v;
+      }
+      out.scale_runs.push_back({static_cast<uint32_t>(end - b),
+                                value_scale_of(format, max_abs, sum_abs, sum_sq, static_cast<double>(end - b),
+                                               options_.qsgd_levels)});
     }
-    value_scale = value_scale_of(format, max_abs, sum_abs, sum_sq, static_cast<double>(out.values.size()),
-                                 options_.qsgd_levels);
-    out.scale_runs.push_back({static_cast<uint32_t>(out.values.size()), value_scale});
   }
-  stats_.value_scale = value_scale;
+  stats_.value_scale = out.scale_runs.empty() ? 0.0f : out.scale_runs[0].scale;
   const uint64_t seed = options_.selection.seed;
-  auto send = [&](float v, uint32_t i) {
+  // Entry j of the selection (index i) as sent.
+  auto send = [&](float v, size_t j, uint32_t i) {
     if (!is_scaled(format)) return quantise(v, format);
+    const float value_scale = out.scale_runs[j / bucket].scale;
     const uint32_t random = format == ValueFormat::kQsgd ? quant_random24(seed, step, i) : 0u;
     return dequantise(quant_level(v, format, value_scale, random), value_scale);
   };
@@ -452,7 +459,7 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
     for (size_t j = 0; j < out.indices.size(); ++j) {
       const size_t p = sel_all_ ? j : sel_[j];
       const float v = out.values[j];
-      const float sent = send(v, out.indices[j]);
+      const float sent = send(v, j, out.indices[j]);
       out.values[j] = sent;
       cv[p] = std::bit_cast<uint32_t>(v - sent);
     }
@@ -469,7 +476,7 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
     for (size_t j = 0; j < out.indices.size(); ++j) {
       const uint32_t i = out.indices[j];
       const float v = unbiased ? out.values[j] * factor : out.values[j];
-      const float sent = send(v, i);
+      const float sent = send(v, j, i);
       out.values[j] = sent;
       if (keep_residual) acc_[i] = acc_[i] - sent;
       if (!momentum_next_.empty()) momentum_next_[i] = 0.0f;

@@ -74,8 +74,12 @@ class CudaCompressor final : public Compressor {
     stats_.rounds = ds.rounds;
     stats_.fallback = ds.fallback;
     stats_.value_scale = ds.value_scale;
-    if (is_scaled(options_.values) && !out.values.empty())
-      out.scale_runs.push_back({static_cast<uint32_t>(out.values.size()), ds.value_scale});
+    if (!ds.value_scales.empty()) {
+      const size_t m = out.values.size();
+      const size_t bucket = options_.quant_bucket > 0 ? options_.quant_bucket : m;
+      for (size_t b = 0; b < ds.value_scales.size(); ++b)
+        out.scale_runs.push_back({static_cast<uint32_t>(std::min(bucket, m - b * bucket)), ds.value_scales[b]});
+    }
     return {};
   }
 
@@ -161,6 +165,7 @@ Result<std::unique_ptr<Compressor>> make_cuda_compressor(size_t n, const Compres
   d.clip_norm = options.clip_norm;
   d.values = options.values;
   d.qsgd_levels = options.qsgd_levels;
+  d.quant_bucket = options.quant_bucket;
   d.seed = options.selection.seed;
   d.device = options.device;
   SPS_ASSIGN_OR_RETURN(auto device, cuda::DeviceCompressor::create(n, d));

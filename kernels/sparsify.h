@@ -70,7 +70,7 @@ struct SelectionStats {
   // predicted from the previous step) sufficed, so no second pass over n ran.
   bool predicted = false;
   size_t candidates = 0;  // CPU: entries collected in the first pass
-  float value_scale = 0;  // scaled value formats: the step's scale (0 otherwise)
+  float value_scale = 0;  // scaled value formats: the first bucket's scale (0 otherwise)
 };
 
 // k = max(1, floor(ratio * n)) for n > 0, capped at n; 0 for n = 0.

@@ -56,6 +56,7 @@ kernels::CompressorOptions compressor_options(const config::Config& cfg, size_t 
   o.clip_norm = static_cast<float>(cc.clip_norm);
   o.values = value_format(cfg);
   o.qsgd_levels = static_cast<int>(cc.qsgd_levels);
+  o.quant_bucket = static_cast<size_t>(cc.quant_bucket);
   o.threads = static_cast<int>(cc.threads);
   return o;
 }

@@ -127,7 +127,6 @@ struct Control {
   RadixState radix;
   double sum;     // gaussiank: sum of acc
   double sum_sq;  // gaussiank: sum of acc^2
-  float value_scale;  // scaled value formats: the step's scale
 };
 
 __device__ __forceinline__ uint32_t key_of(float x) { return __float_as_uint(x) & kKeyMask; }
@@ -152,7 +151,6 @@ __global__ void reset_control_kernel(Control* c) {
   c->radix = RadixState{0, 0, 0, 0};
   c->sum = 0;
   c->sum_sq = 0;
-  c->value_scale = 0.0f;
 }
 
 // Reduces per-block double partials in a fixed order (deterministic).
@@ -378,7 +376,9 @@ struct CommitArgs {
   ValueFormat format;
   uint64_t seed;  // qsgd's draws depend on (seed, step, index)
   uint64_t step;
-  Control* control;  // scaled formats read control->value_scale
+  float* scales;  // scaled formats: one per bucket of `bucket` selected values
+  size_t bucket;
+  Control* control;
 };
 
 // Scaled formats, first half: per block max |v| and the double sums of |v|
@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(kThreads) value_partials_kernel(CommitArgs a, 
 // Second half, one block: the partials in a fixed order, then the scale
 // with value_format.h's formula (the CPU's).
 __global__ void value_scale_kernel(const double* partials, int blocks, ValueFormat format, int levels, size_t count,
-                                   Control* c) {
+                                   float* scale) {
   using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage temp;
   double mx = 0, sa = 0, sq = 0;
@@ -426,7 +426,35 @@ __global__ void value_scale_kernel(const double* partials, int blocks, ValueForm
   __syncthreads();
   const double tsq = Reduce(temp).Sum(sq);
   if (threadIdx.x == 0)
-    c->value_scale = value_scale_of(format, static_cast<float>(tmx), tsa, tsq, static_cast<double>(count), levels);
+    *scale = value_scale_of(format, static_cast<float>(tmx), tsa, tsq, static_cast<double>(count), levels);
+}
+
+// Many buckets: one block per bucket (grid-strided), a scale each.
+__global__ void __launch_bounds__(kThreads) bucket_scale_kernel(CommitArgs a, int levels) {
+  using Reduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename Reduce::TempStorage temp;
+  const size_t buckets = (a.count + a.bucket - 1) / a.bucket;
+  for (size_t b = blockIdx.x; b < buckets; b += gridDim.x) {
+    const size_t end = min(a.count, (b + 1) * a.bucket);
+    double mx = 0, sa = 0, sq = 0;
+    for (size_t j = b * a.bucket + threadIdx.x; j < end; j += kThreads) {
+      const size_t i = a.list != nullptr ? a.list[j] : j;
+      const float v = a.apply_factor ? __fmul_rn(a.acc[i], a.factor) : a.acc[i];
+      const double m = fabsf(v);
+      mx = fmax(mx, m);
+      sa = __dadd_rn(sa, m);
+      sq = __dadd_rn(sq, __dmul_rn(m, m));
+    }
+    const double bmx = Reduce(temp).Reduce(mx, ::cuda::maximum<>{});
+    __syncthreads();
+    const double bsa = Reduce(temp).Sum(sa);
+    __syncthreads();
+    const double bsq = Reduce(temp).Sum(sq);
+    if (threadIdx.x == 0)
+      a.scales[b] = value_scale_of(a.format, static_cast<float>(bmx), bsa, bsq,
+                                   static_cast<double>(end - b * a.bucket), levels);
+    __syncthreads();
+  }
 }
 
 __global__ void __launch_bounds__(kThreads) commit_kernel(CommitArgs a) {
@@ -441,7 +469,7 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitArgs a) {
     low = min(low, key_of(v));
     float sent = a.apply_factor ? __fmul_rn(v, a.factor) : v;
     if (is_scaled(a.format)) {  // value_format.h: the CPU's code
-      const float s = a.control->value_scale;
+      const float s = a.scales[j / a.bucket];
       const uint32_t random = a.format == ValueFormat::kQsgd ? quant_random24(a.seed, a.step, i) : 0u;
       sent = dequantise(quant_level(sent, a.format, s, random), s);
     } else {
@@ -539,6 +567,7 @@ struct DeviceCompressor::State {
   DeviceMemory residual, acc, u, u_new, coeff, grad;
   DeviceMemory cand, out, tmp_a, values;  // tmp_b aliases values (free until commit)
   DeviceMemory hist, partials, control, cub_temp;
+  DeviceMemory scales;  // scaled value formats: one float per bucket
   size_t cub_bytes = 0;
   Control* host = nullptr;  // pinned mirror of the control block
 
@@ -756,6 +785,10 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
 
   // Commit into the scratch buffers, then copy the result out.
   const bool unbiased = method == DeviceMethod::kRandomK && options.randomk_unbiased && k > 0;
+  // Scaled formats: a scale per bucket of selected values (one bucket: all).
+  const size_t bucket = options.quant_bucket > 0 ? options.quant_bucket : std::max<size_t>(sel.count, 1);
+  const size_t buckets = is_scaled(options.values) ? (sel.count + bucket - 1) / bucket : 0;
+  stats.value_scales.resize(buckets);
   if (sel.count > 0) {
     CommitArgs c{sel.list,
                  sel.count,
@@ -769,14 +802,20 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
                  options.values,
                  options.seed,
                  in.step,
+                 scales.as<float>(),
+                 bucket,
                  ctl()};
-    if (is_scaled(options.values)) {
+    if (is_scaled(options.values) && buckets == 1) {
       const int g = grid(sel.count);
       value_partials_kernel<<<g, kThreads, 0, stream>>>(c, partials.as<double>());
       SPS_RETURN_IF_ERROR(check_launch("value_partials_kernel"));
       value_scale_kernel<<<1, kThreads, 0, stream>>>(partials.as<double>(), g, options.values, options.qsgd_levels,
-                                                     sel.count, ctl());
+                                                     sel.count, scales.as<float>());
       SPS_RETURN_IF_ERROR(check_launch("value_scale_kernel"));
+    } else if (is_scaled(options.values)) {
+      const int g = static_cast<int>(std::min<size_t>(buckets, 8 * static_cast<size_t>(kMaxBlocks)));
+      bucket_scale_kernel<<<g, kThreads, 0, stream>>>(c, options.qsgd_levels);
+      SPS_RETURN_IF_ERROR(check_launch("bucket_scale_kernel"));
     }
     commit_kernel<<<grid(sel.count), kThreads, 0, stream>>>(c);
     SPS_RETURN_IF_ERROR(check_launch("commit_kernel"));
@@ -791,6 +830,10 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
     SPS_RETURN_IF_ERROR(check(cudaMemcpyAsync(values_out.data(), values.as<float>(), sel.count * sizeof(float),
                                               cudaMemcpyDeviceToHost, stream),
                               "copy values"));
+    if (buckets > 0)
+      SPS_RETURN_IF_ERROR(check(cudaMemcpyAsync(stats.value_scales.data(), scales.as<float>(), buckets * sizeof(float),
+                                                cudaMemcpyDeviceToHost, stream),
+                                "copy value scales"));
   }
   SPS_RETURN_IF_ERROR(fetch());
   if (sel.identity)
@@ -804,7 +847,7 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
                              (method == DeviceMethod::kGaussianK && stats.fallback);
   if (min_threshold) stats.threshold = sel.count > 0 ? static_cast<double>(bits_float(host->min_key)) : 0.0;
   stats.nnz = sel.count;
-  stats.value_scale = is_scaled(options.values) && sel.count > 0 ? host->value_scale : 0.0f;
+  stats.value_scale = stats.value_scales.empty() ? 0.0f : stats.value_scales[0];
 
   // Success: the scratch buffers become the state.
   if (keep_residual) residual.swap(acc);
@@ -949,6 +992,9 @@ Result<std::unique_ptr<DeviceCompressor>> DeviceCompressor::create(size_t n, con
   SPS_RETURN_IF_ERROR(s->coeff.allocate(hessian ? fbytes : 0, "cudaMalloc hessian"));
   SPS_RETURN_IF_ERROR(s->hist.allocate(3 * kBins * sizeof(uint32_t), "cudaMalloc histogram"));
   SPS_RETURN_IF_ERROR(s->partials.allocate(3 * kMaxBlocks * sizeof(double), "cudaMalloc partials"));
+  const size_t max_buckets =
+      is_scaled(options.values) && options.quant_bucket > 0 ? (n + options.quant_bucket - 1) / options.quant_bucket : 1;
+  SPS_RETURN_IF_ERROR(s->scales.allocate(std::max<size_t>(max_buckets, 1) * sizeof(float), "cudaMalloc scales"));
   SPS_RETURN_IF_ERROR(s->control.allocate(sizeof(Control), "cudaMalloc control"));
   SPS_RETURN_IF_ERROR(check(cudaMallocHost(&s->host, sizeof(Control)), "cudaMallocHost"));
 

@@ -29,6 +29,7 @@ struct DeviceOptions {
   float clip_norm = 0.0f;
   ValueFormat values = ValueFormat::kF32;
   int qsgd_levels = 64;  // values: qsgd
+  size_t quant_bucket = 512;  // scaled values: selected values per scale (0 = all)
   uint64_t seed = 0;     // values: qsgd draws from (seed, step, index)
   int device = 0;
 };
@@ -47,7 +48,8 @@ struct DeviceStats {
   double threshold = 0;
   int rounds = 0;
   bool fallback = false;
-  float value_scale = 0;  // scaled value formats: the step's scale
+  float value_scale = 0;            // scaled value formats: the first bucket's scale
+  std::vector<float> value_scales;  // scaled value formats: every bucket's scale, in order
 };
 
 class DeviceCompressor {

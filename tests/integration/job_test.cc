@@ -291,7 +291,8 @@ TEST(JobTest, HalfValuesHalveTheValueBytes) {
 
 // Scaled values (int8, sign, qsgd) through real processes: per-tensor scales
 // whose runs the shard cut splits (two servers over a model of two tensors),
-// decoded by the servers into exactly the floats the workers' compressors sent.
+// buckets of 64 values over three shards, decoded by the servers into
+// exactly the floats the workers' compressors sent.
 TEST(JobTest, ScaledValuesMatchTheReferenceBitForBit) {
   run_and_compare("values_int8", 2, 2,
                   {"data.train_limit=2000", "data.test_limit=500", "training.steps=120", "training.batch_size=16",
@@ -299,7 +300,8 @@ TEST(JobTest, ScaledValuesMatchTheReferenceBitForBit) {
                    "compression.values=int8"});
   run_and_compare("values_sign", 2, 3,
                   {"data.train_limit=2000", "data.test_limit=500", "training.steps=120", "training.batch_size=16",
-                   "training.lr=0.1", "compression.ratio=0.05", "compression.values=sign"});
+                   "training.lr=0.1", "compression.ratio=0.05", "compression.values=sign",
+                   "compression.quant_bucket=64"});
   run_and_compare("values_qsgd", 2, 2,
                   {"data.train_limit=2000", "data.test_limit=500", "training.steps=120", "training.batch_size=16",
                    "training.lr=0.1", "compression.method=dense", "compression.error_feedback=none",

@@ -31,10 +31,10 @@ uint32_t bits(float x) { return std::bit_cast<uint32_t>(x); }
 struct Reference {
   CompressorOptions o;
   std::vector<float> residual, momentum, hessian_factor;
-  float last_scale = 0;  // scaled formats: the scale this reference computed in the last step
-  // Scaled formats: send with this scale instead (a backend's, which may sum
-  // in another order; the caller checks it against last_scale).
-  std::optional<float> forced_scale;
+  std::vector<float> last_scales;  // scaled formats: the bucket scales this reference computed last step
+  // Scaled formats: send with these scales instead (a backend's, which may
+  // sum in another order; the caller checks them against last_scales).
+  std::optional<std::vector<float>> forced_scales;
   explicit Reference(size_t n, CompressorOptions options) : o(options), residual(n, 0.0f), momentum(n, 0.0f) {
     hessian_factor.assign(n, 1.0f);
   }
@@ -90,25 +90,31 @@ struct Reference {
       if (unbiased) v = v * static_cast<float>(static_cast<double>(n) / static_cast<double>(p.k));
       return v;
     };
-    // Scaled formats: the scale from the selected values, summed in index order.
-    last_scale = 0;
-    if (is_scaled(o.values) && !idx.empty()) {
+    // Scaled formats: a scale per bucket of selected values, summed in index order.
+    last_scales.clear();
+    const size_t bucket = o.quant_bucket > 0 ? o.quant_bucket : std::max<size_t>(idx.size(), 1);
+    for (size_t b = 0; is_scaled(o.values) && b < idx.size(); b += bucket) {
+      const size_t end = std::min(idx.size(), b + bucket);
       float max_abs = 0;
       double sum_abs = 0, sum_sq = 0;
-      for (uint32_t i : idx) {
-        const float v = value_of(i);
+      for (size_t j = b; j < end; ++j) {
+        const float v = value_of(idx[j]);
         max_abs = std::max(max_abs, std::fabs(v));
         sum_abs += std::fabs(v);
         sum_sq += double{v} * v;
       }
-      last_scale = value_scale_of(o.values, max_abs, sum_abs, sum_sq, static_cast<double>(idx.size()), o.qsgd_levels);
-      out.scale_runs.push_back({static_cast<uint32_t>(idx.size()), forced_scale.value_or(last_scale)});
+      last_scales.push_back(
+          value_scale_of(o.values, max_abs, sum_abs, sum_sq, static_cast<double>(end - b), o.qsgd_levels));
+      const size_t r = last_scales.size() - 1;
+      const float used = forced_scales && r < forced_scales->size() ? (*forced_scales)[r] : last_scales[r];
+      out.scale_runs.push_back({static_cast<uint32_t>(end - b), used});
     }
-    const float value_scale = forced_scale.value_or(last_scale);
-    for (uint32_t i : idx) {
+    for (size_t j = 0; j < idx.size(); ++j) {
+      const uint32_t i = idx[j];
       const float v = value_of(i);
       float sent = quantise(v, o.values);
       if (is_scaled(o.values)) {
+        const float value_scale = out.scale_runs[j / bucket].scale;
         const uint32_t random = o.values == ValueFormat::kQsgd ? quant_random24(p.seed, step, i) : 0u;
         sent = dequantise(quant_level(v, o.values, value_scale, random), value_scale);
       }
@@ -283,21 +289,27 @@ class CompressorTest : public ::testing::TestWithParam<Backend> {
     for (int s = 0; s < steps; ++s) {
       const auto& g = grads[static_cast<size_t>(s) % grads.size()];
       ASSERT_TRUE(c->compress(g, scale, got, static_cast<uint64_t>(s)).ok());
-      ref.forced_scale.reset();
-      if (is_scaled(o.values) && !got.scale_runs.empty()) ref.forced_scale = got.scale_runs[0].scale;
+      ref.forced_scales.reset();
+      if (is_scaled(o.values)) {
+        ref.forced_scales.emplace();
+        for (const auto& r : got.scale_runs) ref.forced_scales->push_back(r.scale);
+      }
       ref.step(g, scale, static_cast<uint64_t>(s), want, acc);
       ASSERT_EQ(got.indices, want.indices) << "step " << s << " n=" << n << " k=" << o.selection.k;
       if (is_scaled(o.values)) {
-        // One run over the whole selection; its scale is the reference's,
-        // bit for bit where the sums run in the same order (CPU, and max |v|
-        // for int8 everywhere), else within a rounding of the double sums.
-        ASSERT_EQ(got.scale_runs.size(), want.size() == 0 ? 0u : 1u) << "step " << s;
-        if (want.size() != 0) {
-          EXPECT_EQ(got.scale_runs[0].count, want.size());
+        // A run per bucket with the reference's counts; each scale is the
+        // reference's, bit for bit where the sums run in the same order
+        // (CPU, and max |v| for int8 everywhere), else within a rounding of
+        // the double sums.
+        ASSERT_EQ(got.scale_runs.size(), want.scale_runs.size()) << "step " << s;
+        for (size_t r = 0; r < want.scale_runs.size(); ++r) {
+          ASSERT_EQ(got.scale_runs[r].count, want.scale_runs[r].count) << "step " << s << " run " << r;
           if (GetParam() == Backend::kCpu || o.values == ValueFormat::kInt8)
-            ASSERT_EQ(bits(got.scale_runs[0].scale), bits(ref.last_scale)) << "step " << s;
+            ASSERT_EQ(bits(got.scale_runs[r].scale), bits(ref.last_scales[r])) << "step " << s << " run " << r;
           else
-            ASSERT_NEAR(got.scale_runs[0].scale, ref.last_scale, 1e-6 * ref.last_scale) << "step " << s;
+            ASSERT_NEAR(got.scale_runs[r].scale, ref.last_scales[r], 1e-6 * ref.last_scales[r]) << "step " << s;
+        }
+        if (!got.scale_runs.empty()) {
           EXPECT_EQ(bits(c->last_stats().value_scale), bits(got.scale_runs[0].scale));
         }
       } else {
@@ -504,7 +516,10 @@ TEST_P(CompressorTest, ScaledValuesMatchTheReference) {
         o.error_feedback = mode;
         o.values = f;
         o.qsgd_levels = 5;
+        o.quant_bucket = 0;  // one scale per selection
         expect_same_as_reference(o, {normal(30000, 41), heavy_tailed(30000, 42), normal(30000, 43)}, 6, 1.0f);
+        o.quant_bucket = 64;  // buckets, the last one partial (300 = 4 * 64 + 44)
+        expect_same_as_reference(o, {normal(30000, 48), heavy_tailed(30000, 49)}, 3, 1.0f);
       }
     }
   }
@@ -531,6 +546,7 @@ TEST_P(CompressorTest, ScaledValuesAreLevelsTimesTheScale) {
     auto o = topk_options(2000);
     o.values = f;
     o.qsgd_levels = 16;
+    o.quant_bucket = 0;
     auto c = make(n, o);
     ASSERT_NE(c, nullptr);
     SparseVector out;
