@@ -6,6 +6,8 @@
 //                            (acc = r + s*g; nth_element on |acc|; gather; zero)
 //   BM_Ef<Method>/n/pm       the sps compressor step for each method
 //                            (pm = ratio in per mille: 1 = 0.1 %, 10 = 1 %)
+//   BM_EfTopK<Format>/n/pm   top-k with f16 or scaled values (int8, qsgd, sign; buckets of 512)
+//   BM_EfDense[<Format>]/n   dense pushes, f32 or every value quantised
 //   BM_ScatterAdd/n/pm       baseline for apply: a plain scatter-add of 4 x k entries
 //   BM_ShardApply/n/pm       the server's BSP apply of 4 workers' k-entry pushes
 //                            (decoded in place, as the server holds them)
@@ -113,7 +115,7 @@ std::vector<float> steady_state_residual(size_t n, size_t k, uint32_t seed) {
 // needs is what it is in training, not the all-zero start. The hard threshold gets
 // lambda calibrated the way docs/kernels.md recommends: the k-th largest
 // |acc| of a top-k run at the same ratio after the warm-up.
-void run_compressor(benchmark::State& state, Method m, int threads = 1) {
+void run_compressor(benchmark::State& state, Method m, int threads = 1, sps::ValueFormat values = sps::ValueFormat::kF32) {
   const size_t n = static_cast<size_t>(state.range(0));
   const auto& grads = gradient_stream(n);
   sps::kernels::CompressorOptions o;
@@ -121,6 +123,8 @@ void run_compressor(benchmark::State& state, Method m, int threads = 1) {
   o.selection.k = k_of(state);
   o.selection.seed = 1;
   o.threads = threads;
+  o.values = values;
+  o.qsgd_levels = 16;
   uint64_t step = 0;
   sps::kernels::SparseVector out;
   std::vector<float> residual = steady_state_residual(n, o.selection.k, 7);
@@ -163,6 +167,16 @@ void BM_EfRandomK(benchmark::State& s) { run_compressor(s, Method::kRandomK); }
 void BM_EfSampled(benchmark::State& s) { run_compressor(s, Method::kSampled); }
 void BM_EfTopK2Threads(benchmark::State& s) { run_compressor(s, Method::kTopK, 2); }
 void BM_EfThreshold2Threads(benchmark::State& s) { run_compressor(s, Method::kThreshold, 2); }
+// Scaled values (buckets of 512): one more pass over the k selected values.
+void BM_EfTopKF16(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kF16); }
+void BM_EfTopKInt8(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kInt8); }
+void BM_EfTopKQsgd(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kQsgd); }
+void BM_EfTopKSign(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kSign); }
+// Dense pushes: every value quantised (EF-signSGD is dense + sign).
+void BM_EfDense(benchmark::State& s) { run_compressor(s, Method::kDense); }
+void BM_EfDenseInt8(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kInt8); }
+void BM_EfDenseQsgd(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kQsgd); }
+void BM_EfDenseSign(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kSign); }
 
 std::vector<uint32_t> sorted_keys(size_t n, size_t k, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -305,6 +319,14 @@ BENCHMARK(BM_EfRandomK)->Apply(sizes);
 BENCHMARK(BM_EfSampled)->Apply(sizes);
 BENCHMARK(BM_EfTopK2Threads)->Apply(sizes);
 BENCHMARK(BM_EfThreshold2Threads)->Apply(sizes);
+BENCHMARK(BM_EfTopKF16)->Apply(sizes);
+BENCHMARK(BM_EfTopKInt8)->Apply(sizes);
+BENCHMARK(BM_EfTopKQsgd)->Apply(sizes);
+BENCHMARK(BM_EfTopKSign)->Apply(sizes);
+BENCHMARK(BM_EfDense)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EfDenseInt8)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EfDenseQsgd)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EfDenseSign)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK(BM_ShardApplyAsync)->Apply(sizes);

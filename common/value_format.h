@@ -118,25 +118,33 @@ SPS_HOST_DEVICE inline uint32_t quant_random24(uint64_t seed, uint64_t step, uin
   return static_cast<uint32_t>(z >> 40);
 }
 
+// x rounded to the nearest integer, ties to even, for |x| <= 2^22: adding
+// and removing 1.5 * 2^23 leaves no fraction bits (no libm call, and the
+// same on host and device: nothing here contracts or reassociates).
+SPS_HOST_DEVICE inline float round_small(float x) {
+  const float shift = 12582912.0f;
+  return (x + shift) - shift;
+}
+
 // The signed integer level v is sent as (|level| <= 127). `random24` is
 // quant_random24's draw (qsgd only). A zero scale sends 0.
 SPS_HOST_DEVICE inline int quant_level(float v, ValueFormat format, float scale, uint32_t random24) {
   if (!(scale > 0.0f)) return 0;
+  constexpr float kMax = static_cast<float>(kMaxQuantLevel);
   switch (format) {
     case ValueFormat::kSign: return v >= 0.0f ? 1 : -1;
     case ValueFormat::kQsgd: {
-      const double x = static_cast<double>(fabsf(v)) / static_cast<double>(scale);
-      double level = floor(x);
-      if (static_cast<double>(random24) * (1.0 / 16777216.0) < x - level) level += 1.0;
+      double x = static_cast<double>(fabsf(v)) / static_cast<double>(scale);
+      if (x > kMax) x = kMax;
+      int level = static_cast<int>(x);  // floor: x >= 0
+      if (static_cast<double>(random24) * (1.0 / 16777216.0) < x - level) ++level;
       if (level > kMaxQuantLevel) level = kMaxQuantLevel;
-      const int l = static_cast<int>(level);
-      return v < 0.0f ? -l : l;
+      return v < 0.0f ? -level : level;
     }
     default: {
-      float q = rintf(v / scale);
-      if (q > static_cast<float>(kMaxQuantLevel)) q = static_cast<float>(kMaxQuantLevel);
-      if (q < -static_cast<float>(kMaxQuantLevel)) q = -static_cast<float>(kMaxQuantLevel);
-      return static_cast<int>(q);
+      float q = v / scale;
+      q = q > kMax ? kMax : (q < -kMax ? -kMax : q);
+      return static_cast<int>(round_small(q));
     }
   }
 }
@@ -149,9 +157,11 @@ SPS_HOST_DEVICE inline float dequantise(int level, float scale) { return static_
 // A value that is no level * scale gets the nearest level in [-127, 127].
 inline int level_of(float sent, float scale) {
   if (!(scale > 0.0f)) return 0;
-  const float q = std::nearbyint(sent / scale);
-  if (!(q >= -static_cast<float>(kMaxQuantLevel))) return q > 0 ? kMaxQuantLevel : -kMaxQuantLevel;
-  return q > static_cast<float>(kMaxQuantLevel) ? kMaxQuantLevel : static_cast<int>(q);
+  constexpr float kMax = static_cast<float>(kMaxQuantLevel);
+  float q = sent / scale;
+  if (!(q >= -kMax)) q = q > 0 ? kMax : -kMax;  // also NaN
+  if (q > kMax) q = kMax;
+  return static_cast<int>(round_small(q));
 }
 
 // The runs of `runs` (covering positions 0, 1, ...) that fall in

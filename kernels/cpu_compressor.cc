@@ -443,10 +443,16 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
   }
   stats_.value_scale = out.scale_runs.empty() ? 0.0f : out.scale_runs[0].scale;
   const uint64_t seed = options_.selection.seed;
-  // Entry j of the selection (index i) as sent.
+  // Entry j of the selection (index i) as sent; j ascends, so the bucket
+  // (and its scale) is looked up once per bucket.
+  size_t bucket_end = 0;
+  float value_scale = 0.0f;
   auto send = [&](float v, size_t j, uint32_t i) {
     if (!is_scaled(format)) return quantise(v, format);
-    const float value_scale = out.scale_runs[j / bucket].scale;
+    if (j >= bucket_end) {
+      value_scale = out.scale_runs[j / bucket].scale;
+      bucket_end = (j / bucket + 1) * bucket;
+    }
     const uint32_t random = format == ValueFormat::kQsgd ? quant_random24(seed, step, i) : 0u;
     return dequantise(quant_level(v, format, value_scale, random), value_scale);
   };
