@@ -98,12 +98,17 @@ SPS_HOST_DEVICE inline float quantise(float x, ValueFormat format) {
 
 // The scale of a scaled format from the selected values' max |v|, sum |v|,
 // sum v^2 (sums in double) and count m; `levels` is qsgd's s.
+// A norm past the float range gives an infinite scale, whose values are
+// not finite: the worker then stops, naming the value (training diverged).
 SPS_HOST_DEVICE inline float value_scale_of(ValueFormat format, float max_abs, double sum_abs, double sum_sq, double m,
                                          int levels) {
   switch (format) {
     case ValueFormat::kInt8: return max_abs / static_cast<float>(kMaxQuantLevel);
     case ValueFormat::kSign: return m > 0 ? static_cast<float>(sum_abs / m) : 0.0f;
-    case ValueFormat::kQsgd: return static_cast<float>(sqrt(sum_sq) / static_cast<double>(levels));
+    case ValueFormat::kQsgd: {
+      const double s = sqrt(sum_sq) / static_cast<double>(levels);
+      return s <= 3.4028234663852886e38 ? static_cast<float>(s) : bits_float(0x7F800000u);
+    }
     default: return 0.0f;
   }
 }
