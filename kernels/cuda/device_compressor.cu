@@ -381,30 +381,48 @@ struct CommitArgs {
   Control* control;
 };
 
-// Scaled formats, first half: per block max |v| and the double sums of |v|
-// and v^2 over the selected (factor-scaled) values, 3 partials per block.
-__global__ void __launch_bounds__(kThreads) value_partials_kernel(CommitArgs a, double* partials) {
-  using Reduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename Reduce::TempStorage temp;
-  double mx = 0, sa = 0, sq = 0;
-  const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
-  for (size_t j = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; j < a.count; j += step) {
-    const size_t i = a.list != nullptr ? a.list[j] : j;
-    const float v = a.apply_factor ? __fmul_rn(a.acc[i], a.factor) : a.acc[i];
-    const double m = fabsf(v);
-    mx = fmax(mx, m);
-    sa = __dadd_rn(sa, m);
-    sq = __dadd_rn(sq, __dmul_rn(m, m));
+// What a scaled format's scale is made of: max |v|, sum |v|, sum v^2.
+struct Moments {
+  double max_abs = 0, sum_abs = 0, sum_sq = 0;
+  __device__ void add(double m) {  // m = |v|, or a partial's max_abs
+    max_abs = fmax(max_abs, m);
+    sum_abs = __dadd_rn(sum_abs, m);
+    sum_sq = __dadd_rn(sum_sq, __dmul_rn(m, m));
   }
-  const double bmx = Reduce(temp).Reduce(mx, ::cuda::maximum<>{});
+};
+using MomentsReduce = cub::BlockReduce<double, kThreads>;
+
+// The block's moments (valid in thread 0); ends with the storage free again.
+__device__ Moments block_moments(const Moments& t, MomentsReduce::TempStorage& temp) {
+  Moments b;
+  b.max_abs = MomentsReduce(temp).Reduce(t.max_abs, ::cuda::maximum<>{});
   __syncthreads();
-  const double bsa = Reduce(temp).Sum(sa);
+  b.sum_abs = MomentsReduce(temp).Sum(t.sum_abs);
   __syncthreads();
-  const double bsq = Reduce(temp).Sum(sq);
+  b.sum_sq = MomentsReduce(temp).Sum(t.sum_sq);
+  __syncthreads();
+  return b;
+}
+
+// Selected entry j's value as sent before quantisation (factor-scaled).
+__device__ __forceinline__ double selected_magnitude(const CommitArgs& a, size_t j) {
+  const size_t i = a.list != nullptr ? a.list[j] : j;
+  return fabsf(a.apply_factor ? __fmul_rn(a.acc[i], a.factor) : a.acc[i]);
+}
+
+// Scaled formats, one bucket, first half: per block moments of the selected
+// values, 3 partials per block.
+__global__ void __launch_bounds__(kThreads) value_partials_kernel(CommitArgs a, double* partials) {
+  __shared__ MomentsReduce::TempStorage temp;
+  Moments t;
+  const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
+  for (size_t j = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; j < a.count; j += step)
+    t.add(selected_magnitude(a, j));
+  const Moments b = block_moments(t, temp);
   if (threadIdx.x == 0) {
-    partials[3 * blockIdx.x] = bmx;
-    partials[3 * blockIdx.x + 1] = bsa;
-    partials[3 * blockIdx.x + 2] = bsq;
+    partials[3 * blockIdx.x] = b.max_abs;
+    partials[3 * blockIdx.x + 1] = b.sum_abs;
+    partials[3 * blockIdx.x + 2] = b.sum_sq;
   }
 }
 
@@ -412,48 +430,31 @@ __global__ void __launch_bounds__(kThreads) value_partials_kernel(CommitArgs a, 
 // with value_format.h's formula (the CPU's).
 __global__ void value_scale_kernel(const double* partials, int blocks, ValueFormat format, int levels, size_t count,
                                    float* scale) {
-  using Reduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename Reduce::TempStorage temp;
-  double mx = 0, sa = 0, sq = 0;
+  __shared__ MomentsReduce::TempStorage temp;
+  Moments t;
   for (int i = static_cast<int>(threadIdx.x); i < blocks; i += kThreads) {
-    mx = fmax(mx, partials[3 * i]);
-    sa = __dadd_rn(sa, partials[3 * i + 1]);
-    sq = __dadd_rn(sq, partials[3 * i + 2]);
+    t.max_abs = fmax(t.max_abs, partials[3 * i]);
+    t.sum_abs = __dadd_rn(t.sum_abs, partials[3 * i + 1]);
+    t.sum_sq = __dadd_rn(t.sum_sq, partials[3 * i + 2]);
   }
-  const double tmx = Reduce(temp).Reduce(mx, ::cuda::maximum<>{});
-  __syncthreads();
-  const double tsa = Reduce(temp).Sum(sa);
-  __syncthreads();
-  const double tsq = Reduce(temp).Sum(sq);
+  const Moments b = block_moments(t, temp);
   if (threadIdx.x == 0)
-    *scale = value_scale_of(format, static_cast<float>(tmx), tsa, tsq, static_cast<double>(count), levels);
+    *scale = value_scale_of(format, static_cast<float>(b.max_abs), b.sum_abs, b.sum_sq, static_cast<double>(count),
+                            levels);
 }
 
 // Many buckets: one block per bucket (grid-strided), a scale each.
 __global__ void __launch_bounds__(kThreads) bucket_scale_kernel(CommitArgs a, int levels) {
-  using Reduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename Reduce::TempStorage temp;
+  __shared__ MomentsReduce::TempStorage temp;
   const size_t buckets = (a.count + a.bucket - 1) / a.bucket;
-  for (size_t b = blockIdx.x; b < buckets; b += gridDim.x) {
-    const size_t end = min(a.count, (b + 1) * a.bucket);
-    double mx = 0, sa = 0, sq = 0;
-    for (size_t j = b * a.bucket + threadIdx.x; j < end; j += kThreads) {
-      const size_t i = a.list != nullptr ? a.list[j] : j;
-      const float v = a.apply_factor ? __fmul_rn(a.acc[i], a.factor) : a.acc[i];
-      const double m = fabsf(v);
-      mx = fmax(mx, m);
-      sa = __dadd_rn(sa, m);
-      sq = __dadd_rn(sq, __dmul_rn(m, m));
-    }
-    const double bmx = Reduce(temp).Reduce(mx, ::cuda::maximum<>{});
-    __syncthreads();
-    const double bsa = Reduce(temp).Sum(sa);
-    __syncthreads();
-    const double bsq = Reduce(temp).Sum(sq);
+  for (size_t bucket = blockIdx.x; bucket < buckets; bucket += gridDim.x) {
+    const size_t begin = bucket * a.bucket, end = min(a.count, begin + a.bucket);
+    Moments t;
+    for (size_t j = begin + threadIdx.x; j < end; j += kThreads) t.add(selected_magnitude(a, j));
+    const Moments b = block_moments(t, temp);
     if (threadIdx.x == 0)
-      a.scales[b] = value_scale_of(a.format, static_cast<float>(bmx), bsa, bsq,
-                                   static_cast<double>(end - b * a.bucket), levels);
-    __syncthreads();
+      a.scales[bucket] = value_scale_of(a.format, static_cast<float>(b.max_abs), b.sum_abs, b.sum_sq,
+                                        static_cast<double>(end - begin), levels);
   }
 }
 
