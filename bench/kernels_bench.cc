@@ -6,7 +6,7 @@
 //                            (acc = r + s*g; nth_element on |acc|; gather; zero)
 //   BM_Ef<Method>/n/pm       the sps compressor step for each method
 //                            (pm = ratio in per mille: 1 = 0.1 %, 10 = 1 %)
-//   BM_EfTopK<Format>/n/pm   top-k with f16 or scaled values (int8, qsgd, sign; buckets of 512)
+//   BM_EfTopK<Format>/n/pm   top-k with f16 or scaled values (int8, qsgd, sign, onebit; buckets of 512)
 //   BM_EfDense[<Format>]/n   dense pushes, f32 or every value quantised
 //   BM_ScatterAdd/n/pm       baseline for apply: a plain scatter-add of 4 x k entries
 //   BM_ShardApply/n/pm       the server's BSP apply of 4 workers' k-entry pushes
@@ -172,11 +172,13 @@ void BM_EfTopKF16(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps
 void BM_EfTopKInt8(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kInt8); }
 void BM_EfTopKQsgd(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kQsgd); }
 void BM_EfTopKSign(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kSign); }
+void BM_EfTopKOneBit(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kOneBit); }
 // Dense pushes: every value quantised (EF-signSGD is dense + sign).
 void BM_EfDense(benchmark::State& s) { run_compressor(s, Method::kDense); }
 void BM_EfDenseInt8(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kInt8); }
 void BM_EfDenseQsgd(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kQsgd); }
 void BM_EfDenseSign(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kSign); }
+void BM_EfDenseOneBit(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kOneBit); }
 
 std::vector<uint32_t> sorted_keys(size_t n, size_t k, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -323,10 +325,12 @@ BENCHMARK(BM_EfTopKF16)->Apply(sizes);
 BENCHMARK(BM_EfTopKInt8)->Apply(sizes);
 BENCHMARK(BM_EfTopKQsgd)->Apply(sizes);
 BENCHMARK(BM_EfTopKSign)->Apply(sizes);
+BENCHMARK(BM_EfTopKOneBit)->Apply(sizes);
 BENCHMARK(BM_EfDense)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_EfDenseInt8)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_EfDenseQsgd)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_EfDenseSign)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EfDenseOneBit)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK(BM_ShardApplyAsync)->Apply(sizes);

@@ -3,13 +3,15 @@
 // with the very same code (round to nearest, ties to even; finite input
 // saturates at the format's largest finite value instead of becoming Inf).
 //
-// The scaled formats (int8, sign, qsgd) send one float scale per run of
-// values plus a small integer per value; the scale is computed over the
-// values one compress() step selected (ALGORITHMS.md 2.6):
-//   int8  scale = max|v| / 127,   sent = rint(v / scale) * scale
-//   sign  scale = sum|v| / m,     sent = (v >= 0 ? +1 : -1) * scale    (EF-signSGD)
-//   qsgd  scale = ||v||_2 / s,    sent = sign(v) * l * scale, l = floor(|v| / scale)
-//         plus 1 with probability frac(|v| / scale) (unbiased; s <= 127 levels)
+// The scaled formats (int8, sign, qsgd, onebit) send one float scale per
+// run of values plus a small integer per value; the scale is computed over
+// the values one compress() step selected (ALGORITHMS.md 2.6):
+//   int8    scale = max|v| / 127,   sent = rint(v / scale) * scale
+//   sign    scale = sum|v| / m,     sent = (v >= 0 ? +1 : -1) * scale    (EF-signSGD)
+//   qsgd    scale = ||v||_2 / s,    sent = sign(v) * l * scale, l = floor(|v| / scale)
+//           plus 1 with probability frac(|v| / scale) (unbiased; s <= 127 levels)
+//   onebit  two scales (Seide et al.): scale = mean of the v >= 0, negative_scale
+//           = mean |v| of the v < 0; sent = v >= 0 ? scale : -negative_scale
 #pragma once
 
 #include <cmath>
@@ -24,10 +26,10 @@
 
 namespace sps {
 
-enum class ValueFormat : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kSign = 4, kQsgd = 5 };
+enum class ValueFormat : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kSign = 4, kQsgd = 5, kOneBit = 6 };
 
 SPS_HOST_DEVICE inline constexpr bool is_scaled(ValueFormat f) {
-  return f == ValueFormat::kInt8 || f == ValueFormat::kSign || f == ValueFormat::kQsgd;
+  return f == ValueFormat::kInt8 || f == ValueFormat::kSign || f == ValueFormat::kQsgd || f == ValueFormat::kOneBit;
 }
 // The largest integer level a scaled format sends (int8 on the wire).
 inline constexpr int kMaxQuantLevel = 127;
@@ -36,6 +38,7 @@ inline constexpr int kMaxQuantLevel = 127;
 struct ScaleRun {
   uint32_t count = 0;
   float scale = 0.0f;
+  float negative_scale = 0.0f;  // onebit only: the magnitude sent for v < 0
 };
 
 SPS_HOST_DEVICE inline uint32_t float_bits(float x) {
@@ -113,6 +116,19 @@ SPS_HOST_DEVICE inline float value_scale_of(ValueFormat format, float max_abs, d
   }
 }
 
+// onebit's two scales from the selected values' sums by sign (in double):
+// the mean of the v >= 0 and the mean |v| of the v < 0 (0 where none).
+struct OneBitScales {
+  float positive = 0.0f, negative = 0.0f;
+};
+SPS_HOST_DEVICE inline OneBitScales onebit_scales(double sum_positive, double count_positive, double sum_negative,
+                                                  double count_negative) {
+  OneBitScales s;
+  if (count_positive > 0) s.positive = static_cast<float>(sum_positive / count_positive);
+  if (count_negative > 0) s.negative = static_cast<float>(sum_negative / count_negative);
+  return s;
+}
+
 // qsgd's uniform draw for entry `index` of step `step`: 24 random bits from
 // a counter-based hash (splitmix64), so every backend draws the same.
 SPS_HOST_DEVICE inline uint32_t quant_random24(uint64_t seed, uint64_t step, uint64_t index) {
@@ -137,7 +153,8 @@ SPS_HOST_DEVICE inline int quant_level(float v, ValueFormat format, float scale,
   if (!(scale > 0.0f)) return 0;
   constexpr float kMax = static_cast<float>(kMaxQuantLevel);
   switch (format) {
-    case ValueFormat::kSign: return v >= 0.0f ? 1 : -1;
+    case ValueFormat::kSign:
+    case ValueFormat::kOneBit: return v >= 0.0f ? 1 : -1;
     case ValueFormat::kQsgd: {
       double x = static_cast<double>(fabsf(v)) / static_cast<double>(scale);
       if (x > kMax) x = kMax;
@@ -156,6 +173,11 @@ SPS_HOST_DEVICE inline int quant_level(float v, ValueFormat format, float scale,
 
 // What the receiver decodes from a level and its run's scale.
 SPS_HOST_DEVICE inline float dequantise(int level, float scale) { return static_cast<float>(level) * scale; }
+// onebit's sent value for a value whose sign bit is `negative` (v < 0), in
+// a run with these two scales; it does not depend on either being > 0.
+SPS_HOST_DEVICE inline float onebit_sent(bool negative, float scale, float negative_scale) {
+  return negative ? -negative_scale : scale;
+}
 
 // The level a sent value came from (the encoder's inverse of dequantise;
 // exact because |level| <= 127 and the product lost at most half an ulp).
@@ -169,19 +191,30 @@ inline int level_of(float sent, float scale) {
   return static_cast<int>(round_small(q));
 }
 
+// Where slice_runs left off: run `run` starts at position `pos`. Slicing
+// ascending ranges through one cursor walks the runs once in all (a push
+// cut into shards), instead of from the start for every range.
+struct RunCursor {
+  size_t run = 0, pos = 0;
+};
+
 // The runs of `runs` (covering positions 0, 1, ...) that fall in
-// positions [begin, end), clipped; `out` is replaced.
+// positions [begin, end), clipped; `out` is replaced. `at` must not be
+// past `begin` (ranges ascending).
+template <class Runs, class Out>
+void slice_runs(const Runs& runs, size_t begin, size_t end, Out& out, RunCursor& at) {
+  out.clear();
+  while (at.run < runs.size() && at.pos + runs[at.run].count <= begin) at.pos += runs[at.run++].count;
+  for (size_t r = at.run, pos = at.pos; r < runs.size() && pos < end; pos += runs[r++].count) {
+    const size_t lo = pos > begin ? pos : begin;
+    const size_t hi = pos + runs[r].count < end ? pos + runs[r].count : end;
+    if (lo < hi) out.push_back(ScaleRun{static_cast<uint32_t>(hi - lo), runs[r].scale, runs[r].negative_scale});
+  }
+}
 template <class Runs, class Out>
 void slice_runs(const Runs& runs, size_t begin, size_t end, Out& out) {
-  out.clear();
-  size_t pos = 0;
-  for (const ScaleRun& r : runs) {
-    const size_t lo = pos > begin ? pos : begin;
-    const size_t hi = pos + r.count < end ? pos + r.count : end;
-    if (lo < hi) out.push_back(ScaleRun{static_cast<uint32_t>(hi - lo), r.scale});
-    pos += r.count;
-    if (pos >= end) break;
-  }
+  RunCursor from_start;
+  slice_runs(runs, begin, end, out, from_start);
 }
 
 inline const char* value_format_name(ValueFormat format) {
@@ -191,6 +224,7 @@ inline const char* value_format_name(ValueFormat format) {
     case ValueFormat::kInt8: return "int8";
     case ValueFormat::kSign: return "sign";
     case ValueFormat::kQsgd: return "qsgd";
+    case ValueFormat::kOneBit: return "onebit";
     default: return "f32";
   }
 }

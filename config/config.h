@@ -139,7 +139,7 @@ struct TrainingConfig {
 enum class CompressionMethod { kDense, kTopK, kThreshold, kGaussianK, kRandomK, kSampled };
 enum class ErrorFeedback { kNone, kEf, kHessianDiag, kHessian };
 enum class CompressionScope { kGlobal, kPerTensor };
-enum class ValueFormatName { kF32, kF16, kBF16, kInt8, kSign, kQsgd };
+enum class ValueFormatName { kF32, kF16, kBF16, kInt8, kSign, kQsgd, kOneBit };
 enum class IndexCoding { kAuto, kRaw, kDeltaVarint, kBitmap };
 enum class BackendName { kCpu, kCuda };
 enum class Scale { kLr, kOne };
@@ -162,8 +162,9 @@ struct CompressionConfig {
   int64_t hessian_every = 10;
   // global (one k over the flat model) | per_tensor (each tensor its own k). Default: global.
   CompressionScope scope = CompressionScope::kGlobal;
-  // Wire format of sent values: f32 | f16 | bf16 | int8 | sign | qsgd (the scaled ones send one
-  // scale per step plus a level per value; rounding error stays in the residual). Default: f32.
+  // Wire format of sent values: f32 | f16 | bf16 | int8 | sign | qsgd | onebit (the scaled ones
+  // send a scale per bucket plus a level per value, onebit two scales and a sign; rounding error
+  // stays in the residual). Default: f32.
   ValueFormatName values = ValueFormatName::kF32;
   // values: qsgd: the number of levels s. Default: 64. Range 1..127.
   int64_t qsgd_levels = 64;

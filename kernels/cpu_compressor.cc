@@ -380,11 +380,16 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
         i < n_ ? grad[i] : 0.0f, i < n_ ? residual_[i] : 0.0f));
   }
 
+  bool dense = false;
   switch (options_.selection.method) {
     case Method::kDense:
       out.indices.resize(n_);
       std::iota(out.indices.begin(), out.indices.end(), 0u);
-      out.values.assign(acc_.begin(), acc_.end());
+      // acc becomes the values without a copy; the buffer acc gets back is
+      // zero-filled, which is already the f32 residual (all was sent).
+      out.values.swap(acc_);
+      acc_.resize(n_);
+      dense = true;
       break;
     case Method::kTopK: select_topk(out); break;
     case Method::kThreshold: select_threshold(out); break;
@@ -427,6 +432,22 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
   if (is_scaled(format)) {
     for (size_t b = 0; b < m; b += bucket) {
       const size_t end = std::min(m, b + bucket);
+      const auto count = static_cast<uint32_t>(end - b);
+      if (format == ValueFormat::kOneBit) {
+        double sum_pos = 0, sum_neg = 0, count_pos = 0;
+        for (size_t j = b; j < end; ++j) {
+          const float v = unbiased ? out.values[j] * factor : out.values[j];
+          if (v < 0.0f) {
+            sum_neg += -v;
+          } else {
+            sum_pos += v;
+            count_pos += 1;
+          }
+        }
+        const OneBitScales s = onebit_scales(sum_pos, count_pos, sum_neg, static_cast<double>(count) - count_pos);
+        out.scale_runs.push_back({count, s.positive, s.negative});
+        continue;
+      }
       float max_abs = 0.0f;
       double sum_abs = 0, sum_sq = 0;
       for (size_t j = b; j < end; ++j) {
@@ -436,27 +457,40 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
         sum_abs += a;
         sum_sq += static_cast<double>(v) * v;
       }
-      out.scale_runs.push_back({static_cast<uint32_t>(end - b),
-                                value_scale_of(format, max_abs, sum_abs, sum_sq, static_cast<double>(end - b),
-                                               options_.qsgd_levels)});
+      out.scale_runs.push_back(
+          {count, value_scale_of(format, max_abs, sum_abs, sum_sq, static_cast<double>(count), options_.qsgd_levels)});
     }
   }
   stats_.value_scale = out.scale_runs.empty() ? 0.0f : out.scale_runs[0].scale;
+  stats_.value_negative_scale = out.scale_runs.empty() ? 0.0f : out.scale_runs[0].negative_scale;
   const uint64_t seed = options_.selection.seed;
   // Entry j of the selection (index i) as sent; j ascends, so the bucket
   // (and its scale) is looked up once per bucket.
   size_t bucket_end = 0;
-  float value_scale = 0.0f;
+  float value_scale = 0.0f, negative_scale = 0.0f;
   auto send = [&](float v, size_t j, uint32_t i) {
     if (!is_scaled(format)) return quantise(v, format);
     if (j >= bucket_end) {
       value_scale = out.scale_runs[j / bucket].scale;
+      negative_scale = out.scale_runs[j / bucket].negative_scale;
       bucket_end = (j / bucket + 1) * bucket;
     }
+    if (format == ValueFormat::kOneBit) return onebit_sent(v < 0.0f, value_scale, negative_scale);
     const uint32_t random = format == ValueFormat::kQsgd ? quant_random24(seed, step, i) : 0u;
     return dequantise(quant_level(v, format, value_scale, random), value_scale);
   };
-  if (cand_zeroed_) {
+  if (dense) {
+    // acc is all zeros; the residual is what rounding lost (nothing in f32).
+    if (format != ValueFormat::kF32) {
+      for (size_t j = 0; j < m; ++j) {
+        const float v = out.values[j];
+        const float sent = send(v, j, static_cast<uint32_t>(j));
+        out.values[j] = sent;
+        if (keep_residual) acc_[j] = v - sent;
+      }
+    }
+    if (!momentum_next_.empty()) std::fill(momentum_next_.begin(), momentum_next_.end(), 0.0f);
+  } else if (cand_zeroed_) {
     // acc holds 0 at every candidate. The selected ones' residual is
     // v - sent (0 for f32), kept in the candidate list; then every
     // candidate's value goes back in one ascending sweep. For the hard

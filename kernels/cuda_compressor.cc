@@ -74,11 +74,13 @@ class CudaCompressor final : public Compressor {
     stats_.rounds = ds.rounds;
     stats_.fallback = ds.fallback;
     stats_.value_scale = ds.value_scale;
+    stats_.value_negative_scale = ds.value_negative_scale;
     if (!ds.value_scales.empty()) {
       const size_t m = out.values.size();
       const size_t bucket = options_.quant_bucket > 0 ? options_.quant_bucket : m;
       for (size_t b = 0; b < ds.value_scales.size(); ++b)
-        out.scale_runs.push_back({static_cast<uint32_t>(std::min(bucket, m - b * bucket)), ds.value_scales[b]});
+        out.scale_runs.push_back({static_cast<uint32_t>(std::min(bucket, m - b * bucket)), ds.value_scales[b],
+                                  ds.value_negative_scales.empty() ? 0.0f : ds.value_negative_scales[b]});
     }
     return {};
   }

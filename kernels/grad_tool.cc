@@ -63,7 +63,7 @@ struct SelectOptions {
   std::string path, method = "topk", error_feedback = "none", backend = "cpu";
   std::string residual_in, residual_out, indices_out, values_out, hessian, value_format = "f32";
   double ratio = 0.01, lambda = 0, scale = 1, gamma = 0, momentum = 0, clip_norm = 0;
-  int64_t k = 0, max_nnz = 0, repeat = 1, threads = 1, seed = 0, step = 0, qsgd_levels = 64;
+  int64_t k = 0, max_nnz = 0, repeat = 1, threads = 1, seed = 0, step = 0, qsgd_levels = 64, quant_bucket = 512;
   bool unbiased = false, json = false;
 };
 
@@ -96,10 +96,12 @@ int run_select(const SelectOptions& o) {
                                                                 : sps::kernels::ErrorFeedbackMode::kNone;
   const std::vector<std::pair<std::string, sps::ValueFormat>> formats = {
       {"f32", sps::ValueFormat::kF32},   {"f16", sps::ValueFormat::kF16},   {"bf16", sps::ValueFormat::kBF16},
-      {"int8", sps::ValueFormat::kInt8}, {"sign", sps::ValueFormat::kSign}, {"qsgd", sps::ValueFormat::kQsgd}};
+      {"int8", sps::ValueFormat::kInt8}, {"sign", sps::ValueFormat::kSign}, {"qsgd", sps::ValueFormat::kQsgd},
+      {"onebit", sps::ValueFormat::kOneBit}};
   for (const auto& [name, f] : formats)
     if (name == o.value_format) options.values = f;
   options.qsgd_levels = static_cast<int>(o.qsgd_levels);
+  options.quant_bucket = static_cast<size_t>(o.quant_bucket);
   options.momentum = static_cast<float>(o.momentum);
   options.clip_norm = static_cast<float>(o.clip_norm);
   options.threads = static_cast<int>(o.threads);
@@ -153,6 +155,7 @@ int run_select(const SelectOptions& o) {
                       {"seconds", median},         {"repeat", seconds.size()},
                       {"backend", o.backend},      {"value_format", o.value_format}};
   if (sps::is_scaled(options.values)) j["value_scale"] = st.value_scale;
+  if (options.values == sps::ValueFormat::kOneBit) j["value_negative_scale"] = st.value_negative_scale;
   if (o.json) {
     std::cout << j.dump() << "\n";
   } else {
@@ -160,7 +163,9 @@ int run_select(const SelectOptions& o) {
                              "{:.3f} ms (median of {})\n",
                              o.path, o.method, n, out.size(), p.k, st.threshold, residual_norm, median * 1e3,
                              seconds.size());
-    if (sps::is_scaled(options.values))
+    if (options.values == sps::ValueFormat::kOneBit)
+      std::cout << fmt::format("values onebit: scales +{:.6g} / -{:.6g}\n", st.value_scale, st.value_negative_scale);
+    else if (sps::is_scaled(options.values))
       std::cout << fmt::format("values {}: scale {:.6g}\n", o.value_format, st.value_scale);
   }
   return 0;
@@ -208,10 +213,13 @@ int main(int argc, char** argv) {
   sel->add_option("--clip-norm", o.clip_norm, "clip the gradient to this L2 norm first (default 0 = off)")
       ->check(CLI::NonNegativeNumber);
   sel->add_option("--value-format", o.value_format,
-                  "f32 | f16 | bf16 | int8 | sign | qsgd: round sent values (error kept in the residual); the "
-                  "scaled ones (int8, sign, qsgd) write level * scale as float32")
-      ->check(CLI::IsMember({"f32", "f16", "bf16", "int8", "sign", "qsgd"}));
+                  "f32 | f16 | bf16 | int8 | sign | qsgd | onebit: round sent values (error kept in the "
+                  "residual); the scaled ones (int8, sign, qsgd, onebit) write what the receiver decodes as float32")
+      ->check(CLI::IsMember({"f32", "f16", "bf16", "int8", "sign", "qsgd", "onebit"}));
   sel->add_option("--qsgd-levels", o.qsgd_levels, "qsgd: number of levels s (default 64)")->check(CLI::Range(1, 127));
+  sel->add_option("--quant-bucket", o.quant_bucket,
+                  "scaled values: one scale per this many consecutive selected values, 0 = one for all (default 512)")
+      ->check(CLI::NonNegativeNumber);
   sel->add_option("--repeat", o.repeat, "time this many runs, report the median (default 1)")
       ->check(CLI::PositiveNumber);
   sel->add_flag("--json", o.json, "print one JSON object");

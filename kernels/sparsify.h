@@ -71,6 +71,7 @@ struct SelectionStats {
   bool predicted = false;
   size_t candidates = 0;  // CPU: entries collected in the first pass
   float value_scale = 0;  // scaled value formats: the first bucket's scale (0 otherwise)
+  float value_negative_scale = 0;  // onebit: the first bucket's negative scale
 };
 
 // k = max(1, floor(ratio * n)) for n > 0, capped at n; 0 for n = 0.

@@ -197,6 +197,7 @@ uint64_t value_frame_bytes(ValueType t, uint64_t nnz, uint64_t runs) {
     case ValueType::kBF16: return 2 * nnz;
     case ValueType::kI8: return 4 + 8 * runs + nnz;
     case ValueType::kSign: return 4 + 8 * runs + (nnz + 7) / 8;
+    case ValueType::kOneBit: return 4 + 12 * runs + (nnz + 7) / 8;
     default: return 0;
   }
 }
@@ -244,14 +245,18 @@ EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, s
   std::byte* v = m.frame2.data();
   switch (value_type) {
     case ValueType::kI8:
-    case ValueType::kSign: {
+    case ValueType::kSign:
+    case ValueType::kOneBit: {
+      const size_t run_bytes = scale_run_bytes(value_type);
       store_le<uint32_t>(v, static_cast<uint32_t>(runs.size()));
-      std::byte* levels = v + 4 + 8 * runs.size();
-      if (value_type == ValueType::kSign) std::memset(levels, 0, (values.size() + 7) / 8);
+      std::byte* levels = v + 4 + run_bytes * runs.size();
+      if (value_type != ValueType::kI8) std::memset(levels, 0, (values.size() + 7) / 8);
       size_t i = 0;
       for (size_t r = 0; r < runs.size(); ++r) {
-        store_le<uint32_t>(v + 4 + 8 * r, runs[r].count);
-        store_le<uint32_t>(v + 8 + 8 * r, std::bit_cast<uint32_t>(runs[r].scale));
+        std::byte* run = v + 4 + run_bytes * r;
+        store_le<uint32_t>(run, runs[r].count);
+        store_le<uint32_t>(run + 4, std::bit_cast<uint32_t>(runs[r].scale));
+        if (value_type == ValueType::kOneBit) store_le<uint32_t>(run + 8, std::bit_cast<uint32_t>(runs[r].negative_scale));
         for (const size_t end = i + runs[r].count; i < end; ++i) {
           if (value_type == ValueType::kI8) {
             levels[i] = static_cast<std::byte>(static_cast<int8_t>(level_of(values[i], runs[r].scale)));
@@ -343,32 +348,39 @@ Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint
   const std::byte* v = m.frame2.data();
   if (is_scaled(h.value_type)) {
     // decode_message checked the frame size against the run count.
+    const size_t run_bytes = scale_run_bytes(h.value_type);
     const uint32_t runs = load_le<uint32_t>(v);
-    const std::byte* levels = v + 4 + 8 * size_t{runs};
+    const std::byte* levels = v + 4 + run_bytes * runs;
     scratch.values.resize(nnz);
     uint32_t i = 0;
     for (uint32_t r = 0; r < runs; ++r) {
-      const uint32_t count = load_le<uint32_t>(v + 4 + 8 * size_t{r});
-      const float scale = std::bit_cast<float>(load_le<uint32_t>(v + 8 + 8 * size_t{r}));
+      const std::byte* run = v + 4 + run_bytes * r;
+      const uint32_t count = load_le<uint32_t>(run);
+      const float scale = std::bit_cast<float>(load_le<uint32_t>(run + 4));
+      const float negative_scale =
+          h.value_type == ValueType::kOneBit ? std::bit_cast<float>(load_le<uint32_t>(run + 8)) : 0.0f;
       if (count == 0 || count > nnz - i)
         return malformed(fmt::format("{}: scale run {} has count {} with {} of {} values left", name, r, count,
                                      nnz - i, nnz));
       if (!std::isfinite(scale) || !(scale >= 0.0f))
         return invalid_argument(fmt::format("{}: scale run {} has scale {}", name, r, scale));
+      if (!std::isfinite(negative_scale) || !(negative_scale >= 0.0f))
+        return invalid_argument(fmt::format("{}: scale run {} has negative scale {}", name, r, negative_scale));
       for (const uint32_t end = i + count; i < end; ++i) {
-        int level;
         if (h.value_type == ValueType::kI8) {
-          level = static_cast<int8_t>(levels[i]);
+          const int level = static_cast<int8_t>(levels[i]);
           if (level < -kMaxQuantLevel)
             return malformed(fmt::format("{}: int8 level {} at entry {} is outside [-127, 127]", name, level, i));
-        } else {
-          level = (static_cast<unsigned>(levels[i / 8]) >> (i % 8)) & 1u ? -1 : 1;
+          scratch.values[i] = dequantise(level, scale);
+          continue;
         }
-        scratch.values[i] = dequantise(level, scale);
+        const bool negative = ((static_cast<unsigned>(levels[i / 8]) >> (i % 8)) & 1u) != 0;
+        scratch.values[i] = h.value_type == ValueType::kOneBit ? onebit_sent(negative, scale, negative_scale)
+                                                               : dequantise(negative ? -1 : 1, scale);
       }
     }
     if (i != nnz) return malformed(fmt::format("{}: scale runs cover {} of {} values", name, i, nnz));
-    if (h.value_type == ValueType::kSign && nnz % 8 != 0 &&
+    if (h.value_type != ValueType::kI8 && nnz % 8 != 0 &&
         (static_cast<unsigned>(levels[nnz / 8]) >> (nnz % 8)) != 0)
       return malformed(fmt::format("{}: sign bits past entry {} are set", name, nnz));
     values = scratch.values;

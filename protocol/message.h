@@ -62,9 +62,16 @@ enum class ValueType : uint8_t {
   // >= 0; then one level per value. A value is level * its run's scale.
   kI8 = 4,    // levels as int8 in [-127, 127]
   kSign = 5,  // levels as sign bits, LSB first: 0 = +1, 1 = -1
+  // Like kSign with two scales a run (u32 count, f32 scale, f32 negative
+  // scale; both finite and >= 0): bit 0 is +scale, bit 1 -negative scale.
+  kOneBit = 6,
 };
-inline constexpr uint8_t kMaxValueType = 5;
-inline bool is_scaled(ValueType t) { return t == ValueType::kI8 || t == ValueType::kSign; }
+inline constexpr uint8_t kMaxValueType = 6;
+inline bool is_scaled(ValueType t) {
+  return t == ValueType::kI8 || t == ValueType::kSign || t == ValueType::kOneBit;
+}
+// Bytes of one scale run in a scaled value frame.
+inline uint64_t scale_run_bytes(ValueType t) { return t == ValueType::kOneBit ? 12 : 8; }
 // Bytes of a value frame holding `nnz` values in `runs` scale runs (the
 // run count is ignored by the unscaled types; 0 for kNone).
 uint64_t value_frame_bytes(ValueType t, uint64_t nnz, uint64_t runs);

@@ -277,6 +277,7 @@ protocol::ValueType wire_type(ValueFormat f) {
     case ValueFormat::kInt8:
     case ValueFormat::kQsgd: return protocol::ValueType::kI8;
     case ValueFormat::kSign: return protocol::ValueType::kSign;
+    case ValueFormat::kOneBit: return protocol::ValueType::kOneBit;
     default: return protocol::ValueType::kF32;
   }
 }
@@ -295,6 +296,7 @@ protocol::IndexEncoding key_coding(config::IndexCoding c, uint64_t nnz, uint64_t
 Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, ValueFormat values) {
   const uint64_t before = counters_.bytes_pushed;
   size_t pos = 0;
+  RunCursor runs_from;
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
     // Selections are sorted, so each shard's entries are one contiguous run.
@@ -309,7 +311,7 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, V
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
     h.index_encoding = key_coding(cfg_.compression.index_coding, pos - begin, shard.key_end - shard.key_begin);
-    slice_runs(sel.scale_runs, begin, pos, runs_);
+    slice_runs(sel.scale_runs, begin, pos, runs_, runs_from);
     auto msg = protocol::encode_data(h, std::span(sel.indices).subspan(begin, pos - begin),
                                      std::span(sel.values).subspan(begin, pos - begin), wire_type(values), &pool_,
                                      runs_);
@@ -325,6 +327,7 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, V
 Status PsClient::push_dense(uint64_t clock, std::span<const float> values, ValueFormat format,
                             std::span<const ScaleRun> scale_runs) {
   const uint64_t before = counters_.bytes_pushed;
+  RunCursor runs_from;
   for (size_t s = 0; s < assign_.shards.size(); ++s) {
     const auto& shard = assign_.shards[s];
     Header h;
@@ -336,7 +339,7 @@ Status PsClient::push_dense(uint64_t clock, std::span<const float> values, Value
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
     h.index_encoding = protocol::IndexEncoding::kNone;
-    slice_runs(scale_runs, shard.key_begin, shard.key_end, runs_);
+    slice_runs(scale_runs, shard.key_begin, shard.key_end, runs_, runs_from);
     auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin),
                                      wire_type(format), &pool_, runs_);
     counters_.bytes_pushed += msg.total_bytes();

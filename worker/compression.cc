@@ -36,6 +36,7 @@ ValueFormat value_format(const config::Config& cfg) {
     case config::ValueFormatName::kInt8: return ValueFormat::kInt8;
     case config::ValueFormatName::kSign: return ValueFormat::kSign;
     case config::ValueFormatName::kQsgd: return ValueFormat::kQsgd;
+    case config::ValueFormatName::kOneBit: return ValueFormat::kOneBit;
     default: return ValueFormat::kF32;
   }
 }

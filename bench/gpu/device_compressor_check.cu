@@ -50,8 +50,9 @@ struct Ref {
   double threshold = 0;
   int rounds = 0;
   bool fallback = false;
-  float value_scale = 0;     // scaled formats: the scale this reference computed
-  float forced_scale = -1;   // scaled formats: send with this (the device's) scale when >= 0
+  // Scaled formats: the bucket scales this reference computed, and the
+  // device's, which it sends with (their sums run in another order).
+  std::vector<sps::ScaleRun> value_scales, forced_scales;
   uint64_t step_number = 0;  // qsgd's draws
 
   Ref(size_t n_, const DeviceOptions& o_) : n(n_), o(o_), r(n_, 0.0f), u(n_, 0.0f), c(n_, 1.0f) {
@@ -198,25 +199,41 @@ struct Ref {
     const float f = unbiased ? static_cast<float>(static_cast<double>(n) / static_cast<double>(k)) : 1.0f;
     idx = s;
     val.resize(s.size());
-    // Scaled formats: the scale over the selected values in index order.
-    value_scale = 0;
-    if (sps::is_scaled(o.values) && !s.empty()) {
+    // Scaled formats: a scale per bucket of selected values, in index order.
+    value_scales.clear();
+    const size_t bucket = o.quant_bucket > 0 ? o.quant_bucket : std::max<size_t>(s.size(), 1);
+    for (size_t b = 0; sps::is_scaled(o.values) && b < s.size(); b += bucket) {
+      const size_t end = std::min(s.size(), b + bucket);
       float max_abs = 0;
-      double sum_abs = 0, sum_sq = 0;
-      for (uint32_t i : s) {
-        const float v = unbiased ? acc[i] * f : acc[i];
+      double sum_abs = 0, sum_sq = 0, sum_pos = 0, sum_neg = 0, count_pos = 0;
+      for (size_t j = b; j < end; ++j) {
+        const float v = unbiased ? acc[s[j]] * f : acc[s[j]];
         max_abs = std::max(max_abs, std::fabs(v));
         sum_abs += std::fabs(v);
         sum_sq += double{v} * v;
+        if (v < 0) {
+          sum_neg += -v;
+        } else {
+          sum_pos += v;
+          count_pos += 1;
+        }
       }
-      value_scale = sps::value_scale_of(o.values, max_abs, sum_abs, sum_sq, static_cast<double>(s.size()),
-                                        o.qsgd_levels);
+      const auto count = static_cast<double>(end - b);
+      const sps::OneBitScales ob = sps::onebit_scales(sum_pos, count_pos, sum_neg, count - count_pos);
+      value_scales.push_back(o.values == ValueFormat::kOneBit
+                                 ? sps::ScaleRun{static_cast<uint32_t>(end - b), ob.positive, ob.negative}
+                                 : sps::ScaleRun{static_cast<uint32_t>(end - b),
+                                                 sps::value_scale_of(o.values, max_abs, sum_abs, sum_sq, count,
+                                                                     o.qsgd_levels)});
     }
-    const float used_scale = forced_scale >= 0 ? forced_scale : value_scale;
+    const auto& used = forced_scales.size() == value_scales.size() ? forced_scales : value_scales;
     for (size_t j = 0; j < s.size(); ++j) {
       const uint32_t i = s[j];
       const float v = unbiased ? acc[i] * f : acc[i];
-      if (sps::is_scaled(o.values)) {
+      if (o.values == ValueFormat::kOneBit) {
+        val[j] = sps::onebit_sent(v < 0.0f, used[j / bucket].scale, used[j / bucket].negative_scale);
+      } else if (sps::is_scaled(o.values)) {
+        const float used_scale = used[j / bucket].scale;
         const uint32_t random =
             o.values == ValueFormat::kQsgd ? sps::quant_random24(o.seed, step_number, i) : 0u;
         val[j] = sps::dequantise(sps::quant_level(v, o.values, used_scale, random), used_scale);
@@ -322,7 +339,10 @@ void run_case(const char* name, size_t n, DeviceOptions o, int steps, bool ties,
     DeviceStats st;
     size_t bad = 0;
     const Status s = dev->compress_host(g.data(), scale, in, di, dv, st);
-    ref.forced_scale = sps::is_scaled(o.values) ? st.value_scale : -1.0f;
+    ref.forced_scales.clear();
+    for (size_t b = 0; b < st.value_scales.size(); ++b)
+      ref.forced_scales.push_back({0, st.value_scales[b],
+                                   b < st.value_negative_scales.size() ? st.value_negative_scales[b] : 0.0f});
     ref.step_number = in.step;
     const bool ok = ref.step(g, scale, in, ri, rv, bad);
     const std::string where = std::string(name) + " step " + std::to_string(t);
@@ -330,14 +350,23 @@ void run_case(const char* name, size_t n, DeviceOptions o, int steps, bool ties,
     if (di != ri) return fail(where + ": indices differ (" + std::to_string(di.size()) + " vs " +
                               std::to_string(ri.size()) + ")");
     if (!same_bits(dv, rv, where + " values")) return;
-    // Scaled formats: the device sums |v| and v^2 in another order, so its
-    // scale may differ from the reference's in the last bits (int8's max is exact).
+    // Scaled formats: the device sums in another order, so its scales may
+    // differ from the reference's in the last bits (int8's max is exact).
     if (sps::is_scaled(o.values)) {
+      if (ref.forced_scales.size() != ref.value_scales.size())
+        return fail(where + ": " + std::to_string(ref.forced_scales.size()) + " value scales, expected " +
+                    std::to_string(ref.value_scales.size()));
       const bool exact = o.values == ValueFormat::kInt8;
-      if (exact ? st.value_scale != ref.value_scale
-                : std::fabs(st.value_scale - ref.value_scale) > 1e-6f * ref.value_scale)
-        return fail(where + ": value scale " + std::to_string(st.value_scale) + " vs " +
-                    std::to_string(ref.value_scale));
+      auto close = [&](float got, float want) {
+        return exact ? got == want : std::fabs(got - want) <= 1e-6f * want;
+      };
+      for (size_t b = 0; b < ref.value_scales.size(); ++b)
+        if (!close(ref.forced_scales[b].scale, ref.value_scales[b].scale) ||
+            !close(ref.forced_scales[b].negative_scale, ref.value_scales[b].negative_scale))
+          return fail(where + ": value scale of bucket " + std::to_string(b) + ": " +
+                      std::to_string(ref.forced_scales[b].scale) + " vs " + std::to_string(ref.value_scales[b].scale));
+      if (st.value_scale != (st.value_scales.empty() ? 0.0f : st.value_scales[0]))
+        return fail(where + ": stats.value_scale is not the first bucket's");
     }
     if (st.nnz != ri.size()) return fail(where + ": stats.nnz");
     if (st.rounds != ref.rounds || st.fallback != ref.fallback) return fail(where + ": stats rounds/fallback");
@@ -425,6 +454,13 @@ int main(int argc, char** argv) {
     o.qsgd_levels = 7;
     o.seed = 11;
     run_case("topk qsgd", n, o, 3, false);
+    o.values = ValueFormat::kOneBit;
+    run_case("topk onebit", n, o, 3, false);
+    o.quant_bucket = 0;  // one scale over the whole selection
+    run_case("topk onebit one bucket", n, o, 3, false);
+    o.values = ValueFormat::kQsgd;
+    run_case("topk qsgd one bucket", n, o, 3, false);
+    o.quant_bucket = 512;
     o.values = ValueFormat::kF32;
 
     DeviceOptions th;
@@ -454,6 +490,8 @@ int main(int argc, char** argv) {
     run_case("dense f16", n, dn, 2, false, 1e4f);
     dn.values = ValueFormat::kSign;
     run_case("dense sign", n, dn, 2, false);
+    dn.values = ValueFormat::kOneBit;
+    run_case("dense onebit", n, dn, 2, false);
 
     DeviceOptions gk;
     gk.method = DeviceMethod::kGaussianK;

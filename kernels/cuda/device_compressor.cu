@@ -376,26 +376,45 @@ struct CommitArgs {
   ValueFormat format;
   uint64_t seed;  // qsgd's draws depend on (seed, step, index)
   uint64_t step;
-  float* scales;  // scaled formats: one per bucket of `bucket` selected values
+  float* scales;           // scaled formats: one per bucket of `bucket` selected values
+  float* negative_scales;  // onebit: the second scale of each bucket
   size_t bucket;
   Control* control;
 };
 
-// What a scaled format's scale is made of: max |v|, sum |v|, sum v^2.
+// What a scaled format's scale is made of: max |v|, sum |v|, sum v^2; for
+// onebit the sums by sign instead (sum of the v >= 0, their count, sum |v|
+// of the v < 0).
 struct Moments {
+  static constexpr int kFields = 3;  // partials per block
   double max_abs = 0, sum_abs = 0, sum_sq = 0;
-  __device__ void add(double m) {  // m = |v|, or a partial's max_abs
+  __device__ void add(double v, bool onebit) {
+    if (onebit) {  // max_abs: sum of the v >= 0, sum_abs: their count, sum_sq: sum |v| of the v < 0
+      if (v < 0) {
+        sum_sq = __dadd_rn(sum_sq, -v);
+      } else {
+        max_abs = __dadd_rn(max_abs, v);
+        sum_abs = __dadd_rn(sum_abs, 1.0);
+      }
+      return;
+    }
+    const double m = fabs(v);
     max_abs = fmax(max_abs, m);
     sum_abs = __dadd_rn(sum_abs, m);
     sum_sq = __dadd_rn(sum_sq, __dmul_rn(m, m));
+  }
+  __device__ void merge(const double* partial, bool onebit) {
+    max_abs = onebit ? __dadd_rn(max_abs, partial[0]) : fmax(max_abs, partial[0]);
+    sum_abs = __dadd_rn(sum_abs, partial[1]);
+    sum_sq = __dadd_rn(sum_sq, partial[2]);
   }
 };
 using MomentsReduce = cub::BlockReduce<double, kThreads>;
 
 // The block's moments (valid in thread 0); ends with the storage free again.
-__device__ Moments block_moments(const Moments& t, MomentsReduce::TempStorage& temp) {
+__device__ Moments block_moments(const Moments& t, bool onebit, MomentsReduce::TempStorage& temp) {
   Moments b;
-  b.max_abs = MomentsReduce(temp).Reduce(t.max_abs, ::cuda::maximum<>{});
+  b.max_abs = onebit ? MomentsReduce(temp).Sum(t.max_abs) : MomentsReduce(temp).Reduce(t.max_abs, ::cuda::maximum<>{});
   __syncthreads();
   b.sum_abs = MomentsReduce(temp).Sum(t.sum_abs);
   __syncthreads();
@@ -404,57 +423,66 @@ __device__ Moments block_moments(const Moments& t, MomentsReduce::TempStorage& t
   return b;
 }
 
+// A bucket's scale(s) from its moments, with value_format.h's formulas (the CPU's).
+__device__ void store_scale(const Moments& b, ValueFormat format, int levels, size_t count, float* scale,
+                            float* negative_scale) {
+  if (format == ValueFormat::kOneBit) {
+    const OneBitScales s = onebit_scales(b.max_abs, b.sum_abs, b.sum_sq, static_cast<double>(count) - b.sum_abs);
+    *scale = s.positive;
+    *negative_scale = s.negative;
+    return;
+  }
+  *scale = value_scale_of(format, static_cast<float>(b.max_abs), b.sum_abs, b.sum_sq, static_cast<double>(count),
+                          levels);
+}
+
 // Selected entry j's value as sent before quantisation (factor-scaled).
-__device__ __forceinline__ double selected_magnitude(const CommitArgs& a, size_t j) {
+__device__ __forceinline__ double selected_value(const CommitArgs& a, size_t j) {
   const size_t i = a.list != nullptr ? a.list[j] : j;
-  return fabsf(a.apply_factor ? __fmul_rn(a.acc[i], a.factor) : a.acc[i]);
+  return a.apply_factor ? __fmul_rn(a.acc[i], a.factor) : a.acc[i];
 }
 
 // Scaled formats, one bucket, first half: per block moments of the selected
-// values, 3 partials per block.
+// values, Moments::kFields partials per block.
 __global__ void __launch_bounds__(kThreads) value_partials_kernel(CommitArgs a, double* partials) {
   __shared__ MomentsReduce::TempStorage temp;
+  const bool onebit = a.format == ValueFormat::kOneBit;
   Moments t;
   const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
   for (size_t j = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; j < a.count; j += step)
-    t.add(selected_magnitude(a, j));
-  const Moments b = block_moments(t, temp);
+    t.add(selected_value(a, j), onebit);
+  const Moments b = block_moments(t, onebit, temp);
   if (threadIdx.x == 0) {
-    partials[3 * blockIdx.x] = b.max_abs;
-    partials[3 * blockIdx.x + 1] = b.sum_abs;
-    partials[3 * blockIdx.x + 2] = b.sum_sq;
+    double* p = partials + Moments::kFields * blockIdx.x;
+    p[0] = b.max_abs;
+    p[1] = b.sum_abs;
+    p[2] = b.sum_sq;
   }
 }
 
-// Second half, one block: the partials in a fixed order, then the scale
-// with value_format.h's formula (the CPU's).
+// Second half, one block: the partials in a fixed order, then the scale.
 __global__ void value_scale_kernel(const double* partials, int blocks, ValueFormat format, int levels, size_t count,
-                                   float* scale) {
+                                   float* scale, float* negative_scale) {
   __shared__ MomentsReduce::TempStorage temp;
+  const bool onebit = format == ValueFormat::kOneBit;
   Moments t;
-  for (int i = static_cast<int>(threadIdx.x); i < blocks; i += kThreads) {
-    t.max_abs = fmax(t.max_abs, partials[3 * i]);
-    t.sum_abs = __dadd_rn(t.sum_abs, partials[3 * i + 1]);
-    t.sum_sq = __dadd_rn(t.sum_sq, partials[3 * i + 2]);
-  }
-  const Moments b = block_moments(t, temp);
-  if (threadIdx.x == 0)
-    *scale = value_scale_of(format, static_cast<float>(b.max_abs), b.sum_abs, b.sum_sq, static_cast<double>(count),
-                            levels);
+  for (int i = static_cast<int>(threadIdx.x); i < blocks; i += kThreads) t.merge(partials + Moments::kFields * i, onebit);
+  const Moments b = block_moments(t, onebit, temp);
+  if (threadIdx.x == 0) store_scale(b, format, levels, count, scale, negative_scale);
 }
 
 // Many buckets: one block per bucket (grid-strided), a scale each.
 __global__ void __launch_bounds__(kThreads) bucket_scale_kernel(CommitArgs a, int levels) {
   __shared__ MomentsReduce::TempStorage temp;
+  const bool onebit = a.format == ValueFormat::kOneBit;
   const size_t buckets = (a.count + a.bucket - 1) / a.bucket;
   for (size_t bucket = blockIdx.x; bucket < buckets; bucket += gridDim.x) {
     const size_t begin = bucket * a.bucket, end = min(a.count, begin + a.bucket);
     Moments t;
-    for (size_t j = begin + threadIdx.x; j < end; j += kThreads) t.add(selected_magnitude(a, j));
-    const Moments b = block_moments(t, temp);
+    for (size_t j = begin + threadIdx.x; j < end; j += kThreads) t.add(selected_value(a, j), onebit);
+    const Moments b = block_moments(t, onebit, temp);
     if (threadIdx.x == 0)
-      a.scales[bucket] = value_scale_of(a.format, static_cast<float>(b.max_abs), b.sum_abs, b.sum_sq,
-                                        static_cast<double>(end - begin), levels);
+      store_scale(b, a.format, levels, end - begin, a.scales + bucket, a.negative_scales + bucket);
   }
 }
 
@@ -469,7 +497,9 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitArgs a) {
     const float v = a.acc[i];
     low = min(low, key_of(v));
     float sent = a.apply_factor ? __fmul_rn(v, a.factor) : v;
-    if (is_scaled(a.format)) {  // value_format.h: the CPU's code
+    if (a.format == ValueFormat::kOneBit) {  // value_format.h: the CPU's code
+      sent = onebit_sent(sent < 0.0f, a.scales[j / a.bucket], a.negative_scales[j / a.bucket]);
+    } else if (is_scaled(a.format)) {
       const float s = a.scales[j / a.bucket];
       const uint32_t random = a.format == ValueFormat::kQsgd ? quant_random24(a.seed, a.step, i) : 0u;
       sent = dequantise(quant_level(sent, a.format, s, random), s);
@@ -568,7 +598,8 @@ struct DeviceCompressor::State {
   DeviceMemory residual, acc, u, u_new, coeff, grad;
   DeviceMemory cand, out, tmp_a, values;  // tmp_b aliases values (free until commit)
   DeviceMemory hist, partials, control, cub_temp;
-  DeviceMemory scales;  // scaled value formats: one float per bucket
+  DeviceMemory scales;  // scaled value formats: one float per bucket, then (onebit) the negative scales
+  size_t max_buckets = 1;
   size_t cub_bytes = 0;
   Control* host = nullptr;  // pinned mirror of the control block
 
@@ -790,6 +821,8 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
   const size_t bucket = options.quant_bucket > 0 ? options.quant_bucket : std::max<size_t>(sel.count, 1);
   const size_t buckets = is_scaled(options.values) ? (sel.count + bucket - 1) / bucket : 0;
   stats.value_scales.resize(buckets);
+  const bool onebit = options.values == ValueFormat::kOneBit;
+  stats.value_negative_scales.resize(onebit ? buckets : 0);
   if (sel.count > 0) {
     CommitArgs c{sel.list,
                  sel.count,
@@ -804,6 +837,7 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
                  options.seed,
                  in.step,
                  scales.as<float>(),
+                 scales.as<float>() + max_buckets,
                  bucket,
                  ctl()};
     if (is_scaled(options.values) && buckets == 1) {
@@ -811,7 +845,7 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
       value_partials_kernel<<<g, kThreads, 0, stream>>>(c, partials.as<double>());
       SPS_RETURN_IF_ERROR(check_launch("value_partials_kernel"));
       value_scale_kernel<<<1, kThreads, 0, stream>>>(partials.as<double>(), g, options.values, options.qsgd_levels,
-                                                     sel.count, scales.as<float>());
+                                                     sel.count, scales.as<float>(), scales.as<float>() + max_buckets);
       SPS_RETURN_IF_ERROR(check_launch("value_scale_kernel"));
     } else if (is_scaled(options.values)) {
       const int g = static_cast<int>(std::min<size_t>(buckets, 8 * static_cast<size_t>(kMaxBlocks)));
@@ -835,6 +869,10 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
       SPS_RETURN_IF_ERROR(check(cudaMemcpyAsync(stats.value_scales.data(), scales.as<float>(), buckets * sizeof(float),
                                                 cudaMemcpyDeviceToHost, stream),
                                 "copy value scales"));
+    if (onebit && buckets > 0)
+      SPS_RETURN_IF_ERROR(check(cudaMemcpyAsync(stats.value_negative_scales.data(), scales.as<float>() + max_buckets,
+                                                buckets * sizeof(float), cudaMemcpyDeviceToHost, stream),
+                                "copy negative value scales"));
   }
   SPS_RETURN_IF_ERROR(fetch());
   if (sel.identity)
@@ -849,6 +887,7 @@ Status DeviceCompressor::State::step(const float* d_grad, float scale, const Ste
   if (min_threshold) stats.threshold = sel.count > 0 ? static_cast<double>(bits_float(host->min_key)) : 0.0;
   stats.nnz = sel.count;
   stats.value_scale = stats.value_scales.empty() ? 0.0f : stats.value_scales[0];
+  stats.value_negative_scale = stats.value_negative_scales.empty() ? 0.0f : stats.value_negative_scales[0];
 
   // Success: the scratch buffers become the state.
   if (keep_residual) residual.swap(acc);
@@ -992,10 +1031,12 @@ Result<std::unique_ptr<DeviceCompressor>> DeviceCompressor::create(size_t n, con
   const bool hessian = options.error_feedback == DeviceErrorFeedback::kHessianDiag;
   SPS_RETURN_IF_ERROR(s->coeff.allocate(hessian ? fbytes : 0, "cudaMalloc hessian"));
   SPS_RETURN_IF_ERROR(s->hist.allocate(3 * kBins * sizeof(uint32_t), "cudaMalloc histogram"));
-  SPS_RETURN_IF_ERROR(s->partials.allocate(3 * kMaxBlocks * sizeof(double), "cudaMalloc partials"));
-  const size_t max_buckets =
-      is_scaled(options.values) && options.quant_bucket > 0 ? (n + options.quant_bucket - 1) / options.quant_bucket : 1;
-  SPS_RETURN_IF_ERROR(s->scales.allocate(std::max<size_t>(max_buckets, 1) * sizeof(float), "cudaMalloc scales"));
+  SPS_RETURN_IF_ERROR(
+      s->partials.allocate(std::max(3, Moments::kFields) * kMaxBlocks * sizeof(double), "cudaMalloc partials"));
+  s->max_buckets = std::max<size_t>(
+      is_scaled(options.values) && options.quant_bucket > 0 ? (n + options.quant_bucket - 1) / options.quant_bucket : 1,
+      1);
+  SPS_RETURN_IF_ERROR(s->scales.allocate(2 * s->max_buckets * sizeof(float), "cudaMalloc scales"));
   SPS_RETURN_IF_ERROR(s->control.allocate(sizeof(Control), "cudaMalloc control"));
   SPS_RETURN_IF_ERROR(check(cudaMallocHost(&s->host, sizeof(Control)), "cudaMallocHost"));
 

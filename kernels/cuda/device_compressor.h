@@ -50,6 +50,8 @@ struct DeviceStats {
   bool fallback = false;
   float value_scale = 0;            // scaled value formats: the first bucket's scale
   std::vector<float> value_scales;  // scaled value formats: every bucket's scale, in order
+  float value_negative_scale = 0;            // onebit: the first bucket's negative scale
+  std::vector<float> value_negative_scales;  // onebit: every bucket's negative scale
 };
 
 class DeviceCompressor {

@@ -60,6 +60,10 @@ int main(int argc, char** argv) {
   const std::vector<float> signs{0.5f, -0.5f, 0.25f};
   write(dir + "/push_sign", encode_data(data_header(MessageType::kPush, IndexEncoding::kDeltaVarint), keys, signs,
                                         ValueType::kSign, nullptr, runs));
+  const std::vector<sps::ScaleRun> onebit_runs{{2, 0.5f, 0.75f}, {1, 0.25f, 0.0f}};
+  const std::vector<float> onebit{0.5f, -0.75f, 0.25f};
+  write(dir + "/push_onebit", encode_data(data_header(MessageType::kPush, IndexEncoding::kRawU32), keys, onebit,
+                                          ValueType::kOneBit, nullptr, onebit_runs));
   // A varint gap that needs several bytes (keys far apart in a wide range).
   Header wide = data_header(MessageType::kPush, IndexEncoding::kDeltaVarint);
   wide.key_begin = 0;

@@ -306,6 +306,11 @@ TEST(JobTest, ScaledValuesMatchTheReferenceBitForBit) {
                   {"data.train_limit=2000", "data.test_limit=500", "training.steps=120", "training.batch_size=16",
                    "training.lr=0.1", "compression.method=dense", "compression.error_feedback=none",
                    "compression.values=qsgd", "compression.qsgd_levels=16", "compression.scope=per_tensor"});
+  // Seide's 1-bit SGD: dense with EF, buckets cut by the shard boundaries.
+  run_and_compare("values_onebit", 2, 3,
+                  {"data.train_limit=2000", "data.test_limit=500", "training.steps=120", "training.batch_size=16",
+                   "training.lr=0.1", "compression.method=dense", "compression.values=onebit",
+                   "compression.quant_bucket=1000"});
 }
 
 TEST(JobTest, Int8ValuesTakeOneBytePlusTheirScaleRuns) {
@@ -320,6 +325,21 @@ TEST(JobTest, Int8ValuesTakeOneBytePlusTheirScaleRuns) {
   // Per push: a 64-byte header, a 4-byte key and a 1-byte level per entry,
   // the run count and one (count, scale) run.
   EXPECT_EQ(s["bytes_pushed"].get<uint64_t>(), 20 * (64 + 5 * k + 4 + 8));
+}
+
+TEST(JobTest, OneBitValuesTakeOneBitPlusTwoScalesPerBucket) {
+  Job job("bytes_onebit", 1, 1, {"data.train_limit=500", "data.test_limit=100", "training.steps=20",
+                                 "compression.method=dense", "compression.values=onebit",
+                                 "compression.quant_bucket=4096"});
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(job.wait_all(120));
+  ASSERT_EQ(job.scheduler.exit_status(), 0);
+  const auto s = read_json(job.path("summary.json"));
+  const uint64_t n = s["num_params"];
+  const uint64_t runs = (n + 4095) / 4096;
+  // Per push: a 64-byte header, no keys (a dense slice), the run count,
+  // a (count, scale, negative scale) run per bucket and a bit per value.
+  EXPECT_EQ(s["bytes_pushed"].get<uint64_t>(), 20 * (64 + 4 + 12 * runs + (n + 7) / 8));
 }
 
 TEST(JobTest, SummaryCountsBytesConsistently) {

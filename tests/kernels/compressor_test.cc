@@ -31,10 +31,10 @@ uint32_t bits(float x) { return std::bit_cast<uint32_t>(x); }
 struct Reference {
   CompressorOptions o;
   std::vector<float> residual, momentum, hessian_factor;
-  std::vector<float> last_scales;  // scaled formats: the bucket scales this reference computed last step
+  std::vector<ScaleRun> last_scales;  // scaled formats: the bucket scales this reference computed last step
   // Scaled formats: send with these scales instead (a backend's, which may
   // sum in another order; the caller checks them against last_scales).
-  std::optional<std::vector<float>> forced_scales;
+  std::optional<std::vector<ScaleRun>> forced_scales;
   explicit Reference(size_t n, CompressorOptions options) : o(options), residual(n, 0.0f), momentum(n, 0.0f) {
     hessian_factor.assign(n, 1.0f);
   }
@@ -95,25 +95,42 @@ struct Reference {
     const size_t bucket = o.quant_bucket > 0 ? o.quant_bucket : std::max<size_t>(idx.size(), 1);
     for (size_t b = 0; is_scaled(o.values) && b < idx.size(); b += bucket) {
       const size_t end = std::min(idx.size(), b + bucket);
+      const auto count = static_cast<uint32_t>(end - b);
       float max_abs = 0;
-      double sum_abs = 0, sum_sq = 0;
+      double sum_abs = 0, sum_sq = 0, sum_pos = 0, sum_neg = 0, count_pos = 0;
       for (size_t j = b; j < end; ++j) {
         const float v = value_of(idx[j]);
         max_abs = std::max(max_abs, std::fabs(v));
         sum_abs += std::fabs(v);
         sum_sq += double{v} * v;
+        if (v < 0) {
+          sum_neg += -v;
+        } else {
+          sum_pos += v;
+          count_pos += 1;
+        }
       }
-      last_scales.push_back(
-          value_scale_of(o.values, max_abs, sum_abs, sum_sq, static_cast<double>(end - b), o.qsgd_levels));
+      if (o.values == ValueFormat::kOneBit) {
+        // Seide's two means, computed here without value_format.h.
+        ScaleRun run{count, 0.0f, 0.0f};
+        if (count_pos > 0) run.scale = static_cast<float>(sum_pos / count_pos);
+        if (count_pos < count) run.negative_scale = static_cast<float>(sum_neg / (count - count_pos));
+        last_scales.push_back(run);
+      } else {
+        last_scales.push_back(
+            {count, value_scale_of(o.values, max_abs, sum_abs, sum_sq, static_cast<double>(count), o.qsgd_levels)});
+      }
       const size_t r = last_scales.size() - 1;
-      const float used = forced_scales && r < forced_scales->size() ? (*forced_scales)[r] : last_scales[r];
-      out.scale_runs.push_back({static_cast<uint32_t>(end - b), used});
+      out.scale_runs.push_back(forced_scales && r < forced_scales->size() ? (*forced_scales)[r] : last_scales[r]);
     }
     for (size_t j = 0; j < idx.size(); ++j) {
       const uint32_t i = idx[j];
       const float v = value_of(i);
       float sent = quantise(v, o.values);
-      if (is_scaled(o.values)) {
+      if (o.values == ValueFormat::kOneBit) {
+        const ScaleRun& run = out.scale_runs[j / bucket];
+        sent = v < 0 ? -run.negative_scale : run.scale;
+      } else if (is_scaled(o.values)) {
         const float value_scale = out.scale_runs[j / bucket].scale;
         const uint32_t random = o.values == ValueFormat::kQsgd ? quant_random24(p.seed, step, i) : 0u;
         sent = dequantise(quant_level(v, o.values, value_scale, random), value_scale);
@@ -292,7 +309,7 @@ class CompressorTest : public ::testing::TestWithParam<Backend> {
       ref.forced_scales.reset();
       if (is_scaled(o.values)) {
         ref.forced_scales.emplace();
-        for (const auto& r : got.scale_runs) ref.forced_scales->push_back(r.scale);
+        for (const auto& r : got.scale_runs) ref.forced_scales->push_back(r);
       }
       ref.step(g, scale, static_cast<uint64_t>(s), want, acc);
       ASSERT_EQ(got.indices, want.indices) << "step " << s << " n=" << n << " k=" << o.selection.k;
@@ -303,14 +320,19 @@ class CompressorTest : public ::testing::TestWithParam<Backend> {
         // the double sums.
         ASSERT_EQ(got.scale_runs.size(), want.scale_runs.size()) << "step " << s;
         for (size_t r = 0; r < want.scale_runs.size(); ++r) {
-          ASSERT_EQ(got.scale_runs[r].count, want.scale_runs[r].count) << "step " << s << " run " << r;
-          if (GetParam() == Backend::kCpu || o.values == ValueFormat::kInt8)
-            ASSERT_EQ(bits(got.scale_runs[r].scale), bits(ref.last_scales[r])) << "step " << s << " run " << r;
-          else
-            ASSERT_NEAR(got.scale_runs[r].scale, ref.last_scales[r], 1e-6 * ref.last_scales[r]) << "step " << s;
+          ASSERT_EQ(got.scale_runs[r].count, ref.last_scales[r].count) << "step " << s << " run " << r;
+          const float want_scales[] = {ref.last_scales[r].scale, ref.last_scales[r].negative_scale};
+          const float got_scales[] = {got.scale_runs[r].scale, got.scale_runs[r].negative_scale};
+          for (int side = 0; side < (o.values == ValueFormat::kOneBit ? 2 : 1); ++side) {
+            if (GetParam() == Backend::kCpu || o.values == ValueFormat::kInt8)
+              ASSERT_EQ(bits(got_scales[side]), bits(want_scales[side])) << "step " << s << " run " << r;
+            else
+              ASSERT_NEAR(got_scales[side], want_scales[side], 1e-6 * want_scales[side]) << "step " << s;
+          }
         }
         if (!got.scale_runs.empty()) {
           EXPECT_EQ(bits(c->last_stats().value_scale), bits(got.scale_runs[0].scale));
+          EXPECT_EQ(bits(c->last_stats().value_negative_scale), bits(got.scale_runs[0].negative_scale));
         }
       } else {
         ASSERT_TRUE(got.scale_runs.empty());
@@ -503,7 +525,7 @@ TEST_P(CompressorTest, HalfPrecisionValuesKeepTheRoundingErrorInTheResidual) {
 }
 
 TEST_P(CompressorTest, ScaledValuesMatchTheReference) {
-  for (ValueFormat f : {ValueFormat::kInt8, ValueFormat::kSign, ValueFormat::kQsgd}) {
+  for (ValueFormat f : {ValueFormat::kInt8, ValueFormat::kSign, ValueFormat::kQsgd, ValueFormat::kOneBit}) {
     for (ErrorFeedbackMode mode : {ErrorFeedbackMode::kEf, ErrorFeedbackMode::kNone}) {
       for (Method m : {Method::kTopK, Method::kThreshold, Method::kDense, Method::kRandomK, Method::kGaussianK,
                        Method::kSampled}) {
@@ -531,8 +553,10 @@ TEST_P(CompressorTest, ScaledValuesMatchTheReference) {
   o.error_feedback = ErrorFeedbackMode::kNone;
   o.values = ValueFormat::kQsgd;
   expect_same_as_reference(o, {normal(5000, 44)}, 4, 1.0f);
+  o.values = ValueFormat::kOneBit;
+  expect_same_as_reference(o, {normal(5000, 44)}, 4, 1.0f);
   // Per tensor too small to matter: a single selected entry, and all-zero input.
-  for (ValueFormat f : {ValueFormat::kInt8, ValueFormat::kSign, ValueFormat::kQsgd}) {
+  for (ValueFormat f : {ValueFormat::kInt8, ValueFormat::kSign, ValueFormat::kQsgd, ValueFormat::kOneBit}) {
     auto t = topk_options(1);
     t.values = f;
     expect_same_as_reference(t, {normal(10, 45)}, 3, 1.0f);
@@ -619,6 +643,44 @@ TEST_P(CompressorTest, QsgdIsUnbiased) {
   SparseVector again;
   ASSERT_TRUE(c->compress(g, 1.0f, again, 0).ok());
   EXPECT_EQ(out.values, again.values) << "the draw depends on (seed, step, index) only";
+}
+
+// Seide's 1-bit: every value goes out as its sign, the non-negative ones as
+// their mean and the negative ones as minus their mean |v|, so each bucket
+// sends its sum unchanged (what EF-signSGD's one scale cannot do when the
+// two sides differ); the residual holds the rest exactly.
+TEST_P(CompressorTest, OneBitSendsEachSidesMeanAndKeepsEachBucketsSum) {
+  const size_t n = 6000;
+  auto o = topk_options(1000);
+  o.values = ValueFormat::kOneBit;
+  o.quant_bucket = 256;
+  auto c = make(n, o);
+  ASSERT_NE(c, nullptr);
+  // Skewed: positives come from a wider distribution than negatives.
+  auto g = heavy_tailed(n, 50);
+  for (float& x : g)
+    if (x > 0) x *= 3.0f;
+  SparseVector out;
+  ASSERT_TRUE(c->compress(g, 1.0f, out, 0).ok());
+  ASSERT_EQ(out.size(), 1000u);
+  ASSERT_EQ(out.scale_runs.size(), 4u);  // 3 * 256 + 232
+  const auto r = c->residual();
+  size_t j = 0;
+  bool skewed = false;
+  for (const ScaleRun& run : out.scale_runs) {
+    double sum_acc = 0, sum_sent = 0;
+    for (const size_t end = j + run.count; j < end; ++j) {
+      const uint32_t i = out.indices[j];
+      ASSERT_EQ(bits(out.values[j]), bits(g[i] < 0 ? -run.negative_scale : run.scale)) << j;
+      ASSERT_EQ(r[i], g[i] - out.values[j]) << "residual = acc - sent, entry " << j;
+      sum_acc += g[i];
+      sum_sent += out.values[j];
+    }
+    EXPECT_NEAR(sum_sent, sum_acc, 1e-4 * std::fabs(sum_acc) + 1e-3) << "a bucket's sum goes out unchanged";
+    skewed = skewed || run.scale > 1.5f * run.negative_scale;
+  }
+  EXPECT_EQ(j, out.size());
+  EXPECT_TRUE(skewed) << "the two scales follow the two sides";
 }
 
 TEST_P(CompressorTest, NonFiniteInputIsRefusedAndChangesNothing) {

@@ -107,6 +107,31 @@ TEST(GradToolTest, ScaledValueFormatsReportTheirScale) {
   }
   std::tie(rc, out) = grad("select " + in + " --value-format qsgd --qsgd-levels 300");
   EXPECT_NE(rc, 0) << "levels above 127 are refused: " << out;
+
+  // onebit reports both scales: the means of each side of the selection.
+  std::tie(rc, out) = grad("select " + in + " --method topk --k 100 --value-format onebit --quant-bucket 0 --values " +
+                           dir() + "/vo.f32 --json");
+  ASSERT_EQ(rc, 0) << out;
+  const auto o = nlohmann::json::parse(out);
+  EXPECT_EQ(o["value_format"], "onebit");
+  double sum_pos = 0, sum_neg = 0;
+  int count_pos = 0;
+  for (float v : want.values) {
+    if (v < 0) {
+      sum_neg -= v;
+    } else {
+      sum_pos += v;
+      ++count_pos;
+    }
+  }
+  ASSERT_GT(count_pos, 0);
+  ASSERT_LT(count_pos, 100);
+  EXPECT_EQ(o["value_scale"].get<float>(), static_cast<float>(sum_pos / count_pos));
+  EXPECT_EQ(o["value_negative_scale"].get<float>(), static_cast<float>(sum_neg / (100 - count_pos)));
+  values = load_f32(dir() + "/vo.f32");
+  ASSERT_TRUE(values.ok());
+  for (size_t i = 0; i < 100; ++i)
+    EXPECT_EQ((*values)[i], want.values[i] < 0 ? -o["value_negative_scale"].get<float>() : o["value_scale"].get<float>());
 }
 
 TEST(GradToolTest, ResidualIsFedIn) {

@@ -149,6 +149,17 @@ TEST(DataTest, ScaledValuesRoundTripExactlyPerRun) {
   ASSERT_TRUE(sdata.ok()) << sdata.status().to_string();
   for (uint32_t i = 0; i < 9; ++i) EXPECT_EQ(sdata->value(i), signs[i]) << i;
 
+  // One-bit: a sign bit a value and two scales a run (+scale, -negative scale).
+  const std::vector<float> onebit = {0.75f, -0.25f, 0.75f, 0.75f, -0.25f, -0.25f, 0.0f, -3.0f, 1.5f};
+  const std::vector<ScaleRun> onebit_runs = {{6, 0.75f, 0.25f}, {1, 0.0f, 0.0f}, {2, 1.5f, 3.0f}};
+  const auto o = encode_data(push_header(100, 200), sign_keys, onebit, ValueType::kOneBit, nullptr, onebit_runs);
+  EXPECT_EQ(o.frame2.size(), 4u + 3 * 12 + 2);
+  EXPECT_EQ(value_frame_bytes(ValueType::kOneBit, 9, 3), o.frame2.size());
+  auto of = spans(o);
+  auto odata = decode_data(*decode_message(of), 100, 200, g_scratch);
+  ASSERT_TRUE(odata.ok()) << odata.status().to_string();
+  for (uint32_t i = 0; i < 9; ++i) EXPECT_EQ(odata->value(i), onebit[i]) << i;
+
   // Dense slices and empty messages take them too.
   Header dense = push_header(5, 9);
   dense.index_encoding = IndexEncoding::kNone;
@@ -210,6 +221,26 @@ TEST(DataTest, MalformedScaleRunsAreRefused) {
   ASSERT_TRUE(decode_with_values(s, sb, 100, 200).ok());
   sb.back() |= std::byte{0x80};
   EXPECT_FALSE(decode_with_values(s, sb, 100, 200).ok());
+  // One-bit: the second scale is checked like the first, and the runs are
+  // 12 bytes (a frame sized for 8-byte runs is refused).
+  const std::vector<ScaleRun> onebit_runs = {{2, 0.5f, 0.5f}, {1, 1.0f, 2.0f}};
+  const auto o = encode_data(push_header(100, 200), keys, std::vector<float>{0.5f, -0.5f, 1.0f}, ValueType::kOneBit,
+                             nullptr, onebit_runs);
+  const Bytes ob = o.frame2.to_bytes();
+  ASSERT_EQ(ob.size(), 4u + 2 * 12 + 1);
+  ASSERT_TRUE(decode_with_values(o, ob, 100, 200).ok());
+  b = ob;
+  store_le<uint32_t>(b.data() + 24, std::bit_cast<uint32_t>(std::numeric_limits<float>::infinity()));
+  expect_refused(b, "infinite negative scale");
+  b = ob;
+  store_le<uint32_t>(b.data() + 12, std::bit_cast<uint32_t>(-0.5f));
+  expect_refused(b, "negative negative scale");
+  b = ob;
+  b.back() |= std::byte{0x10};
+  EXPECT_FALSE(decode_with_values(o, b, 100, 200).ok()) << "one-bit padding bits";
+  b = ob;
+  b.resize(b.size() - 4);
+  EXPECT_FALSE(decode_with_values(o, b, 100, 200).ok()) << "8-byte runs in a one-bit frame";
 }
 
 TEST(DataTest, DenseRoundTripAndEmptySparse) {

@@ -118,5 +118,37 @@ TEST(CompressionStageTest, PerTensorScaledValuesCarryOneRunPerTensor) {
   EXPECT_EQ(counted, cut_hi - cut_lo);
 }
 
+// Shards slice a push's runs in ascending ranges through one cursor; the
+// pieces are those of slicing each range from the start, empty ranges and
+// ranges inside one run included.
+TEST(CompressionStageTest, SlicingRunsThroughACursorGivesTheSamePieces) {
+  const std::vector<ScaleRun> runs = {{5, 1.0f, 0.5f}, {1, 2.0f, 0.0f}, {7, 3.0f, 3.5f}, {2, 4.0f, 1.0f}};
+  const std::vector<std::vector<size_t>> cuts = {
+      {0, 15}, {0, 5, 6, 13, 15}, {0, 2, 3, 3, 9, 15}, {0, 0, 1, 14, 15, 15}, {0, 6, 6, 6, 15}};
+  for (const auto& c : cuts) {
+    RunCursor at;
+    size_t covered = 0;
+    for (size_t i = 0; i + 1 < c.size(); ++i) {
+      std::vector<ScaleRun> fresh, walked;
+      slice_runs(runs, c[i], c[i + 1], fresh);
+      slice_runs(runs, c[i], c[i + 1], walked, at);
+      ASSERT_EQ(walked.size(), fresh.size()) << "range " << c[i] << ".." << c[i + 1];
+      for (size_t r = 0; r < fresh.size(); ++r) {
+        EXPECT_EQ(walked[r].count, fresh[r].count);
+        EXPECT_EQ(walked[r].scale, fresh[r].scale);
+        EXPECT_EQ(walked[r].negative_scale, fresh[r].negative_scale);
+        covered += walked[r].count;
+      }
+    }
+    EXPECT_EQ(covered, 15u);
+  }
+  std::vector<ScaleRun> piece;
+  slice_runs(runs, 5, 13, piece);
+  ASSERT_EQ(piece.size(), 2u);
+  EXPECT_EQ(piece[0].count, 1u);
+  EXPECT_EQ(piece[1].count, 7u);
+  EXPECT_EQ(piece[1].negative_scale, 3.5f);
+}
+
 }  // namespace
 }  // namespace sps::worker
