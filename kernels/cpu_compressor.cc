@@ -140,6 +140,90 @@ uint32_t rank_in_histogram(size_t count, size_t rank, Magnitude magnitude, const
   return t;
 }
 
+// One bucket's scale(s) from its values (times `factor`: random-k's n/k, or
+// 1), with only the sums the format needs, added in index order.
+ScaleRun bucket_scale(ValueFormat format, const float* values, size_t count, float factor, int levels) {
+  const auto c = static_cast<uint32_t>(count);
+  const auto m = static_cast<double>(count);
+  switch (format) {
+    case ValueFormat::kOneBit: {
+      double sum_pos = 0, sum_neg = 0, count_pos = 0;
+      for (size_t j = 0; j < count; ++j) {
+        // Branch-free (signs are coin flips): each sum also gets the other
+        // side's values times 0, and adding a zero changes no sum.
+        const double v = values[j] * factor;
+        const double non_negative = static_cast<double>(!(v < 0.0));
+        sum_pos += v * non_negative;
+        sum_neg -= v * (1.0 - non_negative);
+        count_pos += non_negative;
+      }
+      const OneBitScales s = onebit_scales(sum_pos, count_pos, sum_neg, m - count_pos);
+      return {c, s.positive, s.negative};
+    }
+    case ValueFormat::kSign: {
+      double sum_abs = 0;
+      for (size_t j = 0; j < count; ++j) sum_abs += std::fabs(values[j] * factor);
+      return {c, value_scale_of(format, 0.0f, sum_abs, 0.0, m, levels)};
+    }
+    case ValueFormat::kQsgd: {
+      double sum_sq = 0;
+      for (size_t j = 0; j < count; ++j) {
+        const float v = values[j] * factor;
+        sum_sq += static_cast<double>(v) * v;
+      }
+      return {c, value_scale_of(format, 0.0f, 0.0, sum_sq, m, levels)};
+    }
+    default: {  // int8
+      float max_abs = 0.0f;
+      for (size_t j = 0; j < count; ++j) max_abs = std::max(max_abs, std::fabs(values[j] * factor));
+      return {c, value_scale_of(format, max_abs, 0.0, 0.0, m, levels)};
+    }
+  }
+}
+
+// Rounds `count` consecutive values of one bucket in place and writes what
+// rounding lost to `lost` (nullptr: not kept); entry j has model index
+// first_index + j. value_format.h's quant_level/dequantise arithmetic,
+// spelled out per format so the loops vectorise (dense pushes quantise
+// every value of the model).
+void quantise_bucket(ValueFormat format, const ScaleRun& run, float* __restrict values, float* __restrict lost,
+                     size_t count, uint64_t seed, uint64_t step, size_t first_index) {
+  const float s = run.scale;
+  auto finish = [&](size_t j, float v, float sent) {
+    values[j] = sent;
+    if (lost != nullptr) lost[j] = v - sent;
+  };
+  if (format == ValueFormat::kOneBit) {
+    const float negative = -run.negative_scale;
+    for (size_t j = 0; j < count; ++j) finish(j, values[j], values[j] < 0.0f ? negative : s);
+    return;
+  }
+  if (!(s > 0.0f)) {  // quant_level's zero scale: level 0, sent 0
+    for (size_t j = 0; j < count; ++j) finish(j, values[j], 0.0f);
+    return;
+  }
+  switch (format) {
+    case ValueFormat::kSign:
+      for (size_t j = 0; j < count; ++j) finish(j, values[j], values[j] >= 0.0f ? s : -s);
+      return;
+    case ValueFormat::kInt8: {
+      constexpr float kMax = static_cast<float>(kMaxQuantLevel);
+      for (size_t j = 0; j < count; ++j) {
+        float q = values[j] / s;
+        q = q > kMax ? kMax : (q < -kMax ? -kMax : q);
+        finish(j, values[j], round_small(q) * s);  // = float(level) * s: round_small(q) is the level
+      }
+      return;
+    }
+    default:  // qsgd: a counter-hash draw per value
+      for (size_t j = 0; j < count; ++j) {
+        const float v = values[j];
+        const uint32_t random = quant_random24(seed, step, first_index + j);
+        finish(j, v, dequantise(quant_level(v, format, s, random), s));
+      }
+  }
+}
+
 }  // namespace
 
 struct CpuCompressor::Chunk {
@@ -430,36 +514,9 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
   const size_t m = out.values.size();
   const size_t bucket = is_scaled(format) && options_.quant_bucket > 0 ? options_.quant_bucket : std::max<size_t>(m, 1);
   if (is_scaled(format)) {
-    for (size_t b = 0; b < m; b += bucket) {
-      const size_t end = std::min(m, b + bucket);
-      const auto count = static_cast<uint32_t>(end - b);
-      if (format == ValueFormat::kOneBit) {
-        double sum_pos = 0, sum_neg = 0, count_pos = 0;
-        for (size_t j = b; j < end; ++j) {
-          const float v = unbiased ? out.values[j] * factor : out.values[j];
-          if (v < 0.0f) {
-            sum_neg += -v;
-          } else {
-            sum_pos += v;
-            count_pos += 1;
-          }
-        }
-        const OneBitScales s = onebit_scales(sum_pos, count_pos, sum_neg, static_cast<double>(count) - count_pos);
-        out.scale_runs.push_back({count, s.positive, s.negative});
-        continue;
-      }
-      float max_abs = 0.0f;
-      double sum_abs = 0, sum_sq = 0;
-      for (size_t j = b; j < end; ++j) {
-        const float v = unbiased ? out.values[j] * factor : out.values[j];
-        const float a = std::fabs(v);
-        max_abs = std::max(max_abs, a);
-        sum_abs += a;
-        sum_sq += static_cast<double>(v) * v;
-      }
+    for (size_t b = 0; b < m; b += bucket)
       out.scale_runs.push_back(
-          {count, value_scale_of(format, max_abs, sum_abs, sum_sq, static_cast<double>(count), options_.qsgd_levels)});
-    }
+          bucket_scale(format, out.values.data() + b, std::min(m, b + bucket) - b, factor, options_.qsgd_levels));
   }
   stats_.value_scale = out.scale_runs.empty() ? 0.0f : out.scale_runs[0].scale;
   stats_.value_negative_scale = out.scale_runs.empty() ? 0.0f : out.scale_runs[0].negative_scale;
@@ -481,10 +538,15 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
   };
   if (dense) {
     // acc is all zeros; the residual is what rounding lost (nothing in f32).
-    if (format != ValueFormat::kF32) {
+    if (is_scaled(format)) {
+      for (size_t r = 0; r < out.scale_runs.size(); ++r)
+        quantise_bucket(format, out.scale_runs[r], out.values.data() + r * bucket,
+                        keep_residual ? acc_.data() + r * bucket : nullptr, out.scale_runs[r].count, seed, step,
+                        r * bucket);
+    } else if (format != ValueFormat::kF32) {
       for (size_t j = 0; j < m; ++j) {
         const float v = out.values[j];
-        const float sent = send(v, j, static_cast<uint32_t>(j));
+        const float sent = quantise(v, format);
         out.values[j] = sent;
         if (keep_residual) acc_[j] = v - sent;
       }

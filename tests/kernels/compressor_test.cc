@@ -11,6 +11,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -561,6 +562,15 @@ TEST_P(CompressorTest, ScaledValuesMatchTheReference) {
     t.values = f;
     expect_same_as_reference(t, {normal(10, 45)}, 3, 1.0f);
     expect_same_as_reference(t, {std::vector<float>(64, 0.0f)}, 2, 1.0f);
+    // A scale that underflows to 0 (one negative denormal among zeros):
+    // every value goes out as +0 and stays in the residual.
+    CompressorOptions d;
+    d.selection.method = Method::kDense;
+    d.values = f;
+    std::vector<float> tiny(64, 0.0f);
+    tiny[5] = -std::numeric_limits<float>::denorm_min();
+    tiny[9] = std::numeric_limits<float>::denorm_min();
+    expect_same_as_reference(d, {tiny}, 2, 1.0f);
   }
 }
 
