@@ -229,18 +229,24 @@ TEST(DataTest, MalformedScaleRunsAreRefused) {
   const Bytes ob = o.frame2.to_bytes();
   ASSERT_EQ(ob.size(), 4u + 2 * 12 + 1);
   ASSERT_TRUE(decode_with_values(o, ob, 100, 200).ok());
+  // Decoded under the one-bit header, each refused for its own reason.
+  auto expect_onebit_refused = [&](const Bytes& bad, const char* reason) {
+    auto d = decode_with_values(o, bad, 100, 200);
+    ASSERT_FALSE(d.ok()) << reason;
+    EXPECT_NE(d.status().message().find(reason), std::string::npos) << d.status().message();
+  };
   b = ob;
   store_le<uint32_t>(b.data() + 24, std::bit_cast<uint32_t>(std::numeric_limits<float>::infinity()));
-  expect_refused(b, "infinite negative scale");
+  expect_onebit_refused(b, "scale run 1 has negative scale inf");
   b = ob;
   store_le<uint32_t>(b.data() + 12, std::bit_cast<uint32_t>(-0.5f));
-  expect_refused(b, "negative negative scale");
+  expect_onebit_refused(b, "scale run 0 has negative scale -0.5");
   b = ob;
   b.back() |= std::byte{0x10};
-  EXPECT_FALSE(decode_with_values(o, b, 100, 200).ok()) << "one-bit padding bits";
+  expect_onebit_refused(b, "sign bits past entry 3 are set");
   b = ob;
   b.resize(b.size() - 4);
-  EXPECT_FALSE(decode_with_values(o, b, 100, 200).ok()) << "8-byte runs in a one-bit frame";
+  expect_onebit_refused(b, "value frame is 25 bytes for nnz 3");  // 8-byte runs in a one-bit frame
 }
 
 TEST(DataTest, DenseRoundTripAndEmptySparse) {
