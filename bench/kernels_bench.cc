@@ -8,6 +8,8 @@
 //                            (pm = ratio in per mille: 1 = 0.1 %, 10 = 1 %)
 //   BM_EfTopK<Format>/n/pm   top-k with f16 or scaled values (int8, qsgd, sign, onebit; buckets of 512)
 //   BM_EfDense[<Format>]/n   dense pushes, f32 or every value quantised
+//   BM_ValueCoding/n/t       encode + decode (with validation) of a dense push's
+//                            values: t = 1 f32, 2 f16, 3 bf16 (protocol ValueType)
 //   BM_ScatterAdd/n/pm       baseline for apply: a plain scatter-add of 4 x k entries
 //   BM_ShardApply/n/pm       the server's BSP apply of 4 workers' k-entry pushes
 //                            (decoded in place, as the server holds them)
@@ -175,6 +177,8 @@ void BM_EfTopKSign(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sp
 void BM_EfTopKOneBit(benchmark::State& s) { run_compressor(s, Method::kTopK, 1, sps::ValueFormat::kOneBit); }
 // Dense pushes: every value quantised (EF-signSGD is dense + sign).
 void BM_EfDense(benchmark::State& s) { run_compressor(s, Method::kDense); }
+void BM_EfDenseF16(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kF16); }
+void BM_EfDenseBF16(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kBF16); }
 void BM_EfDenseInt8(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kInt8); }
 void BM_EfDenseQsgd(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kQsgd); }
 void BM_EfDenseSign(benchmark::State& s) { run_compressor(s, Method::kDense, 1, sps::ValueFormat::kSign); }
@@ -297,6 +301,46 @@ void BM_IndexCoding(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(keys.size()));
 }
 
+// A dense push of gradient-like values (the f32 row is the memcpy-and-check
+// baseline the half formats are compared with).
+void BM_ValueCoding(benchmark::State& state) {
+  namespace p = sps::protocol;
+  const size_t n = static_cast<size_t>(state.range(0));
+  const auto type = static_cast<p::ValueType>(state.range(1));
+  const auto values = gaussian(n, 9, 0.01f);
+  p::Header h;
+  h.type = p::MessageType::kPush;
+  h.index_encoding = p::IndexEncoding::kNone;
+  h.key_end = static_cast<uint32_t>(n);
+  p::FramePool pool;
+  p::DecodeScratch scratch;
+  bool warm = false;  // the first round faults the pool's frame and the scratch in: untimed
+  for (auto _ : state) {
+    if (!warm) {
+      state.PauseTiming();
+      const auto m = p::encode_data(h, {}, values, type, &pool);
+      const std::vector<p::ByteSpan> frames = {m.header, m.frame1, m.frame2};
+      if (auto view = p::decode_message(frames); view.ok()) (void)p::decode_data(*view, 0, static_cast<uint32_t>(n), scratch);
+      warm = true;
+      state.ResumeTiming();
+    }
+    const auto m = p::encode_data(h, {}, values, type, &pool);
+    const std::vector<p::ByteSpan> frames = {m.header, m.frame1, m.frame2};
+    auto view = p::decode_message(frames);
+    if (!view.ok()) {
+      state.SkipWithError("header refused");
+      break;
+    }
+    auto data = p::decode_data(*view, 0, static_cast<uint32_t>(n), scratch);
+    if (!data.ok() || data->size() != n) {
+      state.SkipWithError("round trip failed");
+      break;
+    }
+    benchmark::DoNotOptimize(data->values().data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(n));
+}
+
 void coding_sizes(benchmark::internal::Benchmark* b) {
   for (int64_t n : {1'000'000, 25'000'000})
     for (int64_t permille : {1, 10, 100})
@@ -327,6 +371,8 @@ BENCHMARK(BM_EfTopKQsgd)->Apply(sizes);
 BENCHMARK(BM_EfTopKSign)->Apply(sizes);
 BENCHMARK(BM_EfTopKOneBit)->Apply(sizes);
 BENCHMARK(BM_EfDense)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EfDenseF16)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EfDenseBF16)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_EfDenseInt8)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_EfDenseQsgd)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_EfDenseSign)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->Unit(benchmark::kMillisecond);
@@ -335,4 +381,7 @@ BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK(BM_ShardApplyAsync)->Apply(sizes);
 BENCHMARK(BM_IndexCoding)->Apply(coding_sizes);
+BENCHMARK(BM_ValueCoding)
+    ->ArgsProduct({{1'000'000, 25'000'000}, {1, 2, 3}})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK_MAIN();

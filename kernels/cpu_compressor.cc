@@ -17,6 +17,7 @@
 
 #include <fmt/format.h>
 
+#include "common/half_floats.h"
 #include "kernels/thread_pool.h"
 
 namespace sps::kernels {
@@ -544,12 +545,7 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
                         keep_residual ? acc_.data() + r * bucket : nullptr, out.scale_runs[r].count, seed, step,
                         r * bucket);
     } else if (format != ValueFormat::kF32) {
-      for (size_t j = 0; j < m; ++j) {
-        const float v = out.values[j];
-        const float sent = quantise(v, format);
-        out.values[j] = sent;
-        if (keep_residual) acc_[j] = v - sent;
-      }
+      round_to_half(format, out.values.data(), keep_residual ? acc_.data() : nullptr, m);
     }
     if (!momentum_next_.empty()) std::fill(momentum_next_.begin(), momentum_next_.end(), 0.0f);
   } else if (cand_zeroed_) {

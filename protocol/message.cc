@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include "common/half_floats.h"
+
 namespace sps::protocol {
 
 std::string Reader::get_string(size_t max_len) {
@@ -267,16 +269,8 @@ EncodedMessage encode_data(const Header& h, std::span<const uint32_t> indices, s
       }
       break;
     }
-    case ValueType::kF16:
-    case ValueType::kBF16: {
-      const bool half = value_type == ValueType::kF16;
-      for (size_t i = 0; i < values.size(); ++i) {
-        const uint16_t b = half ? f32_to_f16(values[i]) : f32_to_bf16(values[i]);
-        v[2 * i] = static_cast<std::byte>(b & 0xFF);
-        v[2 * i + 1] = static_cast<std::byte>(b >> 8);
-      }
-      break;
-    }
+    case ValueType::kF16: encode_f16(values.data(), values.size(), v); break;
+    case ValueType::kBF16: encode_bf16(values.data(), values.size(), v); break;
     default:
       if constexpr (kLittleEndianHost) {
         if (!values.empty()) std::memcpy(v, values.data(), 4 * values.size());
@@ -388,12 +382,12 @@ Result<DataView> decode_data(const MessageView& m, uint32_t expected_begin, uint
     values = {reinterpret_cast<const float*>(v), nnz};
   } else {
     scratch.values.resize(nnz);
-    for (uint32_t i = 0; i < nnz; ++i) {
-      switch (h.value_type) {
-        case ValueType::kF16: scratch.values[i] = f16_to_f32(load_le<uint16_t>(v + 2 * size_t{i})); break;
-        case ValueType::kBF16: scratch.values[i] = bf16_to_f32(load_le<uint16_t>(v + 2 * size_t{i})); break;
-        default: scratch.values[i] = std::bit_cast<float>(load_le<uint32_t>(v + 4 * size_t{i}));
-      }
+    switch (h.value_type) {
+      case ValueType::kF16: decode_f16(v, nnz, scratch.values.data()); break;
+      case ValueType::kBF16: decode_bf16(v, nnz, scratch.values.data()); break;
+      default:
+        for (uint32_t i = 0; i < nnz; ++i)
+          scratch.values[i] = std::bit_cast<float>(load_le<uint32_t>(v + 4 * size_t{i}));
     }
     values = scratch.values;
   }

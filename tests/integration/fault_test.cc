@@ -12,7 +12,9 @@
 namespace sps::testing {
 namespace {
 
-const std::vector<std::string> kFastFailure = {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=1500",
+// 4 s, not less: under a loaded sanitizer run a healthy process's heartbeat
+// has been seen to stall for 1.5 s, and a false death fails the test.
+const std::vector<std::string> kFastFailure = {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=4000",
                                                "data.train_limit=2000", "data.test_limit=500"};
 
 std::vector<std::string> with(std::vector<std::string> a, const std::vector<std::string>& b) {

@@ -20,7 +20,9 @@ namespace {
 namespace fs = std::filesystem;
 
 std::vector<std::string> resume_sets(std::vector<std::string> extra) {
-  std::vector<std::string> sets = {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=1500",
+  // A 4 s heartbeat timeout: a loaded sanitizer run can stall a healthy
+  // process's heartbeat for 1.5 s, and a false death fails the test.
+  std::vector<std::string> sets = {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=4000",
                                    "data.train_limit=4000",   "data.test_limit=1000",
                                    "training.steps=600",      "training.batch_size=16",
                                    "checkpoint.interval=50",  "checkpoint.keep=3",
