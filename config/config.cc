@@ -402,6 +402,7 @@ Status apply_map(const YAML::Node& map, const std::string& prefix, const std::st
     if (const Field* f = find_field(path)) {
       Status s = f->set(value, c);
       if (!s.ok()) return Status(s.code(), fmt::format("{}: {}: {}", where(source, value.Mark()), path, s.message()));
+      c.set_at[path] = where(source, key.Mark());
     } else if (is_section(path)) {
       if (value.IsNull()) continue;  // an empty section keeps its defaults
       if (!value.IsMap())
@@ -436,6 +437,7 @@ Status apply_override(const std::string& text, Config& c) {
   }
   Status s = f->set(value, c);
   if (!s.ok()) return Status(s.code(), fmt::format("{}: {}: {}", where_text, path, s.message()));
+  c.set_at[path] = where_text;
   return {};
 }
 
@@ -520,6 +522,52 @@ nlohmann::json to_json(const Config& c) {
     j[f.path.substr(0, dot)][f.path.substr(dot + 1)] = f.get(c);
   }
   return j;
+}
+
+std::vector<std::string> ineffective_keys(const Config& c) {
+  const auto& cc = c.compression;
+  using M = CompressionMethod;
+  const bool uses_k = cc.method != M::kDense && cc.method != M::kThreshold;
+  const bool scaled = cc.values == ValueFormatName::kInt8 || cc.values == ValueFormatName::kSign ||
+                      cc.values == ValueFormatName::kQsgd || cc.values == ValueFormatName::kOneBit;
+  const std::string method = fmt::format("compression.method is {}", to_string(cc.method));
+  const std::string values = fmt::format("compression.values is {}", to_json(c)["compression"]["values"].get<std::string>());
+  struct Rule {
+    const char* key;
+    bool effective;
+    std::string why;  // when not
+  };
+  const Rule rules[] = {
+      {"compression.ratio", uses_k && cc.k <= 0,
+       uses_k ? "compression.k is set and takes its place" : method + " (topk, gaussiank, randomk and sampled use it)"},
+      {"compression.k", uses_k, method + " (topk, gaussiank, randomk and sampled use it)"},
+      {"compression.lambda", cc.method == M::kThreshold, method + " (only threshold uses it)"},
+      {"compression.max_nnz", cc.method == M::kThreshold, method + " (only threshold uses it)"},
+      {"compression.randomk_unbiased", cc.method == M::kRandomK, method + " (only randomk uses it)"},
+      {"compression.hessian_every", cc.error_feedback == ErrorFeedback::kHessianDiag,
+       fmt::format("compression.error_feedback is {} (only hessian_diag uses it)", to_string(cc.error_feedback))},
+      {"compression.qsgd_levels", cc.values == ValueFormatName::kQsgd, values + " (only qsgd uses it)"},
+      {"compression.quant_bucket", scaled, values + " (int8, sign, qsgd and onebit use it)"},
+      {"compression.warmup_steps", uses_k && cc.k <= 0,
+       uses_k ? "compression.k is set, which fixes k at every step" : method + " (the warm-up schedules k)"},
+      {"compression.warmup_ratio", uses_k && cc.k <= 0 && cc.warmup_steps > 0,
+       uses_k && cc.k <= 0 ? std::string("compression.warmup_steps is 0") : "there is no sparsity warm-up"},
+      {"consistency.staleness", c.consistency.mode == ConsistencyMode::kSsp,
+       fmt::format("consistency.mode is {} (only ssp uses it)", to_string(c.consistency.mode))},
+      {"consistency.max_push_staleness", c.consistency.mode != ConsistencyMode::kBsp,
+       "consistency.mode is bsp, where every push is fresh (ssp and asp use it)"},
+      {"optimizer.step_every", c.optimizer.lr_schedule == LrSchedule::kStep,
+       "optimizer.lr_schedule is not step (only step uses it)"},
+      {"optimizer.step_gamma", c.optimizer.lr_schedule == LrSchedule::kStep,
+       "optimizer.lr_schedule is not step (only step uses it)"},
+  };
+  std::vector<std::string> out;
+  for (const auto& r : rules) {
+    const auto it = c.set_at.find(r.key);
+    if (it == c.set_at.end() || r.effective) continue;
+    out.push_back(fmt::format("{}: {} has no effect: {}", it->second, r.key, r.why));
+  }
+  return out;
 }
 
 double learning_rate(const Config& c, int64_t step) {

@@ -295,6 +295,8 @@ struct Config {
 
   // Where the config came from (file path, or "<defaults>").
   std::string source = "<defaults>";
+  // Every key given explicitly, and where: "file:line:column" or "--set key=value".
+  std::map<std::string, std::string> set_at;
 
   std::string run_folder() const { return run.dir + "/" + run.name; }
   std::string checkpoint_dir() const { return checkpoint.dir.empty() ? run_folder() + "/checkpoints" : checkpoint.dir; }
@@ -306,6 +308,13 @@ Result<Config> load(const std::string& path, const std::vector<std::string>& ove
 // Parses YAML text (for tests); `source_name` is used in error messages.
 Result<Config> load_from_string(const std::string& yaml, const std::string& source_name,
                                 const std::vector<std::string>& overrides = {});
+
+// One message per key that the config sets explicitly but that the rest of
+// it makes ineffective (compression.qsgd_levels without values: qsgd,
+// consistency.staleness outside ssp, ...), naming where the key was set and
+// why it does nothing. Such a config still loads; sps-scheduler logs these
+// as warnings when it starts (on stderr with --print-config).
+std::vector<std::string> ineffective_keys(const Config& c);
 
 // The learning rate at worker step t (0-based) under the configured schedule
 // and warm-up; the same function on workers and servers.

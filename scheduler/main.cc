@@ -18,11 +18,13 @@ int main(int argc, char** argv) {
   sps::config::Config cfg;
   if (!sps::config::load_or_report(opts, cfg, "sps-scheduler")) return 2;
   if (opts.print_config) {
+    for (const auto& w : sps::config::ineffective_keys(cfg)) std::cerr << "sps-scheduler: config warning: " << w << "\n";
     std::cout << sps::config::to_json(cfg).dump(2) << "\n";
     return 0;
   }
   spdlog::set_pattern("%H:%M:%S.%e %^%l%$ %v");
   spdlog::set_level(spdlog::level::from_str(cfg.run.log_level));
+  for (const auto& w : sps::config::ineffective_keys(cfg)) spdlog::warn("scheduler: config: {}", w);
   if (cfg.checkpoint.resume) {
     // Fail before anyone registers; every node finds the same step.
     auto point = sps::find_resume_point(cfg.checkpoint_dir(), static_cast<uint32_t>(cfg.cluster.num_servers),

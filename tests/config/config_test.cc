@@ -106,6 +106,40 @@ TEST(ConfigTest, CrossKeyRules) {
   expect_error("run:\n  name: a/b\n", "run.name");
 }
 
+TEST(ConfigTest, KeysWithoutEffectAreNamedWithWhereTheyWereSet) {
+  auto c = load_from_string(
+      "compression:\n  values: f32\n  qsgd_levels: 16\n  quant_bucket: 256\nconsistency:\n  staleness: 3\n",
+      "job.yaml", {"compression.lambda=0.5"});
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  const auto w = ineffective_keys(*c);
+  ASSERT_EQ(w.size(), 4u) << ::testing::PrintToString(w);
+  EXPECT_EQ(w[0], "--set compression.lambda=0.5: compression.lambda has no effect: compression.method is topk (only "
+                  "threshold uses it)");
+  EXPECT_EQ(w[1], "job.yaml:3:3: compression.qsgd_levels has no effect: compression.values is f32 (only qsgd uses it)");
+  EXPECT_EQ(w[2], "job.yaml:4:3: compression.quant_bucket has no effect: compression.values is f32 (int8, sign, qsgd "
+                  "and onebit use it)");
+  EXPECT_EQ(w[3], "job.yaml:6:3: consistency.staleness has no effect: consistency.mode is bsp (only ssp uses it)");
+}
+
+TEST(ConfigTest, KeysThatTakeEffectAndDefaultsAreNotWarnedAbout) {
+  EXPECT_TRUE(ineffective_keys(*load("")).empty());
+  EXPECT_TRUE(ineffective_keys(*load(std::string(SPS_SOURCE_DIR) + "/config/demo.yaml")).empty());
+  auto c = load_from_string(
+      "compression:\n  values: qsgd\n  qsgd_levels: 16\n  quant_bucket: 256\n  ratio: 0.02\n"
+      "consistency:\n  mode: ssp\n  staleness: 3\n  max_push_staleness: 4\n",
+      "job.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_TRUE(ineffective_keys(*c).empty()) << ::testing::PrintToString(ineffective_keys(*c));
+  // k replaces ratio; threshold ignores both.
+  auto k = load_from_string("compression:\n  ratio: 0.02\n  k: 100\n", "job.yaml");
+  ASSERT_EQ(ineffective_keys(*k).size(), 1u);
+  EXPECT_NE(ineffective_keys(*k)[0].find("compression.ratio has no effect: compression.k is set"), std::string::npos);
+  auto t = load_from_string("compression:\n  method: threshold\n  lambda: 0.1\n  k: 100\n", "job.yaml");
+  ASSERT_EQ(ineffective_keys(*t).size(), 1u);
+  EXPECT_NE(ineffective_keys(*t)[0].find("compression.k has no effect: compression.method is threshold"),
+            std::string::npos);
+}
+
 TEST(ConfigTest, YamlSyntaxErrorNamesTheLine) { expect_error("training:\n  steps: [1,\n", "job.yaml:"); }
 
 TEST(ConfigTest, OverridesApplyInOrderAndAreValidated) {

@@ -76,10 +76,18 @@ TEST(JobTest, TopKWithErrorFeedbackMatchesTheReferenceBitForBit) {
 }
 
 TEST(JobTest, DenseGradientDomainMatchesTheReferenceBitForBit) {
+  std::string dir;
   run_and_compare("dense", 2, 1,
                   {"data.train_limit=2000", "data.test_limit=500", "training.steps=150", "training.batch_size=16",
                    "training.lr=0.1", "compression.method=dense", "compression.scale=1",
-                   "compression.error_feedback=none"});
+                   "compression.error_feedback=none", "compression.ratio=0.05"},
+                  true, &dir);
+  // Dense pushes have no ratio: the scheduler says so when it starts.
+  EXPECT_NE(read_text(dir + "/scheduler.out")
+                .find("config: --set compression.ratio=0.05: compression.ratio has no effect: compression.method is "
+                      "dense"),
+            std::string::npos)
+      << read_text(dir + "/scheduler.out");
 }
 
 TEST(JobTest, ServerMomentumWeightDecayAndScheduleMatchTheReferenceBitForBit) {
