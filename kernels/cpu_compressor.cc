@@ -141,42 +141,75 @@ uint32_t rank_in_histogram(size_t count, size_t rank, Magnitude magnitude, const
   return t;
 }
 
+// Bucket sums run in kSumLanes interleaved partial sums (lane l takes the
+// entries j = l mod kSumLanes, in index order), added in lane order at the
+// end: a fixed order, so a scale is the same on every run, and the lanes'
+// additions overlap, where one running sum was a chain of one dependent
+// add per value (about 1.3 ns each).
+constexpr size_t kSumLanes = 8;
+
+template <class T, class Term, class Combine>
+T lane_reduce(const float* values, size_t count, Term term, Combine combine) {
+  T lane[kSumLanes] = {};
+  size_t j = 0;
+  for (; j + kSumLanes <= count; j += kSumLanes)
+    for (size_t l = 0; l < kSumLanes; ++l) lane[l] = combine(lane[l], term(values[j + l]));
+  for (size_t l = 0; j < count; ++j, ++l) lane[l] = combine(lane[l], term(values[j]));
+  T total = lane[0];
+  for (size_t l = 1; l < kSumLanes; ++l) total = combine(total, lane[l]);
+  return total;
+}
+
+template <class Term>
+double lane_sum(const float* values, size_t count, Term term) {
+  return lane_reduce<double>(values, count, term, [](double a, double b) { return a + b; });
+}
+
 // One bucket's scale(s) from its values (times `factor`: random-k's n/k, or
-// 1), with only the sums the format needs, added in index order.
+// 1), with only the sums the format needs.
 ScaleRun bucket_scale(ValueFormat format, const float* values, size_t count, float factor, int levels) {
   const auto c = static_cast<uint32_t>(count);
   const auto m = static_cast<double>(count);
   switch (format) {
     case ValueFormat::kOneBit: {
-      double sum_pos = 0, sum_neg = 0, count_pos = 0;
-      for (size_t j = 0; j < count; ++j) {
-        // Branch-free (signs are coin flips): each sum also gets the other
-        // side's values times 0, and adding a zero changes no sum.
-        const double v = values[j] * factor;
+      // One pass, lanes as in lane_reduce. Branch-free (signs are coin
+      // flips): each side's sum also gets the other side's values times 0,
+      // and adding a zero changes no sum.
+      double pos[kSumLanes] = {}, neg[kSumLanes] = {}, non_negatives[kSumLanes] = {};
+      auto add = [&](size_t l, float x) {
+        const double v = x * factor;
         const double non_negative = static_cast<double>(!(v < 0.0));
-        sum_pos += v * non_negative;
-        sum_neg -= v * (1.0 - non_negative);
-        count_pos += non_negative;
+        pos[l] += v * non_negative;
+        neg[l] -= v * (1.0 - non_negative);
+        non_negatives[l] += non_negative;
+      };
+      size_t j = 0;
+      for (; j + kSumLanes <= count; j += kSumLanes)
+        for (size_t l = 0; l < kSumLanes; ++l) add(l, values[j + l]);
+      for (size_t l = 0; j < count; ++j, ++l) add(l, values[j]);
+      double sum_pos = pos[0], sum_neg = neg[0], count_pos = non_negatives[0];
+      for (size_t l = 1; l < kSumLanes; ++l) {
+        sum_pos += pos[l];
+        sum_neg += neg[l];
+        count_pos += non_negatives[l];
       }
       const OneBitScales s = onebit_scales(sum_pos, count_pos, sum_neg, m - count_pos);
       return {c, s.positive, s.negative};
     }
     case ValueFormat::kSign: {
-      double sum_abs = 0;
-      for (size_t j = 0; j < count; ++j) sum_abs += std::fabs(values[j] * factor);
+      const double sum_abs = lane_sum(values, count, [&](float x) { return double{std::fabs(x * factor)}; });
       return {c, value_scale_of(format, 0.0f, sum_abs, 0.0, m, levels)};
     }
     case ValueFormat::kQsgd: {
-      double sum_sq = 0;
-      for (size_t j = 0; j < count; ++j) {
-        const float v = values[j] * factor;
-        sum_sq += static_cast<double>(v) * v;
-      }
+      const double sum_sq = lane_sum(values, count, [&](float x) {
+        const float v = x * factor;
+        return static_cast<double>(v) * v;
+      });
       return {c, value_scale_of(format, 0.0f, 0.0, sum_sq, m, levels)};
     }
-    default: {  // int8
-      float max_abs = 0.0f;
-      for (size_t j = 0; j < count; ++j) max_abs = std::max(max_abs, std::fabs(values[j] * factor));
+    default: {  // int8: a maximum, the same in any order
+      const float max_abs = lane_reduce<float>(
+          values, count, [&](float x) { return std::fabs(x * factor); }, [](float a, float b) { return a < b ? b : a; });
       return {c, value_scale_of(format, max_abs, 0.0, 0.0, m, levels)};
     }
   }
