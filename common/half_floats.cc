@@ -5,6 +5,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPS_HALF_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -23,9 +24,14 @@ uint16_t load_code(const std::byte* in, size_t i) {
 
 #ifdef SPS_HALF_X86
 
+// AVX2 through the compiler's check (which includes the OS saving the
+// YMM registers); F16C from CPUID leaf 1 directly, as not every compiler's
+// __builtin_cpu_supports knows it.
 bool cpu_has_f16c() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0) return false;
+  return __builtin_cpu_supports("avx2") && (ecx & bit_F16C) != 0;
 }
 
 const bool kVector = cpu_has_f16c();
