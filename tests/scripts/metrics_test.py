@@ -63,7 +63,9 @@ class MetricsTest(unittest.TestCase):
         argv = [sys.executable, LAUNCH, DEMO, "--bin", BIN, "--set", f"run.dir={self.tmp}",
                 "--set", f"run.name={name}", "--set", "data.train_limit=2000", "--set", "data.test_limit=500",
                 "--set", "metrics.enabled=true", "--set", "cluster.num_workers=2",
-                "--set", "cluster.heartbeat_ms=100", "--set", "cluster.heartbeat_timeout_ms=1000"]
+                # 4 s: a loaded sanitizer run has stalled a healthy process's
+                # heartbeat past 1 s, and a false death ends the job.
+                "--set", "cluster.heartbeat_ms=100", "--set", "cluster.heartbeat_timeout_ms=4000"]
         for s in sets:
             argv += ["--set", s]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
