@@ -24,6 +24,7 @@
 #include <functional>
 #include <map>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "kernels/cpu_compressor.h"
@@ -266,8 +267,33 @@ std::vector<uint32_t> topk_like_keys(size_t n, size_t k, uint32_t seed) {
   return keys;
 }
 
+namespace p = sps::protocol;
+
+// encode_data + decode_message + decode_data (with full validation) of one
+// message; false, with the error set on `state`, when the round trip fails.
+bool coding_round_trip(benchmark::State& state, const p::Header& h, std::span<const uint32_t> keys,
+                       std::span<const float> values, p::ValueType type, p::FramePool& pool, p::DecodeScratch& scratch,
+                       size_t* index_bytes = nullptr, size_t* message_bytes = nullptr) {
+  const auto m = p::encode_data(h, keys, values, type, &pool);
+  const std::vector<p::ByteSpan> frames = {m.header, m.frame1, m.frame2};
+  auto view = p::decode_message(frames);
+  if (!view.ok()) {
+    state.SkipWithError("header refused");
+    return false;
+  }
+  auto data = p::decode_data(*view, 0, h.key_end, scratch);
+  if (!data.ok() || data->size() != values.size()) {
+    state.SkipWithError("round trip failed");
+    return false;
+  }
+  benchmark::DoNotOptimize(data->keys().data());
+  benchmark::DoNotOptimize(data->values().data());
+  if (index_bytes != nullptr) *index_bytes = m.frame1.size();
+  if (message_bytes != nullptr) *message_bytes = m.total_bytes();
+  return true;
+}
+
 void BM_IndexCoding(benchmark::State& state) {
-  namespace p = sps::protocol;
   const size_t n = static_cast<size_t>(state.range(0));
   const auto keys = topk_like_keys(n, k_of(state), 7);
   const std::vector<float> values(keys.size(), 0.5f);
@@ -279,23 +305,9 @@ void BM_IndexCoding(benchmark::State& state) {
   p::DecodeScratch scratch;
   size_t index_bytes = 0;
   size_t message_bytes = 0;
-  for (auto _ : state) {
-    const auto m = p::encode_data(h, keys, values, p::ValueType::kF32, &pool);
-    const std::vector<p::ByteSpan> frames = {m.header, m.frame1, m.frame2};
-    auto view = p::decode_message(frames);
-    if (!view.ok()) {
-      state.SkipWithError("header refused");
+  for (auto _ : state)
+    if (!coding_round_trip(state, h, keys, values, p::ValueType::kF32, pool, scratch, &index_bytes, &message_bytes))
       break;
-    }
-    auto data = p::decode_data(*view, 0, static_cast<uint32_t>(n), scratch);
-    if (!data.ok() || data->size() != keys.size()) {
-      state.SkipWithError("round trip failed");
-      break;
-    }
-    benchmark::DoNotOptimize(data->keys().data());
-    index_bytes = m.frame1.size();
-    message_bytes = m.total_bytes();
-  }
   state.counters["index_bytes_per_key"] = static_cast<double>(index_bytes) / static_cast<double>(keys.size());
   state.counters["message_bytes"] = static_cast<double>(message_bytes);
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(keys.size()));
@@ -304,7 +316,6 @@ void BM_IndexCoding(benchmark::State& state) {
 // A dense push of gradient-like values (the f32 row is the memcpy-and-check
 // baseline the half formats are compared with).
 void BM_ValueCoding(benchmark::State& state) {
-  namespace p = sps::protocol;
   const size_t n = static_cast<size_t>(state.range(0));
   const auto type = static_cast<p::ValueType>(state.range(1));
   const auto values = gaussian(n, 9, 0.01f);
@@ -318,25 +329,11 @@ void BM_ValueCoding(benchmark::State& state) {
   for (auto _ : state) {
     if (!warm) {
       state.PauseTiming();
-      const auto m = p::encode_data(h, {}, values, type, &pool);
-      const std::vector<p::ByteSpan> frames = {m.header, m.frame1, m.frame2};
-      if (auto view = p::decode_message(frames); view.ok()) (void)p::decode_data(*view, 0, static_cast<uint32_t>(n), scratch);
-      warm = true;
+      warm = coding_round_trip(state, h, {}, values, type, pool, scratch);
       state.ResumeTiming();
+      if (!warm) break;
     }
-    const auto m = p::encode_data(h, {}, values, type, &pool);
-    const std::vector<p::ByteSpan> frames = {m.header, m.frame1, m.frame2};
-    auto view = p::decode_message(frames);
-    if (!view.ok()) {
-      state.SkipWithError("header refused");
-      break;
-    }
-    auto data = p::decode_data(*view, 0, static_cast<uint32_t>(n), scratch);
-    if (!data.ok() || data->size() != n) {
-      state.SkipWithError("round trip failed");
-      break;
-    }
-    benchmark::DoNotOptimize(data->values().data());
+    if (!coding_round_trip(state, h, {}, values, type, pool, scratch)) break;
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(n));
 }
