@@ -14,6 +14,8 @@
 //   BM_ShardApply/n/pm       the server's BSP apply of 4 workers' k-entry pushes
 //                            (decoded in place, as the server holds them)
 //   BM_ShardApplyAsync/n/pm  the same pushes applied on arrival (ssp/asp)
+//   BM_ShardApply[Async]2Threads/n/pm  the same with a shard of 2 threads
+//                            (cluster.server_threads: 2)
 //   BM_IndexCoding/n/pm/e    encode + decode (with validation) of one push of a
 //                            top-k index set: e = 1 raw u32, 2 delta varint,
 //                            3 bitmap; counters: index bytes per key, message bytes
@@ -207,11 +209,11 @@ void BM_ScatterAdd(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
 }
 
-void BM_ShardApply(benchmark::State& state) {
+void run_shard_apply(benchmark::State& state, int threads) {
   const size_t n = static_cast<size_t>(state.range(0));
   const size_t k = k_of(state);
   sps::server::Shard shard(0, static_cast<uint32_t>(n), 4, sps::server::Optimizer::plain(1.0f),
-                           std::make_unique<sps::scheduler::BspPolicy>());
+                           std::make_unique<sps::scheduler::BspPolicy>(), threads);
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
   const std::vector<float> values(k, 0.5f);
@@ -233,11 +235,11 @@ void BM_ShardApply(benchmark::State& state) {
 }
 
 // The same pushes applied on arrival (ssp/asp): one optimizer pass per push.
-void BM_ShardApplyAsync(benchmark::State& state) {
+void run_shard_apply_async(benchmark::State& state, int threads) {
   const size_t n = static_cast<size_t>(state.range(0));
   const size_t k = k_of(state);
   sps::server::Shard shard(0, static_cast<uint32_t>(n), 4, sps::server::Optimizer::plain(1.0f),
-                           std::make_unique<sps::scheduler::AspPolicy>());
+                           std::make_unique<sps::scheduler::AspPolicy>(), threads);
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
   const std::vector<float> values(k, 0.5f);
@@ -256,6 +258,11 @@ void BM_ShardApplyAsync(benchmark::State& state) {
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
 }
+
+void BM_ShardApply(benchmark::State& s) { run_shard_apply(s, 1); }
+void BM_ShardApply2Threads(benchmark::State& s) { run_shard_apply(s, 2); }
+void BM_ShardApplyAsync(benchmark::State& s) { run_shard_apply_async(s, 1); }
+void BM_ShardApplyAsync2Threads(benchmark::State& s) { run_shard_apply_async(s, 2); }
 
 // The index set top-k selects from i.i.d. data: each key independently with
 // probability k/n (geometric gaps).
@@ -377,6 +384,8 @@ BENCHMARK(BM_EfDenseOneBit)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK(BM_ShardApplyAsync)->Apply(sizes);
+BENCHMARK(BM_ShardApply2Threads)->Apply(sizes)->UseRealTime();
+BENCHMARK(BM_ShardApplyAsync2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_IndexCoding)->Apply(coding_sizes);
 BENCHMARK(BM_ValueCoding)
     ->ArgsProduct({{1'000'000, 25'000'000}, {1, 2, 3}})

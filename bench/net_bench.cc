@@ -77,6 +77,7 @@ struct Options {
   double seconds = 1.5;
   double warmup = 0.4;
   std::string index_coding = "auto";
+  int server_threads = 1;
   std::string dir;
   std::string json_path;
 };
@@ -215,10 +216,11 @@ Measured run_sps(const Options& o, const Case& c, const std::string& dir) {
   Measured m;
   const std::string yaml = fmt::format(
       "run: {{name: sps, dir: '{}', log_level: warn, progress: false}}\n"
-      "cluster: {{num_workers: {}, num_servers: {}, scheduler_port: 0, heartbeat_timeout_ms: 30000}}\n"
+      "cluster: {{num_workers: {}, num_servers: {}, server_threads: {}, scheduler_port: 0, "
+      "heartbeat_timeout_ms: 30000}}\n"
       "consistency: {{mode: asp}}\n"
       "compression: {{method: {}, index_coding: {}}}\n",
-      dir, c.workers, c.servers, c.dense() ? "dense" : "topk", o.index_coding);
+      dir, c.workers, c.servers, o.server_threads, c.dense() ? "dense" : "topk", o.index_coding);
   auto loaded = config::load_from_string(yaml, "sps-bench-net");
   if (!loaded.ok()) {
     m.error = loaded.status().to_string();
@@ -515,6 +517,9 @@ int main(int argc, char** argv) {
   app.add_option("--index-coding", o.index_coding, "Sparse key coding: auto | raw | delta_varint | bitmap")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "raw", "delta_varint", "bitmap"}));
+  app.add_option("--server-threads", o.server_threads, "Threads each sps server applies with (cluster.server_threads)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 256));
   app.add_option("--dir", o.dir, "Folder for the run's logs (default: a fresh temporary folder)");
   app.add_option("--json", o.json_path, "Also write the rows to this JSON file");
   CLI11_PARSE(app, argc, argv);
@@ -596,7 +601,8 @@ int main(int argc, char** argv) {
                     {"bare_zmq_gbps", bare.gbps},
                     {"ratio", ratio},
                     {"apply_us_per_shard_push", std::isnan(sps.apply_us) ? json(nullptr) : json(sps.apply_us)},
-                    {"index_coding", o.index_coding}});
+                    {"index_coding", o.index_coding},
+                    {"server_threads", o.server_threads}});
   }
   fmt::print("{} cases in {:.0f} s; logs in {}\n", cases.size(), now_s() - started, o.dir);
   if (!o.json_path.empty()) std::ofstream(o.json_path) << rows.dump(2) << "\n";

@@ -267,6 +267,7 @@ const std::vector<Field>& fields() {
       integer_field("cluster.port_max", SPS_REF(cluster.port_max), 0, 65535),
       integer_field("cluster.connect_timeout_ms", SPS_REF(cluster.connect_timeout_ms), 100, 3600000),
       integer_field("cluster.num_servers", SPS_REF(cluster.num_servers), 1, 1024),
+      integer_field("cluster.server_threads", SPS_REF(cluster.server_threads), 0, 256),
       integer_field("cluster.num_workers", SPS_REF(cluster.num_workers), 1, 4096),
       integer_field("cluster.heartbeat_ms", SPS_REF(cluster.heartbeat_ms), 10, 60000),
       integer_field("cluster.heartbeat_timeout_ms", SPS_REF(cluster.heartbeat_timeout_ms), 100, 3600000),

@@ -65,6 +65,9 @@ struct ClusterConfig {
   int connect_timeout_ms = 30000;
   // Number of server processes (shards). Default: 1. Range [1, 1024].
   int num_servers = 1;
+  // Threads each server applies updates with (0 = all cores). Default: 1.
+  // Range [0, 256].
+  int server_threads = 1;
   // Number of worker processes. Default: 1. Range [1, 4096].
   int num_workers = 1;
   // Milliseconds between heartbeats. Default: 500. Range [10, 60000].

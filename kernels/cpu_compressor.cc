@@ -18,7 +18,7 @@
 #include <fmt/format.h>
 
 #include "common/half_floats.h"
-#include "kernels/thread_pool.h"
+#include "common/thread_pool.h"
 
 namespace sps::kernels {
 namespace {

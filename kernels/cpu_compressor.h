@@ -22,9 +22,11 @@
 
 #include "kernels/compressor.h"
 
-namespace sps::kernels {
-
+namespace sps {
 class ThreadPool;
+}  // namespace sps
+
+namespace sps::kernels {
 
 class CpuCompressor final : public Compressor {
  public:

@@ -39,47 +39,61 @@ float Optimizer::rate(int64_t step) const {
 }
 
 void Optimizer::apply(std::span<float> params, uint32_t key_base, std::span<const uint32_t> keys,
-                      std::span<const float> sums, uint32_t count, int64_t step) {
+                      std::span<const float> sums, uint32_t count, int64_t step, ThreadPool* pool) {
   const bool dense_sums = keys.empty() && !sums.empty();
   if (!dense()) {
     const float scale = !scheduled_ ? fixed_scale_ : (lr_in_values_ ? 1.0f : rate(step));
     const float factor = scale / static_cast<float>(count);
+    float* const x = params.data();
     if (dense_sums) {
-      for (size_t j = 0; j < sums.size(); ++j) params[j] -= factor * sums[j];
+      const float* const u = sums.data();
+      for_pieces(pool, sums.size(), kMinDensePerThread, [&](size_t begin, size_t end) {
+        for (size_t j = begin; j < end; ++j) x[j] -= factor * u[j];
+      });
       return;
     }
-    float* const x = params.data();
-    // Pushed keys of a large shard are a cache miss each; asking for the
-    // line a few keys ahead overlaps the misses.
-    constexpr size_t kAhead = 16;
-    const size_t n = keys.size();
-    const size_t head = n > kAhead ? n - kAhead : 0;
-    for (size_t i = 0; i < head; ++i) {
-      __builtin_prefetch(&x[keys[i + kAhead] - key_base], 1);
-      x[keys[i] - key_base] -= factor * sums[i];
-    }
-    for (size_t i = head; i < n; ++i) x[keys[i] - key_base] -= factor * sums[i];
+    // Keys are ascending, so pieces of the key list touch disjoint parameters.
+    for_pieces(pool, keys.size(), kMinKeysPerThread, [&](size_t begin, size_t end) {
+      // Pushed keys of a large shard are a cache miss each; asking for the
+      // line a few keys ahead overlaps the misses.
+      constexpr size_t kAhead = 16;
+      const size_t head = end - begin > kAhead ? end - kAhead : begin;
+      for (size_t i = begin; i < head; ++i) {
+        __builtin_prefetch(&x[keys[i + kAhead] - key_base], 1);
+        x[keys[i] - key_base] -= factor * sums[i];
+      }
+      for (size_t i = head; i < end; ++i) x[keys[i] - key_base] -= factor * sums[i];
+    });
     return;
   }
   const float inv = 1.0f / static_cast<float>(count);
+  float* const update = update_.data();
   if (dense_sums) {
-    for (size_t j = 0; j < sums.size(); ++j) update_[j] = sums[j] * inv;
+    for_pieces(pool, sums.size(), kMinDensePerThread, [&](size_t begin, size_t end) {
+      for (size_t j = begin; j < end; ++j) update[j] = sums[j] * inv;
+    });
   } else {
-    for (size_t i = 0; i < keys.size(); ++i) update_[keys[i] - key_base] = sums[i] * inv;
+    for_pieces(pool, keys.size(), kMinKeysPerThread, [&](size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) update[keys[i] - key_base] = sums[i] * inv;
+    });
   }
   const float lr = rate(step);
   const float mu = momentum_;
   const float wd = weight_decay_;
-  for (size_t j = 0; j < params.size(); ++j) {
-    if (lr_in_values_) {
-      velocity_[j] = mu * velocity_[j] + update_[j];
-      params[j] -= velocity_[j] + lr * wd * params[j];
-    } else {
-      velocity_[j] = mu * velocity_[j] + (update_[j] + wd * params[j]);
-      params[j] -= lr * velocity_[j];
+  float* const x = params.data();
+  float* const v = velocity_.data();
+  for_pieces(pool, params.size(), kMinDensePerThread, [&](size_t begin, size_t end) {
+    for (size_t j = begin; j < end; ++j) {
+      if (lr_in_values_) {
+        v[j] = mu * v[j] + update[j];
+        x[j] -= v[j] + lr * wd * x[j];
+      } else {
+        v[j] = mu * v[j] + (update[j] + wd * x[j]);
+        x[j] -= lr * v[j];
+      }
+      update[j] = 0.0f;
     }
-    update_[j] = 0.0f;
-  }
+  });
 }
 
 }  // namespace sps::server

@@ -10,7 +10,7 @@
 //                                x[j] -= a * u[j],  a = 1 or lr(t)
 // and is bit-identical to the plain rule the reference tests replay.
 // Momentum or weight decay change every key each update (dense, O(shard)).
-// Not thread-safe: owned by its shard.
+// Not thread-safe: owned by its shard (apply may use the shard's pool).
 #pragma once
 
 #include <cstdint>
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/thread_pool.h"
 #include "config/config.h"
 
 namespace sps::server {
@@ -34,9 +35,16 @@ class Optimizer {
   // `key_base`) of `params`, as update number `step` (the worker step the
   // update belongs to). Empty `keys` with a non-empty `sums`: the sums are
   // dense over the shard. Changes exactly `keys` unless dense() (then every
-  // key) or the sums are dense.
+  // key) or the sums are dense. With a pool, large applies are split into
+  // contiguous key ranges, one per thread; every entry gets the same
+  // arithmetic, so the result does not depend on the pool.
   void apply(std::span<float> params, uint32_t key_base, std::span<const uint32_t> keys, std::span<const float> sums,
-             uint32_t count, int64_t step);
+             uint32_t count, int64_t step, ThreadPool* pool = nullptr);
+
+  // Smallest piece of an apply worth a thread: pushed entries (each a
+  // likely cache miss), and parameters of a dense pass.
+  static constexpr size_t kMinKeysPerThread = 32768;
+  static constexpr size_t kMinDensePerThread = 262144;
 
   bool dense() const { return momentum_ != 0.0f || weight_decay_ != 0.0f; }
 

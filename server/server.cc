@@ -239,7 +239,7 @@ void Server::on_assign(const protocol::AssignInfo& a) {
   num_workers_ = a.num_workers;
   const auto& s = a.shards[a.rank];
   shard_.emplace(s.key_begin, s.key_end, a.num_workers, Optimizer::from_config(cfg_, s.key_end - s.key_begin),
-                 scheduler::make_policy(cfg_.consistency));
+                 scheduler::make_policy(cfg_.consistency), cfg_.cluster.server_threads);
   auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_), cfg_.checkpoint.resume);
   if (log.ok()) log_ = std::move(log).value();
   const uint64_t bound = shard_->policy().staleness_bound(num_workers_);

@@ -2,13 +2,14 @@
 
 #include <algorithm>
 #include <bit>
+#include <thread>
 
 #include <fmt/format.h>
 
 namespace sps::server {
 
 Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimizer optimizer,
-             std::unique_ptr<scheduler::ConsistencyPolicy> policy)
+             std::unique_ptr<scheduler::ConsistencyPolicy> policy, int threads)
     : key_begin_(key_begin),
       key_end_(key_end),
       optimizer_(std::move(optimizer)),
@@ -18,6 +19,10 @@ Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimiz
       pushed_(num_workers),
       refused_clock_(num_workers, kNoClock) {
   SPS_CHECK(key_end >= key_begin);
+  if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
+  scratch_.resize(static_cast<size_t>(std::max(threads, 1)));
+  piece_cursors_.resize(scratch_.size());
 }
 
 void Shard::set_params(std::span<const float> values) {
@@ -110,7 +115,7 @@ void Shard::apply_one(uint32_t w) {
   }
   const uint64_t next = version_ + 1;
   optimizer_.apply(params_.span(), key_begin_, p.data.keys(), p.data.values(), pushed_.live_count(),
-                   static_cast<int64_t>(pushed_.clock(w) - 1));
+                   static_cast<int64_t>(pushed_.clock(w) - 1), pool_.get());
   if (p.data.dense() || optimizer_.dense()) {
     log_every_key(next);
   } else {
@@ -124,46 +129,48 @@ void Shard::apply_one(uint32_t w) {
 }
 
 
-// Merges the workers' sorted key lists into merged_keys_ / merged_sums_
-// (ascending keys); each key's values are added in rank order starting from
-// +0.0f, exactly as a zeroed dense sum buffer would. Returns true when it
-// also handed the sums to the optimizer (block by block, for an optimizer
-// that touches only the given keys); merged_sums_ is then empty.
-bool Shard::merge_sorted(std::vector<Cursor>& cursors, uint32_t count, int64_t step) {
-  if (cursors.empty()) return false;  // every live worker pushed nothing for this shard
-  bool any_dense = false;
-  for (const Cursor& c : cursors) any_dense = any_dense || c.keys == nullptr;
-  if (any_dense) {
-    while (true) {
-      uint32_t min_key = UINT32_MAX;
-      bool any = false;
-      for (const Cursor& c : cursors) {
-        if (c.done()) continue;
-        const uint32_t k = c.key();
-        if (!any || k < min_key) min_key = k;
-        any = true;
-      }
-      if (!any) break;
-      float sum = 0.0f;
-      for (Cursor& c : cursors) {
-        if (!c.done() && c.key() == min_key) {
-          sum += c.values[c.pos];
-          ++c.pos;
-        }
-      }
-      merged_keys_.push_back(min_key);
-      merged_sums_.push_back(sum);
+// Merges sorted lists of which some are dense (a dense push next to sparse
+// ones) into merged_keys_ / merged_sums_ (ascending keys); each key's values
+// are added in rank order starting from +0.0f, exactly as a zeroed dense sum
+// buffer would. Rare, so simple.
+void Shard::merge_mixed(const std::vector<Cursor>& const_cursors) {
+  std::vector<Cursor> cursors = const_cursors;
+  while (true) {
+    uint32_t min_key = UINT32_MAX;
+    bool any = false;
+    for (const Cursor& c : cursors) {
+      if (c.done()) continue;
+      const uint32_t k = c.key();
+      if (!any || k < min_key) min_key = k;
+      any = true;
     }
-    return false;
+    if (!any) break;
+    float sum = 0.0f;
+    for (Cursor& c : cursors) {
+      if (!c.done() && c.key() == min_key) {
+        sum += c.values[c.pos];
+        ++c.pos;
+      }
+    }
+    merged_keys_.push_back(min_key);
+    merged_sums_.push_back(sum);
   }
-  // Sparse lists. Dense enough (about one pair per 64 keys of the span the
-  // lists cover, or more), they are summed block by block: each block of
-  // kBlockKeys keys gets a small dense buffer that stays in cache, every
-  // worker's pairs in the block are added into it in rank order, and the
-  // touched keys are read out in key order through a bitmap; each pair is
-  // read once and each output written once, whatever the worker count.
-  // Sparser, the bitmap would be mostly zero words, each a likely branch
-  // miss, so the lists are folded with two-way merges instead.
+}
+
+// Sums sparse sorted lists (non-empty) into s.keys / s.sums, each key's
+// values added in rank order from +0.0f. Dense enough (about one pair per 64
+// keys of the span the lists cover, or more), they are summed block by
+// block: each block of kBlockKeys keys gets a small dense buffer that stays
+// in cache, every worker's pairs in the block are added into it in rank
+// order, and the touched keys are read out in key order through a bitmap;
+// each pair is read once and each output written once, whatever the worker
+// count. Sparser, the bitmap would be mostly zero words, each a likely
+// branch miss, so the lists are folded with two-way merges instead. Returns
+// true when it also applied the sums (`apply`, block path; s.sums is then
+// empty). Safe to run on several threads at once for disjoint key ranges.
+bool Shard::sum_sparse(std::span<Cursor> cursors, SumScratch& s, bool apply, uint32_t count, int64_t step) {
+  s.keys.clear();
+  s.sums.clear();
   size_t total = 0;
   uint32_t lo = UINT32_MAX, hi = 0;
   for (const Cursor& c : cursors) {
@@ -172,24 +179,25 @@ bool Shard::merge_sorted(std::vector<Cursor>& cursors, uint32_t count, int64_t s
     hi = std::max(hi, c.keys[c.size - 1]);
   }
   if (total * 64 < uint64_t{hi} - lo + 1) {
-    sum_by_fold(cursors);
+    sum_by_fold(cursors, s);
     return false;
   }
-  sum_by_blocks(cursors, total, !optimizer_.dense(), count, step);
-  return !optimizer_.dense();
+  sum_by_blocks(cursors, s, total, apply, count, step);
+  return apply;
 }
 
-// Sums sparse lists through a per-block dense buffer (see merge_sorted).
+// Sums sparse lists through a per-block dense buffer (see sum_sparse).
 // With `apply`, each block's sums go to the optimizer while they are still
-// in cache instead of into merged_sums_.
-void Shard::sum_by_blocks(std::vector<Cursor>& cursors, size_t total, bool apply, uint32_t count, int64_t step) {
-  merged_keys_.reserve(total);
-  if (!apply) merged_sums_.reserve(total);
-  block_sums_.resize(kBlockKeys, 0.0f);
-  block_touched_.resize(kBlockKeys / 64, 0);
-  block_out_.resize(kBlockKeys);
-  float* const sums = block_sums_.data();
-  uint64_t* const touched = block_touched_.data();
+// in cache instead of into s.sums.
+void Shard::sum_by_blocks(std::span<Cursor> cursors, SumScratch& s, size_t total, bool apply, uint32_t count,
+                          int64_t step) {
+  s.keys.reserve(total);
+  if (!apply) s.sums.reserve(total);
+  s.block_sums.resize(kBlockKeys, 0.0f);
+  s.block_touched.resize(kBlockKeys / 64, 0);
+  s.block_out.resize(kBlockKeys);
+  float* const sums = s.block_sums.data();
+  uint64_t* const touched = s.block_touched.data();
   while (true) {
     // The block starts at the smallest key still unread, so empty stretches
     // of the key range cost nothing.
@@ -210,26 +218,25 @@ void Shard::sum_by_blocks(std::vector<Cursor>& cursors, size_t total, bool apply
       if (pos > c.pos) last_word = std::max(last_word, (c.keys[pos - 1] - first) / 64);
       c.pos = pos;
     }
-    const size_t block_begin = merged_keys_.size();
-    float* out_sums = block_out_.data();
+    const size_t block_begin = s.keys.size();
+    float* out_sums = s.block_out.data();
     for (uint32_t w = 0; w <= last_word; ++w) {
       uint64_t bits = touched[w];
       if (bits == 0) continue;
       touched[w] = 0;
       do {
         const uint32_t off = w * 64 + static_cast<uint32_t>(std::countr_zero(bits));
-        merged_keys_.push_back(first + off);
+        s.keys.push_back(first + off);
         *out_sums++ = sums[off];
         sums[off] = 0.0f;
         bits &= bits - 1;
       } while (bits != 0);
     }
-    const std::span<const float> block_sums(block_out_.data(), out_sums);
+    const std::span<const float> block_sums(s.block_out.data(), out_sums);
     if (apply) {
-      optimizer_.apply(params_.span(), key_begin_, std::span(merged_keys_).subspan(block_begin), block_sums, count,
-                       step);
+      optimizer_.apply(params_.span(), key_begin_, std::span(s.keys).subspan(block_begin), block_sums, count, step);
     } else {
-      merged_sums_.insert(merged_sums_.end(), block_sums.begin(), block_sums.end());
+      s.sums.insert(s.sums.end(), block_sums.begin(), block_sums.end());
     }
   }
 }
@@ -238,19 +245,19 @@ void Shard::sum_by_blocks(std::vector<Cursor>& cursors, size_t total, bool apply
 // worker holds the next key is random, so branches would mispredict on most
 // keys): merge (0 + w0) with w1, the result with w2, ... so every key's sum
 // is ((0 + v0) + v1) + v2 ..., the rank order.
-void Shard::sum_by_fold(const std::vector<Cursor>& cursors) {
-  merged_keys_.assign(cursors[0].keys, cursors[0].keys + cursors[0].size);
-  merged_sums_.resize(cursors[0].size);
-  for (size_t i = 0; i < cursors[0].size; ++i) merged_sums_[i] = 0.0f + cursors[0].values[i];
+void Shard::sum_by_fold(std::span<const Cursor> cursors, SumScratch& s) {
+  s.keys.assign(cursors[0].keys, cursors[0].keys + cursors[0].size);
+  s.sums.resize(cursors[0].size);
+  for (size_t i = 0; i < cursors[0].size; ++i) s.sums[i] = 0.0f + cursors[0].values[i];
   for (size_t w = 1; w < cursors.size(); ++w) {
     const Cursor& b = cursors[w];
-    const size_t na = merged_keys_.size();
-    fold_keys_.resize(na + b.size);
-    fold_sums_.resize(na + b.size);
-    const uint32_t* ak = merged_keys_.data();
-    const float* av = merged_sums_.data();
-    uint32_t* ok = fold_keys_.data();
-    float* ov = fold_sums_.data();
+    const size_t na = s.keys.size();
+    s.fold_keys.resize(na + b.size);
+    s.fold_sums.resize(na + b.size);
+    const uint32_t* ak = s.keys.data();
+    const float* av = s.sums.data();
+    uint32_t* ok = s.fold_keys.data();
+    float* ov = s.fold_sums.data();
     size_t i = 0, j = 0, o = 0;
     // A float masked to +0.0f when `keep` is false, without a branch.
     auto masked = [](float x, bool keep) {
@@ -277,11 +284,78 @@ void Shard::sum_by_fold(const std::vector<Cursor>& cursors) {
       ok[o] = b.keys[j];
       ov[o] = 0.0f + b.values[j];
     }
-    fold_keys_.resize(o);
-    fold_sums_.resize(o);
-    merged_keys_.swap(fold_keys_);
-    merged_sums_.swap(fold_sums_);
+    s.fold_keys.resize(o);
+    s.fold_sums.resize(o);
+    s.keys.swap(s.fold_keys);
+    s.sums.swap(s.fold_sums);
   }
+}
+
+// An aggregated clock of sparse pushes (cursors_, none dense): summed, and
+// applied, into merged_keys_ (and merged_sums_ for an optimizer that needs
+// them whole). With a pool and enough pairs, the key range is cut into one
+// piece per thread at quantiles of the longest list; each thread sums and
+// applies its piece's keys, which no other thread touches, so every key gets
+// the same rank-order sum and the same update as on one thread.
+void Shard::sum_sparse_clock(uint32_t count, int64_t step) {
+  std::vector<Cursor>& cursors = cursors_;
+  const bool apply_in_pieces = !optimizer_.dense();
+  size_t total = 0;
+  size_t longest = 0;
+  for (size_t i = 0; i < cursors.size(); ++i) {
+    total += cursors[i].size;
+    if (cursors[i].size > cursors[longest].size) longest = i;
+  }
+  const size_t pieces = std::clamp<size_t>(total / Optimizer::kMinKeysPerThread, 1, scratch_.size());
+  if (pieces == 1) {
+    SumScratch& s = scratch_[0];
+    const bool applied = sum_sparse(cursors, s, apply_in_pieces, count, step);
+    merged_keys_.swap(s.keys);
+    merged_sums_.swap(s.sums);
+    if (!applied) optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, count, step, pool_.get());
+    return;
+  }
+  // Piece t holds keys in [bounds[t], bounds[t + 1]); the longest list has
+  // at least `pieces` keys (total >= pieces * kMinKeysPerThread), so the
+  // bounds increase strictly.
+  std::vector<uint64_t> bounds(pieces + 1);
+  const Cursor& l = cursors[longest];
+  bounds[0] = 0;
+  for (size_t t = 1; t < pieces; ++t) bounds[t] = l.keys[l.size * t / pieces];
+  bounds[pieces] = uint64_t{UINT32_MAX} + 1;
+  for (size_t t = 0; t < pieces; ++t) piece_cursors_[t].clear();
+  for (const Cursor& c : cursors) {
+    const uint32_t* from = c.keys;
+    for (size_t t = 0; t < pieces; ++t) {
+      const uint32_t* to = t + 1 == pieces ? c.keys + c.size
+                                           : std::lower_bound(from, c.keys + c.size, bounds[t + 1],
+                                                              [](uint32_t k, uint64_t b) { return k < b; });
+      if (to > from)
+        piece_cursors_[t].push_back({from, c.values + (from - c.keys), 0, static_cast<size_t>(to - from), 0});
+      from = to;
+    }
+  }
+  pool_->run([&](int thread) {
+    const auto t = static_cast<size_t>(thread);
+    if (t >= pieces) return;
+    SumScratch& s = scratch_[t];
+    if (piece_cursors_[t].empty()) {
+      s.keys.clear();
+      s.sums.clear();
+      return;
+    }
+    if (!sum_sparse(piece_cursors_[t], s, apply_in_pieces, count, step) && apply_in_pieces)
+      optimizer_.apply(params_.span(), key_begin_, s.keys, s.sums, count, step);
+  });
+  size_t merged = 0;
+  for (size_t t = 0; t < pieces; ++t) merged += scratch_[t].keys.size();
+  merged_keys_.reserve(merged);
+  for (size_t t = 0; t < pieces; ++t) {
+    merged_keys_.insert(merged_keys_.end(), scratch_[t].keys.begin(), scratch_[t].keys.end());
+    if (!apply_in_pieces) merged_sums_.insert(merged_sums_.end(), scratch_[t].sums.begin(), scratch_[t].sums.end());
+  }
+  if (!apply_in_pieces)
+    optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, count, step, pool_.get());
 }
 
 void Shard::apply_clock() {
@@ -291,27 +365,43 @@ void Shard::apply_clock() {
   std::vector<Cursor>& cursors = cursors_;  // live workers in rank order (the summation order)
   cursors.clear();
   bool all_dense = true;
+  bool any_dense = false;
   for (uint32_t w = 0; w < pushed_.size(); ++w) {
     if (!pushed_.live(w)) continue;
     Pending& p = pending_[w];
     const bool dense = p.data.dense() && p.data.size() > 0;
     all_dense = all_dense && dense;
-    if (p.data.size() > 0)
+    if (p.data.size() > 0) {
+      any_dense = any_dense || dense;
       cursors.push_back({dense ? nullptr : p.data.keys().data(), p.data.values().data(), 0, p.data.size(), key_begin_});
+    }
     handled_.push_back({w, version_, p.base_version, next, version_ - p.base_version, p.data.size()});
   }
   merged_keys_.clear();
-  merged_sums_.clear();
   if (all_dense && !cursors.empty()) {
     // Dense pushes (method: dense): an elementwise sum, same order and bits.
-    merged_sums_.assign(size(), 0.0f);
-    for (const Cursor& c : cursors)
-      for (size_t j = 0; j < c.size; ++j) merged_sums_[j] += c.values[j];
+    merged_sums_.resize(size());
+    float* const out = merged_sums_.data();
+    for_pieces(pool_.get(), size(), Optimizer::kMinDensePerThread, [&](size_t begin, size_t end) {
+      std::fill(out + begin, out + end, 0.0f);
+      for (const Cursor& c : cursors)
+        for (size_t j = begin; j < end; ++j) out[j] += c.values[j];
+    });
     for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
-    optimizer_.apply(params_.span(), key_begin_, {}, merged_sums_, live, step);
+    optimizer_.apply(params_.span(), key_begin_, {}, merged_sums_, live, step, pool_.get());
     log_every_key(next);
   } else {
-    if (!merge_sorted(cursors, live, step)) optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, live, step);
+    merged_sums_.clear();
+    if (any_dense) {
+      merge_mixed(cursors);
+      optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, live, step, pool_.get());
+    } else if (cursors.empty()) {
+      // Every live worker pushed nothing for this shard: a dense optimizer
+      // still takes its step (momentum, weight decay).
+      optimizer_.apply(params_.span(), key_begin_, {}, {}, live, step, pool_.get());
+    } else {
+      sum_sparse_clock(live, step);
+    }
     for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
     if (optimizer_.dense())
       log_every_key(next);

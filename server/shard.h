@@ -23,7 +23,8 @@
 // (the policy's max_push_staleness) an on-arrival push staler than the
 // limit is refused: its clock counts, nothing is applied, and the shard
 // remembers it so the worker's next pull can say so.
-// Not thread-safe: owned by the server's loop thread.
+// Not thread-safe: owned by the server's loop thread (which may hand large
+// applies to the shard's own pool and waits for them).
 #pragma once
 
 #include <cstdint>
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/thread_pool.h"
 #include "protocol/message.h"
 #include "scheduler/consistency.h"
 #include "server/optimizer.h"
@@ -54,8 +56,11 @@ struct HandledPush {
 
 class Shard {
  public:
+  // `threads`: how many threads large applies and aggregated sums are split
+  // over (0: all cores); the parameters come out bit for bit the same for
+  // every count.
   Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimizer optimizer,
-        std::unique_ptr<scheduler::ConsistencyPolicy> policy);
+        std::unique_ptr<scheduler::ConsistencyPolicy> policy, int threads = 1);
 
   uint32_t key_begin() const { return key_begin_; }
   uint32_t key_end() const { return key_end_; }
@@ -140,22 +145,34 @@ class Shard {
     bool done() const { return pos == size; }
     uint32_t key() const { return keys != nullptr ? keys[pos] : first + static_cast<uint32_t>(pos); }
   };
-  bool merge_sorted(std::vector<Cursor>& cursors, uint32_t count, int64_t step);
-  void sum_by_blocks(std::vector<Cursor>& cursors, size_t total, bool apply, uint32_t count, int64_t step);
-  void sum_by_fold(const std::vector<Cursor>& cursors);
-  std::vector<Cursor> cursors_;
-  std::vector<uint32_t> fold_keys_;  // sum_by_fold's second buffer
-  std::vector<float> fold_sums_;
-  // sum_by_blocks' per-block sum buffer and its bitmap of touched keys
-  // (both all zero between calls). 64 KiB: stays in L2 while a block fills.
+  // One thread's buffers for summing (a key range of) an aggregated clock.
+  struct SumScratch {
+    std::vector<uint32_t> keys;  // the merged keys (global), ascending
+    std::vector<float> sums;     // their sums; empty when applied block by block
+    // sum_by_blocks' per-block sum buffer and its bitmap of touched keys
+    // (both all zero between calls): 64 KiB, stays in L2 while a block fills.
+    std::vector<float> block_sums;
+    std::vector<uint64_t> block_touched;
+    std::vector<float> block_out;  // one block's sums in key order
+    std::vector<uint32_t> fold_keys;  // sum_by_fold's second buffers
+    std::vector<float> fold_sums;
+  };
   static constexpr uint32_t kBlockKeys = 16384;
-  std::vector<float> block_sums_;
-  std::vector<uint64_t> block_touched_;
-  std::vector<float> block_out_;  // one block's sums in key order
+  void merge_mixed(const std::vector<Cursor>& cursors);
+  void sum_sparse_clock(uint32_t count, int64_t step);
+  bool sum_sparse(std::span<Cursor> cursors, SumScratch& s, bool apply, uint32_t count, int64_t step);
+  void sum_by_blocks(std::span<Cursor> cursors, SumScratch& s, size_t total, bool apply, uint32_t count,
+                     int64_t step);
+  static void sum_by_fold(std::span<const Cursor> cursors, SumScratch& s);
+  std::vector<Cursor> cursors_;
+  std::vector<std::vector<Cursor>> piece_cursors_;  // per thread: its key range of every cursor
+  std::vector<SumScratch> scratch_;                 // per thread
   // Scratch for an aggregated clock: the merged keys (global; empty when the
   // sum is dense) and their sums.
   std::vector<uint32_t> merged_keys_;
   std::vector<float> merged_sums_;
+  // Threads for large applies and sums (null: the loop thread alone).
+  std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<scheduler::ConsistencyPolicy> policy_;
   ParamArray params_;
   // Sparse pulls: the keys each recent update changed (global, ascending),

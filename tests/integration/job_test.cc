@@ -171,6 +171,22 @@ TEST(JobTest, MlpMatchesTheReferenceBitForBit) {
                    "compression.scope=per_tensor"});
 }
 
+// A server applying on two threads (cluster.server_threads) gives the floats
+// of the one-thread reference: an MLP of 610,570 parameters, so pushes of
+// 20 % split into key ranges (sums and sparse applies), the momentum pass
+// and dense pushes into parameter ranges.
+TEST(JobTest, AServerOnTwoThreadsMatchesTheReferenceBitForBit) {
+  const std::vector<std::string> common = {"model.name=mlp", "model.hidden=[768]", "data.train_limit=1000",
+                                           "data.test_limit=200", "training.steps=40", "training.batch_size=16",
+                                           "training.lr=0.1", "cluster.server_threads=2"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), common.begin(), common.end());
+    return extra;
+  };
+  run_and_compare("threads_topk", 2, 1, with({"compression.ratio=0.2", "optimizer.momentum=0.9"}));
+  run_and_compare("threads_dense", 2, 1, with({"compression.method=dense", "compression.error_feedback=none"}));
+}
+
 // Least squares on the synthetic ill-conditioned problem with Hessian-aided
 // error compensation (the model's exact Hessian diagonal).
 TEST(JobTest, LeastSquaresWithHessianAidedCompensationMatchesTheReferenceBitForBit) {

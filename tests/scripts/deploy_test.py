@@ -241,7 +241,7 @@ class MpiLaunchTest(unittest.TestCase):
         mpi_argv = (["mpirun", "--oversubscribe", "-n", "7", sys.executable, LAUNCH, DEMO, "--bin", BIN, "--mpi"] +
                     sets(f"run.dir={tmp}", "run.name=mpi_loss", f"cluster.scheduler_port={free_port()}",
                          "data.train_limit=2000", "data.test_limit=500", "training.steps=4000",
-                         "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=2000"))
+                         "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=4000"))
         s = run_and_kill_worker(self, mpi_argv, env, os.path.join(tmp, "mpi_loss"))
         self.assertEqual(s["steps"], 4000)
         # A task count that does not match the config is refused by rank 0.
@@ -306,7 +306,7 @@ class SlurmLaunchTest(unittest.TestCase):
         argv = (["srun", "-N", "1", "-n", "7", "--overcommit", "--kill-on-bad-exit=1", sys.executable, LAUNCH, DEMO,
                  "--bin", BIN, "--slurm"] +
                 sets(f"run.dir={tmp}", "run.name=slurm_loss", "data.train_limit=2000", "data.test_limit=500",
-                     "training.steps=4000", "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=2000"))
+                     "training.steps=4000", "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=4000"))
         s = run_and_kill_worker(self, argv, self.slurm.env(), os.path.join(tmp, "slurm_loss"))
         self.assertEqual(s["steps"], 4000)
 

@@ -264,7 +264,7 @@ class NetnsTest(unittest.TestCase):
         self.assertTrue(servers[1].startswith(f"tcp://{ADDRESS[1]}:"), servers)
 
     def test_cutting_a_workers_link_takes_the_dead_worker_path(self):
-        job = Job("cut", ["training.steps=2500", "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=2000",
+        job = Job("cut", ["training.steps=2500", "cluster.heartbeat_ms=200", "cluster.heartbeat_timeout_ms=4000",
                           "cluster.on_worker_loss=continue"])
         job.start()
         deadline = time.time() + 60

@@ -189,59 +189,69 @@ TEST(ShardTest, AggregatesThreeWorkersInRankOrderIncludingEmptyPushes) {
 
 // Aggregated sparse pushes are summed in rank order, ((0 + v0) + v1) + ...,
 // bit for bit (signed zeros, denormals, keys held by some workers only), at
-// several shard sizes and fills, and the changed keys are their union.
+// several shard sizes and fills, and the changed keys are their union,
+// whatever the shard's thread count.
 TEST(ShardTest, AggregatedSumsAreRankOrderSumsBitForBit) {
   struct Case {
     uint32_t size;
     size_t keys_per_worker;
+    bool nested = true;  // worker w picks keys from the first size / (w + 1); else from all
   };
   // Dense lists are summed through per-block buffers, sparse ones by merging
-  // (shard.cc), so the cases cover both, and lists spanning many blocks.
+  // (shard.cc), so the cases cover both, and lists spanning many blocks; the
+  // last two have enough pairs (over Optimizer::kMinKeysPerThread per
+  // thread) to be cut into key ranges on several threads, one per path.
   for (const Case& c : {Case{5000, 900}, Case{200000, 40}, Case{(1u << 21) + 7, 3000}, Case{300000, 60000},
-                       Case{1u << 20, 6000}}) {
+                        Case{1u << 20, 6000}, Case{1u << 22, 100000}, Case{1u << 24, 40000, false}}) {
     const uint32_t workers = 4, base = 1000;
-    Shard s(base, base + c.size, workers, Optimizer::plain(1.0f), std::make_unique<scheduler::BspPolicy>());
     std::mt19937 rng(c.size);
-    std::vector<float> x(c.size);
-    for (auto& v : x) v = std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng);
-    s.set_params(x);
+    std::vector<float> x0(c.size);
+    for (auto& v : x0) v = std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng);
     std::vector<float> sum(c.size, 0.0f);
     std::vector<bool> touched(c.size, false);
     const float values[] = {0.1f, -0.0f, 0.0f, 1e-3f, -7.5f, 3.0e-39f, 0.3f};
+    std::vector<std::vector<uint32_t>> keys(workers);
+    std::vector<std::vector<float>> vals(workers);
     for (uint32_t w = 0; w < workers; ++w) {
       std::set<uint32_t> picked;
-      while (picked.size() < c.keys_per_worker) picked.insert(static_cast<uint32_t>(rng() % (c.size / (w + 1))));
-      std::vector<uint32_t> keys;
-      std::vector<float> vals;
+      const uint32_t range = c.nested ? c.size / (w + 1) : c.size;
+      while (picked.size() < c.keys_per_worker) picked.insert(static_cast<uint32_t>(rng() % range));
       for (uint32_t j : picked) {
-        keys.push_back(base + j);
-        vals.push_back(values[rng() % 7] * static_cast<float>(1 + rng() % 5));
-        sum[j] += vals.back();  // rank order, from +0.0f
+        keys[w].push_back(base + j);
+        vals[w].push_back(values[rng() % 7] * static_cast<float>(1 + rng() % 5));
+        sum[j] += vals[w].back();  // rank order, from +0.0f
         touched[j] = true;
       }
-      ASSERT_TRUE(s.add_push(w, 0, 0, keys, vals).ok());
     }
-    ASSERT_EQ(s.apply_ready(), 1);
+    std::vector<float> x = x0;
     std::vector<uint32_t> want_keys;
     for (uint32_t j = 0; j < c.size; ++j) {
       if (!touched[j]) continue;
       want_keys.push_back(base + j);
       x[j] -= (1.0f / 4.0f) * sum[j];
     }
-    const auto got = s.params();
-    for (uint32_t j = 0; j < c.size; ++j)
-      ASSERT_EQ(std::bit_cast<uint32_t>(got[j]), std::bit_cast<uint32_t>(x[j])) << "size " << c.size << " key " << j;
-    std::vector<uint32_t> keys;
-    ASSERT_TRUE(s.changed_since(0, c.size, keys));
-    EXPECT_EQ(keys, want_keys) << "size " << c.size;
+    for (int threads : {1, 2, 3}) {
+      Shard s(base, base + c.size, workers, Optimizer::plain(1.0f), std::make_unique<scheduler::BspPolicy>(),
+              threads);
+      s.set_params(x0);
+      for (uint32_t w = 0; w < workers; ++w) ASSERT_TRUE(s.add_push(w, 0, 0, keys[w], vals[w]).ok());
+      ASSERT_EQ(s.apply_ready(), 1);
+      const auto got = s.params();
+      for (uint32_t j = 0; j < c.size; ++j)
+        ASSERT_EQ(std::bit_cast<uint32_t>(got[j]), std::bit_cast<uint32_t>(x[j]))
+            << "size " << c.size << " threads " << threads << " key " << j;
+      std::vector<uint32_t> changed;
+      ASSERT_TRUE(s.changed_since(0, c.size, changed));
+      EXPECT_EQ(changed, want_keys) << "size " << c.size << " threads " << threads;
+    }
   }
 }
 
 // A momentum optimizer sees every clock's whole aggregated sum: the same
 // rank-order sums, in the same key order, reach it from both summing paths
-// (dense lists go through per-block buffers, sparse ones are merged), over
-// several clocks, bit for bit against a stand-alone optimizer fed the
-// reference sums.
+// (dense lists go through per-block buffers, sparse ones are merged) and
+// from a sum cut into key ranges on several threads, over several clocks,
+// bit for bit against a stand-alone optimizer fed the reference sums.
 TEST(ShardTest, AMomentumOptimizerGetsTheRankOrderSums) {
   config::Config cfg;
   cfg.training.lr = 0.1;
@@ -252,11 +262,12 @@ TEST(ShardTest, AMomentumOptimizerGetsTheRankOrderSums) {
   struct Case {
     uint32_t size;
     size_t keys_per_worker;
+    int threads;
   };
-  for (const Case& c : {Case{70000, 20000}, Case{70000, 50}}) {
+  for (const Case& c : {Case{70000, 20000, 1}, Case{70000, 50, 1}, Case{600000, 100000, 3}, Case{600000, 50, 2}}) {
     const uint32_t workers = 3, base = 5;
-    Shard s(base, base + c.size, workers, Optimizer::from_config(cfg, c.size),
-            std::make_unique<scheduler::BspPolicy>());
+    Shard s(base, base + c.size, workers, Optimizer::from_config(cfg, c.size), std::make_unique<scheduler::BspPolicy>(),
+            c.threads);
     Optimizer reference = Optimizer::from_config(cfg, c.size);
     std::vector<float> x(c.size, 0.5f);
     s.set_params(x);
@@ -292,6 +303,65 @@ TEST(ShardTest, AMomentumOptimizerGetsTheRankOrderSums) {
             << "size " << c.size << " fill " << c.keys_per_worker << " clock " << clock << " key " << j;
       std::vector<uint32_t> keys;
       EXPECT_FALSE(s.changed_since(clock, c.size, keys)) << "momentum changes every key";
+    }
+  }
+}
+
+// Large on-arrival pushes and dense pushes are split over the shard's
+// threads; every parameter comes out bit for bit as on one thread, for
+// plain SGD and for momentum with weight decay (dense passes over the shard).
+TEST(ShardTest, ThreadsChangeNoBitOfOnArrivalOrDenseApplies) {
+  const uint32_t size = (1u << 21) + 3, base = 7;
+  std::mt19937 rng(11);
+  std::vector<float> x0(size);
+  for (auto& v : x0) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+  std::vector<uint32_t> keys;
+  std::vector<float> sparse;
+  for (uint32_t j = 0; j < size; ++j)
+    if (rng() % 8 == 0) {  // about 262k keys: 4 pieces of the key list
+      keys.push_back(base + j);
+      sparse.push_back(std::normal_distribution<float>(0.0f, 0.01f)(rng));
+    }
+  std::vector<float> dense(size);
+  for (auto& v : dense) v = std::normal_distribution<float>(0.0f, 0.01f)(rng);
+  protocol::Header dense_header;
+  dense_header.index_encoding = protocol::IndexEncoding::kNone;
+  dense_header.key_begin = base;
+  dense_header.key_end = base + size;
+  dense_header.nnz = size;
+  config::Config momentum;
+  momentum.training.lr = 0.1;
+  momentum.optimizer.momentum = 0.9;
+  momentum.optimizer.weight_decay = 1e-3;
+  for (bool with_momentum : {false, true}) {
+    for (bool on_arrival : {true, false}) {
+      std::vector<float> want;
+      for (int threads : {1, 2, 4}) {
+        Shard s(base, base + size, 2,
+                with_momentum ? Optimizer::from_config(momentum, size) : Optimizer::plain(1.0f),
+                on_arrival ? std::unique_ptr<scheduler::ConsistencyPolicy>(std::make_unique<scheduler::AspPolicy>())
+                           : std::make_unique<scheduler::BspPolicy>(),
+                threads);
+        s.set_params(x0);
+        // Clock 0: sparse from both workers; clock 1: dense from both.
+        ASSERT_TRUE(s.add_push(0, 0, 0, keys, sparse).ok());
+        ASSERT_TRUE(s.add_push(1, 0, 0, keys, sparse).ok());
+        s.apply_ready();
+        ASSERT_TRUE(s.add_push(0, 1, s.version(), protocol::DataView(dense_header, {}, dense), nullptr).ok());
+        ASSERT_TRUE(s.add_push(1, 1, s.version(), protocol::DataView(dense_header, {}, dense), nullptr).ok());
+        s.apply_ready();
+        ASSERT_EQ(s.version(), on_arrival ? 4u : 2u);
+        const auto got = s.params();
+        if (threads == 1) {
+          want.assign(got.begin(), got.end());
+          EXPECT_NE(std::bit_cast<uint32_t>(want[0]), std::bit_cast<uint32_t>(x0[0])) << "the dense pushes moved key 0";
+          continue;
+        }
+        for (uint32_t j = 0; j < size; ++j)
+          ASSERT_EQ(std::bit_cast<uint32_t>(got[j]), std::bit_cast<uint32_t>(want[j]))
+              << "momentum " << with_momentum << " on arrival " << on_arrival << " threads " << threads << " key "
+              << j;
+      }
     }
   }
 }

@@ -1,6 +1,8 @@
-#include "kernels/thread_pool.h"
+#include "common/thread_pool.h"
 
-namespace sps::kernels {
+#include <algorithm>
+
+namespace sps {
 
 ThreadPool::ThreadPool(int threads) {
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { loop(i); });
@@ -50,4 +52,18 @@ void ThreadPool::loop(int index) {
   }
 }
 
-}  // namespace sps::kernels
+void for_pieces(ThreadPool* pool, size_t n, size_t min_piece, const std::function<void(size_t, size_t)>& piece) {
+  const size_t most = pool != nullptr ? static_cast<size_t>(pool->size()) : 1;
+  const size_t pieces = std::clamp<size_t>(n / std::max<size_t>(min_piece, 1), 1, most);
+  if (pieces == 1) {
+    piece(0, n);
+    return;
+  }
+  pool->run([&](int t) {
+    const auto i = static_cast<size_t>(t);
+    if (i >= pieces) return;
+    piece(n * i / pieces, n * (i + 1) / pieces);
+  });
+}
+
+}  // namespace sps

@@ -1,6 +1,7 @@
-// A fixed set of threads that run one task each per call, for the passes
-// over n in the CPU compressor. Built for a few large tasks per step (one
-// per core), not for fine-grained work.
+// A fixed set of threads that run one task each per call, for passes over
+// large flat arrays (the CPU compressor's passes over n, a server shard's
+// apply). Built for a few large tasks per call (one per core), not for
+// fine-grained work.
 #pragma once
 
 #include <condition_variable>
@@ -10,7 +11,7 @@
 #include <thread>
 #include <vector>
 
-namespace sps::kernels {
+namespace sps {
 
 class ThreadPool {
  public:
@@ -37,4 +38,10 @@ class ThreadPool {
   bool stopping_ = false;
 };
 
-}  // namespace sps::kernels
+// Calls piece(begin, end) over consecutive pieces that cover [0, n), one per
+// thread of `pool` but none shorter than `min_piece` (so small work stays on
+// the calling thread and pays no wake-up). A null pool or one piece runs
+// piece(0, n) inline. Pieces are disjoint, so writes through them never race.
+void for_pieces(ThreadPool* pool, size_t n, size_t min_piece, const std::function<void(size_t, size_t)>& piece);
+
+}  // namespace sps
