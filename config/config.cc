@@ -532,7 +532,7 @@ std::vector<std::string> ineffective_keys(const Config& c) {
   const bool scaled = cc.values == ValueFormatName::kInt8 || cc.values == ValueFormatName::kSign ||
                       cc.values == ValueFormatName::kQsgd || cc.values == ValueFormatName::kOneBit;
   const std::string method = fmt::format("compression.method is {}", to_string(cc.method));
-  const std::string values = fmt::format("compression.values is {}", to_json(c)["compression"]["values"].get<std::string>());
+  const std::string values = fmt::format("compression.values is {}", to_string(cc.values));
   struct Rule {
     const char* key;
     bool effective;
@@ -611,6 +611,18 @@ const char* to_string(ErrorFeedback e) {
     case ErrorFeedback::kEf: return "ef";
     case ErrorFeedback::kHessianDiag: return "hessian_diag";
     case ErrorFeedback::kHessian: return "hessian";
+  }
+  return "?";
+}
+const char* to_string(ValueFormatName v) {
+  switch (v) {
+    case ValueFormatName::kF32: return "f32";
+    case ValueFormatName::kF16: return "f16";
+    case ValueFormatName::kBF16: return "bf16";
+    case ValueFormatName::kInt8: return "int8";
+    case ValueFormatName::kSign: return "sign";
+    case ValueFormatName::kQsgd: return "qsgd";
+    case ValueFormatName::kOneBit: return "onebit";
   }
   return "?";
 }

@@ -331,6 +331,7 @@ std::vector<std::string> all_keys();
 const char* to_string(CompressionMethod m);
 const char* to_string(ErrorFeedback e);
 const char* to_string(ConsistencyMode m);
+const char* to_string(ValueFormatName v);
 // "bsp", "ssp(4)", "ssp(0)", "asp".
 std::string consistency_name(const ConsistencyConfig& c);
 

@@ -245,6 +245,7 @@ void Server::on_assign(const protocol::AssignInfo& a) {
   const uint64_t bound = shard_->policy().staleness_bound(num_workers_);
   log_.write({{"event", "assign"}, {"rank", rank_}, {"key_begin", s.key_begin}, {"key_end", s.key_end},
               {"workers", num_workers_}, {"endpoint", endpoint_}, {"policy", shard_->policy().name()},
+              {"apply_threads", shard_->threads()},
               {"staleness_bound", bound == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(bound)}});
   spdlog::info("server {}: shard [{}, {}) on {}", rank_, s.key_begin, s.key_end, endpoint_);
 }

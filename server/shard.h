@@ -66,6 +66,7 @@ class Shard {
   uint32_t key_end() const { return key_end_; }
   uint32_t size() const { return key_end_ - key_begin_; }
   uint64_t version() const { return version_; }
+  int threads() const { return pool_ ? pool_->size() : 1; }
   std::span<const float> params() const { return params_.span(); }
   const scheduler::ClockTable& pushed() const { return pushed_; }
   const scheduler::ConsistencyPolicy& policy() const { return *policy_; }
