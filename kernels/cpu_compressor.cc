@@ -73,6 +73,7 @@ struct PassResult {
 
 namespace pass_baseline {
 #include "kernels/cpu_pass.inc"
+#include "kernels/cpu_quantise.inc"
 }  // namespace pass_baseline
 
 // The same pass for AVX2 machines (chosen at run time): 256-bit arithmetic
@@ -85,6 +86,7 @@ namespace pass_baseline {
 #define SPS_PASS_AVX2 1
 namespace pass_avx2 {
 #include "kernels/cpu_pass.inc"
+#include "kernels/cpu_quantise.inc"
 }  // namespace pass_avx2
 #undef SPS_PASS_AVX2
 #pragma GCC pop_options
@@ -212,49 +214,6 @@ ScaleRun bucket_scale(ValueFormat format, const float* values, size_t count, flo
           values, count, [&](float x) { return std::fabs(x * factor); }, [](float a, float b) { return a < b ? b : a; });
       return {c, value_scale_of(format, max_abs, 0.0, 0.0, m, levels)};
     }
-  }
-}
-
-// Rounds `count` consecutive values of one bucket in place and writes what
-// rounding lost to `lost` (nullptr: not kept); entry j has model index
-// first_index + j. value_format.h's quant_level/dequantise arithmetic,
-// spelled out per format so the loops vectorise (dense pushes quantise
-// every value of the model).
-void quantise_bucket(ValueFormat format, const ScaleRun& run, float* __restrict values, float* __restrict lost,
-                     size_t count, uint64_t seed, uint64_t step, size_t first_index) {
-  const float s = run.scale;
-  auto finish = [&](size_t j, float v, float sent) {
-    values[j] = sent;
-    if (lost != nullptr) lost[j] = v - sent;
-  };
-  if (format == ValueFormat::kOneBit) {
-    const float negative = -run.negative_scale;
-    for (size_t j = 0; j < count; ++j) finish(j, values[j], values[j] < 0.0f ? negative : s);
-    return;
-  }
-  if (!(s > 0.0f)) {  // quant_level's zero scale: level 0, sent 0
-    for (size_t j = 0; j < count; ++j) finish(j, values[j], 0.0f);
-    return;
-  }
-  switch (format) {
-    case ValueFormat::kSign:
-      for (size_t j = 0; j < count; ++j) finish(j, values[j], values[j] >= 0.0f ? s : -s);
-      return;
-    case ValueFormat::kInt8: {
-      constexpr float kMax = static_cast<float>(kMaxQuantLevel);
-      for (size_t j = 0; j < count; ++j) {
-        float q = values[j] / s;
-        q = q > kMax ? kMax : (q < -kMax ? -kMax : q);
-        finish(j, values[j], round_small(q) * s);  // = float(level) * s: round_small(q) is the level
-      }
-      return;
-    }
-    default:  // qsgd: a counter-hash draw per value
-      for (size_t j = 0; j < count; ++j) {
-        const float v = values[j];
-        const uint32_t random = quant_random24(seed, step, first_index + j);
-        finish(j, v, dequantise(quant_level(v, format, s, random), s));
-      }
   }
 }
 
@@ -573,10 +532,24 @@ Status CpuCompressor::compress(std::span<const float> grad, float scale, SparseV
   if (dense) {
     // acc is all zeros; the residual is what rounding lost (nothing in f32).
     if (is_scaled(format)) {
-      for (size_t r = 0; r < out.scale_runs.size(); ++r)
-        quantise_bucket(format, out.scale_runs[r], out.values.data() + r * bucket,
-                        keep_residual ? acc_.data() + r * bucket : nullptr, out.scale_runs[r].count, seed, step,
-                        r * bucket);
+      for (size_t r = 0; r < out.scale_runs.size(); ++r) {
+        float* const values = out.values.data() + r * bucket;
+        const size_t count = out.scale_runs[r].count;
+        float* const lost = keep_residual ? acc_.data() + r * bucket : nullptr;
+#if defined(SPS_HAVE_AVX2_PASS)
+        if (avx2_pass_) {
+          if (keep_residual)
+            pass_avx2::quantise_bucket<true>(format, out.scale_runs[r], values, lost, count, seed, step, r * bucket);
+          else
+            pass_avx2::quantise_bucket<false>(format, out.scale_runs[r], values, lost, count, seed, step, r * bucket);
+          continue;
+        }
+#endif
+        if (keep_residual)
+          pass_baseline::quantise_bucket<true>(format, out.scale_runs[r], values, lost, count, seed, step, r * bucket);
+        else
+          pass_baseline::quantise_bucket<false>(format, out.scale_runs[r], values, lost, count, seed, step, r * bucket);
+      }
     } else if (format != ValueFormat::kF32) {
       round_to_half(format, out.values.data(), keep_residual ? acc_.data() : nullptr, m);
     }
