@@ -1,7 +1,13 @@
 #include "protocol/index_coding.h"
 
+#include <array>
 #include <bit>
 #include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPS_HAVE_SSSE3_VARINT 1
+#endif
 
 #include <fmt/format.h>
 
@@ -60,11 +66,114 @@ void encode_bitmap(std::span<const uint32_t> keys, uint32_t key_begin, uint64_t 
   }
 }
 
+namespace {
+
+#if defined(SPS_HAVE_SSSE3_VARINT)
+// Groups of one- and two-byte varints, eight bytes at a time (the common
+// case: top-k gaps at 0.1-1 % density need one or two bytes). The eight
+// continuation bits of the next eight bytes index a table that says how
+// many whole varints of one or two bytes they start with, how many bytes
+// those take, and the byte shuffle that puts each varint's bytes into a
+// 16-bit lane; a varint of three or more bytes, or one cut by the window,
+// ends the group. Keys then come out of a prefix sum of (gap + 1).
+struct ShortVarintGroup {
+  alignas(16) std::array<uint8_t, 16> shuffle;  // byte j of a 16-bit lane pair; 0x80 = zero
+  uint8_t count;                                // whole varints in the group
+  uint8_t bytes;                                // bytes they take
+};
+
+constexpr std::array<ShortVarintGroup, 256> kShortVarintGroups = [] {
+  std::array<ShortVarintGroup, 256> table{};
+  for (uint32_t mask = 0; mask < 256; ++mask) {
+    ShortVarintGroup g{};
+    g.shuffle.fill(0x80);
+    uint32_t pos = 0;
+    while (pos < 8) {
+      const bool more = ((mask >> pos) & 1u) != 0;
+      if (!more) {  // one byte
+        g.shuffle[2 * g.count] = static_cast<uint8_t>(pos);
+        ++g.count;
+        pos += 1;
+        continue;
+      }
+      if (pos + 1 >= 8 || ((mask >> (pos + 1)) & 1u) != 0) break;  // cut by the window, or 3+ bytes
+      g.shuffle[2 * g.count] = static_cast<uint8_t>(pos);
+      g.shuffle[2 * g.count + 1] = static_cast<uint8_t>(pos + 1);
+      ++g.count;
+      pos += 2;
+    }
+    g.bytes = static_cast<uint8_t>(pos);
+    table[mask] = g;
+  }
+  return table;
+}();
+
+bool have_ssse3() {
+  static const bool yes = __builtin_cpu_supports("ssse3");
+  return yes;
+}
+
+// Decodes one group at p (8 readable bytes) into out[0..8) (8 writable
+// keys; only the first `count` are meaningful) with keys starting above
+// `next` - 1. Returns the number of keys decoded (0: the group starts with
+// a long varint, or its last key reaches key_end; the caller decodes one
+// key the careful way), advancing p and next.
+__attribute__((target("ssse3"))) uint32_t decode_short_group(const uint8_t*& p, uint64_t& next, uint64_t key_end,
+                                                              uint32_t* out) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const auto mask = static_cast<uint32_t>(_mm_movemask_epi8(bytes)) & 0xFFu;
+  const ShortVarintGroup& g = kShortVarintGroups[mask];
+  if (g.count == 0) return 0;
+  const __m128i lanes = _mm_shuffle_epi8(bytes, _mm_load_si128(reinterpret_cast<const __m128i*>(g.shuffle.data())));
+  // Each 16-bit lane holds a varint's low byte and (or zero) its high byte:
+  // gap = (lo & 0x7F) | (hi & 0x7F) << 7; plus one for the step past the
+  // previous key.
+  const __m128i gaps = _mm_or_si128(_mm_and_si128(lanes, _mm_set1_epi16(0x7F)),
+                                    _mm_srli_epi16(_mm_and_si128(lanes, _mm_set1_epi16(0x7F00)), 1));
+  const __m128i steps = _mm_add_epi16(gaps, _mm_set1_epi16(1));
+  // Inclusive prefix sums in 32 bits (8 steps of at most 2^14 overflow 16).
+  __m128i lo = _mm_unpacklo_epi16(steps, _mm_setzero_si128());
+  __m128i hi = _mm_unpackhi_epi16(steps, _mm_setzero_si128());
+  lo = _mm_add_epi32(lo, _mm_slli_si128(lo, 4));
+  lo = _mm_add_epi32(lo, _mm_slli_si128(lo, 8));
+  hi = _mm_add_epi32(hi, _mm_slli_si128(hi, 4));
+  hi = _mm_add_epi32(hi, _mm_slli_si128(hi, 8));
+  hi = _mm_add_epi32(hi, _mm_shuffle_epi32(lo, 0xFF));
+  alignas(16) uint32_t sums[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(sums), lo);
+  _mm_store_si128(reinterpret_cast<__m128i*>(sums + 4), hi);
+  // Keys ascend, so the last one bounds them all; next - 1 + sums[i] is
+  // computed in 64 bits, so nothing wraps before this check.
+  const uint64_t last = next - 1 + sums[g.count - 1];
+  if (last >= key_end) return 0;
+  const __m128i base = _mm_set1_epi32(static_cast<int>(static_cast<uint32_t>(next - 1)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_add_epi32(lo, base));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4), _mm_add_epi32(hi, base));
+  p += g.bytes;
+  next = last + 1;
+  return g.count;
+}
+#endif
+
+}  // namespace
+
 Status decode_delta_varint(ByteSpan frame, uint32_t nnz, uint32_t key_begin, uint32_t key_end, uint32_t* out) {
   const auto* p = reinterpret_cast<const uint8_t*>(frame.data());
   const uint8_t* const end = p + frame.size();
   uint64_t next = key_begin;
-  for (uint32_t i = 0; i < nnz; ++i) {
+#if defined(SPS_HAVE_SSSE3_VARINT)
+  const bool groups = have_ssse3();
+#endif
+  for (uint32_t i = 0; i < nnz;) {
+#if defined(SPS_HAVE_SSSE3_VARINT)
+    if (groups && nnz - i >= 8 && end - p >= 8) {
+      const uint32_t decoded = decode_short_group(p, next, key_end, out + i);
+      if (decoded > 0) {
+        i += decoded;
+        continue;
+      }
+    }
+#endif
     uint64_t v;
     if (end - p >= 2 && (p[0] & p[1] & 0x80) == 0) {
       // One or two bytes, decoded without a data-dependent branch; p[1] is
@@ -89,6 +198,7 @@ Status decode_delta_varint(ByteSpan frame, uint32_t nnz, uint32_t key_begin, uin
       return out_of_range(fmt::format("index frame: key {} at entry {} is outside [{}, {})", key, i, key_begin, key_end));
     out[i] = static_cast<uint32_t>(key);
     next = key + 1;
+    ++i;
   }
   if (p != end) return malformed(fmt::format("index frame has {} bytes after its {} keys", end - p, nnz));
   return {};

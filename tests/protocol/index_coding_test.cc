@@ -3,6 +3,8 @@
 // every malformed frame shape; plus the frame pool the encoders draw from.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -134,6 +136,91 @@ TEST(IndexCodingTest, MalformedVarintFramesAreRefused) {
   EXPECT_FALSE(decode_index(V, 10, 0xFFFFFFFFu, 2, bytes({0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F})).ok());
   // nnz larger than the frame could hold (one byte per key at least).
   EXPECT_FALSE(decode_index(V, 0, 1000, 4, bytes({0x01, 0x01, 0x01})).ok());
+}
+
+// The obvious LEB128 decoder the fast one must agree with: keys, or nullopt
+// for any frame it refuses.
+std::optional<std::vector<uint32_t>> reference_varint_decode(const Bytes& frame, uint32_t nnz, uint32_t key_begin,
+                                                             uint32_t key_end) {
+  std::vector<uint32_t> keys;
+  size_t p = 0;
+  uint64_t next = key_begin;
+  for (uint32_t i = 0; i < nnz; ++i) {
+    uint64_t v = 0;
+    for (int shift = 0;; shift += 7) {
+      if (p == frame.size() || shift > 28) return std::nullopt;
+      const auto b = static_cast<uint8_t>(frame[p++]);
+      if (shift == 28 && b > 0x0F) return std::nullopt;
+      v |= uint64_t{b & 0x7Fu} << shift;
+      if (b < 0x80) break;
+    }
+    if (next + v >= key_end) return std::nullopt;
+    keys.push_back(static_cast<uint32_t>(next + v));
+    next = next + v + 1;
+  }
+  if (p != frame.size()) return std::nullopt;
+  return keys;
+}
+
+// Varints are decoded eight bytes at a time where they are one or two bytes
+// long: every mix of lengths, keys at the top of the key space, and frames
+// with flipped, dropped or added bytes decode exactly as one key at a time.
+TEST(IndexCodingTest, VarintGroupsDecodeLikeOneKeyAtATime) {
+  std::mt19937 rng(77);
+  auto gap = [&](int mix) -> uint32_t {
+    const uint32_t r = rng() % 100;
+    if (mix == 0) return rng() % 128;                          // one byte
+    if (mix == 1) return r < 70 ? rng() % 128 : rng() % 16384;  // top-k at 1 %
+    if (r < 50) return rng() % 128;                             // every length
+    if (r < 80) return rng() % 16384;
+    if (r < 95) return rng() % (1u << 21);
+    return rng() % (1u << 28);
+  };
+  int frames = 0, refused = 0;
+  for (int round = 0; round < 400; ++round) {
+    const int mix = round % 3;
+    const uint32_t key_begin = round % 4 == 3 ? 0xFFFFFFFFu - (1u << 29) : static_cast<uint32_t>(rng() % 1000);
+    const uint32_t nnz = 1 + rng() % 300;
+    std::vector<uint32_t> keys;
+    uint64_t next = key_begin;
+    for (uint32_t i = 0; i < nnz; ++i) {
+      next += gap(mix);
+      if (next >= 0xFFFFFFFFu) break;
+      keys.push_back(static_cast<uint32_t>(next));
+      ++next;
+    }
+    const uint32_t key_end = keys.empty() ? key_begin + 1 : std::max<uint32_t>(keys.back() + 1 + rng() % 3, keys.back() + 1);
+    Bytes frame(kMaxVarintBytes * keys.size());
+    frame.resize(encode_delta_varint(keys, key_begin, frame.data()));
+    std::vector<uint32_t> got(keys.size());
+    ASSERT_TRUE(decode_delta_varint(frame, static_cast<uint32_t>(keys.size()), key_begin, key_end, got.data()).ok());
+    ASSERT_EQ(got, keys) << "round " << round;
+    // Damaged copies: both decoders refuse it, or both give the same keys.
+    for (int damage = 0; damage < 20; ++damage) {
+      Bytes bad = frame;
+      uint32_t bad_nnz = static_cast<uint32_t>(keys.size());
+      uint32_t bad_end = key_end;
+      switch (damage % 5) {
+        case 0: if (!bad.empty()) bad[rng() % bad.size()] ^= static_cast<std::byte>(1u << (rng() % 8)); break;
+        case 1: if (!bad.empty()) bad.resize(bad.size() - 1 - rng() % std::min<size_t>(bad.size(), 3)); break;
+        case 2: bad.push_back(static_cast<std::byte>(rng() % 256)); break;
+        case 3: bad_end = key_end - std::min<uint32_t>(key_end - key_begin - 1, 1 + rng() % 200); break;
+        default: bad_nnz = bad_nnz > 0 ? bad_nnz - 1 - rng() % std::min<uint32_t>(bad_nnz, 2) : 1; break;
+      }
+      const auto want = reference_varint_decode(bad, bad_nnz, key_begin, bad_end);
+      std::vector<uint32_t> out(bad_nnz);
+      const Status st = decode_delta_varint(bad, bad_nnz, key_begin, bad_end, out.data());
+      ASSERT_EQ(st.ok(), want.has_value()) << "round " << round << " damage " << damage << ": " << st.to_string();
+      if (want) {
+        ASSERT_EQ(out, *want) << "round " << round << " damage " << damage;
+      }
+      ++frames;
+      refused += st.ok() ? 0 : 1;
+    }
+  }
+  // The damage must exercise both outcomes.
+  EXPECT_GT(refused, frames / 10);
+  EXPECT_LT(refused, frames);
 }
 
 TEST(IndexCodingTest, MalformedBitmapFramesAreRefused) {
