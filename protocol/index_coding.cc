@@ -31,32 +31,6 @@ IndexEncoding choose_index_encoding(uint64_t nnz, uint64_t range) {
   return IndexEncoding::kDeltaVarint;
 }
 
-size_t encode_delta_varint(std::span<const uint32_t> keys, uint32_t key_begin, std::byte* out) {
-  auto* p = reinterpret_cast<uint8_t*>(out);
-  uint32_t next = key_begin;  // the smallest key the next entry may hold
-  for (uint32_t k : keys) {
-    uint32_t v = k - next;
-    next = k + 1;
-    if (v < (1u << 14)) {
-      // One or two bytes, without a data-dependent branch (top-k gaps
-      // straddle 128 at about 1 % density). Writing the second byte when
-      // unused is safe: the buffer holds 5 bytes per key and the next key
-      // overwrites it.
-      const uint32_t two = v >> 7 != 0 ? 1u : 0u;
-      p[0] = static_cast<uint8_t>((v & 0x7F) | (two << 7));
-      p[1] = static_cast<uint8_t>(v >> 7);
-      p += 1 + two;
-      continue;
-    }
-    while (v >= 0x80) {
-      *p++ = static_cast<uint8_t>((v & 0x7F) | 0x80);
-      v >>= 7;
-    }
-    *p++ = static_cast<uint8_t>(v);
-  }
-  return static_cast<size_t>(p - reinterpret_cast<uint8_t*>(out));
-}
-
 void encode_bitmap(std::span<const uint32_t> keys, uint32_t key_begin, uint64_t range, std::byte* out) {
   if (range == 0) return;  // an empty frame (its storage may be null)
   std::memset(out, 0, bitmap_bytes(range));
@@ -153,9 +127,107 @@ __attribute__((target("ssse3"))) uint32_t decode_short_group(const uint8_t*& p, 
   next = last + 1;
   return g.count;
 }
+
+// The encoder's side: eight keys whose gaps are all below 2^14 become
+// eight one- or two-byte varints with one shuffle. Indexed by which of the
+// eight gaps need a second byte: the bytes to keep of the eight 16-bit
+// lanes (low byte always, high byte when it is needed), in order.
+struct ShortVarintPack {
+  alignas(16) std::array<uint8_t, 16> shuffle;  // 0x80 = unused
+  uint8_t bytes;
+};
+
+constexpr std::array<ShortVarintPack, 256> kShortVarintPacks = [] {
+  std::array<ShortVarintPack, 256> table{};
+  for (uint32_t two = 0; two < 256; ++two) {
+    ShortVarintPack pk{};
+    pk.shuffle.fill(0x80);
+    uint8_t out = 0;
+    for (uint32_t lane = 0; lane < 8; ++lane) {
+      pk.shuffle[out++] = static_cast<uint8_t>(2 * lane);
+      if (((two >> lane) & 1u) != 0) pk.shuffle[out++] = static_cast<uint8_t>(2 * lane + 1);
+    }
+    pk.bytes = out;
+    table[two] = pk;
+  }
+  return table;
+}();
+
+// Encodes keys[0..8) after `prev` (the previous key, or key_begin - 1) when
+// every gap is below 2^14, writing 16 bytes at p (room for them is the
+// caller's) and returning how many of them are the varints; 0 when a gap
+// is too large (nothing written that counts).
+__attribute__((target("ssse3"))) uint32_t encode_short_group(const uint32_t* keys, uint32_t prev, uint8_t* p) {
+  const __m128i k0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys));
+  const __m128i k1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + 4));
+  const __m128i before0 = _mm_alignr_epi8(k0, _mm_set1_epi32(static_cast<int>(prev)), 12);
+  const __m128i before1 = _mm_alignr_epi8(k1, k0, 12);
+  const __m128i one = _mm_set1_epi32(1);
+  const __m128i g0 = _mm_sub_epi32(_mm_sub_epi32(k0, before0), one);
+  const __m128i g1 = _mm_sub_epi32(_mm_sub_epi32(k1, before1), one);
+  // Any gap of 2^14 or more (as unsigned) sets a bit above the low 14.
+  const __m128i high = _mm_or_si128(_mm_srli_epi32(g0, 14), _mm_srli_epi32(g1, 14));
+  if (_mm_movemask_epi8(_mm_cmpeq_epi32(high, _mm_setzero_si128())) != 0xFFFF) return 0;
+  const __m128i gaps = _mm_packs_epi32(g0, g1);  // eight 16-bit gaps < 2^14
+  const __m128i needs_two = _mm_cmpgt_epi16(gaps, _mm_set1_epi16(0x7F));
+  // Lane = low 7 bits | continuation bit (when two bytes) | (gap >> 7) << 8.
+  const __m128i low = _mm_or_si128(_mm_and_si128(gaps, _mm_set1_epi16(0x7F)),
+                                   _mm_and_si128(needs_two, _mm_set1_epi16(0x80)));
+  const __m128i lanes = _mm_or_si128(low, _mm_slli_epi16(_mm_srli_epi16(gaps, 7), 8));
+  const auto two = static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(needs_two, _mm_setzero_si128()))) & 0xFFu;
+  const ShortVarintPack& pk = kShortVarintPacks[two];
+  const __m128i packed = _mm_shuffle_epi8(lanes, _mm_load_si128(reinterpret_cast<const __m128i*>(pk.shuffle.data())));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  return pk.bytes;
+}
 #endif
 
 }  // namespace
+
+size_t encode_delta_varint(std::span<const uint32_t> keys, uint32_t key_begin, std::byte* out) {
+  auto* p = reinterpret_cast<uint8_t*>(out);
+  uint32_t next = key_begin;  // the smallest key the next entry may hold
+  auto encode_one = [&](uint32_t k) {
+    uint32_t v = k - next;
+    next = k + 1;
+    if (v < (1u << 14)) {
+      // One or two bytes, without a data-dependent branch (top-k gaps
+      // straddle 128 at about 1 % density). Writing the second byte when
+      // unused is safe: the buffer holds 5 bytes per key and the next key
+      // overwrites it.
+      const uint32_t two = v >> 7 != 0 ? 1u : 0u;
+      p[0] = static_cast<uint8_t>((v & 0x7F) | (two << 7));
+      p[1] = static_cast<uint8_t>(v >> 7);
+      p += 1 + two;
+      return;
+    }
+    while (v >= 0x80) {
+      *p++ = static_cast<uint8_t>((v & 0x7F) | 0x80);
+      v >>= 7;
+    }
+    *p++ = static_cast<uint8_t>(v);
+  };
+  size_t i = 0;
+#if defined(SPS_HAVE_SSSE3_VARINT)
+  // Eight keys at a time where their gaps are short; a group with a long
+  // gap goes one key at a time. A group writes 16 bytes and eight keys may
+  // take 40, so the buffer always has room for them.
+  if (have_ssse3()) {
+    while (i + 8 <= keys.size()) {
+      const uint32_t bytes = encode_short_group(keys.data() + i, next - 1, p);
+      if (bytes > 0) {
+        p += bytes;
+        next = keys[i + 7] + 1;
+        i += 8;
+        continue;
+      }
+      for (const size_t group_end = i + 8; i < group_end; ++i) encode_one(keys[i]);
+    }
+  }
+#endif
+  for (; i < keys.size(); ++i) encode_one(keys[i]);
+  return static_cast<size_t>(p - reinterpret_cast<uint8_t*>(out));
+}
 
 Status decode_delta_varint(ByteSpan frame, uint32_t nnz, uint32_t key_begin, uint32_t key_end, uint32_t* out) {
   const auto* p = reinterpret_cast<const uint8_t*>(frame.data());
