@@ -153,6 +153,8 @@ TEST(ConfigTest, OverridesApplyInOrderAndAreValidated) {
   expect_error("", "--set training.steps=x: training.steps: expected an integer", {"training.steps=x"});
   expect_error("", "--set nonsense: expected key.path=value", {"nonsense"});
   expect_error("", "cluster.num_servers: 0 is outside", {"cluster.num_servers=0"});
+  expect_error("", "cluster.server_threads: 257 is outside", {"cluster.server_threads=257"});
+  expect_error("", "cluster.server_threads: -1 is outside", {"cluster.server_threads=-1"});
 }
 
 TEST(ConfigTest, MissingFileIsAClearError) {
