@@ -16,6 +16,10 @@
 //   BM_ShardApplyAsync/n/pm  the same pushes applied on arrival (ssp/asp)
 //   BM_ShardApply[Async]2Threads/n/pm  the same with a shard of 2 threads
 //                            (cluster.server_threads: 2)
+//   BM_Gather/n/pm, BM_Scatter/n/pm  baselines for a sparse pull of k keys:
+//                            plain loops reading or writing the parameters
+//   BM_ShardGather/n/pm      the server's gather for that pull answer
+//   BM_ScatterAhead/n/pm     the worker's scatter of it (keys kKeysAhead ahead)
 //   BM_IndexCoding/n/pm/e    encode + decode (with validation) of one push of a
 //                            top-k index set: e = 1 raw u32, 2 delta varint,
 //                            3 bitmap; counters: index bytes per key, message bytes
@@ -29,6 +33,7 @@
 #include <span>
 #include <vector>
 
+#include "common/scattered_keys.h"
 #include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
 #include "scheduler/consistency.h"
@@ -259,6 +264,61 @@ void run_shard_apply_async(benchmark::State& state, int threads) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
 }
 
+// A sparse pull of k changed keys (one push's worth, ascending; at 1 % of
+// 25M about 400 bytes apart, a cache miss each). Baselines: the plain loops.
+void BM_Gather(benchmark::State& state) {
+  const size_t n = static_cast<size_t>(state.range(0));
+  const std::vector<uint32_t> keys = sorted_keys(n, k_of(state), 7);
+  const std::vector<float> params(n, 0.5f);
+  std::vector<float> out(keys.size());
+  for (auto _ : state) {
+    for (size_t i = 0; i < keys.size(); ++i) out[i] = params[keys[i]];
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * keys.size()));
+}
+
+// The server's gather for that answer (Shard::gather, keys kKeysAhead ahead).
+void BM_ShardGather(benchmark::State& state) {
+  const size_t n = static_cast<size_t>(state.range(0));
+  const std::vector<uint32_t> keys = sorted_keys(n, k_of(state), 7);
+  sps::server::Shard shard(0, static_cast<uint32_t>(n), 1, sps::server::Optimizer::plain(1.0f),
+                           std::make_unique<sps::scheduler::BspPolicy>());
+  std::vector<float> out;
+  for (auto _ : state) {
+    shard.gather(keys, out);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * keys.size()));
+}
+
+void BM_Scatter(benchmark::State& state) {
+  const size_t n = static_cast<size_t>(state.range(0));
+  const std::vector<uint32_t> keys = sorted_keys(n, k_of(state), 7);
+  std::vector<float> params(n, 0.0f);
+  const std::vector<float> values(keys.size(), 0.5f);
+  for (auto _ : state) {
+    for (size_t i = 0; i < keys.size(); ++i) params[keys[i]] = values[i];
+    benchmark::DoNotOptimize(params.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * keys.size()));
+}
+
+// The worker's scatter of that answer into its parameters (PsClient::pull).
+void BM_ScatterAhead(benchmark::State& state) {
+  const size_t n = static_cast<size_t>(state.range(0));
+  const std::vector<uint32_t> keys = sorted_keys(n, k_of(state), 7);
+  std::vector<float> params(n, 0.0f);
+  const std::vector<float> values(keys.size(), 0.5f);
+  float* const x = params.data();
+  for (auto _ : state) {
+    sps::for_scattered_keys<sps::Access::kWrite>(x, 0, keys.data(), 0, keys.size(),
+                                                 [&](size_t i) { x[keys[i]] = values[i]; });
+    benchmark::DoNotOptimize(params.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * keys.size()));
+}
+
 void BM_ShardApply(benchmark::State& s) { run_shard_apply(s, 1); }
 void BM_ShardApply2Threads(benchmark::State& s) { run_shard_apply(s, 2); }
 void BM_ShardApplyAsync(benchmark::State& s) { run_shard_apply_async(s, 1); }
@@ -386,6 +446,10 @@ BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK(BM_ShardApplyAsync)->Apply(sizes);
 BENCHMARK(BM_ShardApply2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApplyAsync2Threads)->Apply(sizes)->UseRealTime();
+BENCHMARK(BM_Gather)->Apply(sizes);
+BENCHMARK(BM_ShardGather)->Apply(sizes);
+BENCHMARK(BM_Scatter)->Apply(sizes);
+BENCHMARK(BM_ScatterAhead)->Apply(sizes);
 BENCHMARK(BM_IndexCoding)->Apply(coding_sizes);
 BENCHMARK(BM_ValueCoding)
     ->ArgsProduct({{1'000'000, 25'000'000}, {1, 2, 3}})

@@ -4,6 +4,8 @@
 
 #include <fmt/format.h>
 
+#include "common/scattered_keys.h"
+
 namespace sps::server {
 
 Optimizer Optimizer::plain(float apply_scale) {
@@ -54,15 +56,8 @@ void Optimizer::apply(std::span<float> params, uint32_t key_base, std::span<cons
     }
     // Keys are ascending, so pieces of the key list touch disjoint parameters.
     for_pieces(pool, keys.size(), kMinKeysPerThread, [&](size_t begin, size_t end) {
-      // Pushed keys of a large shard are a cache miss each; asking for the
-      // line a few keys ahead overlaps the misses.
-      constexpr size_t kAhead = 16;
-      const size_t head = end - begin > kAhead ? end - kAhead : begin;
-      for (size_t i = begin; i < head; ++i) {
-        __builtin_prefetch(&x[keys[i + kAhead] - key_base], 1);
-        x[keys[i] - key_base] -= factor * sums[i];
-      }
-      for (size_t i = head; i < end; ++i) x[keys[i] - key_base] -= factor * sums[i];
+      for_scattered_keys<Access::kWrite>(x, key_base, keys.data(), begin, end,
+                                         [&](size_t i) { x[keys[i] - key_base] -= factor * sums[i]; });
     });
     return;
   }
@@ -74,7 +69,8 @@ void Optimizer::apply(std::span<float> params, uint32_t key_base, std::span<cons
     });
   } else {
     for_pieces(pool, keys.size(), kMinKeysPerThread, [&](size_t begin, size_t end) {
-      for (size_t i = begin; i < end; ++i) update[keys[i] - key_base] = sums[i] * inv;
+      for_scattered_keys<Access::kWrite>(update, key_base, keys.data(), begin, end,
+                                         [&](size_t i) { update[keys[i] - key_base] = sums[i] * inv; });
     });
   }
   const float lr = rate(step);

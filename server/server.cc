@@ -459,9 +459,7 @@ void Server::answer_pull(const PendingPull& pull) {
   protocol::EncodedMessage msg;
   if (sparse) {
     h.index_encoding = key_coding(cfg_.compression.index_coding, changed_keys_.size(), shard_->size());
-    changed_values_.resize(changed_keys_.size());
-    const auto params = shard_->params();
-    for (size_t i = 0; i < changed_keys_.size(); ++i) changed_values_[i] = params[changed_keys_[i] - h.key_begin];
+    shard_->gather(changed_keys_, changed_values_);
     msg = protocol::encode_data(h, changed_keys_, changed_values_, protocol::ValueType::kF32, &pool_);
   } else {
     h.index_encoding = protocol::IndexEncoding::kNone;

@@ -6,6 +6,8 @@
 
 #include <fmt/format.h>
 
+#include "common/scattered_keys.h"
+
 namespace sps::server {
 
 Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimizer optimizer,
@@ -198,6 +200,7 @@ void Shard::sum_by_blocks(std::span<Cursor> cursors, SumScratch& s, size_t total
   s.block_out.resize(kBlockKeys);
   float* const sums = s.block_sums.data();
   uint64_t* const touched = s.block_touched.data();
+  float* const x = params_.data();
   while (true) {
     // The block starts at the smallest key still unread, so empty stretches
     // of the key range cost nothing.
@@ -211,6 +214,9 @@ void Shard::sum_by_blocks(std::span<Cursor> cursors, SumScratch& s, size_t total
       size_t pos = c.pos;
       while (pos < c.size && c.keys[pos] < end) {
         const uint32_t off = c.keys[pos] - first;
+        // The block's apply follows at once: ask for its parameters now, so
+        // their misses overlap this loop (about 10 % at 25M / 1 %).
+        if (apply) __builtin_prefetch(x + (c.keys[pos] - key_begin_), 1);
         sums[off] += c.values[pos];
         touched[off / 64] |= uint64_t{1} << (off % 64);
         ++pos;
@@ -480,6 +486,14 @@ bool Shard::changed_since(uint64_t since_version, size_t limit, std::vector<uint
   }
   keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
   return true;
+}
+
+void Shard::gather(std::span<const uint32_t> keys, std::vector<float>& values) const {
+  values.resize(keys.size());
+  const float* const x = params_.data();
+  float* const out = values.data();
+  for_scattered_keys<Access::kRead>(x, key_begin_, keys.data(), 0, keys.size(),
+                                    [&](size_t i) { out[i] = x[keys[i] - key_begin_]; });
 }
 
 std::vector<HandledPush> Shard::take_handled() {

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "common/scattered_keys.h"
 #include "net/address.h"
 #include "net/link.h"
 
@@ -237,7 +238,8 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
         } else {
           const auto keys = data->keys();
           const auto values = data->values();
-          for (size_t i = 0; i < keys.size(); ++i) params[keys[i]] = values[i];
+          for_scattered_keys<Access::kWrite>(params.data(), 0, keys.data(), 0, keys.size(),
+                                             [&](size_t i) { params[keys[i]] = values[i]; });
         }
         if (changes != nullptr) {
           if (data->dense()) {
