@@ -492,8 +492,10 @@ void Shard::gather(std::span<const uint32_t> keys, std::vector<float>& values) c
   values.resize(keys.size());
   const float* const x = params_.data();
   float* const out = values.data();
-  for_scattered_keys<Access::kRead>(x, key_begin_, keys.data(), 0, keys.size(),
-                                    [&](size_t i) { out[i] = x[keys[i] - key_begin_]; });
+  for_pieces(pool_.get(), keys.size(), Optimizer::kMinKeysPerThread, [&](size_t begin, size_t end) {
+    for_scattered_keys<Access::kRead>(x, key_begin_, keys.data(), begin, end,
+                                      [&](size_t i) { out[i] = x[keys[i] - key_begin_]; });
+  });
 }
 
 std::vector<HandledPush> Shard::take_handled() {

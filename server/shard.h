@@ -109,7 +109,7 @@ class Shard {
   // Costs time in the changes, not in the shard size.
   bool changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const;
   // The parameters at `keys` (global, ascending, in range) into `values`
-  // (resized), for a sparse pull answer.
+  // (resized), for a sparse pull answer; on the shard's threads when long.
   void gather(std::span<const uint32_t> keys, std::vector<float>& values) const;
 
   // Pushes applied or refused since the last take_handled(), in order (for

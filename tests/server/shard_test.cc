@@ -413,23 +413,27 @@ TEST(ShardChangeTest, ChangedSinceListsKeysStampedAfterAVersion) {
 }
 
 TEST(ShardChangeTest, GatherReadsTheParametersAtTheKeys) {
-  constexpr uint32_t kBegin = 1000, kSize = 5000;
-  Shard s(kBegin, kBegin + kSize, 1, Optimizer::plain(1.0f), std::make_unique<scheduler::BspPolicy>());
+  // 200,000 keys split into pieces on two threads (at least 32,768 keys each).
+  constexpr uint32_t kBegin = 1000, kSize = 200000;
   std::vector<float> init(kSize);
   for (uint32_t i = 0; i < kSize; ++i) init[i] = static_cast<float>(i) * 0.25f - 7.0f;
-  s.set_params(init);
-  std::mt19937 rng(5);
-  std::vector<float> values = {1.0f};
-  s.gather({}, values);
-  EXPECT_TRUE(values.empty());
-  for (double density : {0.001, 0.05, 0.5, 1.0}) {
-    std::vector<uint32_t> keys;
-    for (uint32_t i = 0; i < kSize; ++i)
-      if (std::uniform_real_distribution<double>(0, 1)(rng) < density) keys.push_back(kBegin + i);
-    s.gather(keys, values);
-    ASSERT_EQ(values.size(), keys.size());
-    for (size_t i = 0; i < keys.size(); ++i)
-      ASSERT_EQ(values[i], init[keys[i] - kBegin]) << "density " << density << ", entry " << i;
+  for (int threads : {1, 2}) {
+    Shard s(kBegin, kBegin + kSize, 1, Optimizer::plain(1.0f), std::make_unique<scheduler::BspPolicy>(), threads);
+    s.set_params(init);
+    std::mt19937 rng(5);
+    std::vector<float> values = {1.0f};
+    s.gather({}, values);
+    EXPECT_TRUE(values.empty());
+    for (double density : {0.001, 0.05, 0.5, 1.0}) {
+      std::vector<uint32_t> keys;
+      for (uint32_t i = 0; i < kSize; ++i)
+        if (std::uniform_real_distribution<double>(0, 1)(rng) < density) keys.push_back(kBegin + i);
+      s.gather(keys, values);
+      ASSERT_EQ(values.size(), keys.size());
+      for (size_t i = 0; i < keys.size(); ++i)
+        ASSERT_EQ(values[i], init[keys[i] - kBegin])
+            << threads << " threads, density " << density << ", entry " << i;
+    }
   }
 }
 
