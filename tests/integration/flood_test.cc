@@ -4,6 +4,7 @@
 // counted and dropped, and the workers keep stepping and finish.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <fstream>
@@ -42,6 +43,9 @@ TEST(FloodTest, ServerMemoryStaysBoundedAndWorkersKeepTraining) {
   ASSERT_GE(wait_for_lines(job.path("worker-0.jsonl"), 100, 60), 100u);
   const pid_t server = job.servers[0].pid();
   const double before = rss_mib(server);
+  constexpr double kPaceSeconds = 1.0;
+  const size_t lines_before_pace = read_jsonl(job.path("worker-0.jsonl")).size();
+  std::this_thread::sleep_for(std::chrono::duration<double>(kPaceSeconds));
 
   // 1 MiB pushes for a key range the server does not own: well-formed
   // frames that fail validation, so each one costs the server a decode.
@@ -73,6 +77,9 @@ TEST(FloodTest, ServerMemoryStaysBoundedAndWorkersKeepTraining) {
   int64_t steps_during = 0;
   const auto t0 = std::chrono::steady_clock::now();
   const size_t lines_at_start = read_jsonl(job.path("worker-0.jsonl")).size();
+  // The worker's pace just before the flood, the yardstick for "kept
+  // training" (sanitizer builds step several times slower than plain ones).
+  const double pace = static_cast<double>(lines_at_start - lines_before_pace) / kPaceSeconds;
   while (std::chrono::steady_clock::now() - t0 < std::chrono::duration<double>(kSeconds)) {
     peak = std::max(peak, rss_mib(server));
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -90,7 +97,8 @@ TEST(FloodTest, ServerMemoryStaysBoundedAndWorkersKeepTraining) {
   const auto dropped = summary["malformed_messages_at_servers"].get<uint64_t>();
   std::cout << "flood: " << sent.load() << " messages (" << flood_gib << " GiB) in " << kSeconds << " s over "
             << kConnections << " connections; server dropped " << dropped << "; server RSS " << before << " MiB -> peak "
-            << peak << " MiB; worker 0 made " << steps_during << " steps meanwhile\n";
+            << peak << " MiB; worker 0 made " << steps_during << " steps meanwhile, at " << pace
+            << " steps/s before\n";
   EXPECT_GT(sent.load(), 100u) << "the flood did not get going";
   EXPECT_EQ(dropped, sent.load()) << "every flood message must be counted and dropped, none lost silently";
   // The bound: 4 connections x 64 queued messages (the data socket's
@@ -102,7 +110,12 @@ TEST(FloodTest, ServerMemoryStaysBoundedAndWorkersKeepTraining) {
 #else
   EXPECT_LT(peak - before, 4 * 64 + 64.0) << "server memory grew beyond the bound";
 #endif
-  EXPECT_GT(steps_during, 50) << "valid workers stalled under the flood";
+  // The flooders and the server's decoding share the cores with the job,
+  // so the worker slows down (to a fifth to a third of its pace on 2
+  // cores, plain and under TSan); a stall is under a twentieth of it.
+  const double stalled_below = std::max(5.0, pace * kSeconds / 20.0);
+  EXPECT_GT(static_cast<double>(steps_during), stalled_below)
+      << "valid workers stalled under the flood (" << pace << " steps/s before it)";
 }
 
 }  // namespace
