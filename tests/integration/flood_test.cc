@@ -111,9 +111,10 @@ TEST(FloodTest, ServerMemoryStaysBoundedAndWorkersKeepTraining) {
   EXPECT_LT(peak - before, 4 * 64 + 64.0) << "server memory grew beyond the bound";
 #endif
   // The flooders and the server's decoding share the cores with the job,
-  // so the worker slows down (to a fifth to a third of its pace on 2
-  // cores, plain and under TSan); a stall is under a twentieth of it.
-  const double stalled_below = std::max(5.0, pace * kSeconds / 20.0);
+  // so the worker slows down: on 2 cores to 15-30 % of its pace in plain
+  // and TSan builds, to about 6 % under ASan (whose decoding of each flood
+  // message is slow). A stall is under a fiftieth of it.
+  const double stalled_below = std::max(5.0, pace * kSeconds / 50.0);
   EXPECT_GT(static_cast<double>(steps_during), stalled_below)
       << "valid workers stalled under the flood (" << pace << " steps/s before it)";
 }
