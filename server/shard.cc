@@ -17,6 +17,7 @@ Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimiz
       optimizer_(std::move(optimizer)),
       policy_(std::move(policy)),
       params_(key_end - key_begin),
+      change_log_((key_end - key_begin) / 2),
       pending_(num_workers),
       pushed_(num_workers),
       refused_clock_(num_workers, kNoClock) {
@@ -39,9 +40,7 @@ Status Shard::restore(std::span<const float> params, std::span<const float> velo
                                         key_begin_, key_end_, params_.size()));
   SPS_RETURN_IF_ERROR(optimizer_.set_velocity(velocity));
   std::copy(params.begin(), params.end(), params_.data());
-  change_log_.clear();
-  change_log_entries_ = 0;
-  log_from_ = version;
+  change_log_.restart(version);
   version_ = version;
   pushed_ = scheduler::ClockTable(pushed_.size());
   for (uint32_t w = 0; w < pushed_.size(); ++w) pushed_.set_clock(w, clock);
@@ -116,14 +115,12 @@ void Shard::apply_one(uint32_t w) {
     return;
   }
   const uint64_t next = version_ + 1;
-  optimizer_.apply(params_.span(), key_begin_, p.data.keys(), p.data.values(), pushed_.live_count(),
+  optimizer_.apply(std::span<float>(params_), key_begin_, p.data.keys(), p.data.values(), pushed_.live_count(),
                    static_cast<int64_t>(pushed_.clock(w) - 1), pool_.get());
   if (p.data.dense() || optimizer_.dense()) {
-    log_every_key(next);
+    change_log_.restart(next);
   } else {
-    const auto keys = p.data.keys();
-    log_scratch_.assign(keys.begin(), keys.end());
-    log_update(next, log_scratch_);
+    change_log_.add(next, p.data.keys());
   }
   handled_.push_back({w, clock, p.base_version, next, staleness, p.data.size()});
   version_ = next;
@@ -240,7 +237,7 @@ void Shard::sum_by_blocks(std::span<Cursor> cursors, SumScratch& s, size_t total
     }
     const std::span<const float> block_sums(s.block_out.data(), out_sums);
     if (apply) {
-      optimizer_.apply(params_.span(), key_begin_, std::span(s.keys).subspan(block_begin), block_sums, count, step);
+      optimizer_.apply(std::span<float>(params_), key_begin_, std::span(s.keys).subspan(block_begin), block_sums, count, step);
     } else {
       s.sums.insert(s.sums.end(), block_sums.begin(), block_sums.end());
     }
@@ -318,7 +315,7 @@ void Shard::sum_sparse_clock(uint32_t count, int64_t step) {
     const bool applied = sum_sparse(cursors, s, apply_in_pieces, count, step);
     merged_keys_.swap(s.keys);
     merged_sums_.swap(s.sums);
-    if (!applied) optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, count, step, pool_.get());
+    if (!applied) optimizer_.apply(std::span<float>(params_), key_begin_, merged_keys_, merged_sums_, count, step, pool_.get());
     return;
   }
   // Piece t holds keys in [bounds[t], bounds[t + 1]); the longest list has
@@ -351,7 +348,7 @@ void Shard::sum_sparse_clock(uint32_t count, int64_t step) {
       return;
     }
     if (!sum_sparse(piece_cursors_[t], s, apply_in_pieces, count, step) && apply_in_pieces)
-      optimizer_.apply(params_.span(), key_begin_, s.keys, s.sums, count, step);
+      optimizer_.apply(std::span<float>(params_), key_begin_, s.keys, s.sums, count, step);
   });
   size_t merged = 0;
   for (size_t t = 0; t < pieces; ++t) merged += scratch_[t].keys.size();
@@ -361,7 +358,7 @@ void Shard::sum_sparse_clock(uint32_t count, int64_t step) {
     if (!apply_in_pieces) merged_sums_.insert(merged_sums_.end(), scratch_[t].sums.begin(), scratch_[t].sums.end());
   }
   if (!apply_in_pieces)
-    optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, count, step, pool_.get());
+    optimizer_.apply(std::span<float>(params_), key_begin_, merged_keys_, merged_sums_, count, step, pool_.get());
 }
 
 void Shard::apply_clock() {
@@ -394,25 +391,25 @@ void Shard::apply_clock() {
         for (size_t j = begin; j < end; ++j) out[j] += c.values[j];
     });
     for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
-    optimizer_.apply(params_.span(), key_begin_, {}, merged_sums_, live, step, pool_.get());
-    log_every_key(next);
+    optimizer_.apply(std::span<float>(params_), key_begin_, {}, merged_sums_, live, step, pool_.get());
+    change_log_.restart(next);
   } else {
     merged_sums_.clear();
     if (any_dense) {
       merge_mixed(cursors);
-      optimizer_.apply(params_.span(), key_begin_, merged_keys_, merged_sums_, live, step, pool_.get());
+      optimizer_.apply(std::span<float>(params_), key_begin_, merged_keys_, merged_sums_, live, step, pool_.get());
     } else if (cursors.empty()) {
       // Every live worker pushed nothing for this shard: a dense optimizer
       // still takes its step (momentum, weight decay).
-      optimizer_.apply(params_.span(), key_begin_, {}, {}, live, step, pool_.get());
+      optimizer_.apply(std::span<float>(params_), key_begin_, {}, {}, live, step, pool_.get());
     } else {
       sum_sparse_clock(live, step);
     }
     for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
     if (optimizer_.dense())
-      log_every_key(next);
+      change_log_.restart(next);
     else
-      log_update(next, merged_keys_);
+      change_log_.add(next, merged_keys_);
   }
   version_ = next;
 }
@@ -434,58 +431,8 @@ void Shard::remove_worker(uint32_t w) {
 
 bool Shard::may_answer_pull(uint64_t clock) const { return policy_->may_answer_pull(clock, version_, pushed_); }
 
-void Shard::log_every_key(uint64_t version) {
-  change_log_.clear();
-  change_log_entries_ = 0;
-  log_from_ = version;
-}
-
-void Shard::log_update(uint64_t version, std::vector<uint32_t>& keys) {
-  change_log_entries_ += keys.size();
-  change_log_.push_back({version, {}});
-  change_log_.back().keys.swap(keys);
-  keys.clear();
-  while (change_log_entries_ > size() / 2) {
-    log_from_ = change_log_.front().version;
-    change_log_entries_ -= change_log_.front().keys.size();
-    // Hand the caller the evicted update's storage, so a full log allocates nothing.
-    if (change_log_.front().keys.capacity() > keys.capacity()) keys.swap(change_log_.front().keys);
-    change_log_.pop_front();
-  }
-  keys.clear();
-}
-
 bool Shard::changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const {
-  keys.clear();
-  if (since_version < log_from_) return false;
-  // The updates after since_version are a suffix of the log.
-  size_t first = change_log_.size();
-  size_t total = 0;
-  while (first > 0 && change_log_[first - 1].version > since_version) {
-    --first;
-    total += change_log_[first].keys.size();
-    if (total > limit) return false;
-  }
-  // Concatenate the sorted runs, merge them pairwise (log2(runs) passes),
-  // and drop keys that several updates changed.
-  std::vector<size_t> bounds = {0};
-  for (size_t i = first; i < change_log_.size(); ++i) {
-    keys.insert(keys.end(), change_log_[i].keys.begin(), change_log_[i].keys.end());
-    bounds.push_back(keys.size());
-  }
-  while (bounds.size() > 2) {
-    std::vector<size_t> next = {0};
-    for (size_t i = 0; i + 2 < bounds.size(); i += 2) {
-      std::inplace_merge(keys.begin() + static_cast<ptrdiff_t>(bounds[i]),
-                         keys.begin() + static_cast<ptrdiff_t>(bounds[i + 1]),
-                         keys.begin() + static_cast<ptrdiff_t>(bounds[i + 2]));
-      next.push_back(bounds[i + 2]);
-    }
-    if (bounds.size() % 2 == 0) next.push_back(bounds.back());  // an odd run out waits for the next pass
-    bounds = std::move(next);
-  }
-  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
-  return true;
+  return change_log_.changed_since(since_version, limit, keys);
 }
 
 void Shard::gather(std::span<const uint32_t> keys, std::vector<float>& values) const {

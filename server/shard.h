@@ -28,18 +28,18 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "common/huge_pages.h"
 #include "common/status.h"
 #include "common/thread_pool.h"
 #include "protocol/message.h"
 #include "scheduler/consistency.h"
+#include "server/change_log.h"
 #include "server/optimizer.h"
-#include "server/param_array.h"
 
 namespace sps::server {
 
@@ -67,7 +67,7 @@ class Shard {
   uint32_t size() const { return key_end_ - key_begin_; }
   uint64_t version() const { return version_; }
   int threads() const { return pool_ ? pool_->size() : 1; }
-  std::span<const float> params() const { return params_.span(); }
+  std::span<const float> params() const { return params_; }
   const scheduler::ClockTable& pushed() const { return pushed_; }
   const scheduler::ConsistencyPolicy& policy() const { return *policy_; }
 
@@ -178,23 +178,11 @@ class Shard {
   // Threads for large applies and sums (null: the loop thread alone).
   std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<scheduler::ConsistencyPolicy> policy_;
-  ParamArray params_;
-  // Sparse pulls: the keys each recent update changed (global, ascending),
-  // oldest first, holding at most size() / 2 entries; every update with a
-  // version above log_from_ is in it.
-  struct LoggedUpdate {
-    uint64_t version = 0;
-    std::vector<uint32_t> keys;
-  };
-  // An update that changed every key: the log restarts empty at `version`.
-  void log_every_key(uint64_t version);
-  // Logs `keys` (ascending) as changed by `version`, taking their storage;
-  // `keys` comes back empty, holding an evicted update's storage if any.
-  void log_update(uint64_t version, std::vector<uint32_t>& keys);
-  std::vector<uint32_t> log_scratch_;  // apply_one's copy of a push's keys
-  std::deque<LoggedUpdate> change_log_;
-  size_t change_log_entries_ = 0;
-  uint64_t log_from_ = 0;
+  // On huge pages: pushes scatter over the whole shard, and with 4 KiB pages
+  // nearly every key of a large shard would also miss the TLB.
+  HugePageVector<float> params_;
+  // Sparse pulls: the keys each recent update changed, at most size() / 2.
+  ChangeLog change_log_;
   std::vector<Pending> pending_;  // per worker: the held (aggregating) or in-flight push
   scheduler::ClockTable pushed_;  // per worker, pushes received
   uint64_t version_ = 0;

@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 #include <zmq.hpp>
 
+#include "common/huge_pages.h"
 #include "common/jsonl.h"
 #include "common/snapshot.h"
 #include "common/process.h"
@@ -40,10 +41,12 @@ struct Worker::Impl {
   size_t n = 0;
   std::unique_ptr<worker::CompressionStage> compression;
   JsonlWriter log;
-  std::vector<float> params;  // what the last pull wrote
+  // What the last pull wrote; on huge pages, since a sparse pull scatters
+  // over all of it.
+  HugePageVector<float> params;
   // workers.gradient_delay d > 0: the last d + 1 pulls (step s in slot
   // s % (d + 1)) and their versions; gradients use the one of step k - d.
-  std::vector<std::vector<float>> delayed;
+  std::vector<HugePageVector<float>> delayed;
   std::vector<uint64_t> delayed_version;
   // GPU models: the parameters and gradient in device memory.
   std::unique_ptr<worker::DeviceMirror> device;
@@ -268,7 +271,7 @@ void Worker::connect_impl(Model& model) {
     if (model.memory() == Memory::kCuda)
       throw Error("workers.gradient_delay is for host models; this model keeps its parameters on the GPU");
     const auto slots = static_cast<size_t>(w.cfg.workers.gradient_delay) + 1;
-    w.delayed.assign(slots, std::vector<float>());
+    w.delayed.assign(slots, HugePageVector<float>());
     w.delayed_version.assign(slots, 0);
   }
   if (model.memory() == Memory::kCuda) {
