@@ -14,12 +14,17 @@
 //   BM_ShardApply/n/pm       the server's BSP apply of 4 workers' k-entry pushes
 //                            (decoded in place, as the server holds them)
 //   BM_ShardApplyAsync/n/pm  the same pushes applied on arrival (ssp/asp)
+//   BM_ShardApplyAsyncFillingLog/n/pm  the same on a fresh shard, while its
+//                            change log (for sparse pulls) fills up: a job's
+//                            first n / 2 pushed keys (compare with the above)
 //   BM_ShardApply[Async]2Threads/n/pm  the same with a shard of 2 threads
 //                            (cluster.server_threads: 2)
 //   BM_Gather/n/pm, BM_Scatter/n/pm  baselines for a sparse pull of k keys:
 //                            plain loops reading or writing the parameters
 //   BM_ShardGather/n/pm      the server's gather for that pull answer
-//   BM_ScatterAhead/n/pm     the worker's scatter of it (keys kKeysAhead ahead)
+//   BM_ScatterAhead/n/pm     the worker's scatter of it (keys kKeysAhead ahead);
+//                            ...HugePages: into parameters on huge pages, as
+//                            the worker holds them
 //   BM_IndexCoding/n/pm/e    encode + decode (with validation) of one push of a
 //                            top-k index set: e = 1 raw u32, 2 delta varint,
 //                            3 bitmap; counters: index bytes per key, message bytes
@@ -29,10 +34,12 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
 #include <span>
 #include <vector>
 
+#include "common/huge_pages.h"
 #include "common/scattered_keys.h"
 #include "kernels/cpu_compressor.h"
 #include "kernels/sparsify.h"
@@ -214,6 +221,11 @@ void BM_ScatterAdd(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
 }
 
+// Rounds of 4 k-key pushes after which a shard's change log (n / 2 keys)
+// is full and evicts as it logs: the steady state of a job. The timed loops
+// start there; BM_ShardApplyAsyncFillingLog times the rounds before it.
+size_t rounds_to_fill_the_change_log(size_t n, size_t k) { return n / 2 / (4 * std::max<size_t>(k, 1)) + 1; }
+
 void run_shard_apply(benchmark::State& state, int threads) {
   const size_t n = static_cast<size_t>(state.range(0));
   const size_t k = k_of(state);
@@ -228,14 +240,16 @@ void run_shard_apply(benchmark::State& state, int threads) {
   h.key_end = static_cast<uint32_t>(n);
   h.nnz = static_cast<uint32_t>(k);
   uint64_t clock = 0;
-  for (auto _ : state) {
+  auto round = [&] {
     for (uint32_t w = 0; w < 4; ++w)
       if (!shard.add_push(w, clock, clock, sps::protocol::DataView(h, keys[w], values), nullptr).ok())
         state.SkipWithError("push refused");
     if (shard.apply_ready() != 1) state.SkipWithError("no apply");
     (void)shard.take_handled();
     ++clock;
-  }
+  };
+  for (size_t i = 0; i < rounds_to_fill_the_change_log(n, k); ++i) round();
+  for (auto _ : state) round();
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
 }
 
@@ -254,14 +268,49 @@ void run_shard_apply_async(benchmark::State& state, int threads) {
   h.key_end = static_cast<uint32_t>(n);
   h.nnz = static_cast<uint32_t>(k);
   uint64_t clock = 0;
-  for (auto _ : state) {
+  auto round = [&] {
     for (uint32_t w = 0; w < 4; ++w)
       if (!shard.add_push(w, clock, shard.version(), sps::protocol::DataView(h, keys[w], values), nullptr).ok())
         state.SkipWithError("push refused");
     (void)shard.take_handled();
     ++clock;
-  }
+  };
+  for (size_t i = 0; i < rounds_to_fill_the_change_log(n, k); ++i) round();
+  for (auto _ : state) round();
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 4 * static_cast<int64_t>(k));
+}
+
+// The first pushes a shard takes, while its change log is still filling
+// (it holds n / 2 keys): up to 12 rounds of 4 pushes, on a fresh shard each
+// iteration (made and dropped outside the timing).
+void BM_ShardApplyAsyncFillingLog(benchmark::State& state) {
+  const size_t n = static_cast<size_t>(state.range(0));
+  const size_t k = k_of(state);
+  const size_t rounds = std::max<size_t>(1, std::min<size_t>(12, n / 2 / (4 * k)));
+  std::vector<std::vector<uint32_t>> keys;
+  for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
+  const std::vector<float> values(k, 0.5f);
+  sps::protocol::Header h;
+  h.type = sps::protocol::MessageType::kPush;
+  h.index_encoding = sps::protocol::IndexEncoding::kRawU32;
+  h.key_end = static_cast<uint32_t>(n);
+  h.nnz = static_cast<uint32_t>(k);
+  for (auto _ : state) {
+    state.PauseTiming();
+    auto shard = std::make_unique<sps::server::Shard>(0, static_cast<uint32_t>(n), 4, sps::server::Optimizer::plain(1.0f),
+                                                      std::make_unique<sps::scheduler::AspPolicy>());
+    state.ResumeTiming();
+    for (uint64_t clock = 0; clock < rounds; ++clock) {
+      for (uint32_t w = 0; w < 4; ++w)
+        if (!shard->add_push(w, clock, shard->version(), sps::protocol::DataView(h, keys[w], values), nullptr).ok())
+          state.SkipWithError("push refused");
+      (void)shard->take_handled();
+    }
+    state.PauseTiming();
+    shard.reset();
+    state.ResumeTiming();
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * rounds * 4 * k));
 }
 
 // A sparse pull of k changed keys (one push's worth, ascending; at 1 % of
@@ -304,11 +353,13 @@ void BM_Scatter(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * keys.size()));
 }
 
-// The worker's scatter of that answer into its parameters (PsClient::pull).
-void BM_ScatterAhead(benchmark::State& state) {
+// The worker's scatter of that answer into its parameters (PsClient::pull),
+// on 4 KiB pages and, as the worker keeps them, on huge pages.
+template <class Params>
+void run_scatter_ahead(benchmark::State& state) {
   const size_t n = static_cast<size_t>(state.range(0));
   const std::vector<uint32_t> keys = sorted_keys(n, k_of(state), 7);
-  std::vector<float> params(n, 0.0f);
+  Params params(n, 0.0f);
   const std::vector<float> values(keys.size(), 0.5f);
   float* const x = params.data();
   for (auto _ : state) {
@@ -318,6 +369,8 @@ void BM_ScatterAhead(benchmark::State& state) {
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * keys.size()));
 }
+void BM_ScatterAhead(benchmark::State& s) { run_scatter_ahead<std::vector<float>>(s); }
+void BM_ScatterAheadHugePages(benchmark::State& s) { run_scatter_ahead<sps::HugePageVector<float>>(s); }
 
 void BM_ShardApply(benchmark::State& s) { run_shard_apply(s, 1); }
 void BM_ShardApply2Threads(benchmark::State& s) { run_shard_apply(s, 2); }
@@ -444,12 +497,14 @@ BENCHMARK(BM_EfDenseOneBit)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK(BM_ShardApplyAsync)->Apply(sizes);
+BENCHMARK(BM_ShardApplyAsyncFillingLog)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApply2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApplyAsync2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_Gather)->Apply(sizes);
 BENCHMARK(BM_ShardGather)->Apply(sizes);
 BENCHMARK(BM_Scatter)->Apply(sizes);
 BENCHMARK(BM_ScatterAhead)->Apply(sizes);
+BENCHMARK(BM_ScatterAheadHugePages)->Apply(sizes);
 BENCHMARK(BM_IndexCoding)->Apply(coding_sizes);
 BENCHMARK(BM_ValueCoding)
     ->ArgsProduct({{1'000'000, 25'000'000}, {1, 2, 3}})
