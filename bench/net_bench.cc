@@ -44,6 +44,7 @@
 #include <spdlog/spdlog.h>
 #include <zmq.hpp>
 
+#include "common/huge_pages.h"
 #include "common/process.h"
 #include "config/config.h"
 #include "kernels/sparsify.h"
@@ -182,7 +183,7 @@ int run_sps_worker(const config::Config& cfg, const Case& c, int rank, double ru
   zmq::context_t ctx(1);
   worker::PsClient client(cfg, ctx);
   if (auto s = client.register_worker(c.n, rank); !s.ok()) throw std::runtime_error(s.to_string());
-  std::vector<float> params(c.n, 0.0f);
+  sps::HugePageVector<float> params(c.n, 0.0f);  // as the worker holds them
   if (client.rank() == 0)
     if (auto s = client.init_params(params); !s.ok()) throw std::runtime_error(s.to_string());
   if (auto s = client.start_barrier(); !s.ok()) throw std::runtime_error(s.to_string());
