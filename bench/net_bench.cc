@@ -10,7 +10,8 @@
 // without copying them. Throughput is counted at the receivers over a
 // window that starts after a warm-up: for sps from the servers' "apply" and
 // "pull" log lines, for the baseline from per-10 ms byte counters the
-// receivers keep in shared memory. With pulls, an sps worker's run starts
+// receivers keep in shared memory. Every process keeps freed memory for
+// reuse, as sps-server and sps-worker do (--keep-freed-memory). With pulls, an sps worker's run starts
 // after its first round (whose pull is the dense copy of the whole model),
 // and the baseline's replies are as large as the window's mean pull.
 //
@@ -524,12 +525,19 @@ int main(int argc, char** argv) {
   app.add_option("--index-coding", o.index_coding, "Sparse key coding: auto | raw | delta_varint | bitmap")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "raw", "delta_varint", "bitmap"}));
+  bool keep_freed_memory = true;
+  app.add_option("--keep-freed-memory", keep_freed_memory,
+                 "Every process (sps and bare ZeroMQ alike) keeps freed memory for reuse, as sps-server and\n"
+                 "sps-worker do by default (cluster.keep_freed_memory); false: the allocator's defaults")
+      ->capture_default_str();
   app.add_option("--server-threads", o.server_threads, "Threads each sps server applies with (cluster.server_threads)")
       ->capture_default_str()
       ->check(CLI::Range(0, 256));
   app.add_option("--dir", o.dir, "Folder for the run's logs (default: a fresh temporary folder)");
   app.add_option("--json", o.json_path, "Also write the rows to this JSON file");
   CLI11_PARSE(app, argc, argv);
+  // Before any process is forked, so both sides of every case run with it.
+  if (keep_freed_memory) sps::keep_freed_memory_for_reuse();
   try {
     o.n = parse_list<uint64_t>(n_list);
     o.density = parse_list<double>(density_list);

@@ -268,6 +268,7 @@ const std::vector<Field>& fields() {
       integer_field("cluster.connect_timeout_ms", SPS_REF(cluster.connect_timeout_ms), 100, 3600000),
       integer_field("cluster.num_servers", SPS_REF(cluster.num_servers), 1, 1024),
       integer_field("cluster.server_threads", SPS_REF(cluster.server_threads), 0, 256),
+      bool_field("cluster.keep_freed_memory", SPS_REF(cluster.keep_freed_memory)),
       integer_field("cluster.num_workers", SPS_REF(cluster.num_workers), 1, 4096),
       integer_field("cluster.heartbeat_ms", SPS_REF(cluster.heartbeat_ms), 10, 60000),
       integer_field("cluster.heartbeat_timeout_ms", SPS_REF(cluster.heartbeat_timeout_ms), 100, 3600000),

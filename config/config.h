@@ -68,6 +68,10 @@ struct ClusterConfig {
   // Threads each server applies updates with (0 = all cores). Default: 1.
   // Range [0, 256].
   int server_threads = 1;
+  // Servers and workers keep the memory they free for reuse (the C
+  // allocator never returns it to the kernel), so large messages do not
+  // fault in fresh pages. Default: true.
+  bool keep_freed_memory = true;
   // Number of worker processes. Default: 1. Range [1, 4096].
   int num_workers = 1;
   // Milliseconds between heartbeats. Default: 500. Range [10, 60000].

@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("%H:%M:%S.%e %^%l%$ %v");
   spdlog::set_level(spdlog::level::from_str(cfg.run.log_level));
   sps::install_stop_signal_handlers();
+  if (cfg.cluster.keep_freed_memory) sps::keep_freed_memory_for_reuse();
   try {
     zmq::context_t ctx(1);
     sps::server::Server server(cfg, ctx, rank);

@@ -55,6 +55,7 @@ int worker_main(int argc, char** argv, const Registry& registry) {
   spdlog::set_pattern("%H:%M:%S.%e %^%l%$ %v");
   spdlog::set_level(spdlog::level::from_str(cfg.run.log_level));
   install_stop_signal_handlers();
+  if (cfg.cluster.keep_freed_memory) keep_freed_memory_for_reuse();
   try {
     Worker worker({.config_file = opts.config_path, .overrides = config::effective_overrides(opts), .rank = rank});
     worker.run(registry);
