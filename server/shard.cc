@@ -237,7 +237,8 @@ void Shard::sum_by_blocks(std::span<Cursor> cursors, SumScratch& s, size_t total
     }
     const std::span<const float> block_sums(s.block_out.data(), out_sums);
     if (apply) {
-      optimizer_.apply(std::span<float>(params_), key_begin_, std::span(s.keys).subspan(block_begin), block_sums, count, step);
+      optimizer_.apply(std::span<float>(params_), key_begin_, std::span(s.keys).subspan(block_begin), block_sums, count,
+                       step);
     } else {
       s.sums.insert(s.sums.end(), block_sums.begin(), block_sums.end());
     }
@@ -315,7 +316,8 @@ void Shard::sum_sparse_clock(uint32_t count, int64_t step) {
     const bool applied = sum_sparse(cursors, s, apply_in_pieces, count, step);
     merged_keys_.swap(s.keys);
     merged_sums_.swap(s.sums);
-    if (!applied) optimizer_.apply(std::span<float>(params_), key_begin_, merged_keys_, merged_sums_, count, step, pool_.get());
+    if (!applied)
+      optimizer_.apply(std::span<float>(params_), key_begin_, merged_keys_, merged_sums_, count, step, pool_.get());
     return;
   }
   // Piece t holds keys in [bounds[t], bounds[t + 1]); the longest list has
