@@ -10,7 +10,7 @@
 namespace sps {
 namespace {
 
-long minor_faults() {
+[[maybe_unused]] long minor_faults() {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   return ru.ru_minflt;
@@ -19,7 +19,7 @@ long minor_faults() {
 // Page faults taken by allocating, writing and freeing a 64 MiB block, the
 // second time round, in a child process (the allocator setting is
 // process-wide and permanent). Exit code: faults / 64, capped at 250.
-int faults_of_a_second_large_block(bool keep) {
+[[maybe_unused]] int faults_of_a_second_large_block(bool keep) {
   const pid_t pid = fork();
   if (pid == 0) {
     if (keep) keep_freed_memory_for_reuse();
