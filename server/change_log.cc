@@ -56,6 +56,7 @@ void ChangeLog::add(uint64_t version, std::span<const uint32_t> keys) {
 }
 
 void ChangeLog::copy_out(uint64_t first, size_t count, uint32_t* out) const {
+  if (count == 0) return;  // the ring may not exist yet, and memcpy takes no null pointer
   const size_t at = static_cast<size_t>(first % capacity_);
   const size_t head = std::min(count, capacity_ - at);
   std::memcpy(out, ring_.get() + at, head * sizeof(uint32_t));
