@@ -224,6 +224,16 @@ void BM_ScatterAdd(benchmark::State& state) {
 // Rounds of 4 k-key pushes after which a shard's change log (n / 2 keys)
 // is full and evicts as it logs: the steady state of a job. The timed loops
 // start there; BM_ShardApplyAsyncFillingLog times the rounds before it.
+// The header of a k-key push (raw u32 keys, decoded in place) into a shard of n.
+sps::protocol::Header raw_push_header(size_t n, size_t k) {
+  sps::protocol::Header h;
+  h.type = sps::protocol::MessageType::kPush;
+  h.index_encoding = sps::protocol::IndexEncoding::kRawU32;
+  h.key_end = static_cast<uint32_t>(n);
+  h.nnz = static_cast<uint32_t>(k);
+  return h;
+}
+
 size_t rounds_to_fill_the_change_log(size_t n, size_t k) { return n / 2 / (4 * std::max<size_t>(k, 1)) + 1; }
 
 void run_shard_apply(benchmark::State& state, int threads) {
@@ -234,11 +244,7 @@ void run_shard_apply(benchmark::State& state, int threads) {
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
   const std::vector<float> values(k, 0.5f);
-  sps::protocol::Header h;
-  h.type = sps::protocol::MessageType::kPush;
-  h.index_encoding = sps::protocol::IndexEncoding::kRawU32;
-  h.key_end = static_cast<uint32_t>(n);
-  h.nnz = static_cast<uint32_t>(k);
+  const sps::protocol::Header h = raw_push_header(n, k);
   uint64_t clock = 0;
   auto round = [&] {
     for (uint32_t w = 0; w < 4; ++w)
@@ -262,11 +268,7 @@ void run_shard_apply_async(benchmark::State& state, int threads) {
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
   const std::vector<float> values(k, 0.5f);
-  sps::protocol::Header h;
-  h.type = sps::protocol::MessageType::kPush;
-  h.index_encoding = sps::protocol::IndexEncoding::kRawU32;
-  h.key_end = static_cast<uint32_t>(n);
-  h.nnz = static_cast<uint32_t>(k);
+  const sps::protocol::Header h = raw_push_header(n, k);
   uint64_t clock = 0;
   auto round = [&] {
     for (uint32_t w = 0; w < 4; ++w)
@@ -290,11 +292,7 @@ void BM_ShardApplyAsyncFillingLog(benchmark::State& state) {
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
   const std::vector<float> values(k, 0.5f);
-  sps::protocol::Header h;
-  h.type = sps::protocol::MessageType::kPush;
-  h.index_encoding = sps::protocol::IndexEncoding::kRawU32;
-  h.key_end = static_cast<uint32_t>(n);
-  h.nnz = static_cast<uint32_t>(k);
+  const sps::protocol::Header h = raw_push_header(n, k);
   for (auto _ : state) {
     state.PauseTiming();
     auto shard = std::make_unique<sps::server::Shard>(0, static_cast<uint32_t>(n), 4, sps::server::Optimizer::plain(1.0f),
