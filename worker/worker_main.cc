@@ -12,9 +12,16 @@
 
 namespace sps {
 
-int worker_main(int argc, char** argv, const Registry& registry) {
+namespace {
+std::string program_name(int argc, char** argv) {
   std::string program = argc > 0 ? argv[0] : "sps-worker";
   if (const auto slash = program.rfind('/'); slash != std::string::npos) program = program.substr(slash + 1);
+  return program;
+}
+}  // namespace
+
+WorkerCommandLine parse_worker_command_line(int argc, char** argv, const Registry& registry) {
+  const std::string program = program_name(argc, argv);
   CLI::App app{program + ": one data-parallel worker of an sps job. Trains model.name on data.name (its\n"
                "partition), pushing compressed updates to the servers; connects to the scheduler at\n"
                "cluster.scheduler_host:cluster.scheduler_port. Usually started by sps-launch."};
@@ -25,43 +32,54 @@ int worker_main(int argc, char** argv, const Registry& registry) {
       ->check(CLI::NonNegativeNumber);
   bool list = false;
   app.add_flag("--list-models", list, "List the models and datasets this program has registered, then exit");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return {std::nullopt, app.exit(e)};
+  }
   if (list) {
     std::cout << "models:";
     for (const auto& m : registry.model_names()) std::cout << " " << m;
     std::cout << "\ndatasets:";
     for (const auto& d : registry.dataset_names()) std::cout << " " << d;
-    std::cout << "\n";
-    return 0;
+    std::cout << std::endl;
+    return {std::nullopt, 0};
   }
   config::Config cfg;
-  if (!config::load_or_report(opts, cfg, program.c_str())) return 2;
+  if (!config::load_or_report(opts, cfg, program.c_str())) return {std::nullopt, 2};
   if (opts.print_config) {
-    std::cout << config::to_json(cfg).dump(2) << "\n";
-    return 0;
+    std::cout << config::to_json(cfg).dump(2) << std::endl;
+    return {std::nullopt, 0};
   }
   if (!registry.has_model(cfg.model.name) || !registry.has_dataset(cfg.data.name)) {
     const bool model = !registry.has_model(cfg.model.name);
     std::cerr << program << ": config error: " << cfg.source << ": "
               << (model ? "model.name: no model '" + cfg.model.name : "data.name: no dataset '" + cfg.data.name)
               << "' is registered in this program (--list-models shows what is)\n";
-    return 2;
+    return {std::nullopt, 2};
   }
   if (cfg.cluster.scheduler_port == 0) {
     std::cerr << program << ": cluster.scheduler_port is 0; pass the scheduler's port with --set "
               << "cluster.scheduler_port=N (sps-launch does)\n";
-    return 2;
+    return {std::nullopt, 2};
   }
   spdlog::set_pattern("%H:%M:%S.%e %^%l%$ %v");
   spdlog::set_level(spdlog::level::from_str(cfg.run.log_level));
-  install_stop_signal_handlers();
   if (cfg.cluster.keep_freed_memory) keep_freed_memory_for_reuse();
+  return {WorkerOptions{.config_file = opts.config_path, .overrides = config::effective_overrides(opts), .rank = rank},
+          0};
+}
+
+int worker_main(int argc, char** argv, const Registry& registry) {
+  WorkerCommandLine command_line = parse_worker_command_line(argc, argv, registry);
+  if (!command_line.options) return command_line.exit_code;
+  install_stop_signal_handlers();
   try {
-    Worker worker({.config_file = opts.config_path, .overrides = config::effective_overrides(opts), .rank = rank});
+    Worker worker(std::move(*command_line.options));
     worker.run(registry);
     return 0;
   } catch (const std::exception& e) {
-    std::cerr << program << ": " << e.what() << "\n";
+    std::cerr << program_name(argc, argv) << ": " << e.what() << "\n";
     return stop_requested() ? 128 + stop_signal() : 1;
   }
 }

@@ -67,6 +67,17 @@ def main():
         acc = summary["test_accuracy"]
         print(f"linear_svm through the installed package: test accuracy {acc:.4f}")
         assert acc > 0.70, f"test accuracy {acc} is below 0.70"
+        # The Python binding, when built: installed where the installed launcher
+        # finds it, loading the installed libsps.
+        if os.path.isdir(os.path.join(build, "python")):
+            site = os.path.join(prefix, "lib", "python3", "dist-packages")
+            assert any(f.startswith("sps.") and f.endswith(".so") for f in os.listdir(site)), "sps.*.so not installed"
+            r = run([sys.executable, launch, os.path.join(source, "examples", "python", "job.yaml"),
+                     "--worker", os.path.join(source, "examples", "python", "logreg_worker.py"), "--timeout", "240",
+                     "--set", f"run.dir={runs}", "--set", "training.steps=300", "--set", "run.progress_lines=3"])
+            summary = json.load(open(os.path.join(runs, "python_logreg", "summary.json")))
+            print(f"numpy_logreg through the installed binding: test accuracy {summary['test_accuracy']:.4f}")
+            assert summary["test_accuracy"] > 0.70, summary
         # The stock worker refuses the user's model name with a clear message.
         r = subprocess.run([sys.executable, launch, os.path.join(source, "examples", "custom_model", "job.yaml"),
                             "--set", f"run.dir={runs}"], capture_output=True, text=True)

@@ -24,6 +24,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -175,5 +176,17 @@ class SPS_API Worker {
 // and --help, runs model.name/data.name from `registry`, and returns the
 // process exit status (0 done, 1 failed, 2 bad usage or config).
 SPS_API int worker_main(int argc, char** argv, const Registry& registry);
+
+// The command line of worker_main without the run, for a program that
+// drives its own Worker (a loop of its own, a language binding): parses
+// argv, answers --help, --list-models (the names in `registry`) and
+// --print-config, checks the config (model.name and data.name must be in
+// `registry`) and sets the process up as worker_main does (log format and
+// level, cluster.keep_freed_memory). It does not install signal handlers.
+struct WorkerCommandLine {
+  std::optional<WorkerOptions> options;  // construct a Worker with these...
+  int exit_code = 0;                     // ...or, when empty, exit now with this status
+};
+SPS_API WorkerCommandLine parse_worker_command_line(int argc, char** argv, const Registry& registry);
 
 }  // namespace sps

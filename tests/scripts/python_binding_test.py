@@ -1,0 +1,113 @@
+#!/usr/bin/python3
+"""The Python binding (`import sps`) end to end: in-process checks, then real
+jobs (scheduler, server and Python workers over loopback, started by
+sps-launch) with the example's numpy model in sps's loop and in its own, a
+model that raises, and one that forgets to write its gradient.
+
+usage: python_binding_test.py BIN_DIR
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "..")
+LAUNCH = os.path.join(ROOT, "scripts", "sps-launch")
+EXAMPLE = os.path.join(ROOT, "examples", "python", "logreg_worker.py")
+JOB = os.path.join(ROOT, "examples", "python", "job.yaml")
+TEST_WORKER = os.path.join(HERE, "python_test_worker.py")
+SHORT = ["--set", "training.steps=400", "--set", "run.progress_lines=2"]
+
+
+def launch(bin_dir, runs, worker, sets, timeout=120):
+    cmd = [sys.executable, LAUNCH, JOB, "--bin", bin_dir, "--worker", worker, "--timeout", str(timeout),
+           "--set", f"run.dir={runs}"] + sets
+    print("+", " ".join(cmd), flush=True)
+    start = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    print(out[-2500:], flush=True)
+    return r.returncode, out, time.time() - start
+
+
+def summary(runs):
+    with open(os.path.join(runs, "python_logreg", "summary.json")) as f:
+        return json.load(f)
+
+
+def in_process(bin_dir):
+    sys.path.insert(0, os.path.join(bin_dir, "..", "python"))
+    import numpy as np
+    import sps
+    d = sps.Dataset(np.arange(6.0).reshape(3, 2), np.array([1, 0, 1]), classes=2)
+    assert (len(d), d.features, d.classes) == (3, 2, 2)
+    x, y = d.batch([2, 0])
+    assert x.dtype == np.float32 and x.tolist() == [[4.0, 5.0], [0.0, 1.0]] and y.tolist() == [1, 1], (x, y)
+    for bad, words in ((lambda: sps.Dataset(np.zeros((3, 2)), np.array([0, 2, 1]), classes=2), "label 2"),
+                       (lambda: sps.Dataset(np.zeros((3, 2)), np.zeros(2), classes=0), "one entry per row"),
+                       (lambda: sps.Dataset(np.zeros(3), np.zeros(3)), "2-D")):
+        try:
+            bad()
+            raise AssertionError(f"no error for a bad dataset ({words})")
+        except ValueError as e:
+            assert words in str(e), e
+    try:
+        sps.Worker(os.path.join(ROOT, "config", "demo.yaml"), ["training.lr=fast"])
+        raise AssertionError("a bad override was accepted")
+    except sps.Error as e:
+        assert "training.lr" in str(e) and "fast" in str(e), e
+    w = sps.Worker(os.path.join(ROOT, "config", "demo.yaml"), ["model.options.width=12"])
+    assert w.steps == 3000 and w.integer("training.batch_size") == 64 and w.string("data.name") == "fashion_mnist"
+    assert w.option("width", 5) == 12 and w.option("depth", 2.5) == 2.5
+    try:
+        w.pull(np.zeros(3, np.float32))
+        raise AssertionError("pull before connect was accepted")
+    except sps.Error as e:
+        assert "connect" in str(e), e
+    w.close()
+    print("in-process checks passed", flush=True)
+
+
+def main():
+    bin_dir = os.path.abspath(sys.argv[1])
+    in_process(bin_dir)
+    env = dict(os.environ, PYTHONPATH=os.path.join(bin_dir, "..", "python"))
+    listed = subprocess.run([EXAMPLE, "--list-models"], capture_output=True, text=True, env=env)
+    assert listed.returncode == 0 and "numpy_logreg" in listed.stdout and "fashion_mnist" in listed.stdout, listed
+    usage = subprocess.run([EXAMPLE, "--help"], capture_output=True, text=True, env=env)
+    assert usage.returncode == 0 and "--config" in usage.stdout, usage
+
+    runs = tempfile.mkdtemp(prefix="sps-python-")
+    try:
+        for loop in ("sps", "own"):
+            rc, out, _ = launch(bin_dir, runs, EXAMPLE, SHORT + ["--set", f"model.options.loop={loop}"])
+            assert rc == 0, f"the {loop}-loop job failed ({rc})"
+            s = summary(runs)
+            assert s["steps"] == 400 and s["test_accuracy"] >= 0.78, s
+            assert s["bytes_pushed"] * 20 < s["bytes_pushed_dense_equivalent"], s  # top-k 1 %: sparse pushes
+            assert f"numpy_logreg ({loop} loop): 400 steps" in out, "worker 0 did not report"
+
+        rc, out, _ = launch(bin_dir, runs, TEST_WORKER, ["--set", "training.steps=60", "--set", "data.train_limit=2000"])
+        assert rc == 0 and "checks passed: 60 steps" in out, f"the checks worker failed ({rc})"
+
+        # A Python exception in the model ends the job at once, and says where it came from.
+        rc, out, seconds = launch(bin_dir, runs, TEST_WORKER, ["--set", "model.options.mode=raise"])
+        assert rc != 0 and seconds < 30, (rc, seconds)
+        for words in ("model.loss_and_gradient", "ValueError", "the model gave up at its third batch"):
+            assert words in out, f"the failure does not mention '{words}'"
+
+        # A gradient assigned instead of written is refused, not pushed as garbage.
+        rc, out, seconds = launch(bin_dir, runs, TEST_WORKER, ["--set", "model.options.mode=rebind"])
+        assert rc != 0 and seconds < 30, (rc, seconds)
+        assert "write it into `grad` in place" in out, "the failure does not say how to return the gradient"
+        print("PASS")
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
