@@ -71,7 +71,8 @@ def main():
         # finds it, loading the installed libsps.
         if os.path.isdir(os.path.join(build, "python")):
             site = os.path.join(prefix, "lib", "python3", "dist-packages")
-            assert any(f.startswith("sps.") and f.endswith(".so") for f in os.listdir(site)), "sps.*.so not installed"
+            for f in ("__init__.py", "torch_model.py"):
+                assert os.path.exists(os.path.join(site, "sps", f)), f"not installed: sps/{f}"
             r = run([sys.executable, launch, os.path.join(source, "examples", "python", "job.yaml"),
                      "--worker", os.path.join(source, "examples", "python", "logreg_worker.py"), "--timeout", "240",
                      "--set", f"run.dir={runs}", "--set", "training.steps=300", "--set", "run.progress_lines=3"])

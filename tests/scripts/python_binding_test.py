@@ -2,7 +2,8 @@
 """The Python binding (`import sps`) end to end: in-process checks, then real
 jobs (scheduler, server and Python workers over loopback, started by
 sps-launch) with the example's numpy model in sps's loop and in its own, a
-model that raises, and one that forgets to write its gradient.
+model that raises, one that forgets to write its gradient, and the PyTorch
+CNN against the same network through the C++ API.
 
 usage: python_binding_test.py BIN_DIR
 """
@@ -72,6 +73,38 @@ def in_process(bin_dir):
     print("in-process checks passed", flush=True)
 
 
+def step_losses(path):
+    with open(path) as f:
+        return [(l["step"], l["loss"]) for l in map(json.loads, f) if "step" in l and "loss" in l]
+
+
+def torch_same_as_cpp(bin_dir, runs):
+    """The PyTorch CNN through sps.TorchModel trains exactly as the same
+    network through the C++ sps::TorchModel: the same loss at every step."""
+    cpp = os.path.join(bin_dir, "sps-torch-cnn-worker")
+    has_torch = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+    if not os.path.exists(cpp) or not has_torch:
+        print(f"SKIP torch: {'no ' + cpp if not os.path.exists(cpp) else 'no python3-torch'}")
+        return
+    job = os.path.join(ROOT, "examples", "torch_cnn", "job.yaml")
+    losses = {}
+    for worker in (cpp, os.path.join(ROOT, "examples", "python", "torch_cnn_worker.py")):
+        out_dir = os.path.join(runs, os.path.basename(worker))
+        cmd = [sys.executable, LAUNCH, job, "--bin", bin_dir, "--worker", worker, "--timeout", "200",
+               "--set", f"run.dir={out_dir}", "--set", "training.steps=150", "--set", "data.train_limit=10000",
+               "--set", "data.test_limit=1000", "--set", "run.progress_lines=2"]
+        print("+", " ".join(cmd), flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        losses[worker] = [step_losses(os.path.join(out_dir, "torch_cnn", f"worker-{w}.jsonl")) for w in range(2)]
+    a, b = losses.values()
+    for w in range(2):
+        assert len(a[w]) == 150 and a[w] == b[w], f"worker {w}: C++ {a[w][:3]}... Python {b[w][:3]}..."
+    assert a[0][-1][1] < 0.8 * a[0][0][1], f"the CNN did not learn: {a[0][0]} -> {a[0][-1]}"
+    print(f"torch: the Python and C++ workers' losses agree at all 150 steps of both workers "
+          f"({a[0][0][1]:.4f} -> {a[0][-1][1]:.4f})", flush=True)
+
+
 def main():
     bin_dir = os.path.abspath(sys.argv[1])
     in_process(bin_dir)
@@ -104,6 +137,7 @@ def main():
         rc, out, seconds = launch(bin_dir, runs, TEST_WORKER, ["--set", "model.options.mode=rebind"])
         assert rc != 0 and seconds < 30, (rc, seconds)
         assert "write it into `grad` in place" in out, "the failure does not say how to return the gradient"
+        torch_same_as_cpp(bin_dir, runs)
         print("PASS")
     finally:
         shutil.rmtree(runs, ignore_errors=True)

@@ -1,7 +1,8 @@
-// The Python binding of the public worker API (`import sps`): a model
-// written in Python (numpy, or anything that fills a float32 array) trains
-// through sps, with sps's loop or a loop of its own. Built on libsps's
-// public headers only, like any user program.
+// sps._core, the compiled half of the Python binding (`import sps`;
+// sps/__init__.py re-exports it): a model written in Python (numpy,
+// PyTorch, anything that fills a float32 array) trains through sps, with
+// sps's loop or a loop of its own. Built on libsps's public headers only,
+// like any user program.
 //
 // Threads: every call that may wait on the network releases the GIL; the
 // model's Python methods are called back with the GIL held. Arrays handed
@@ -34,10 +35,12 @@ py::array view(const T* data, std::vector<py::ssize_t> shape, bool writable) {
 }
 
 // (x, y) of a batch: x as rows x cols, y the labels (int32) or targets (float32).
+// Writable, though writing into them changes nothing sps keeps (the batch is
+// rebuilt every step): torch.from_numpy warns about read-only arrays.
 py::tuple batch_arrays(const sps::Batch& b) {
-  py::array x = view(b.x.data(), {static_cast<py::ssize_t>(b.rows), static_cast<py::ssize_t>(b.cols)}, false);
-  py::array y = b.labels.empty() ? view(b.targets.data(), {static_cast<py::ssize_t>(b.targets.size())}, false)
-                                 : view(b.labels.data(), {static_cast<py::ssize_t>(b.labels.size())}, false);
+  py::array x = view(b.x.data(), {static_cast<py::ssize_t>(b.rows), static_cast<py::ssize_t>(b.cols)}, true);
+  py::array y = b.labels.empty() ? view(b.targets.data(), {static_cast<py::ssize_t>(b.targets.size())}, true)
+                                 : view(b.labels.data(), {static_cast<py::ssize_t>(b.labels.size())}, true);
   return py::make_tuple(x, y);
 }
 
@@ -385,10 +388,8 @@ sps::Registry registry_naming(const std::vector<std::string>& models, const std:
 
 }  // namespace
 
-PYBIND11_MODULE(sps, m) {
-  m.doc() =
-      "sps: train a model written in Python through an sps job (sparse, error-corrected pushes to sharded "
-      "parameter servers). See docs/worker-api.md, 'Python'.";
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "The compiled part of the sps package; use `import sps`.";
   py::register_exception<sps::Error>(m, "Error", PyExc_RuntimeError);
 
   py::class_<sps::WorkerOptions>(m, "WorkerOptions", "What a Worker is started with.")
