@@ -54,6 +54,16 @@ class SoftmaxRegression:
         grad_bias[:] = delta.sum(axis=0)
         return float(loss)
 
+    def hessian_diag(self, params, x, y, out):
+        """The exact diagonal of the loss Hessian on the batch (for
+        compression.error_feedback: hessian_diag)."""
+        curvature = np.exp(self.log_probabilities(params, x))
+        curvature *= (1.0 - curvature) / len(y)
+        out_weight, out_bias = self.unpack(out)
+        np.matmul(curvature.T, x * x, out=out_weight)
+        out_weight += self.l2
+        out_bias[:] = curvature.sum(axis=0)
+
     def evaluate(self, params, x, y):
         log_p = self.log_probabilities(params, x)
         return float(-log_p[np.arange(len(y)), y].mean()), float((log_p.argmax(axis=1) == y).mean())
@@ -71,7 +81,7 @@ def own_loop(worker, model, train, test):
         worker.pull(params)
         x, y = train.batch(rng.choice(mine, batch_size, replace=False))
         loss = model.loss_and_gradient(params, x, y, grad)
-        worker.push(grad, loss)
+        worker.push(grad, loss, batch=(x, y))  # the batch matters for error_feedback: hessian_diag only
     return worker.finish(train, test)
 
 

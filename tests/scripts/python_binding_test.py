@@ -70,6 +70,20 @@ def in_process(bin_dir):
     except sps.Error as e:
         assert "connect" in str(e), e
     w.close()
+    # The example's Hessian diagonal against central differences of its gradient.
+    sys.path.insert(0, os.path.dirname(EXAMPLE))
+    from logreg_worker import SoftmaxRegression
+    rng = np.random.default_rng(3)
+    model = SoftmaxRegression(5, 3, 0.01)
+    params = rng.normal(0, 0.5, 18)
+    x, y = rng.normal(0, 1, (7, 5)), rng.integers(0, 3, 7)
+    diag = np.empty(18)
+    model.hessian_diag(params, x, y, diag)
+    for j in range(18):
+        h, g_plus, g_minus = 1e-4, np.empty(18), np.empty(18)
+        model.loss_and_gradient(params + h * np.eye(18)[j], x, y, g_plus)
+        model.loss_and_gradient(params - h * np.eye(18)[j], x, y, g_minus)
+        assert abs((g_plus[j] - g_minus[j]) / (2 * h) - diag[j]) < 1e-6, (j, diag[j])
     print("in-process checks passed", flush=True)
 
 
@@ -116,8 +130,9 @@ def main():
 
     runs = tempfile.mkdtemp(prefix="sps-python-")
     try:
-        for loop in ("sps", "own"):
-            rc, out, _ = launch(bin_dir, runs, EXAMPLE, SHORT + ["--set", f"model.options.loop={loop}"])
+        for loop, feedback in (("sps", "ef"), ("own", "ef"), ("sps", "hessian_diag"), ("own", "hessian_diag")):
+            rc, out, _ = launch(bin_dir, runs, EXAMPLE, SHORT + ["--set", f"model.options.loop={loop}",
+                                                                 "--set", f"compression.error_feedback={feedback}"])
             assert rc == 0, f"the {loop}-loop job failed ({rc})"
             s = summary(runs)
             assert s["steps"] == 400 and s["test_accuracy"] >= 0.78, s
