@@ -122,6 +122,16 @@ class SshLaunchTest(unittest.TestCase):
         self.assertTrue(endpoints[0].startswith("tcp://127.0.0.1:"), endpoints)
         self.assertTrue(endpoints[1].startswith("tcp://127.0.0.2:"), endpoints)
 
+    def test_python_workers_over_ssh_find_the_binding(self):
+        if not os.path.isdir(os.path.join(BIN, "..", "python", "sps")):
+            self.skipTest("sps was built without its Python binding (SPS_PYTHON)")
+        example = os.path.join(ROOT, "examples", "python", "logreg_worker.py")
+        r = subprocess.run(self.launch("ssh_python", "model.name=numpy_logreg") + ["--worker", example],
+                           capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONPATH=""))
+        self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr)
+        self.assertIn("numpy_logreg (sps loop): 200 steps", r.stdout)
+        self.assertGreater(read_summary(os.path.join(self.tmp, "ssh_python"))["test_accuracy"], 0.70)
+
     def wait_running(self, name):
         log = os.path.join(self.tmp, name, "worker-0.jsonl")
         deadline = time.time() + 60

@@ -7,6 +7,7 @@ CNN against the same network through the C++ API.
 
 usage: python_binding_test.py BIN_DIR
 """
+import csv
 import json
 import os
 import shutil
@@ -142,6 +143,12 @@ def main():
         rc, out, _ = launch(bin_dir, runs, TEST_WORKER, ["--set", "training.steps=60", "--set", "data.train_limit=2000"])
         assert rc == 0 and "checks passed: 60 steps" in out, f"the checks worker failed ({rc})"
 
+        # A worker that fails before it registers stops the job at once (not
+        # after the scheduler's registration timeout).
+        rc, out, seconds = launch(bin_dir, runs, EXAMPLE, ["--set", "model.options.loop=neither"])
+        assert rc != 0 and seconds < 30, (rc, seconds)
+        assert "model.options.loop: expected 'sps' or 'own', got 'neither'" in out and "before training started" in out
+
         # A Python exception in the model ends the job at once, and says where it came from.
         rc, out, seconds = launch(bin_dir, runs, TEST_WORKER, ["--set", "model.options.mode=raise"])
         assert rc != 0 and seconds < 30, (rc, seconds)
@@ -152,6 +159,17 @@ def main():
         rc, out, seconds = launch(bin_dir, runs, TEST_WORKER, ["--set", "model.options.mode=rebind"])
         assert rc != 0 and seconds < 30, (rc, seconds)
         assert "write it into `grad` in place" in out, "the failure does not say how to return the gradient"
+        # A sweep of Python workers through sps-experiment (worker: a path).
+        results = os.path.join(runs, "results")
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sps-experiment"),
+                            os.path.join(HERE, "tiny_python_experiment.yaml"), "--results", results, "--bin", bin_dir],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        with open(os.path.join(results, "tiny_python", "summary.csv")) as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(row["label"] for row in rows) == ["own loop", "sps loop"], rows
+        assert all(float(row["test_accuracy"]) > 0.65 for row in rows), rows
+
         torch_same_as_cpp(bin_dir, runs)
         print("PASS")
     finally:
