@@ -131,9 +131,11 @@ def main():
 
     runs = tempfile.mkdtemp(prefix="sps-python-")
     try:
+        # The own-loop runs start the script through an interpreter (--worker 'python3 script').
         for loop, feedback in (("sps", "ef"), ("own", "ef"), ("sps", "hessian_diag"), ("own", "hessian_diag")):
-            rc, out, _ = launch(bin_dir, runs, EXAMPLE, SHORT + ["--set", f"model.options.loop={loop}",
-                                                                 "--set", f"compression.error_feedback={feedback}"])
+            worker = EXAMPLE if loop == "sps" else f"{sys.executable} {EXAMPLE}"
+            rc, out, _ = launch(bin_dir, runs, worker, SHORT + ["--set", f"model.options.loop={loop}",
+                                                                "--set", f"compression.error_feedback={feedback}"])
             assert rc == 0, f"the {loop}-loop job failed ({rc})"
             s = summary(runs)
             assert s["steps"] == 400 and s["test_accuracy"] >= 0.78, s
@@ -142,6 +144,9 @@ def main():
 
         rc, out, _ = launch(bin_dir, runs, TEST_WORKER, ["--set", "training.steps=60", "--set", "data.train_limit=2000"])
         assert rc == 0 and "checks passed: 60 steps" in out, f"the checks worker failed ({rc})"
+
+        rc, out, _ = launch(bin_dir, runs, "no-such-interpreter script.py", [])
+        assert rc == 2 and "the worker program no-such-interpreter does not exist" in out, rc
 
         # A worker that fails before it registers stops the job at once (not
         # after the scheduler's registration timeout).
