@@ -45,6 +45,7 @@ def in_process(bin_dir):
     sys.path.insert(0, os.path.join(bin_dir, "..", "python"))
     import numpy as np
     import sps
+    assert sps.__version__.count(".") == 2, sps.__version__
     d = sps.Dataset(np.arange(6.0).reshape(3, 2), np.array([1, 0, 1]), classes=2)
     assert (len(d), d.features, d.classes) == (3, 2, 2)
     x, y = d.batch([2, 0])

@@ -390,6 +390,7 @@ sps::Registry registry_naming(const std::vector<std::string>& models, const std:
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "The compiled part of the sps package; use `import sps`.";
+  m.attr("__version__") = SPS_PACKAGE_VERSION;
   py::register_exception<sps::Error>(m, "Error", PyExc_RuntimeError);
 
   py::class_<sps::WorkerOptions>(m, "WorkerOptions", "What a Worker is started with.")

@@ -14,7 +14,7 @@ A model is any object with `tensors` (a list of (name, shape)),
 and optionally `evaluate(params, x, y) -> (loss, accuracy)`;
 `sps.TorchModel(module)` makes one from a torch.nn.Module.
 """
-from ._core import Dataset, Error, Worker, WorkerOptions, command_line
+from ._core import Dataset, Error, Worker, WorkerOptions, __version__, command_line
 from .torch_model import TorchModel
 
 __all__ = ["Dataset", "Error", "TorchModel", "Worker", "WorkerOptions", "command_line"]
