@@ -111,7 +111,7 @@ class PythonModel final : public sps::Model {
 
   double loss_and_gradient(std::span<const float> params, const sps::Batch& batch, std::span<float> grad) override {
     // A model that rebinds `grad` instead of writing into it would push
-    // whatever the buffer held; NaN makes that a clear non-finite error.
+    // whatever the buffer held; NaN marks it unwritten (checked below).
     std::fill(grad.begin(), grad.end(), std::numeric_limits<float>::quiet_NaN());
     const double loss = call_model("loss_and_gradient", [&] {
       py::tuple xy = batch_arrays(batch);
