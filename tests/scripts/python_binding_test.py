@@ -146,6 +146,19 @@ def main():
         rc, out, _ = launch(bin_dir, runs, TEST_WORKER, ["--set", "training.steps=60", "--set", "data.train_limit=2000"])
         assert rc == 0 and "checks passed: 60 steps" in out, f"the checks worker failed ({rc})"
 
+        # A Python loop of its own resumes from the newest snapshot (worker.step).
+        resume = ["--set", "training.steps=120", "--set", "checkpoint.interval=50",
+                  "--set", "model.options.loop=own", "--set", "run.name=python_resume"]
+        rc, out, _ = launch(bin_dir, runs, EXAMPLE, resume)
+        assert rc == 0, f"the job to resume failed ({rc})"
+        rc, out, _ = launch(bin_dir, runs, EXAMPLE, resume + ["--resume"])
+        assert rc == 0 and "resuming the job from step 100" in out, f"the resumed job failed ({rc})"
+        with open(os.path.join(runs, "python_resume", "summary.json")) as f:
+            assert json.load(f)["steps"] == 120
+        with open(os.path.join(runs, "python_resume", "worker-0.jsonl")) as f:
+            steps = [l["step"] for l in map(json.loads, f) if "step" in l and "loss" in l]
+        assert steps[-20:] == list(range(100, 120)), steps[-25:]
+
         rc, out, _ = launch(bin_dir, runs, "no-such-interpreter script.py", [])
         assert rc == 2 and "the worker program no-such-interpreter does not exist" in out, rc
 
