@@ -337,6 +337,10 @@ const std::vector<Field>& fields() {
                               {{"cpu", BackendName::kCpu}, {"cuda", BackendName::kCuda}}),
       enum_field<Scale>("compression.scale", SPS_REF(compression.scale), {{"lr", Scale::kLr}, {"1", Scale::kOne}}),
 
+      enum_field<OptimizerName>("optimizer.name", SPS_REF(optimizer.name),
+                                {{"sgd", OptimizerName::kSgd},
+                                 {"adagrad", OptimizerName::kAdagrad},
+                                 {"adam", OptimizerName::kAdam}}),
       real_field("optimizer.momentum", SPS_REF(optimizer.momentum), 0.0, 0.999999, false),
       real_field("optimizer.weight_decay", SPS_REF(optimizer.weight_decay), 0.0, 1.0, false),
       enum_field<LrSchedule>("optimizer.lr_schedule", SPS_REF(optimizer.lr_schedule),
@@ -346,6 +350,10 @@ const std::vector<Field>& fields() {
       integer_field("optimizer.warmup_steps", SPS_REF(optimizer.warmup_steps), 0, 1000000000),
       integer_field("optimizer.step_every", SPS_REF(optimizer.step_every), 1, 1000000000),
       real_field("optimizer.step_gamma", SPS_REF(optimizer.step_gamma), 0.0, 1.0, true),
+      real_field("optimizer.beta1", SPS_REF(optimizer.beta1), 0.0, 0.999999, false),
+      real_field("optimizer.beta2", SPS_REF(optimizer.beta2), 0.0, 0.999999, false),
+      real_field("optimizer.epsilon", SPS_REF(optimizer.epsilon), 0.0, 1.0, true),
+      bool_field("optimizer.lazy", SPS_REF(optimizer.lazy)),
 
       enum_field<ConsistencyMode>("consistency.mode", SPS_REF(consistency.mode),
                                   {{"bsp", ConsistencyMode::kBsp},
@@ -471,6 +479,25 @@ Status check_cross_keys(const Config& c) {
         "{}: compression.randomk_unbiased sends (n/k)-scaled values, which error feedback cannot account for; "
         "set compression.error_feedback: none",
         c.source));
+  if (c.optimizer.name != OptimizerName::kSgd) {
+    // Where the key was set (file:line), else the file.
+    auto at = [&](const char* key) {
+      const auto it = c.set_at.find(key);
+      return it != c.set_at.end() ? it->second : c.source;
+    };
+    const char* name = to_string(c.optimizer.name);
+    if (c.compression.scale != Scale::kOne)
+      return invalid_argument(fmt::format("{}: optimizer.name: {} scales each gradient by its own history and applies "
+                                          "training.lr itself; it needs gradient pushes: set compression.scale: 1",
+                                          at("optimizer.name"), name));
+    if (c.optimizer.momentum != 0.0)
+      return invalid_argument(fmt::format("{}: optimizer.momentum is for sgd only, and optimizer.name is {}{}: set "
+                                          "optimizer.momentum: 0",
+                                          at("optimizer.momentum"), name,
+                                          c.optimizer.name == OptimizerName::kAdam
+                                              ? " (adam's own momentum is optimizer.beta1)"
+                                              : ""));
+  }
   if (c.workers.delay_ms.size() > static_cast<size_t>(c.cluster.num_workers) ||
       c.workers.slowdown.size() > static_cast<size_t>(c.cluster.num_workers))
     return invalid_argument(fmt::format("{}: workers.delay_ms / workers.slowdown list more ranks than "
@@ -534,6 +561,7 @@ std::vector<std::string> ineffective_keys(const Config& c) {
                       cc.values == ValueFormatName::kQsgd || cc.values == ValueFormatName::kOneBit;
   const std::string method = fmt::format("compression.method is {}", to_string(cc.method));
   const std::string values = fmt::format("compression.values is {}", to_string(cc.values));
+  const std::string optimizer = fmt::format("optimizer.name is {}", to_string(c.optimizer.name));
   struct Rule {
     const char* key;
     bool effective;
@@ -562,6 +590,10 @@ std::vector<std::string> ineffective_keys(const Config& c) {
        "optimizer.lr_schedule is not step (only step uses it)"},
       {"optimizer.step_gamma", c.optimizer.lr_schedule == LrSchedule::kStep,
        "optimizer.lr_schedule is not step (only step uses it)"},
+      {"optimizer.beta1", c.optimizer.name == OptimizerName::kAdam, optimizer + " (only adam uses it)"},
+      {"optimizer.beta2", c.optimizer.name == OptimizerName::kAdam, optimizer + " (only adam uses it)"},
+      {"optimizer.lazy", c.optimizer.name == OptimizerName::kAdam, optimizer + " (only adam uses it)"},
+      {"optimizer.epsilon", c.optimizer.name != OptimizerName::kSgd, optimizer + " (adagrad and adam use it)"},
   };
   std::vector<std::string> out;
   for (const auto& r : rules) {
@@ -624,6 +656,14 @@ const char* to_string(ValueFormatName v) {
     case ValueFormatName::kSign: return "sign";
     case ValueFormatName::kQsgd: return "qsgd";
     case ValueFormatName::kOneBit: return "onebit";
+  }
+  return "?";
+}
+const char* to_string(OptimizerName n) {
+  switch (n) {
+    case OptimizerName::kSgd: return "sgd";
+    case OptimizerName::kAdagrad: return "adagrad";
+    case OptimizerName::kAdam: return "adam";
   }
   return "?";
 }

@@ -197,7 +197,11 @@ struct CompressionConfig {
 };
 
 enum class LrSchedule { kConstant, kStep, kCosine };
+enum class OptimizerName { kSgd, kAdagrad, kAdam };
 struct OptimizerConfig {
+  // sgd | adagrad | adam: the rule the servers apply to the averaged push.
+  // adagrad and adam need gradient pushes (compression.scale: 1). Default: sgd.
+  OptimizerName name = OptimizerName::kSgd;
   // Momentum coefficient, applied on the servers after aggregation (never
   // inside the residual). 0 = plain SGD. Default: 0. Range [0, 1).
   double momentum = 0.0;
@@ -211,6 +215,15 @@ struct OptimizerConfig {
   int64_t step_every = 1000;
   // Default: 0.1. Range (0, 1].
   double step_gamma = 0.1;
+  // adam: decay rates of the first and second moment. Defaults: 0.9, 0.999. Range [0, 1).
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  // adagrad, adam: added to the root of the second moment. Default: 1e-8. Range (0, 1].
+  double epsilon = 1e-8;
+  // adam: keys whose averaged gradient is exactly zero (not pushed) keep
+  // their moments and value, so updates stay sparse. Default: false (every
+  // key's moments decay every update, as in dense Adam).
+  bool lazy = false;
 };
 
 enum class ConsistencyMode { kBsp, kSsp, kAsp };
@@ -335,6 +348,7 @@ std::vector<std::string> all_keys();
 const char* to_string(CompressionMethod m);
 const char* to_string(ErrorFeedback e);
 const char* to_string(ConsistencyMode m);
+const char* to_string(OptimizerName n);
 const char* to_string(ValueFormatName v);
 // "bsp", "ssp(4)", "ssp(0)", "asp".
 std::string consistency_name(const ConsistencyConfig& c);

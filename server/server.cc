@@ -269,14 +269,16 @@ bool Server::resume_shard() {
   auto version = snap->u64("version");
   auto params = snap->f32("params");
   auto velocity = snap->f32("velocity");
+  // Snapshots from before adaptive optimizers have no second moment.
+  auto second_moment = snap->has("second_moment") ? snap->f32("second_moment") : Result<std::vector<float>>(std::vector<float>{});
   for (const Status* s : {&key_begin.status(), &key_end.status(), &version.status(), &params.status(),
-                          &velocity.status()})
+                          &velocity.status(), &second_moment.status()})
     if (!s->ok()) return fail(s->message());
   if (*key_begin != shard_->key_begin() || *key_end != shard_->key_end())
     return fail(fmt::format("{} holds keys [{}, {}) but this job gives shard {} the keys [{}, {}): the model or "
                             "cluster.num_servers changed",
                             snap->path(), *key_begin, *key_end, rank_, shard_->key_begin(), shard_->key_end()));
-  const Status restored = shard_->restore(*params, *velocity, *version, point->step);
+  const Status restored = shard_->restore(*params, *velocity, *second_moment, *version, point->step);
   if (!restored.ok()) return fail(fmt::format("{}: {}", snap->path(), restored.message()));
   initialised_ = true;
   last_snapshot_step_ = point->step;
@@ -306,6 +308,7 @@ void Server::snapshot_if_due() {
   w.add_u64("workers", num_workers_);
   w.add_f32("params", shard_->params());
   w.add_f32("velocity", shard_->velocity());
+  w.add_f32("second_moment", shard_->second_moment());
   const std::string dir = cfg_.checkpoint_dir();
   const std::string path = snapshot_path(dir, step, "server", rank_);
   const Status s = w.write_atomic(path);

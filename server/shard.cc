@@ -33,12 +33,12 @@ void Shard::set_params(std::span<const float> values) {
   std::copy(values.begin(), values.end(), params_.data());
 }
 
-Status Shard::restore(std::span<const float> params, std::span<const float> velocity, uint64_t version,
-                      uint64_t clock) {
+Status Shard::restore(std::span<const float> params, std::span<const float> velocity,
+                      std::span<const float> second_moment, uint64_t version, uint64_t clock) {
   if (params.size() != params_.size())
     return invalid_argument(fmt::format("the snapshot holds {} parameters, this shard [{}, {}) has {}", params.size(),
                                         key_begin_, key_end_, params_.size()));
-  SPS_RETURN_IF_ERROR(optimizer_.set_velocity(velocity));
+  SPS_RETURN_IF_ERROR(optimizer_.set_state(velocity, second_moment));
   std::copy(params.begin(), params.end(), params_.data());
   change_log_.restart(version);
   version_ = version;

@@ -90,11 +90,13 @@ class Shard {
 
   // Snapshot state (server.cc writes it; restore() reads it back).
   std::span<const float> velocity() const { return optimizer_.velocity(); }
-  // Restarts the shard from a snapshot: parameters, momentum buffer and
+  std::span<const float> second_moment() const { return optimizer_.second_moment(); }
+  // Restarts the shard from a snapshot: parameters, optimizer state and
   // version; every worker is live at clock `clock` (the step the whole job
   // resumes from) and the change log starts empty at the version (a
   // restarted worker pulls densely). Fails, changing nothing, on a size mismatch.
-  Status restore(std::span<const float> params, std::span<const float> velocity, uint64_t version, uint64_t clock);
+  Status restore(std::span<const float> params, std::span<const float> velocity,
+                 std::span<const float> second_moment, uint64_t version, uint64_t clock);
 
   // Aggregating policies: applies every complete clock; returns how many.
   int apply_ready();

@@ -106,6 +106,32 @@ TEST(ConfigTest, CrossKeyRules) {
   expect_error("run:\n  name: a/b\n", "run.name");
 }
 
+TEST(ConfigTest, AdaptiveOptimizersNeedGradientPushesAndNoSgdMomentum) {
+  // The error names the file, the line and the key.
+  expect_error("training:\n  lr: 0.01\noptimizer:\n  name: adam\n",
+               "job.yaml:4:3: optimizer.name: adam scales each gradient by its own history and applies training.lr "
+               "itself; it needs gradient pushes: set compression.scale: 1");
+  expect_error("optimizer:\n  name: adagrad\n", "", {"compression.scale=lr"});
+  expect_error("compression:\n  scale: 1\noptimizer:\n  name: adam\n  momentum: 0.9\n",
+               "job.yaml:5:3: optimizer.momentum is for sgd only, and optimizer.name is adam (adam's own momentum is "
+               "optimizer.beta1): set optimizer.momentum: 0");
+  expect_error("optimizer:\n  name: rmsprop\n", "optimizer.name");
+  auto ok = load_from_string("compression:\n  scale: 1\noptimizer:\n  name: adam\n  beta1: 0.5\n  lazy: true\n",
+                             "job.yaml");
+  ASSERT_TRUE(ok.ok()) << ok.status().message();
+  EXPECT_EQ(ok->optimizer.name, OptimizerName::kAdam);
+  EXPECT_DOUBLE_EQ(ok->optimizer.beta1, 0.5);
+  EXPECT_TRUE(ok->optimizer.lazy);
+  EXPECT_TRUE(ineffective_keys(*ok).empty());
+  // Adam's settings under sgd are named as having no effect.
+  auto sgd = load_from_string("optimizer:\n  beta2: 0.9\n  epsilon: 0.001\n", "job.yaml");
+  ASSERT_TRUE(sgd.ok()) << sgd.status().message();
+  const auto w = ineffective_keys(*sgd);
+  ASSERT_EQ(w.size(), 2u) << ::testing::PrintToString(w);
+  EXPECT_EQ(w[0], "job.yaml:2:3: optimizer.beta2 has no effect: optimizer.name is sgd (only adam uses it)");
+  EXPECT_EQ(w[1], "job.yaml:3:3: optimizer.epsilon has no effect: optimizer.name is sgd (adagrad and adam use it)");
+}
+
 TEST(ConfigTest, KeysWithoutEffectAreNamedWithWhereTheyWereSet) {
   auto c = load_from_string(
       "compression:\n  values: f32\n  qsgd_levels: 16\n  quant_bucket: 256\nconsistency:\n  staleness: 3\n",

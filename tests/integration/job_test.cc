@@ -97,6 +97,28 @@ TEST(JobTest, ServerMomentumWeightDecayAndScheduleMatchTheReferenceBitForBit) {
                    "optimizer.weight_decay=0.0001", "optimizer.lr_schedule=cosine", "optimizer.warmup_steps=20"});
 }
 
+// Adam (with decoupled weight decay), lazy Adam and Adagrad on the servers,
+// over top-k gradient pushes with error feedback. The rules that change only
+// the pushed keys keep the pulls sparse.
+TEST(JobTest, AdamAndAdagradOnTheServersMatchTheReferenceBitForBit) {
+  const std::vector<std::string> common = {"data.train_limit=2000", "data.test_limit=500", "training.steps=150",
+                                           "training.batch_size=16",  "compression.ratio=0.05", "compression.scale=1"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), common.begin(), common.end());
+    return extra;
+  };
+  run_and_compare("adam", 2, 2, with({"optimizer.name=adam", "training.lr=0.01", "optimizer.weight_decay=0.01"}));
+  for (const auto& [name, sets] : {std::pair<std::string, std::vector<std::string>>{
+                                       "lazy_adam", {"optimizer.name=adam", "optimizer.lazy=true", "training.lr=0.01"}},
+                                   {"adagrad", {"optimizer.name=adagrad", "training.lr=0.05"}}}) {
+    std::string dir;
+    run_and_compare(name, 2, 2, with(sets), true, &dir);
+    const auto summary = read_json(dir + "/summary.json");
+    // Every pull after each worker's first, per shard, can go sparse: 2 x 2 x 149.
+    EXPECT_GE(summary["sparse_pulls"].get<uint64_t>(), 2u * 2 * 149) << name;
+  }
+}
+
 // The compression options that change what goes on the wire, all at once:
 // per-tensor selection, f16 values (rounding error in the residual),
 // Hessian-aided compensation, DGC momentum correction and the sparsity

@@ -46,15 +46,18 @@ int64_t resumed_step(const std::string& worker_log) {
   return -1;
 }
 
-TEST(ResumeTest, KilledServerResumesBitIdenticalToAnUninterruptedRun) {
-  Job reference("resume_reference", 2, 2, resume_sets({}));
+// Runs `name` uninterrupted, then again with a server SIGKILLed after step
+// 200 and the job resumed from its newest snapshot; the final parameters
+// must be the same bits.
+void kill_a_server_and_resume(const std::string& name, const std::vector<std::string>& extra) {
+  Job reference(name + "_reference", 2, 2, resume_sets(extra));
   ASSERT_TRUE(reference.start());
   ASSERT_TRUE(reference.wait_all(120));
   ASSERT_EQ(reference.scheduler.exit_status(), 0) << read_text(reference.path("scheduler.out"));
   const std::vector<float> expected = read_f32(reference.path("params.f32"));
   ASSERT_FALSE(expected.empty());
 
-  Job killed("resume_job", 2, 2, resume_sets({}));
+  Job killed(name + "_job", 2, 2, resume_sets(extra));
   ASSERT_TRUE(killed.start());
   const std::string ckpt = killed.path("checkpoints");
   // Both shards of step 200 are on disk: the job is well into training.
@@ -80,7 +83,9 @@ TEST(ResumeTest, KilledServerResumesBitIdenticalToAnUninterruptedRun) {
   const auto started = std::chrono::steady_clock::now();
   const double started_unix =
       std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-  Job resumed("resume_job", 2, 2, resume_sets({"checkpoint.resume=true"}), /*fresh_folder=*/false);
+  std::vector<std::string> resume = extra;
+  resume.push_back("checkpoint.resume=true");
+  Job resumed(name + "_job", 2, 2, resume_sets(resume), /*fresh_folder=*/false);
   ASSERT_TRUE(resumed.start());
   ASSERT_TRUE(resumed.wait_all(120));
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -114,8 +119,16 @@ TEST(ResumeTest, KilledServerResumesBitIdenticalToAnUninterruptedRun) {
     }
   }
   EXPECT_GT(first_step_unix, started_unix);
-  std::cout << "resume: from step " << newest << "; first step " << first_step_unix - started_unix
+  std::cout << name << ": resumed from step " << newest << "; first step " << first_step_unix - started_unix
             << " s after the restart; the rest of the job took " << seconds << " s\n";
+}
+
+TEST(ResumeTest, KilledServerResumesBitIdenticalToAnUninterruptedRun) { kill_a_server_and_resume("resume", {}); }
+
+// Adam's two moments per key are in the servers' snapshots: without them
+// the resumed run would restart the moments at zero and end elsewhere.
+TEST(ResumeTest, AdamStateResumesBitIdentical) {
+  kill_a_server_and_resume("resume_adam", {"optimizer.name=adam", "compression.scale=1", "training.lr=0.005"});
 }
 
 // Asynchronous training is not deterministic, so the bar is the accuracy

@@ -2,8 +2,9 @@
 """The Python binding (`import sps`) end to end: in-process checks, then real
 jobs (scheduler, server and Python workers over loopback, started by
 sps-launch) with the example's numpy model in sps's loop and in its own, a
-model that raises, one that forgets to write its gradient, and the PyTorch
-CNN against the same network through the C++ API.
+model that raises, one that forgets to write its gradient, the PyTorch
+CNN against the same network through the C++ API, and the servers' Adam,
+AdamW and Adagrad against torch.optim's.
 
 usage: python_binding_test.py BIN_DIR
 """
@@ -121,6 +122,26 @@ def torch_same_as_cpp(bin_dir, runs):
           f"({a[0][0][1]:.4f} -> {a[0][-1][1]:.4f})", flush=True)
 
 
+def optimizers_same_as_torch(bin_dir, runs):
+    """The servers' Adam, AdamW and Adagrad against torch.optim's, one dense
+    worker over two shards: the same parameters after every step."""
+    if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode != 0:
+        print("SKIP optimizers: no python3-torch")
+        return
+    worker = os.path.join(HERE, "python_optimizer_worker.py")
+    common = ["--set", "cluster.num_workers=1", "--set", "cluster.num_servers=2", "--set", "model.name=torch_mlp",
+              "--set", "compression.method=dense", "--set", "compression.error_feedback=none",
+              "--set", "compression.scale=1", "--set", "training.steps=100", "--set", "training.batch_size=32",
+              "--set", "data.train_limit=5000", "--set", "data.test_limit=500", "--set", "run.name=optimizer"]
+    for rule, sets in (("Adam", ["optimizer.name=adam", "training.lr=0.01"]),
+                       ("AdamW", ["optimizer.name=adam", "training.lr=0.01", "optimizer.weight_decay=0.1",
+                                  "optimizer.beta1=0.8"]),
+                       ("Adagrad", ["optimizer.name=adagrad", "training.lr=0.05", "optimizer.epsilon=1e-10"])):
+        extra = [a for s in sets for a in ("--set", s)]
+        rc, out, _ = launch(bin_dir, runs, worker, common + extra)
+        assert rc == 0 and f"optimizer matches torch.optim.{rule}: 100 steps" in out, f"{rule}: rc {rc}"
+
+
 def main():
     bin_dir = os.path.abspath(sys.argv[1])
     in_process(bin_dir)
@@ -190,6 +211,7 @@ def main():
         assert all(float(row["test_accuracy"]) > 0.65 for row in rows), rows
 
         torch_same_as_cpp(bin_dir, runs)
+        optimizers_same_as_torch(bin_dir, runs)
         print("PASS")
     finally:
         shutil.rmtree(runs, ignore_errors=True)

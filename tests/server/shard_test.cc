@@ -70,7 +70,7 @@ TEST(ShardTest, RestoreContinuesFromTheSnapshotClock) {
   s.remove_worker(1);  // a restart brings every worker back
   std::vector<float> params(10);
   for (size_t i = 0; i < params.size(); ++i) params[i] = static_cast<float>(i);
-  ASSERT_TRUE(s.restore(params, {}, 40, 40).ok());
+  ASSERT_TRUE(s.restore(params, {}, {}, 40, 40).ok());
   EXPECT_EQ(s.version(), 40u);
   EXPECT_EQ(s.params()[7], 7.0f);
   EXPECT_TRUE(s.may_answer_pull(40));
@@ -87,9 +87,9 @@ TEST(ShardTest, RestoreContinuesFromTheSnapshotClock) {
   EXPECT_EQ(s.version(), 41u);
   EXPECT_FLOAT_EQ(s.params()[0], -3.0f);  // 0 - (2 + 4) / 2
   // A snapshot of another size is refused and changes nothing.
-  EXPECT_FALSE(s.restore(std::vector<float>(9), {}, 5, 5).ok());
+  EXPECT_FALSE(s.restore(std::vector<float>(9), {}, {}, 5, 5).ok());
   EXPECT_EQ(s.version(), 41u);
-  EXPECT_FALSE(s.restore(params, std::vector<float>(10), 5, 5).ok()) << "a momentum buffer plain SGD does not have";
+  EXPECT_FALSE(s.restore(params, std::vector<float>(10), {}, 5, 5).ok()) << "a momentum buffer plain SGD does not have";
   EXPECT_EQ(s.version(), 41u);
 }
 
