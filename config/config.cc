@@ -7,6 +7,7 @@
 #include <utility>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <yaml-cpp/yaml.h>
 
 namespace sps::config {
@@ -674,6 +675,15 @@ const char* to_string(ConsistencyMode m) {
     case ConsistencyMode::kAsp: return "asp";
   }
   return "?";
+}
+
+std::string optimizer_name(const OptimizerConfig& o) {
+  std::vector<std::string> extras;
+  if (o.name == OptimizerName::kSgd && o.momentum > 0) extras.push_back(fmt::format("momentum {}", o.momentum));
+  if (o.name == OptimizerName::kAdam && o.lazy) extras.push_back("lazy");
+  if (o.weight_decay > 0) extras.push_back(fmt::format("weight decay {}", o.weight_decay));
+  if (extras.empty()) return to_string(o.name);
+  return fmt::format("{} ({})", to_string(o.name), fmt::join(extras, ", "));
 }
 
 std::string consistency_name(const ConsistencyConfig& c) {

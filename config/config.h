@@ -349,6 +349,8 @@ const char* to_string(CompressionMethod m);
 const char* to_string(ErrorFeedback e);
 const char* to_string(ConsistencyMode m);
 const char* to_string(OptimizerName n);
+// "sgd", "sgd (momentum 0.9)", "adam (lazy)", "adam (weight decay 0.01)", ...
+std::string optimizer_name(const OptimizerConfig& o);
 const char* to_string(ValueFormatName v);
 // "bsp", "ssp(4)", "ssp(0)", "asp".
 std::string consistency_name(const ConsistencyConfig& c);

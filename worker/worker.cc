@@ -295,9 +295,10 @@ void Worker::connect_impl(Model& model) {
   w.check(w.client->start_barrier());
   const auto& cc = w.cfg.compression;
   if (rank == 0 && w.cfg.run.progress)
-    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}, {}", world,
-                 w.n, w.cfg.training.steps, config::to_string(cc.method), w.compression->k(),
-                 config::to_string(cc.error_feedback), config::consistency_name(w.cfg.consistency));
+    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}, {}, servers apply {}",
+                 world, w.n, w.cfg.training.steps, config::to_string(cc.method), w.compression->k(),
+                 config::to_string(cc.error_feedback), config::consistency_name(w.cfg.consistency),
+                 config::optimizer_name(w.cfg.optimizer));
   w.train_clock.reset();
 }
 

@@ -123,6 +123,12 @@ TEST(ConfigTest, AdaptiveOptimizersNeedGradientPushesAndNoSgdMomentum) {
   EXPECT_DOUBLE_EQ(ok->optimizer.beta1, 0.5);
   EXPECT_TRUE(ok->optimizer.lazy);
   EXPECT_TRUE(ineffective_keys(*ok).empty());
+  EXPECT_EQ(optimizer_name(ok->optimizer), "adam (lazy)");
+  OptimizerConfig sgd_config;
+  EXPECT_EQ(optimizer_name(sgd_config), "sgd");
+  sgd_config.momentum = 0.9;
+  sgd_config.weight_decay = 0.0001;
+  EXPECT_EQ(optimizer_name(sgd_config), "sgd (momentum 0.9, weight decay 0.0001)");
   // Adam's settings under sgd are named as having no effect.
   auto sgd = load_from_string("optimizer:\n  beta2: 0.9\n  epsilon: 0.001\n", "job.yaml");
   ASSERT_TRUE(sgd.ok()) << sgd.status().message();

@@ -117,6 +117,10 @@ struct Case {
   bool dense;  // expected Optimizer::dense()
 };
 
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << config::to_string(c.name) << (c.lazy ? " lazy" : "") << " wd " << c.wd;
+}
+
 class AdaptiveTest : public ::testing::TestWithParam<Case> {};
 
 // 30 updates of random sparse pushes (2 workers' sums, so the optimizer
