@@ -3,10 +3,14 @@
 //
 //   sps-grad stats  grad.f32 [--json]
 //   sps-grad select grad.f32 --method topk --ratio 0.001 --indices sel.u32 --values sel.f32 --json
+//   sps-grad xi acc-w0-s500.f32 acc-w1-s500.f32 --updates update-w0-s500.f32 update-w1-s500.f32 --ratio 0.01
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <iostream>
+#include <limits>
+#include <utility>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -56,6 +60,105 @@ int run_stats(const std::string& path, bool json) {
   for (size_t b = 0; b < s.abs_histogram.size(); ++b)
     std::cout << fmt::format("  |x| < {:9.3g}  {:>10}  {}\n", s.max_abs * double(b + 1) / 32.0, s.abs_histogram[b],
                              std::string(static_cast<size_t>(50.0 * double(s.abs_histogram[b]) / double(peak)), '#'));
+  return 0;
+}
+
+// Alistarh et al.'s Assumption 1, measured: how far the average of the
+// workers' top-k is from the top-k of their average, relative to the size of
+// the step (the average of what this step added to each worker's acc).
+struct XiOptions {
+  std::vector<std::string> acc_paths, update_paths;
+  double ratio = 0.01;
+  int64_t k = 0;
+  bool json = false;
+};
+
+int run_xi(const XiOptions& o) {
+  if (o.acc_paths.size() < 2) return fail("xi: give the acc files of at least two workers (the same step)");
+  if (o.update_paths.size() != o.acc_paths.size())
+    return fail(fmt::format("xi: {} acc files but {} --updates files; give one update per worker, in the same order",
+                            o.acc_paths.size(), o.update_paths.size()));
+  std::vector<std::vector<float>> acc, update;
+  for (const auto& [paths, out] : {std::pair{&o.acc_paths, &acc}, std::pair{&o.update_paths, &update}}) {
+    for (const auto& path : *paths) {
+      auto x = sps::kernels::load_f32(path);
+      if (!x.ok()) return fail(x.status().message());
+      if (!out->empty() && x->size() != out->front().size())
+        return fail(fmt::format("xi: {} holds {} values, {} holds {}", path, x->size(), paths->front(),
+                                out->front().size()));
+      for (size_t i = 0; i < x->size(); ++i)
+        if (!std::isfinite((*x)[i])) return fail(fmt::format("xi: {}: value {} at index {} is not finite", path,
+                                                             (*x)[i], i));
+      out->push_back(std::move(*x));
+    }
+  }
+  const size_t n = acc.front().size();
+  if (update.front().size() != n)
+    return fail(fmt::format("xi: the acc files hold {} values, the update files {}", n, update.front().size()));
+  const size_t k = o.k > 0 ? std::min<size_t>(static_cast<size_t>(o.k), n) : sps::kernels::k_from_ratio(o.ratio, n);
+  const double workers = static_cast<double>(acc.size());
+  // In double: the quantities compared are differences of nearly equal sums.
+  std::vector<double> local(n, 0.0), mean_update(n, 0.0);
+  std::vector<float> mean_acc(n, 0.0f);
+  std::vector<double> mean_acc_d(n, 0.0);
+  std::vector<uint32_t> union_count(n, 0);
+  sps::kernels::SparseVector sel;
+  sps::kernels::TopKScratch scratch;
+  double compression_error = 0;  // mean over workers of |acc - TopK(acc)|^2 / |acc|^2
+  for (size_t w = 0; w < acc.size(); ++w) {
+    sps::kernels::topk_select(acc[w], k, sel, scratch);
+    double total = 0, kept = 0;
+    for (float v : acc[w]) total += double(v) * v;
+    for (size_t i = 0; i < sel.indices.size(); ++i) {
+      local[sel.indices[i]] += double(sel.values[i]) / workers;
+      kept += double(sel.values[i]) * sel.values[i];
+      union_count[sel.indices[i]] = 1;
+    }
+    compression_error += (total > 0 ? (total - kept) / total : 0.0) / workers;
+    for (size_t j = 0; j < n; ++j) {
+      mean_acc_d[j] += double(acc[w][j]) / workers;
+      mean_update[j] += double(update[w][j]) / workers;
+    }
+  }
+  for (size_t j = 0; j < n; ++j) mean_acc[j] = static_cast<float>(mean_acc_d[j]);
+  sps::kernels::topk_select(mean_acc, k, sel, scratch);
+  std::vector<double> global(n, 0.0);
+  size_t covered = 0;  // entries of the global top-k that some worker selected
+  for (size_t i = 0; i < sel.indices.size(); ++i) {
+    global[sel.indices[i]] = mean_acc_d[sel.indices[i]];
+    covered += union_count[sel.indices[i]];
+  }
+  double gap = 0, step = 0;
+  size_t union_size = 0;
+  for (size_t j = 0; j < n; ++j) {
+    gap += (global[j] - local[j]) * (global[j] - local[j]);
+    step += mean_update[j] * mean_update[j];
+    union_size += union_count[j];
+  }
+  gap = std::sqrt(gap);
+  step = std::sqrt(step);
+  const double xi = step > 0 ? gap / step : std::numeric_limits<double>::infinity();
+  nlohmann::json j = {{"workers", acc.size()},
+                      {"n", n},
+                      {"k", k},
+                      {"xi", step > 0 ? nlohmann::json(xi) : nlohmann::json(nullptr)},
+                      {"gap_norm", gap},
+                      {"update_norm", step},
+                      {"compression_error", compression_error},
+                      {"compression_error_bound", 1.0 - double(k) / double(n)},
+                      {"union_over_k", double(union_size) / double(k)},
+                      {"global_topk_covered", k > 0 ? double(covered) / double(k) : 0.0}};
+  if (o.json) {
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  std::cout << fmt::format(
+      "{} workers, n = {}, k = {}\n"
+      "xi = |TopK(mean acc) - mean TopK(acc)| / |mean update| = {:.4g} / {:.4g} = {:.4g}\n"
+      "compression error |acc - TopK(acc)|^2 / |acc|^2: {:.4f} (mean over workers; bound 1 - k/n = {:.4f})\n"
+      "the workers' selections cover {} entries ({:.2f} k) and {:.1f} % of the top-k of their mean\n",
+      acc.size(), n, k, gap, step, xi, compression_error, 1.0 - double(k) / double(n), union_size,
+      double(union_size) / double(k), 100.0 * double(covered) / double(k));
   return 0;
 }
 
@@ -223,7 +326,21 @@ int main(int argc, char** argv) {
   sel->add_option("--repeat", o.repeat, "time this many runs, report the median (default 1)")
       ->check(CLI::PositiveNumber);
   sel->add_flag("--json", o.json, "print one JSON object");
+
+  XiOptions xo;
+  auto* xi = app.add_subcommand(
+      "xi", "Alistarh et al.'s xi for one step of several workers: |TopK(mean acc) - mean TopK(acc)| / |mean update| "
+            "(the files run.dump_acc_steps writes)");
+  xi->add_option("acc", xo.acc_paths, "each worker's acc at the step (acc-w<rank>-s<step>.f32)")->required();
+  xi->add_option("--updates", xo.update_paths,
+                 "each worker's update at the step, in the same order (update-w<rank>-s<step>.f32)")
+      ->required();
+  xi->add_option("--ratio", xo.ratio, "k = max(1, floor(ratio n)) per worker (default 0.01)")
+      ->check(CLI::Range(0.0, 1.0));
+  xi->add_option("--k", xo.k, "entries per worker; overrides --ratio")->check(CLI::NonNegativeNumber);
+  xi->add_flag("--json", xo.json, "print one JSON object");
   CLI11_PARSE(app, argc, argv);
   if (stats->parsed()) return run_stats(stats_path, stats_json);
+  if (xi->parsed()) return run_xi(xo);
   return run_select(o);
 }

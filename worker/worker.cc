@@ -119,18 +119,26 @@ struct Worker::Impl {
   // push for pull_clock - 1 as too stale get its values back into the
   // residual (sel still holds that push).
   void take_back_refused(uint64_t pull_clock);
-  // acc of this step = the new residual + what was selected.
-  void dump_acc(uint32_t rank) {
+  // acc of this step = the new residual + what was selected; its update =
+  // acc - the residual before the step (scale * g and whatever the
+  // compressor adds to it: what Alistarh et al.'s xi is measured against).
+  void dump_acc(uint32_t rank, const std::vector<float>& residual_before) {
     std::vector<float> acc = compression->residual();
     if (sel.indices.empty() && sel.values.size() == acc.size()) {  // dense: everything was sent
       for (size_t i = 0; i < acc.size(); ++i) acc[i] += sel.values[i];
     } else {
       for (size_t i = 0; i < sel.indices.size(); ++i) acc[sel.indices[i]] += sel.values[i];
     }
-    const std::string path = fmt::format("{}/acc-w{}-s{}.f32", cfg.run_folder(), rank, step);
-    std::ofstream f(path, std::ios::binary | std::ios::trunc);
-    f.write(reinterpret_cast<const char*>(acc.data()), static_cast<std::streamsize>(acc.size() * sizeof(float)));
-    if (!f) fail("cannot write " + path);
+    std::vector<float> update = acc;
+    if (residual_before.size() == update.size())
+      for (size_t i = 0; i < update.size(); ++i) update[i] -= residual_before[i];
+    for (const auto& [name, values] : {std::pair{"acc", &acc}, std::pair{"update", &update}}) {
+      const std::string path = fmt::format("{}/{}-w{}-s{}.f32", cfg.run_folder(), name, rank, step);
+      std::ofstream f(path, std::ios::binary | std::ios::trunc);
+      f.write(reinterpret_cast<const char*>(values->data()),
+              static_cast<std::streamsize>(values->size() * sizeof(float)));
+      if (!f) fail("cannot write " + path);
+    }
   }
   void push(std::span<const float> grad, double loss, const Batch* batch);
   // checkpoint.interval: the residual and step after every interval-th push.
@@ -392,6 +400,9 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
                 "batch; pass the batch to Worker::push");
   const uint32_t rank = client->rank();
   const double compute_s = since_pull.seconds();
+  const bool dump = std::find(cfg.run.dump_acc_steps.begin(), cfg.run.dump_acc_steps.end(), step) !=
+                    cfg.run.dump_acc_steps.end();
+  const std::vector<float> residual_before = dump ? compression->residual() : std::vector<float>{};
   Stopwatch sw;
   // lr-scaled error feedback takes this step's lr from the schedule.
   check(compression->compress(params, batch ? *batch : no_batch, grad, step, sel, /*grad_on_device=*/device != nullptr)
@@ -410,8 +421,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
                      rank, step, index, sel.values[j], value_format_name(worker::value_format(cfg)),
                      cc.method == config::CompressionMethod::kRandomK && cc.randomk_unbiased ? ", scaled by n/k" : ""));
   }
-  if (std::find(cfg.run.dump_acc_steps.begin(), cfg.run.dump_acc_steps.end(), step) != cfg.run.dump_acc_steps.end())
-    dump_acc(rank);
+  if (dump) dump_acc(rank, residual_before);
   sw.reset();
   const auto clock = static_cast<uint64_t>(step);
   const auto before = client->counters();  // copy: the deltas below are per step

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -177,6 +178,44 @@ TEST(GradToolTest, StatsRecogniseANormalShapeAndReadNpy) {
   auto [rc2, out2] = grad("stats " + dir() + "/heavy.f32 --json");
   ASSERT_EQ(rc2, 0);
   EXPECT_GT(nlohmann::json::parse(out2)["excess_kurtosis"].get<double>(), 10.0);
+}
+
+TEST(GradToolTest, XiOfTwoWorkersByHand) {
+  // k = 1. Worker 0 selects 3 at index 0, worker 1 selects 2 at index 1; the
+  // mean of their acc is [1.5, 1, 0, 1], whose top-1 is 1.5 at index 0. So
+  // TopK(mean) - mean TopK = [1.5, 0, 0, 0] - [1.5, 1, 0, 0], of norm 1,
+  // divided by the norm of the mean update.
+  const std::string d = dir();
+  ASSERT_TRUE(save_f32(d + "/a0.f32", {3, 0, 0, 1}).ok());
+  ASSERT_TRUE(save_f32(d + "/a1.f32", {0, 2, 0, 1}).ok());
+  ASSERT_TRUE(save_f32(d + "/u0.f32", {1, 1, 1, 1}).ok());
+  ASSERT_TRUE(save_f32(d + "/u1.f32", {1, 1, 2, 0}).ok());
+  auto [rc, out] = grad("xi " + d + "/a0.f32 " + d + "/a1.f32 --updates " + d + "/u0.f32 " + d + "/u1.f32 --k 1 --json");
+  ASSERT_EQ(rc, 0) << out;
+  const auto j = nlohmann::json::parse(out);
+  EXPECT_EQ(j["k"], 1);
+  EXPECT_EQ(j["workers"], 2);
+  EXPECT_NEAR(j["gap_norm"].get<double>(), 1.0, 1e-12);
+  // Mean update [1, 1, 1.5, 0.5]: norm sqrt(1 + 1 + 2.25 + 0.25) = sqrt(4.5).
+  EXPECT_NEAR(j["update_norm"].get<double>(), std::sqrt(4.5), 1e-12);
+  EXPECT_NEAR(j["xi"].get<double>(), 1.0 / std::sqrt(4.5), 1e-12);
+  // Errors: (10 - 9) / 10 and (5 - 4) / 5, averaged.
+  EXPECT_NEAR(j["compression_error"].get<double>(), 0.15, 1e-12);
+  EXPECT_NEAR(j["compression_error_bound"].get<double>(), 0.75, 1e-12);
+  EXPECT_NEAR(j["union_over_k"].get<double>(), 2.0, 1e-12);
+  EXPECT_NEAR(j["global_topk_covered"].get<double>(), 1.0, 1e-12);
+  // Workers that agree have xi = 0.
+  std::tie(rc, out) = grad("xi " + d + "/a0.f32 " + d + "/a0.f32 --updates " + d + "/u0.f32 " + d + "/u1.f32 --k 1");
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("= 0 / 2.121 = 0\n"), std::string::npos) << out;
+  // Mismatched inputs are named.
+  std::tie(rc, out) = grad("xi " + d + "/a0.f32 " + d + "/a1.f32 --updates " + d + "/u0.f32 --k 1");
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(out.find("2 acc files but 1 --updates files"), std::string::npos) << out;
+  ASSERT_TRUE(save_f32(d + "/short.f32", {1, 2}).ok());
+  std::tie(rc, out) = grad("xi " + d + "/a0.f32 " + d + "/short.f32 --updates " + d + "/u0.f32 " + d + "/u1.f32");
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(out.find("short.f32 holds 2 values"), std::string::npos) << out;
 }
 
 TEST(GradToolTest, BadInputIsAClearError) {
