@@ -485,6 +485,7 @@ void Coordinator::write_summary() {
   const double now = clock_.seconds();
   nlohmann::json s = {
       {"consistency", policy->name()},
+      {"optimizer", config::optimizer_name(cfg_.optimizer)},
       {"staleness", staleness.summary()},
       {"staleness_bound", bound == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(bound)},
       {"max_push_staleness", cfg_.consistency.max_push_staleness < 0

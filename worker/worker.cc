@@ -122,12 +122,22 @@ struct Worker::Impl {
   // acc of this step = the new residual + what was selected; its update =
   // acc - the residual before the step (scale * g and whatever the
   // compressor adds to it: what Alistarh et al.'s xi is measured against).
-  void dump_acc(uint32_t rank, const std::vector<float>& residual_before) {
-    std::vector<float> acc = compression->residual();
-    if (sel.indices.empty() && sel.values.size() == acc.size()) {  // dense: everything was sent
-      for (size_t i = 0; i < acc.size(); ++i) acc[i] += sel.values[i];
+  // Without error feedback nothing of acc is kept, so it is rebuilt from the
+  // gradient: scale * g (`grad`, host memory).
+  void dump_acc(uint32_t rank, const std::vector<float>& residual_before, std::span<const float> grad) {
+    std::vector<float> acc;
+    if (cfg.compression.error_feedback == config::ErrorFeedback::kNone) {
+      const auto scale = static_cast<float>(
+          cfg.compression.scale == config::Scale::kLr ? config::learning_rate(cfg, step) : 1.0);
+      acc.resize(grad.size());
+      for (size_t i = 0; i < grad.size(); ++i) acc[i] = scale * grad[i];
     } else {
-      for (size_t i = 0; i < sel.indices.size(); ++i) acc[sel.indices[i]] += sel.values[i];
+      acc = compression->residual();
+      if (sel.indices.empty() && sel.values.size() == acc.size()) {  // dense: everything was sent
+        for (size_t i = 0; i < acc.size(); ++i) acc[i] += sel.values[i];
+      } else {
+        for (size_t i = 0; i < sel.indices.size(); ++i) acc[sel.indices[i]] += sel.values[i];
+      }
     }
     std::vector<float> update = acc;
     if (residual_before.size() == update.size())
@@ -421,7 +431,13 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
                      rank, step, index, sel.values[j], value_format_name(worker::value_format(cfg)),
                      cc.method == config::CompressionMethod::kRandomK && cc.randomk_unbiased ? ", scaled by n/k" : ""));
   }
-  if (dump) dump_acc(rank, residual_before);
+  if (dump && device && cc.error_feedback == config::ErrorFeedback::kNone) {
+    spdlog::warn("worker {} step {}: run.dump_acc_steps: without error feedback acc is rebuilt from the gradient, "
+                 "which is in GPU memory here; nothing dumped",
+                 rank, step);
+  } else if (dump) {
+    dump_acc(rank, residual_before, grad);
+  }
   sw.reset();
   const auto clock = static_cast<uint64_t>(step);
   const auto before = client->counters();  // copy: the deltas below are per step

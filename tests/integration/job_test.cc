@@ -116,6 +116,7 @@ TEST(JobTest, AdamAndAdagradOnTheServersMatchTheReferenceBitForBit) {
     const auto summary = read_json(dir + "/summary.json");
     // Every pull after each worker's first, per shard, can go sparse: 2 x 2 x 149.
     EXPECT_GE(summary["sparse_pulls"].get<uint64_t>(), 2u * 2 * 149) << name;
+    EXPECT_EQ(summary["optimizer"], name == "lazy_adam" ? "adam (lazy)" : "adagrad");
   }
 }
 

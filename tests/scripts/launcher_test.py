@@ -42,6 +42,8 @@ class LauncherTest(unittest.TestCase):
                     "bytes_pulled", "wall_seconds"):
             self.assertIn(key, s)
         self.assertEqual(s["steps"], 100)
+        self.assertEqual(s["optimizer"], "sgd")
+        self.assertIn("server optimizer        sgd", r.stdout)
         self.assertLess(s["bytes_pushed"] * 20, s["bytes_pushed_dense_equivalent"])
         self.assertEqual(processes_mentioning(self.tmp), [])
 
@@ -96,6 +98,18 @@ class LauncherTest(unittest.TestCase):
         self.assertEqual(r.returncode, 2)
         self.assertIn("training.lr", r.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "bad")))
+
+    def test_binaries_that_do_not_run_are_a_clear_error(self):
+        empty = os.path.join(self.tmp, "bin")
+        os.makedirs(empty)
+        with open(os.path.join(empty, "sps-scheduler"), "w") as f:
+            f.write("not a program\n")  # present, not executable
+        argv = [a if a != BIN else empty for a in self.launch("nobin")]
+        r = subprocess.run(argv + ["--worker", os.path.join(BIN, "sps-worker")], capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn(f"cannot run {empty}/sps-scheduler: Permission denied", r.stderr)
+        self.assertNotIn("Traceback", r.stderr)
 
     def test_help(self):
         r = subprocess.run([sys.executable, LAUNCH, "--help"], capture_output=True, text=True)

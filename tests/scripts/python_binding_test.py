@@ -87,7 +87,42 @@ def in_process(bin_dir):
         model.loss_and_gradient(params + h * np.eye(18)[j], x, y, g_plus)
         model.loss_and_gradient(params - h * np.eye(18)[j], x, y, g_minus)
         assert abs((g_plus[j] - g_minus[j]) / (2 * h) - diag[j]) < 1e-6, (j, diag[j])
+    stubs_name_everything(sps)
     print("in-process checks passed", flush=True)
+
+
+def stubs_name_everything(sps):
+    """The type stubs (sps/_core.pyi, next to the module, with py.typed)
+    name every public attribute of sps._core and of its classes."""
+    import ast
+    package = os.path.dirname(sps.__file__)
+    assert os.path.exists(os.path.join(package, "py.typed")), "no py.typed marker"
+    with open(os.path.join(package, "_core.pyi")) as f:
+        tree = ast.parse(f.read())
+    stubbed = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            stubbed[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef)} | \
+                                 {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)}
+        elif isinstance(node, ast.FunctionDef):
+            stubbed[node.name] = set()
+        elif isinstance(node, ast.AnnAssign):
+            stubbed[node.target.id] = set()
+    core = sps._core
+    missing = []
+    for name in dir(core):
+        if name.startswith("_") and name != "__version__":
+            continue
+        if name not in stubbed:
+            missing.append(name)
+            continue
+        obj = getattr(core, name)
+        if isinstance(obj, type) and not issubclass(obj, BaseException):
+            for attr in dir(obj):
+                if (not attr.startswith("_") or attr in ("__init__", "__len__", "__enter__", "__exit__")) \
+                        and attr not in stubbed[name] and attr not in dir(object):
+                    missing.append(f"{name}.{attr}")
+    assert not missing, f"sps/_core.pyi does not name: {', '.join(missing)}"
 
 
 def step_losses(path):
