@@ -331,6 +331,7 @@ const std::vector<Field>& fields() {
                                {"delta_varint", IndexCoding::kDeltaVarint}, {"bitmap", IndexCoding::kBitmap}}),
       real_field("compression.momentum_correction", SPS_REF(compression.momentum_correction), 0.0, 1.0, false),
       real_field("compression.clip_norm", SPS_REF(compression.clip_norm), 0.0, 1e30, false),
+      bool_field("compression.rescale_residual", SPS_REF(compression.rescale_residual)),
       integer_field("compression.warmup_steps", SPS_REF(compression.warmup_steps), 0, kInt32Max),
       real_field("compression.warmup_ratio", SPS_REF(compression.warmup_ratio), 0.0, 1.0, true),
       integer_field("compression.threads", SPS_REF(compression.threads), 0, 256),
@@ -583,6 +584,10 @@ std::vector<std::string> ineffective_keys(const Config& c) {
        uses_k ? "compression.k is set, which fixes k at every step" : method + " (the warm-up schedules k)"},
       {"compression.warmup_ratio", uses_k && cc.k <= 0 && cc.warmup_steps > 0,
        uses_k && cc.k <= 0 ? std::string("compression.warmup_steps is 0") : "there is no sparsity warm-up"},
+      {"compression.rescale_residual",
+       cc.scale == Scale::kLr && cc.error_feedback != ErrorFeedback::kNone,
+       cc.scale == Scale::kLr ? "compression.error_feedback is none (there is no residual)"
+                              : "compression.scale is 1 (the residual holds gradients; the servers apply the lr)"},
       {"consistency.staleness", c.consistency.mode == ConsistencyMode::kSsp,
        fmt::format("consistency.mode is {} (only ssp uses it)", to_string(c.consistency.mode))},
       {"consistency.max_push_staleness", c.consistency.mode != ConsistencyMode::kBsp,

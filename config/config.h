@@ -183,6 +183,10 @@ struct CompressionConfig {
   double momentum_correction = 0.0;
   // Local gradient clipping to this L2 norm before accumulation (0 = off). Default: 0.
   double clip_norm = 0.0;
+  // scale: lr with error feedback: when lr(t) differs from lr(t-1), multiply
+  // the residual by lr(t)/lr(t-1) first, so what is owed is sent at the new
+  // lr (ALGORITHMS.md §6). Default: false.
+  bool rescale_residual = false;
   // Sparsity warm-up: the ratio falls exponentially from warmup_ratio to ratio over these steps. Default: 0.
   int64_t warmup_steps = 0;
   // Ratio at step 0 of the warm-up. Default: 0.25.

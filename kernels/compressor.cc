@@ -23,6 +23,19 @@ Status Compressor::compress_device(const float* /*grad*/, size_t /*n*/, float /*
                                          backend_name(backend())));
 }
 
+Status Compressor::scale_residual(float factor) {
+  if (!(factor > 0.0f) || !std::isfinite(factor))
+    return invalid_argument(fmt::format("scale_residual: the factor must be finite and > 0, got {}", factor));
+  std::vector<float> r = residual();
+  if (r.empty()) return {};
+  for (float& x : r) {
+    x *= factor;
+    if (!std::isfinite(x))
+      return invalid_argument(fmt::format("scale_residual: the residual overflows when scaled by {}", factor));
+  }
+  return set_residual(r);
+}
+
 Status check_undo_send(size_t n, std::span<const uint32_t> indices, std::span<const float> values) {
   if (indices.size() != values.size())
     return invalid_argument(fmt::format("undo_send: {} indices but {} values", indices.size(), values.size()));

@@ -72,6 +72,12 @@ class Compressor {
   virtual size_t size() const = 0;
   virtual std::vector<float> residual() const = 0;  // a host copy
   virtual Status set_residual(std::span<const float> residual) = 0;
+  // residual *= factor (error feedback on lr-scaled updates after the lr
+  // changed: the residual then owes its updates at the new lr). A finite
+  // factor > 0; fails, changing nothing, otherwise or when a product would
+  // overflow. A no-op with error_feedback none. This default goes through
+  // a host copy; the CPU backend scales in place.
+  virtual Status scale_residual(float factor);
   // Undoes a send that was not applied (a server refused the push as too
   // stale): adds `values` back into the residual at `indices`, so for those
   // entries the residual holds acc again, as if nothing had been selected.

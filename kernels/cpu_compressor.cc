@@ -291,6 +291,18 @@ Status CpuCompressor::set_residual(std::span<const float> residual) {
   return {};
 }
 
+Status CpuCompressor::scale_residual(float factor) {
+  if (!(factor > 0.0f) || !std::isfinite(factor))
+    return invalid_argument(fmt::format("scale_residual: the factor must be finite and > 0, got {}", factor));
+  if (options_.error_feedback == ErrorFeedbackMode::kNone) return {};
+  // Checked first, so a failure changes nothing.
+  for (float x : residual_)
+    if (!std::isfinite(x * factor))
+      return invalid_argument(fmt::format("scale_residual: the residual overflows when scaled by {}", factor));
+  for (float& x : residual_) x *= factor;
+  return {};
+}
+
 Status CpuCompressor::undo_send(std::span<const uint32_t> indices, std::span<const float> values) {
   SPS_RETURN_IF_ERROR(check_undo_send(n_, indices, values));
   if (options_.error_feedback == ErrorFeedbackMode::kNone) return {};

@@ -43,6 +43,7 @@ class CpuCompressor final : public Compressor {
   size_t size() const override { return residual_.size(); }
   std::vector<float> residual() const override { return residual_; }
   Status set_residual(std::span<const float> residual) override;
+  Status scale_residual(float factor) override;
   Status undo_send(std::span<const uint32_t> indices, std::span<const float> values) override;
   std::vector<float> momentum() const override { return momentum_; }
   const SelectionStats& last_stats() const override { return stats_; }

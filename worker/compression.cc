@@ -135,6 +135,17 @@ Status CompressionStage::compress(std::span<const float> params, const Batch& ba
   const auto& cc = cfg_.compression;
   const float lr = static_cast<float>(config::learning_rate(cfg_, step));
   const float scale = cc.scale == config::Scale::kLr ? lr : 1.0f;
+  if (cc.rescale_residual && cc.scale == config::Scale::kLr && cc.error_feedback != config::ErrorFeedback::kNone &&
+      step > 0) {
+    // The residual holds updates at lr(step - 1) (also after a resume: the
+    // schedule is a function of the step).
+    const auto before = static_cast<float>(config::learning_rate(cfg_, step - 1));
+    if (before > 0.0f && lr > 0.0f && before != lr) {
+      for (size_t i = 0; i < tensors_.size(); ++i)
+        SPS_RETURN_IF_ERROR(compressors_[i]->scale_residual(lr / before).with_context(
+            fmt::format("tensor {}: compression.rescale_residual at step {}", tensors_[i].name, step)));
+    }
+  }
   if (!hessian_.empty()) {
     const bool due = hessian_step_ < 0 || step - hessian_step_ >= cc.hessian_every;
     if (due) {

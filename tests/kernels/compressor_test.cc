@@ -714,6 +714,28 @@ TEST_P(CompressorTest, NonFiniteInputIsRefusedAndChangesNothing) {
   EXPECT_TRUE(c->compress(normal(1000, 26), 1.0f, out, 1).ok());  // still usable
 }
 
+// compression.rescale_residual's primitive: residual *= factor, bit for bit
+// as the float product; a bad factor or an overflow is refused and changes
+// nothing; without error feedback it does nothing.
+TEST_P(CompressorTest, ScaleResidualMultipliesExactlyOrChangesNothing) {
+  const size_t n = 5000;
+  auto c = make(n, topk_options(50, ErrorFeedbackMode::kEf));
+  ASSERT_NE(c, nullptr);
+  SparseVector out;
+  ASSERT_TRUE(c->compress(normal(n, 60), 1.0f, out, 0).ok());
+  const auto before = c->residual();
+  for (float bad : {0.0f, -1.0f, NAN, INFINITY, 3e38f}) {  // entries of |r| > 1.2 overflow at 3e38
+    EXPECT_EQ(c->scale_residual(bad).code(), StatusCode::kInvalidArgument) << bad;
+    ASSERT_EQ(c->residual(), before) << bad;
+  }
+  ASSERT_TRUE(c->scale_residual(0.1f).ok());
+  const auto after = c->residual();
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(bits(after[i]), bits(before[i] * 0.1f)) << "index " << i;
+  auto plain = make(n, topk_options(50, ErrorFeedbackMode::kNone));
+  ASSERT_TRUE(plain->compress(normal(n, 61), 1.0f, out, 0).ok());
+  EXPECT_TRUE(plain->scale_residual(0.5f).ok());
+}
+
 // A refused push: undo_send puts the sent values back, so the residual is
 // acc again and the next step is the one a compressor that sent nothing
 // would take (checked against a second compressor handed acc as its residual).

@@ -72,6 +72,44 @@ TEST(CompressionStageTest, UndoSendPutsEachTensorsPartBack) {
 // Scaled values: one scale run per tensor that selected anything, in key
 // order, each the tensor's own scale; slicing them at a shard cut keeps
 // every value with its scale.
+// compression.rescale_residual: after a step decay of the lr (here 0.5 ->
+// 0.05 at step 2), the residual left at the old lr is scaled by 0.1 before
+// the new step's lr-scaled gradient joins it; steps with an unchanged lr
+// are untouched, and without the option nothing is scaled.
+TEST(CompressionStageTest, RescaleResidualFollowsTheLrSchedule) {
+  for (bool rescale : {false, true}) {
+    auto cfg = config::load("", {"compression.method=topk", "compression.ratio=0.05", "compression.error_feedback=ef",
+                                 "compression.scope=per_tensor", "training.lr=0.5", "optimizer.lr_schedule=step",
+                                 "optimizer.step_every=2", "optimizer.step_gamma=0.1",
+                                 std::string("compression.rescale_residual=") + (rescale ? "true" : "false")});
+    ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+    Mlp model({20, 16, 8, 4});
+    const size_t n = model.num_params();
+    auto stage = CompressionStage::create(*cfg, model, 0);
+    ASSERT_TRUE(stage.ok()) << stage.status().to_string();
+    std::vector<float> params(n, 0.0f);
+    Batch batch;
+    kernels::SparseVector sel;
+    auto zero_grad = std::vector<float>(n, 0.0f);
+    ASSERT_TRUE((*stage)->compress(params, batch, random_vector(n, 1), 0, sel).ok());
+    const auto after0 = (*stage)->residual();
+    // Step 1 has the same lr, and a zero gradient: top-k moves k entries of
+    // the residual out, nothing is scaled.
+    ASSERT_TRUE((*stage)->compress(params, batch, zero_grad, 1, sel).ok());
+    auto after1 = (*stage)->residual();
+    for (size_t j = 0; j < sel.size(); ++j) after1[sel.indices[j]] += sel.values[j];
+    EXPECT_EQ(after1, after0) << "step 1: acc = residual + 0.5 * 0";
+    const auto r1 = (*stage)->residual();
+    // Step 2: lr 0.05. acc = (rescale ? 0.1 r : r) + 0.05 * 0.
+    ASSERT_TRUE((*stage)->compress(params, batch, zero_grad, 2, sel).ok());
+    auto acc2 = (*stage)->residual();
+    for (size_t j = 0; j < sel.size(); ++j) acc2[sel.indices[j]] += sel.values[j];
+    const float factor = static_cast<float>(0.05) / static_cast<float>(0.5);
+    for (size_t i = 0; i < n; ++i)
+      ASSERT_EQ(acc2[i], rescale ? r1[i] * factor : r1[i]) << "rescale " << rescale << " index " << i;
+  }
+}
+
 TEST(CompressionStageTest, PerTensorScaledValuesCarryOneRunPerTensor) {
   auto cfg = config::load("", {"compression.scope=per_tensor", "compression.method=topk", "compression.ratio=0.05",
                                "compression.values=int8", "compression.scale=1"});
