@@ -19,6 +19,9 @@
 //                            first n / 2 pushed keys (compare with the above)
 //   BM_ShardApply[Async]2Threads/n/pm  the same with a shard of 2 threads
 //                            (cluster.server_threads: 2)
+//   BM_ShardApplyRule/n/pm/r BM_ShardApply with the optimizer a job config names:
+//                            r = 0 sgd (gradient pushes), 1 sgd + momentum 0.9,
+//                            2 adagrad, 3 lazy adam, 4 adam
 //   BM_Gather/n/pm, BM_Scatter/n/pm  baselines for a sparse pull of k keys:
 //                            plain loops reading or writing the parameters
 //   BM_ShardGather/n/pm      the server's gather for that pull answer
@@ -236,10 +239,11 @@ sps::protocol::Header raw_push_header(size_t n, size_t k) {
 
 size_t rounds_to_fill_the_change_log(size_t n, size_t k) { return n / 2 / (4 * std::max<size_t>(k, 1)) + 1; }
 
-void run_shard_apply(benchmark::State& state, int threads) {
+void run_shard_apply(benchmark::State& state, int threads,
+                     sps::server::Optimizer optimizer = sps::server::Optimizer::plain(1.0f)) {
   const size_t n = static_cast<size_t>(state.range(0));
   const size_t k = k_of(state);
-  sps::server::Shard shard(0, static_cast<uint32_t>(n), 4, sps::server::Optimizer::plain(1.0f),
+  sps::server::Shard shard(0, static_cast<uint32_t>(n), 4, std::move(optimizer),
                            std::make_unique<sps::scheduler::BspPolicy>(), threads);
   std::vector<std::vector<uint32_t>> keys;
   for (uint32_t w = 0; w < 4; ++w) keys.push_back(sorted_keys(n, k, w));
@@ -373,6 +377,22 @@ void BM_ScatterAheadHugePages(benchmark::State& s) { run_scatter_ahead<sps::Huge
 void BM_ShardApply(benchmark::State& s) { run_shard_apply(s, 1); }
 void BM_ShardApply2Threads(benchmark::State& s) { run_shard_apply(s, 2); }
 void BM_ShardApplyAsync(benchmark::State& s) { run_shard_apply_async(s, 1); }
+void BM_ShardApplyRule(benchmark::State& s) {
+  sps::config::Config cfg;
+  cfg.compression.scale = sps::config::Scale::kOne;
+  cfg.training.lr = 0.001;
+  switch (s.range(2)) {
+    case 1: cfg.optimizer.momentum = 0.9; break;
+    case 2: cfg.optimizer.name = sps::config::OptimizerName::kAdagrad; break;
+    case 3:
+      cfg.optimizer.name = sps::config::OptimizerName::kAdam;
+      cfg.optimizer.lazy = true;
+      break;
+    case 4: cfg.optimizer.name = sps::config::OptimizerName::kAdam; break;
+    default: break;
+  }
+  run_shard_apply(s, 1, sps::server::Optimizer::from_config(cfg, static_cast<uint32_t>(s.range(0))));
+}
 void BM_ShardApplyAsync2Threads(benchmark::State& s) { run_shard_apply_async(s, 2); }
 
 // The index set top-k selects from i.i.d. data: each key independently with
@@ -495,6 +515,9 @@ BENCHMARK(BM_EfDenseOneBit)->Args({1'000'000, 1000})->Args({25'000'000, 1000})->
 BENCHMARK(BM_ScatterAdd)->Apply(sizes);
 BENCHMARK(BM_ShardApply)->Apply(sizes);
 BENCHMARK(BM_ShardApplyAsync)->Apply(sizes);
+BENCHMARK(BM_ShardApplyRule)
+    ->ArgsProduct({{1'000'000, 25'000'000}, {1, 10}, {0, 1, 2, 3, 4}})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ShardApplyAsyncFillingLog)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApply2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApplyAsync2Threads)->Apply(sizes)->UseRealTime();

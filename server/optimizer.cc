@@ -1,7 +1,9 @@
 #include "server/optimizer.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 
 #include <fmt/format.h>
 
@@ -53,6 +55,13 @@ float Optimizer::rate(int64_t step) const {
 }
 
 namespace {
+
+// c ? a : b with bit operations instead of a branch (the compiler keeps a
+// conditional store or a ternary on loaded values as control flow).
+inline float select(bool c, float a, float b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & mask) | (std::bit_cast<uint32_t>(b) & ~mask));
+}
 
 // One key of an adaptive rule (see optimizer.h), constants of the update
 // computed once.
@@ -112,14 +121,46 @@ void Optimizer::apply_adaptive(std::span<float> params, uint32_t key_base, std::
                                            [&](size_t i) { update[keys[i] - key_base] = sums[i] * inv; });
       });
     }
-    const bool skip_zero = !key.adam || lazy_;
     const float decay = key.lr * weight_decay_;
     float* const x = params.data();
+    float* const m = key.m;
+    float* const v = key.v;
+    // Branch-free loops (a key whose update is 0 is left alone by a select,
+    // not a branch), so the compiler vectorises them.
     for_pieces(pool, params.size(), kMinDensePerThread, [&](size_t begin, size_t end) {
-      for (size_t j = begin; j < end; ++j) {
-        x[j] -= decay * x[j];
-        if (!(skip_zero && update[j] == 0.0f)) key(j, update[j]);
-        update[j] = 0.0f;
+      // Locals, not key's fields: a store through m or v could alias those,
+      // which would keep the compiler from vectorising.
+      const float lr = key.lr, eps = key.eps, b1 = key.b1, b2 = key.b2, c2 = key.c2;
+      const float step_size = key.step_size, root_c2 = key.root_c2, wd_step = decay;
+      if (!key.adam) {  // u = 0 changes neither G nor x
+        for (size_t j = begin; j < end; ++j) {
+          const float u = update[j];
+          x[j] -= wd_step * x[j];
+          v[j] += u * u;
+          x[j] -= lr * u / (std::sqrt(v[j]) + eps);
+          update[j] = 0.0f;
+        }
+      } else if (!lazy_) {
+        for (size_t j = begin; j < end; ++j) {
+          const float u = update[j];
+          x[j] -= wd_step * x[j];
+          m[j] += b1 * (u - m[j]);
+          v[j] = b2 * v[j] + c2 * u * u;
+          x[j] -= step_size * m[j] / (std::sqrt(v[j]) / root_c2 + eps);
+          update[j] = 0.0f;
+        }
+      } else {
+        for (size_t j = begin; j < end; ++j) {
+          const float u = update[j];
+          const bool pushed = u != 0.0f;
+          const float mj = m[j] + b1 * (u - m[j]);
+          const float vj = b2 * v[j] + c2 * u * u;
+          const float delta = step_size * mj / (std::sqrt(vj) / root_c2 + eps);
+          m[j] = select(pushed, mj, m[j]);
+          v[j] = select(pushed, vj, v[j]);
+          x[j] = (x[j] - wd_step * x[j]) - select(pushed, delta, 0.0f);
+          update[j] = 0.0f;
+        }
       }
     });
     return;
