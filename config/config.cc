@@ -357,6 +357,17 @@ const std::vector<Field>& fields() {
       real_field("optimizer.epsilon", SPS_REF(optimizer.epsilon), 0.0, 1.0, true),
       bool_field("optimizer.lazy", SPS_REF(optimizer.lazy)),
 
+      enum_field<CompressionMethod>("downlink.method", SPS_REF(downlink.method),
+                                    {{"dense", CompressionMethod::kDense},
+                                     {"topk", CompressionMethod::kTopK},
+                                     {"threshold", CompressionMethod::kThreshold},
+                                     {"gaussiank", CompressionMethod::kGaussianK},
+                                     {"randomk", CompressionMethod::kRandomK},
+                                     {"sampled", CompressionMethod::kSampled}}),
+      real_field("downlink.ratio", SPS_REF(downlink.ratio), 0.0, 1.0, true),
+      integer_field("downlink.k", SPS_REF(downlink.k), 0, kInt32Max),
+      real_field("downlink.lambda", SPS_REF(downlink.lambda), 0.0, 1e30, false),
+
       enum_field<ConsistencyMode>("consistency.mode", SPS_REF(consistency.mode),
                                   {{"bsp", ConsistencyMode::kBsp},
                                    {"ssp", ConsistencyMode::kSsp},
@@ -500,6 +511,20 @@ Status check_cross_keys(const Config& c) {
                                               ? " (adam's own momentum is optimizer.beta1)"
                                               : ""));
   }
+  if (c.downlink.method != CompressionMethod::kDense) {
+    auto at = [&](const char* key) {
+      const auto it = c.set_at.find(key);
+      return it != c.set_at.end() ? it->second : c.source;
+    };
+    if (c.downlink.method == CompressionMethod::kThreshold && !(c.downlink.lambda > 0))
+      return invalid_argument(
+          fmt::format("{}: downlink.lambda must be > 0 for downlink.method threshold", at("downlink.method")));
+    if (!c.consistency.sparse_pull)
+      return invalid_argument(fmt::format("{}: downlink.method: {} sends each pull only the keys the server "
+                                          "published since the worker's last one, which needs "
+                                          "consistency.sparse_pull: true",
+                                          at("downlink.method"), to_string(c.downlink.method)));
+  }
   if (c.workers.delay_ms.size() > static_cast<size_t>(c.cluster.num_workers) ||
       c.workers.slowdown.size() > static_cast<size_t>(c.cluster.num_workers))
     return invalid_argument(fmt::format("{}: workers.delay_ms / workers.slowdown list more ranks than "
@@ -564,6 +589,8 @@ std::vector<std::string> ineffective_keys(const Config& c) {
   const std::string method = fmt::format("compression.method is {}", to_string(cc.method));
   const std::string values = fmt::format("compression.values is {}", to_string(cc.values));
   const std::string optimizer = fmt::format("optimizer.name is {}", to_string(c.optimizer.name));
+  const bool downlink_uses_k = c.downlink.method != M::kDense && c.downlink.method != M::kThreshold;
+  const std::string downlink = fmt::format("downlink.method is {}", to_string(c.downlink.method));
   struct Rule {
     const char* key;
     bool effective;
@@ -600,6 +627,11 @@ std::vector<std::string> ineffective_keys(const Config& c) {
       {"optimizer.beta2", c.optimizer.name == OptimizerName::kAdam, optimizer + " (only adam uses it)"},
       {"optimizer.lazy", c.optimizer.name == OptimizerName::kAdam, optimizer + " (only adam uses it)"},
       {"optimizer.epsilon", c.optimizer.name != OptimizerName::kSgd, optimizer + " (adagrad and adam use it)"},
+      {"downlink.ratio", downlink_uses_k && c.downlink.k <= 0,
+       downlink_uses_k ? "downlink.k is set and takes its place"
+                       : downlink + " (topk, gaussiank, randomk and sampled use it)"},
+      {"downlink.k", downlink_uses_k, downlink + " (topk, gaussiank, randomk and sampled use it)"},
+      {"downlink.lambda", c.downlink.method == M::kThreshold, downlink + " (only threshold uses it)"},
   };
   std::vector<std::string> out;
   for (const auto& r : rules) {
@@ -689,6 +721,16 @@ std::string optimizer_name(const OptimizerConfig& o) {
   if (o.weight_decay > 0) extras.push_back(fmt::format("weight decay {}", o.weight_decay));
   if (extras.empty()) return to_string(o.name);
   return fmt::format("{} ({})", to_string(o.name), fmt::join(extras, ", "));
+}
+
+std::string downlink_name(const DownlinkConfig& d) {
+  switch (d.method) {
+    case CompressionMethod::kDense: return "dense";
+    case CompressionMethod::kThreshold: return fmt::format("threshold (lambda {})", d.lambda);
+    default:
+      if (d.k > 0) return fmt::format("{} (k {} per shard)", to_string(d.method), d.k);
+      return fmt::format("{} (ratio {})", to_string(d.method), d.ratio);
+  }
 }
 
 std::string consistency_name(const ConsistencyConfig& c) {

@@ -230,6 +230,22 @@ struct OptimizerConfig {
   bool lazy = false;
 };
 
+// Compressed pulls (bidirectional compression): each server keeps, next to
+// its parameters x, the copy x_hat the workers pull, and moves x_hat toward
+// x by a compressed step when a pull needs a newer version:
+// S = select(x - x_hat), x_hat[S] = x[S]. What is not sent stays owed in
+// x - x_hat (error feedback on the server), so nothing is lost, only late.
+struct DownlinkConfig {
+  // dense (pulls carry x exactly) | topk | threshold | gaussiank | sampled | randomk. Default: dense.
+  CompressionMethod method = CompressionMethod::kDense;
+  // Fraction of each shard's keys sent per publish. Default: 0.01. Range (0, 1].
+  double ratio = 0.01;
+  // Keys per shard per publish; overrides ratio when > 0. Default: 0.
+  int64_t k = 0;
+  // threshold: publish every key with |x - x_hat| >= lambda. Default: 0.
+  double lambda = 0.0;
+};
+
 enum class ConsistencyMode { kBsp, kSsp, kAsp };
 struct ConsistencyConfig {
   // bsp | ssp | asp. Default: bsp.
@@ -311,6 +327,7 @@ struct Config {
   TrainingConfig training;
   CompressionConfig compression;
   OptimizerConfig optimizer;
+  DownlinkConfig downlink;
   ConsistencyConfig consistency;
   WorkersConfig workers;
   CheckpointConfig checkpoint;
@@ -355,6 +372,8 @@ const char* to_string(ConsistencyMode m);
 const char* to_string(OptimizerName n);
 // "sgd", "sgd (momentum 0.9)", "adam (lazy)", "adam (weight decay 0.01)", ...
 std::string optimizer_name(const OptimizerConfig& o);
+// "dense", or the method and its budget: "topk (ratio 0.01)", "threshold (lambda 0.001)".
+std::string downlink_name(const DownlinkConfig& d);
 const char* to_string(ValueFormatName v);
 // "bsp", "ssp(4)", "ssp(0)", "asp".
 std::string consistency_name(const ConsistencyConfig& c);

@@ -87,6 +87,10 @@ inline constexpr uint16_t kFlagHaveVersion = 1 << 2;
 // (consistency.max_push_staleness); the worker puts its values back into
 // its residual.
 inline constexpr uint16_t kFlagPushRefused = 1 << 3;
+// kPullRequest: answer with the server's parameters themselves, densely,
+// not the copy compressed pulls publish (downlink.*): a worker's final pull
+// before it evaluates and saves the model.
+inline constexpr uint16_t kFlagExact = 1 << 4;
 
 struct Header {
   MessageType type = MessageType::kHeartbeat;

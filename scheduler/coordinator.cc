@@ -486,6 +486,7 @@ void Coordinator::write_summary() {
   nlohmann::json s = {
       {"consistency", policy->name()},
       {"optimizer", config::optimizer_name(cfg_.optimizer)},
+      {"downlink", config::downlink_name(cfg_.downlink)},
       {"staleness", staleness.summary()},
       {"staleness_bound", bound == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(bound)},
       {"max_push_staleness", cfg_.consistency.max_push_staleness < 0

@@ -23,6 +23,7 @@ std::string local_hostname() {
   if (gethostname(buf, sizeof(buf) - 1) != 0) return "unknown";
   return buf;
 }
+
 }  // namespace
 
 Server::Server(const config::Config& cfg, zmq::context_t& ctx, int requested_rank)
@@ -242,10 +243,20 @@ void Server::on_assign(const protocol::AssignInfo& a) {
                  scheduler::make_policy(cfg_.consistency), cfg_.cluster.server_threads);
   auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_), cfg_.checkpoint.resume);
   if (log.ok()) log_ = std::move(log).value();
+  if (cfg_.downlink.method != config::CompressionMethod::kDense) {
+    const Status st = shard_->enable_downlink(Shard::downlink_selection(cfg_.downlink, shard_->size()));
+    if (!st.ok()) {
+      spdlog::error("server {}: downlink: {}", rank_, st.message());
+      send_control(MessageType::kError, protocol::encode_text("downlink: " + st.message()));
+      finish("bad downlink");
+      exit_status_ = 1;
+      return;
+    }
+  }
   const uint64_t bound = shard_->policy().staleness_bound(num_workers_);
   log_.write({{"event", "assign"}, {"rank", rank_}, {"key_begin", s.key_begin}, {"key_end", s.key_end},
               {"workers", num_workers_}, {"endpoint", endpoint_}, {"policy", shard_->policy().name()},
-              {"apply_threads", shard_->threads()},
+              {"apply_threads", shard_->threads()}, {"downlink", config::downlink_name(cfg_.downlink)},
               {"staleness_bound", bound == UINT64_MAX ? nlohmann::json(nullptr) : nlohmann::json(bound)}});
   spdlog::info("server {}: shard [{}, {}) on {}", rank_, s.key_begin, s.key_end, endpoint_);
 }
@@ -416,7 +427,7 @@ void Server::handle_data(net::Received& received) {
         return count_malformed(peer, failed_precondition(fmt::format(
                                          "a second pull from worker {} while its clock-{} pull waits", h.sender, p.clock)));
     PendingPull pull{std::move(r.routing_id), h.sender, h.clock, (h.flags & protocol::kFlagHaveVersion) != 0,
-                     h.base_version, clock_.seconds()};
+                     h.base_version, clock_.seconds(), (h.flags & protocol::kFlagExact) != 0};
     if (shard_->may_answer_pull(h.clock)) {
       answer_pull(pull);
     } else {
@@ -456,7 +467,13 @@ void Server::answer_pull(const PendingPull& pull) {
   // Sparse when the worker holds an older copy and the changed keys cost
   // less than the dense slice (8 bytes per key+value against 4 per value).
   bool sparse = false;
-  if (cfg_.consistency.sparse_pull && pull.have_version && pull.worker_version <= shard_->version()) {
+  if (!pull.exact) {
+    const Shard::Published p = shard_->publish();
+    if (p.ran)
+      log_.write({{"event", "publish"}, {"version", p.version}, {"nnz", p.nnz}, {"dense", p.dense},
+                  {"owed_norm", p.owed_norm}});
+  }
+  if (!pull.exact && cfg_.consistency.sparse_pull && pull.have_version && pull.worker_version <= shard_->version()) {
     sparse = shard_->changed_since(pull.worker_version, shard_->size() / 2, changed_keys_);
   }
   protocol::EncodedMessage msg;
@@ -466,7 +483,8 @@ void Server::answer_pull(const PendingPull& pull) {
     msg = protocol::encode_data(h, changed_keys_, changed_values_, protocol::ValueType::kF32, &pool_);
   } else {
     h.index_encoding = protocol::IndexEncoding::kNone;
-    msg = protocol::encode_data(h, {}, shard_->params(), protocol::ValueType::kF32, &pool_);
+    msg = protocol::encode_data(h, {}, pull.exact ? shard_->params() : shard_->pulled_params(),
+                                protocol::ValueType::kF32, &pool_);
   }
   auto sent = net::send(data_, std::move(msg), &pull.routing_id);
   if (!sent.ok()) return;

@@ -64,6 +64,7 @@ class Server {
     bool have_version = false;
     uint64_t worker_version = 0;
     double since = 0;
+    bool exact = false;  // kFlagExact: the parameters themselves, not the published copy
   };
   void handle_control(const net::Received& r);
   void handle_data(net::Received& r);

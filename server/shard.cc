@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <thread>
 
 #include <fmt/format.h>
@@ -31,6 +32,10 @@ Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimiz
 void Shard::set_params(std::span<const float> values) {
   SPS_CHECK(values.size() == params_.size());
   std::copy(values.begin(), values.end(), params_.data());
+  if (downlink_) {
+    std::copy(values.begin(), values.end(), published_.data());
+    published_version_ = version_;
+  }
 }
 
 Status Shard::restore(std::span<const float> params, std::span<const float> velocity,
@@ -40,6 +45,10 @@ Status Shard::restore(std::span<const float> params, std::span<const float> velo
                                         key_begin_, key_end_, params_.size()));
   SPS_RETURN_IF_ERROR(optimizer_.set_state(velocity, second_moment));
   std::copy(params.begin(), params.end(), params_.data());
+  if (downlink_) {
+    std::copy(params.begin(), params.end(), published_.data());
+    published_version_ = version;
+  }
   change_log_.restart(version);
   version_ = version;
   pushed_ = scheduler::ClockTable(pushed_.size());
@@ -118,9 +127,9 @@ void Shard::apply_one(uint32_t w) {
   optimizer_.apply(std::span<float>(params_), key_begin_, p.data.keys(), p.data.values(), pushed_.live_count(),
                    static_cast<int64_t>(pushed_.clock(w) - 1), pool_.get());
   if (p.data.dense() || optimizer_.dense()) {
-    change_log_.restart(next);
+    log_dense_change(next);
   } else {
-    change_log_.add(next, p.data.keys());
+    log_changes(next, p.data.keys());
   }
   handled_.push_back({w, clock, p.base_version, next, staleness, p.data.size()});
   version_ = next;
@@ -394,7 +403,7 @@ void Shard::apply_clock() {
     });
     for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
     optimizer_.apply(std::span<float>(params_), key_begin_, {}, merged_sums_, live, step, pool_.get());
-    change_log_.restart(next);
+    log_dense_change(next);
   } else {
     merged_sums_.clear();
     if (any_dense) {
@@ -409,9 +418,9 @@ void Shard::apply_clock() {
     }
     for (uint32_t w = 0; w < pushed_.size(); ++w) pending_[w].clear();
     if (optimizer_.dense())
-      change_log_.restart(next);
+      log_dense_change(next);
     else
-      change_log_.add(next, merged_keys_);
+      log_changes(next, merged_keys_);
   }
   version_ = next;
 }
@@ -439,7 +448,7 @@ bool Shard::changed_since(uint64_t since_version, size_t limit, std::vector<uint
 
 void Shard::gather(std::span<const uint32_t> keys, std::vector<float>& values) const {
   values.resize(keys.size());
-  const float* const x = params_.data();
+  const float* const x = pulled_params().data();
   float* const out = values.data();
   for_pieces(pool_.get(), keys.size(), Optimizer::kMinKeysPerThread, [&](size_t begin, size_t end) {
     for_scattered_keys<Access::kRead>(x, key_begin_, keys.data(), begin, end,
@@ -455,6 +464,95 @@ std::vector<HandledPush> Shard::take_handled() {
 
 bool Shard::push_refused_before(uint32_t w, uint64_t pull_clock) const {
   return w < refused_clock_.size() && refused_clock_[w] != kNoClock && refused_clock_[w] + 1 == pull_clock;
+}
+
+void Shard::log_changes(uint64_t version, std::span<const uint32_t> keys) {
+  if (!downlink_) change_log_.add(version, keys);
+}
+
+void Shard::log_dense_change(uint64_t version) {
+  if (!downlink_) change_log_.restart(version);
+}
+
+kernels::SelectionParams Shard::downlink_selection(const config::DownlinkConfig& d, size_t n) {
+  kernels::SelectionParams p;
+  switch (d.method) {
+    case config::CompressionMethod::kDense: p.method = kernels::Method::kDense; break;
+    case config::CompressionMethod::kTopK: p.method = kernels::Method::kTopK; break;
+    case config::CompressionMethod::kThreshold: p.method = kernels::Method::kThreshold; break;
+    case config::CompressionMethod::kGaussianK: p.method = kernels::Method::kGaussianK; break;
+    case config::CompressionMethod::kRandomK: p.method = kernels::Method::kRandomK; break;
+    case config::CompressionMethod::kSampled: p.method = kernels::Method::kSampled; break;
+  }
+  p.k = d.k > 0 ? std::min<size_t>(n, static_cast<size_t>(d.k)) : kernels::k_from_ratio(d.ratio, n);
+  p.lambda = static_cast<float>(d.lambda);
+  return p;
+}
+
+Status Shard::enable_downlink(const kernels::SelectionParams& selection) {
+  kernels::CompressorOptions options;
+  options.selection = selection;
+  options.selection.k = std::min<size_t>(selection.k, std::max<size_t>(size(), 1));
+  options.error_feedback = kernels::ErrorFeedbackMode::kNone;
+  options.threads = threads();
+  SPS_ASSIGN_OR_RETURN(downlink_, kernels::make_compressor(kernels::Backend::kCpu, size(), options));
+  published_.assign(params_.begin(), params_.end());
+  published_version_ = version_;
+  owed_.assign(size(), 0.0f);
+  change_log_.restart(version_);
+  return {};
+}
+
+Shard::Published Shard::publish() {
+  Published out;
+  if (!downlink_ || published_version_ == version_) return out;
+  out.ran = true;
+  out.version = version_;
+  const float* const x = params_.data();
+  float* const x_hat = published_.data();
+  float* const owed = owed_.data();
+  // owed = x - x_hat, and its squared norm, in one pass (per piece, summed
+  // in piece order so the norm does not depend on timing).
+  std::vector<double> piece_norms(static_cast<size_t>(threads()), 0.0);
+  const size_t n = size();
+  const size_t pieces = piece_norms.size();
+  for_pieces(pool_.get(), n, Optimizer::kMinDensePerThread, [&](size_t begin, size_t end) {
+    double sum = 0;
+    for (size_t j = begin; j < end; ++j) {
+      owed[j] = x[j] - x_hat[j];
+      sum += static_cast<double>(owed[j]) * owed[j];
+    }
+    piece_norms[std::min(pieces - 1, begin * pieces / std::max<size_t>(n, 1))] += sum;
+  });
+  double owed_sq = 0;
+  for (double v : piece_norms) owed_sq += v;
+  const Status st = downlink_->compress(owed_, 1.0f, selected_, version_);
+  if (!st.ok()) {
+    // A non-finite x (a diverged model): the workers get it whole, and see.
+    std::copy(x, x + n, x_hat);
+    change_log_.restart(version_);
+    published_version_ = version_;
+    out.dense = true;
+    out.nnz = n;
+    return out;
+  }
+  selected_keys_.resize(selected_.size());
+  double sent_sq = 0;
+  for (size_t i = 0; i < selected_.size(); ++i) {
+    const uint32_t j = selected_.indices[i];
+    sent_sq += static_cast<double>(owed[j]) * owed[j];
+    x_hat[j] = x[j];
+    selected_keys_[i] = key_begin_ + j;
+  }
+  out.nnz = selected_.size();
+  out.dense = out.nnz == n;
+  if (out.dense)
+    change_log_.restart(version_);
+  else
+    change_log_.add(version_, selected_keys_);
+  out.owed_norm = std::sqrt(std::max(0.0, owed_sq - sent_sq));
+  published_version_ = version_;
+  return out;
 }
 
 }  // namespace sps::server

@@ -23,6 +23,13 @@
 // (the policy's max_push_staleness) an on-arrival push staler than the
 // limit is refused: its clock counts, nothing is applied, and the shard
 // remembers it so the worker's next pull can say so.
+//
+// Compressed pulls (enable_downlink): the shard also keeps x_hat, the copy
+// workers pull. publish() moves x_hat toward the parameters x by one
+// compressed step, S = select(x - x_hat), x_hat[S] = x[S], at most once per
+// version; what it leaves out stays owed in x - x_hat and is sent by a later
+// publish (error feedback, on the server). The change log then records
+// what publishes changed in x_hat, so sparse pulls carry only S.
 // Not thread-safe: owned by the server's loop thread (which may hand large
 // applies to the shard's own pool and waits for them).
 #pragma once
@@ -36,6 +43,7 @@
 #include "common/huge_pages.h"
 #include "common/status.h"
 #include "common/thread_pool.h"
+#include "kernels/compressor.h"
 #include "protocol/message.h"
 #include "scheduler/consistency.h"
 #include "server/change_log.h"
@@ -88,6 +96,27 @@ class Shard {
   Status add_push(uint32_t w, uint64_t clock, uint64_t base_version, std::span<const uint32_t> keys,
                   std::span<const float> values);
 
+  // Compressed pulls from now on: `selection` picks what each publish sends
+  // of x - x_hat (its k counts keys of this shard). x_hat starts as x.
+  // Fails on a selection the kernels refuse.
+  Status enable_downlink(const kernels::SelectionParams& selection);
+  // The selection downlink.* asks for on a shard of `n` keys.
+  static kernels::SelectionParams downlink_selection(const config::DownlinkConfig& d, size_t n);
+  bool downlink() const { return downlink_ != nullptr; }
+  // What one publish did.
+  struct Published {
+    bool ran = false;        // false: x_hat was already at this version (or no downlink)
+    bool dense = false;      // everything was sent (a non-finite x, or a dense selection)
+    uint64_t version = 0;
+    size_t nnz = 0;          // keys of x_hat changed
+    double owed_norm = 0;    // ||x - x_hat|| after the publish
+  };
+  // Brings x_hat to the current version by one compressed step (a no-op
+  // without a downlink or when it is there already).
+  Published publish();
+  // What pulls read: x_hat with a downlink, else the parameters.
+  std::span<const float> pulled_params() const { return downlink_ ? std::span<const float>(published_) : params(); }
+
   // Snapshot state (server.cc writes it; restore() reads it back).
   std::span<const float> velocity() const { return optimizer_.velocity(); }
   std::span<const float> second_moment() const { return optimizer_.second_moment(); }
@@ -104,13 +133,13 @@ class Shard {
   void remove_worker(uint32_t w);
   bool may_answer_pull(uint64_t clock) const;
 
-  // Keys (global) changed after `since_version`, ascending, into `keys`;
+  // Keys (global) of pulled_params() changed after `since_version`, ascending, into `keys`;
   // false (and `keys` unspecified) when the updates since then changed more
   // than `limit` entries (counting a key once per update), changed every
   // key (dense pushes, momentum), or are older than the change log keeps.
   // Costs time in the changes, not in the shard size.
   bool changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const;
-  // The parameters at `keys` (global, ascending, in range) into `values`
+  // pulled_params() at `keys` (global, ascending, in range) into `values`
   // (resized), for a sparse pull answer; on the shard's threads when long.
   void gather(std::span<const uint32_t> keys, std::vector<float>& values) const;
 
@@ -137,6 +166,9 @@ class Shard {
   void accept(uint32_t w, uint64_t clock);
   void apply_clock();
   void apply_one(uint32_t w);
+  // The change log follows x unless a downlink makes it follow x_hat.
+  void log_changes(uint64_t version, std::span<const uint32_t> keys);
+  void log_dense_change(uint64_t version);
 
   uint32_t key_begin_;
   uint32_t key_end_;
@@ -189,6 +221,15 @@ class Shard {
   scheduler::ClockTable pushed_;  // per worker, pushes received
   uint64_t version_ = 0;
   std::vector<HandledPush> handled_;
+  // Compressed pulls: x_hat, the version it is at, x - x_hat (scratch) and
+  // the selector (a kernels compressor without error feedback: the owed
+  // part lives in x - x_hat itself).
+  std::unique_ptr<kernels::Compressor> downlink_;
+  HugePageVector<float> published_;
+  uint64_t published_version_ = 0;
+  std::vector<float> owed_;
+  kernels::SparseVector selected_;
+  std::vector<uint32_t> selected_keys_;
   // Per worker: the clock of its latest push refused as too stale
   // (kNoClock: none).
   static constexpr uint64_t kNoClock = UINT64_MAX;

@@ -193,7 +193,7 @@ Status PsClient::start_barrier() {
   return {};
 }
 
-Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullChanges* changes) {
+Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullChanges* changes, bool exact) {
   if (changes != nullptr) changes->clear();
   refused_shards_.clear();
   const uint64_t pulled_before = counters_.bytes_pulled;
@@ -208,7 +208,9 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
     h.shard = static_cast<uint32_t>(s);
     h.key_begin = shard.key_begin;
     h.key_end = shard.key_end;
-    if (pulled_[s]) {
+    if (exact) {
+      h.flags = protocol::kFlagExact;
+    } else if (pulled_[s]) {
       h.flags = protocol::kFlagHaveVersion;
       h.base_version = versions_[s];
     }
@@ -231,7 +233,7 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
         auto data = protocol::decode_data(*m, shard.key_begin, shard.key_end, scratch_);
         if (!data.ok()) return data.status().with_context(fmt::format("pull response from server {}", s));
         if (m->header.type != MessageType::kPullResponse || m->header.clock != clock || got[s] ||
-            (!data->dense() && !pulled_[s]))
+            (!data->dense() && (!pulled_[s] || exact)))
           return malformed(fmt::format("unexpected reply from server {} to the pull for clock {}", s, clock));
         if (data->dense()) {
           std::copy(data->values().begin(), data->values().end(), params.begin() + shard.key_begin);
@@ -251,7 +253,9 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
         counters_.bytes_pulled += r->bytes();
         counters_.sparse_pulls += data->dense() ? 0 : 1;
         versions_[s] = m->header.base_version;
-        pulled_[s] = true;
+        // After an exact pull this copy is not the published one a sparse
+        // answer would patch.
+        pulled_[s] = !exact;
         if ((m->header.flags & protocol::kFlagPushRefused) != 0) refused_shards_.push_back(static_cast<uint32_t>(s));
         min_version = std::min(min_version, m->header.base_version);
         got[s] = true;

@@ -67,7 +67,10 @@ class PsClient {
   // `changes`, when given, receives what this pull wrote.
   // refused_shards() then lists the shards that refused this client's push
   // for clock - 1 as too stale (consistency.max_push_staleness).
-  Result<uint64_t> pull(uint64_t clock, std::span<float> params, PullChanges* changes = nullptr);
+  // `exact`: every server answers densely with its parameters themselves,
+  // not the copy compressed pulls publish (downlink.*); the next pull is
+  // then dense again.
+  Result<uint64_t> pull(uint64_t clock, std::span<float> params, PullChanges* changes = nullptr, bool exact = false);
   const std::vector<uint32_t>& refused_shards() const { return refused_shards_; }
   // Pushes a sparse selection (global keys, ascending) tagged with `clock`;
   // each shard's part carries the version of that shard this client last

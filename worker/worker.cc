@@ -511,7 +511,10 @@ TrainResult Worker::finish_impl(const Dataset* train_set, const Dataset* test_se
   report.train_loss = NAN;
   report.test_accuracy = NAN;
   if (w.client->rank() == 0) {
-    auto v = w.client->pull(static_cast<uint64_t>(w.step), w.params, w.device ? &w.changes : nullptr);
+    // With compressed pulls the final model is the servers' own parameters,
+    // not the published copy the workers trained on.
+    const bool exact = w.cfg.downlink.method != config::CompressionMethod::kDense;
+    auto v = w.client->pull(static_cast<uint64_t>(w.step), w.params, w.device ? &w.changes : nullptr, exact);
     w.check(v.status());
     w.take_back_refused(static_cast<uint64_t>(w.step));
     if (w.device) w.check(w.device->update(w.params, w.changes));

@@ -138,6 +138,31 @@ TEST(ConfigTest, AdaptiveOptimizersNeedGradientPushesAndNoSgdMomentum) {
   EXPECT_EQ(w[1], "job.yaml:3:3: optimizer.epsilon has no effect: optimizer.name is sgd (adagrad and adam use it)");
 }
 
+TEST(ConfigTest, DownlinkKeysAreCheckedAndNamed) {
+  expect_error("downlink:\n  method: threshold\n",
+               "job.yaml:2:3: downlink.lambda must be > 0 for downlink.method threshold");
+  expect_error("consistency:\n  sparse_pull: false\ndownlink:\n  method: topk\n",
+               "job.yaml:4:3: downlink.method: topk sends each pull only the keys the server published since the "
+               "worker's last one, which needs consistency.sparse_pull: true");
+  expect_error("downlink:\n  method: top\n", "downlink.method");
+  expect_error("downlink:\n  ratio: 0\n", "downlink.ratio");
+  auto ok = load_from_string("downlink:\n  method: gaussiank\n  ratio: 0.02\n", "job.yaml");
+  ASSERT_TRUE(ok.ok()) << ok.status().message();
+  EXPECT_EQ(ok->downlink.method, CompressionMethod::kGaussianK);
+  EXPECT_TRUE(ineffective_keys(*ok).empty());
+  EXPECT_EQ(downlink_name(ok->downlink), "gaussiank (ratio 0.02)");
+  EXPECT_EQ(downlink_name(DownlinkConfig{}), "dense");
+  ok->downlink.k = 300;
+  EXPECT_EQ(downlink_name(ok->downlink), "gaussiank (k 300 per shard)");
+  auto lambda = load_from_string("downlink:\n  method: threshold\n  lambda: 0.001\n  ratio: 0.1\n", "job.yaml");
+  ASSERT_TRUE(lambda.ok()) << lambda.status().message();
+  EXPECT_EQ(downlink_name(lambda->downlink), "threshold (lambda 0.001)");
+  const auto w = ineffective_keys(*lambda);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_NE(w[0].find("job.yaml:4:3: downlink.ratio has no effect: downlink.method is threshold"), std::string::npos)
+      << w[0];
+}
+
 TEST(ConfigTest, KeysWithoutEffectAreNamedWithWhereTheyWereSet) {
   auto c = load_from_string(
       "compression:\n  values: f32\n  qsgd_levels: 16\n  quant_bucket: 256\nconsistency:\n  staleness: 3\n",

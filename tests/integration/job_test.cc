@@ -120,6 +120,62 @@ TEST(JobTest, AdamAndAdagradOnTheServersMatchTheReferenceBitForBit) {
   }
 }
 
+// Compressed pulls: each server publishes top-k of what the workers' copy
+// owes (x - x_hat), so under server momentum, which changes every key every
+// update, pulls stay sparse; the workers train on the published copy and
+// the final (exact) pull is the servers' own model, as in the reference.
+TEST(JobTest, CompressedPullsMatchTheReferenceBitForBit) {
+  const std::vector<std::string> common = {"data.train_limit=2000", "data.test_limit=500", "training.steps=150",
+                                           "training.batch_size=16", "compression.ratio=0.05",
+                                           "optimizer.momentum=0.9", "training.lr=0.01"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), common.begin(), common.end());
+    return extra;
+  };
+  std::string compressed_dir, plain_dir;
+  run_and_compare("downlink_topk", 2, 2, with({"downlink.method=topk", "downlink.ratio=0.1"}), true, &compressed_dir);
+  run_and_compare("downlink_dense", 2, 2, common, true, &plain_dir);
+  const auto compressed = read_json(compressed_dir + "/summary.json");
+  const auto plain = read_json(plain_dir + "/summary.json");
+  EXPECT_EQ(compressed["downlink"], "topk (ratio 0.1)");
+  EXPECT_EQ(plain["downlink"], "dense");
+  // Momentum changes every key: without compression no pull is sparse.
+  EXPECT_EQ(plain["sparse_pulls"].get<uint64_t>(), 0u);
+  // Every pull after each worker's first, per shard, is sparse (the final exact pull is dense).
+  EXPECT_GE(compressed["sparse_pulls"].get<uint64_t>(), 2u * 2 * 149);
+  // 10 % of the keys at 8 bytes (key + value) against 4 per key dense: about a fifth.
+  EXPECT_LT(compressed["bytes_pulled"].get<uint64_t>() * 4, plain["bytes_pulled"].get<uint64_t>());
+  // One publish per version a pull needed.
+  for (int s = 0; s < 2; ++s) {
+    int publishes = 0, owing = 0;
+    for (const auto& l : read_jsonl(compressed_dir + "/server-" + std::to_string(s) + ".jsonl")) {
+      if (l.value("event", "") != "publish") continue;
+      ++publishes;
+      EXPECT_FALSE(l["dense"].get<bool>());
+      owing += l["owed_norm"].get<double>() > 0 ? 1 : 0;
+    }
+    EXPECT_EQ(publishes, 149) << "server " << s;
+    // Once momentum has touched more keys than a publish sends, something stays owed.
+    EXPECT_GT(owing, 100) << "server " << s;  // versions 1..149 (the pull of step 0 finds version 0)
+  }
+}
+
+// The same under asp, where a publish runs whenever a pull finds a newer
+// version: no reference to match, but it trains and pulls stay sparse.
+TEST(JobTest, CompressedPullsTrainUnderAsp) {
+  std::string dir;
+  Job job("downlink_asp", 3, 2,
+          {"data.train_limit=2000", "data.test_limit=500", "training.steps=150", "training.batch_size=16",
+           "consistency.mode=asp", "downlink.method=threshold", "downlink.lambda=0.0005"});
+  ASSERT_TRUE(job.start()) << read_text(job.path("scheduler.out"));
+  ASSERT_TRUE(job.wait_all(180)) << "job did not finish in time";
+  ASSERT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  const auto summary = read_json(job.path("summary.json"));
+  EXPECT_EQ(summary["downlink"], "threshold (lambda 0.0005)");
+  EXPECT_LT(summary["train_loss"].get<double>(), 1.0);
+  EXPECT_GE(summary["sparse_pulls"].get<uint64_t>(), 3u * 2 * 149);
+}
+
 // The compression options that change what goes on the wire, all at once:
 // per-tensor selection, f16 values (rounding error in the residual),
 // Hessian-aided compensation, DGC momentum correction and the sparsity

@@ -38,6 +38,8 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
   for (uint32_t s = 0; s < S; ++s) {
     const auto b = static_cast<uint32_t>(n * s / S), e = static_cast<uint32_t>(n * (s + 1) / S);
     shards.emplace_back(b, e, W, server::Optimizer::from_config(cfg, e - b), scheduler::make_policy(cfg.consistency));
+    if (cfg.downlink.method != config::CompressionMethod::kDense)
+      SPS_RETURN_IF_ERROR(shards.back().enable_downlink(server::Shard::downlink_selection(cfg.downlink, e - b)));
     shards.back().set_params(std::span<const float>(params).subspan(b, e - b));
   }
   std::vector<std::unique_ptr<worker::CompressionStage>> compressors;
@@ -55,8 +57,11 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
   const int64_t d = cfg.workers.gradient_delay;
   std::vector<std::vector<float>> history(static_cast<size_t>(d) + 1);
   for (int64_t step = 0; step < cfg.training.steps; ++step) {
-    for (auto& sh : shards)
-      std::copy(sh.params().begin(), sh.params().end(), params.begin() + sh.key_begin());
+    // What the workers pull: with compressed pulls, the published copy.
+    for (auto& sh : shards) {
+      sh.publish();
+      std::copy(sh.pulled_params().begin(), sh.pulled_params().end(), params.begin() + sh.key_begin());
+    }
     history[static_cast<size_t>(step % (d + 1))] = params;
     const std::vector<float>& grad_params = history[static_cast<size_t>(std::max<int64_t>(step - d, 0) % (d + 1))];
     for (uint32_t w = 0; w < W; ++w) {
@@ -77,6 +82,7 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
       if (sh.apply_ready() != 1) return internal_error("reference shard did not apply exactly one clock");
     }
   }
+  // The final model is the servers' own parameters (worker 0's last pull is exact).
   for (auto& sh : shards) std::copy(sh.params().begin(), sh.params().end(), params.begin() + sh.key_begin());
   ReferenceResult r;
   r.train_loss = model->evaluate(params, train).loss;

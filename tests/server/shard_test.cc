@@ -437,5 +437,145 @@ TEST(ShardChangeTest, GatherReadsTheParametersAtTheKeys) {
   }
 }
 
+// Compressed pulls: a publish sends the k largest |x - x_hat| and leaves the
+// rest owed; the next publish (a new version) sends what is owed.
+TEST(ShardDownlinkTest, PublishSendsTheLargestOwedEntriesAndKeepsTheRestOwed) {
+  Shard s = make_shard(1);
+  kernels::SelectionParams top2;
+  top2.method = kernels::Method::kTopK;
+  top2.k = 2;
+  ASSERT_TRUE(s.enable_downlink(top2).ok());
+  s.set_params(std::vector<float>(10, 0.0f));
+  EXPECT_FALSE(s.publish().ran) << "x_hat starts as x";
+  ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{100, 103, 105, 109},
+                         std::vector<float>{1.0f, -5.0f, 3.0f, 0.5f})
+                  .ok());
+  ASSERT_EQ(s.apply_ready(), 1);
+  // x = -push; nothing is published before a pull asks.
+  EXPECT_EQ(s.params()[3], 5.0f);
+  EXPECT_EQ(s.pulled_params()[3], 0.0f);
+
+  const Shard::Published first = s.publish();
+  EXPECT_TRUE(first.ran);
+  EXPECT_FALSE(first.dense);
+  EXPECT_EQ(first.version, 1u);
+  EXPECT_EQ(first.nnz, 2u);
+  EXPECT_DOUBLE_EQ(first.owed_norm, std::sqrt(1.0 + 0.25));
+  const std::vector<float> after_first(s.pulled_params().begin(), s.pulled_params().end());
+  EXPECT_EQ(after_first, (std::vector<float>{0, 0, 0, 5.0f, 0, -3.0f, 0, 0, 0, 0}));
+  EXPECT_FALSE(s.publish().ran) << "one publish per version";
+  std::vector<uint32_t> changed;
+  ASSERT_TRUE(s.changed_since(0, 10, changed));
+  EXPECT_EQ(changed, (std::vector<uint32_t>{103, 105}));
+  std::vector<float> values;
+  s.gather(changed, values);
+  EXPECT_EQ(values, (std::vector<float>{5.0f, -3.0f}));
+
+  // An empty push makes a new version: the owed entries go out.
+  ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{}, std::vector<float>{}).ok());
+  ASSERT_EQ(s.apply_ready(), 1);
+  const Shard::Published second = s.publish();
+  EXPECT_EQ(second.nnz, 2u);
+  EXPECT_EQ(second.owed_norm, 0.0);
+  for (size_t j = 0; j < 10; ++j) EXPECT_EQ(s.pulled_params()[j], s.params()[j]) << j;
+  ASSERT_TRUE(s.changed_since(1, 10, changed));
+  EXPECT_EQ(changed, (std::vector<uint32_t>{100, 109}));
+  ASSERT_TRUE(s.changed_since(0, 10, changed));
+  EXPECT_EQ(changed, (std::vector<uint32_t>{100, 103, 105, 109}));
+}
+
+// A worker that patches its copy with every sparse pull (changed_since +
+// gather) holds exactly x_hat, under every policy and with an optimizer that
+// changes every key each update (Adam): the pulls stay sparse, k keys per
+// publish, and nothing owed is ever lost (x - x_hat is what was not sent).
+TEST(ShardDownlinkTest, SparsePullsRebuildThePublishedCopyExactly) {
+  config::Config adam;
+  adam.training.lr = 0.01;
+  adam.training.steps = 100;
+  adam.compression.scale = config::Scale::kOne;
+  adam.optimizer.name = config::OptimizerName::kAdam;
+  const uint32_t size = 5000, base = 7, workers = 3;
+  for (const bool on_arrival : {false, true}) {
+    for (const bool dense_optimizer : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "asp " << on_arrival << " adam " << dense_optimizer);
+      std::unique_ptr<scheduler::ConsistencyPolicy> policy;
+      if (on_arrival)
+        policy = std::make_unique<scheduler::AspPolicy>();
+      else
+        policy = std::make_unique<scheduler::BspPolicy>();
+      Shard s(base, base + size, workers, dense_optimizer ? Optimizer::from_config(adam, size) : Optimizer::plain(1.0f),
+              std::move(policy), 2);
+      kernels::SelectionParams top;
+      top.method = kernels::Method::kTopK;
+      top.k = 50;
+      ASSERT_TRUE(s.enable_downlink(top).ok());
+      std::mt19937 rng(17);
+      std::normal_distribution<float> normal;
+      std::vector<float> x(size);
+      for (float& v : x) v = normal(rng);
+      s.set_params(x);
+      std::vector<float> copy = x;  // the worker's copy after a dense first pull
+      uint64_t copy_version = 0;
+      std::vector<uint32_t> keys, changed;
+      std::vector<float> values, gathered;
+      for (uint64_t clock = 0; clock < 20; ++clock) {
+        for (uint32_t w = 0; w < workers; ++w) {
+          keys.clear();
+          values.clear();
+          for (uint32_t j = 0; j < size; j += 1 + rng() % 40) {
+            keys.push_back(base + j);
+            values.push_back(0.1f * normal(rng));
+          }
+          ASSERT_TRUE(s.add_push(w, clock, s.version(), keys, values).ok());
+        }
+        s.apply_ready();
+        const Shard::Published p = s.publish();
+        ASSERT_TRUE(p.ran);
+        EXPECT_EQ(p.nnz, 50u);
+        ASSERT_TRUE(s.changed_since(copy_version, size / 2, changed));
+        EXPECT_LE(changed.size(), 50u);
+        s.gather(changed, gathered);
+        for (size_t i = 0; i < changed.size(); ++i) copy[changed[i] - base] = gathered[i];
+        copy_version = s.version();
+        double owed_sq = 0;
+        for (uint32_t j = 0; j < size; ++j) {
+          ASSERT_EQ(copy[j], s.pulled_params()[j]) << "key " << base + j << " clock " << clock;
+          const double d = double{s.params()[j]} - double{s.pulled_params()[j]};
+          owed_sq += d * d;
+        }
+        EXPECT_NEAR(p.owed_norm, std::sqrt(owed_sq), 1e-6 * (1 + std::sqrt(owed_sq)));
+      }
+    }
+  }
+}
+
+// A non-finite parameter (a diverged model) is published whole, so the
+// workers see it, and restore() starts x_hat at the restored x.
+TEST(ShardDownlinkTest, NonFiniteParametersArePublishedDenselyAndRestoreResetsTheCopy) {
+  Shard s = make_shard(1);
+  kernels::SelectionParams top1;
+  top1.method = kernels::Method::kTopK;
+  top1.k = 1;
+  ASSERT_TRUE(s.enable_downlink(top1).ok());
+  ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{101, 102}, std::vector<float>{3e38f, 1.0f}).ok());
+  ASSERT_EQ(s.apply_ready(), 1);
+  ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{101}, std::vector<float>{3e38f}).ok());
+  ASSERT_EQ(s.apply_ready(), 1);
+  ASSERT_TRUE(std::isinf(s.params()[1]));
+  const Shard::Published p = s.publish();
+  EXPECT_TRUE(p.dense);
+  EXPECT_EQ(p.nnz, 10u);
+  EXPECT_TRUE(std::isinf(s.pulled_params()[1]));
+  EXPECT_EQ(s.pulled_params()[2], -1.0f);
+  std::vector<uint32_t> changed;
+  EXPECT_FALSE(s.changed_since(0, 100, changed)) << "older copies must pull densely";
+
+  std::vector<float> snapshot(10);
+  for (size_t i = 0; i < snapshot.size(); ++i) snapshot[i] = static_cast<float>(i);
+  ASSERT_TRUE(s.restore(snapshot, {}, {}, 9, 9).ok());
+  EXPECT_EQ(std::vector<float>(s.pulled_params().begin(), s.pulled_params().end()), snapshot);
+  EXPECT_FALSE(s.publish().ran);
+}
+
 }  // namespace
 }  // namespace sps::server
