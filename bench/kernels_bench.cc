@@ -22,6 +22,9 @@
 //   BM_ShardApplyRule/n/pm/r BM_ShardApply with the optimizer a job config names:
 //                            r = 0 sgd (gradient pushes), 1 sgd + momentum 0.9,
 //                            2 adagrad, 3 lazy adam, 4 adam
+//   BM_ShardPublish/n/pm     compressed pulls (downlink topk, pm per mille of the
+//                            shard): one publish, owed = x - x_hat over the shard,
+//                            top-k of it, x_hat[S] = x[S] (compare with BM_FusedPass)
 //   BM_Gather/n/pm, BM_Scatter/n/pm  baselines for a sparse pull of k keys:
 //                            plain loops reading or writing the parameters
 //   BM_ShardGather/n/pm      the server's gather for that pull answer
@@ -395,6 +398,39 @@ void BM_ShardApplyRule(benchmark::State& s) {
 }
 void BM_ShardApplyAsync2Threads(benchmark::State& s) { run_shard_apply_async(s, 2); }
 
+void BM_ShardPublish(benchmark::State& s) {
+  const auto n = static_cast<uint32_t>(s.range(0));
+  sps::server::Shard shard(0, n, 1, sps::server::Optimizer::plain(1.0f), std::make_unique<sps::scheduler::BspPolicy>());
+  sps::kernels::SelectionParams top;
+  top.method = Method::kTopK;
+  top.k = k_of(s);
+  if (!shard.enable_downlink(top).ok()) {
+    s.SkipWithError("enable_downlink failed");
+    return;
+  }
+  shard.set_params(gaussian(n, 3));
+  // One dense update, so that x - x_hat is a bell-shaped vector over every key.
+  std::vector<uint32_t> all(n);
+  for (uint32_t j = 0; j < n; ++j) all[j] = j;
+  uint64_t clock = 0;
+  (void)shard.add_push(0, clock, shard.version(), all, gaussian(n, 4, 0.01f));
+  shard.apply_ready();
+  ++clock;
+  const std::vector<uint32_t> one_key{n / 2};
+  const std::vector<float> one_value{1e-3f};
+  size_t published = 0;
+  for (auto _ : s) {
+    s.PauseTiming();  // a new version to publish (a one-key update)
+    (void)shard.add_push(0, clock, shard.version(), one_key, one_value);
+    shard.apply_ready();
+    ++clock;
+    s.ResumeTiming();
+    published += shard.publish().nnz;
+  }
+  s.counters["keys"] = static_cast<double>(published) / static_cast<double>(std::max<int64_t>(s.iterations(), 1));
+  s.SetBytesProcessed(static_cast<int64_t>(s.iterations()) * s.range(0) * 12);
+}
+
 // The index set top-k selects from i.i.d. data: each key independently with
 // probability k/n (geometric gaps).
 std::vector<uint32_t> topk_like_keys(size_t n, size_t k, uint32_t seed) {
@@ -521,6 +557,7 @@ BENCHMARK(BM_ShardApplyRule)
 BENCHMARK(BM_ShardApplyAsyncFillingLog)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApply2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApplyAsync2Threads)->Apply(sizes)->UseRealTime();
+BENCHMARK(BM_ShardPublish)->Apply(sizes);
 BENCHMARK(BM_Gather)->Apply(sizes);
 BENCHMARK(BM_ShardGather)->Apply(sizes);
 BENCHMARK(BM_Scatter)->Apply(sizes);

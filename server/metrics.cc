@@ -41,6 +41,11 @@ Result<std::unique_ptr<ServerMetrics>> ServerMetrics::start(const config::Config
   m->bytes_out_ = &counter(r, "sps_server_sent_bytes_total", "Protocol bytes sent on the data socket", s);
   m->apply_seconds_ = &counter(r, "sps_server_apply_seconds_total", "Time spent applying pushes", s);
   m->snapshots_ = &counter(r, "sps_server_snapshots_total", "Snapshots of the shard written", s);
+  m->publishes_ = &counter(r, "sps_server_publishes_total", "Compressed pulls: publishes of the pulled copy", s);
+  m->published_keys_ = &counter(r, "sps_server_published_keys_total", "Compressed pulls: keys the publishes sent", s);
+  m->publish_seconds_ = &counter(r, "sps_server_publish_seconds_total", "Compressed pulls: time spent publishing", s);
+  m->owed_norm_ = &gauge(r, "sps_server_downlink_owed_norm",
+                         "Compressed pulls: ||x - x_hat|| after the last publish (what the workers' copy owes)", s);
   m->version_ = &gauge(r, "sps_server_version", "Shard version (updates applied)", s);
   m->pending_pulls_ = &gauge(r, "sps_server_pending_pulls", "Pulls waiting for the consistency policy (queue depth)", s);
   m->early_ = &gauge(r, "sps_server_early_messages", "Data messages queued before the shard was assigned", s);
@@ -78,6 +83,10 @@ void ServerMetrics::update(const ServerStats& stats, const ServerGauges& g) {
   set_total(*bytes_out_, static_cast<double>(stats.bytes_out));
   set_total(*apply_seconds_, stats.apply_seconds);
   set_total(*snapshots_, static_cast<double>(stats.snapshots));
+  set_total(*publishes_, static_cast<double>(stats.publishes));
+  set_total(*published_keys_, static_cast<double>(stats.published_keys));
+  set_total(*publish_seconds_, stats.publish_seconds);
+  owed_norm_->Set(stats.owed_norm);
   version_->Set(static_cast<double>(g.version));
   pending_pulls_->Set(static_cast<double>(g.pending_pulls));
   early_->Set(static_cast<double>(g.early_messages));

@@ -55,6 +55,10 @@ class ServerMetrics {
   prometheus::Counter* bytes_out_ = nullptr;
   prometheus::Counter* apply_seconds_ = nullptr;
   prometheus::Counter* snapshots_ = nullptr;
+  prometheus::Counter* publishes_ = nullptr;
+  prometheus::Counter* published_keys_ = nullptr;
+  prometheus::Counter* publish_seconds_ = nullptr;
+  prometheus::Gauge* owed_norm_ = nullptr;
   prometheus::Gauge* version_ = nullptr;
   prometheus::Gauge* pending_pulls_ = nullptr;
   prometheus::Gauge* early_ = nullptr;

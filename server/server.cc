@@ -467,11 +467,18 @@ void Server::answer_pull(const PendingPull& pull) {
   // Sparse when the worker holds an older copy and the changed keys cost
   // less than the dense slice (8 bytes per key+value against 4 per value).
   bool sparse = false;
-  if (!pull.exact) {
+  if (!pull.exact && shard_->downlink()) {
+    const double started = clock_.seconds();
     const Shard::Published p = shard_->publish();
-    if (p.ran)
+    if (p.ran) {
+      const double seconds = clock_.seconds() - started;
+      ++stats_.publishes;
+      stats_.published_keys += p.nnz;
+      stats_.publish_seconds += seconds;
+      stats_.owed_norm = p.owed_norm;
       log_.write({{"event", "publish"}, {"version", p.version}, {"nnz", p.nnz}, {"dense", p.dense},
-                  {"owed_norm", p.owed_norm}});
+                  {"owed_norm", p.owed_norm}, {"seconds", seconds}});
+    }
   }
   if (!pull.exact && cfg_.consistency.sparse_pull && pull.have_version && pull.worker_version <= shard_->version()) {
     sparse = shard_->changed_since(pull.worker_version, shard_->size() / 2, changed_keys_);

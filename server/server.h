@@ -40,6 +40,10 @@ struct ServerStats {
   double apply_seconds = 0;
   uint64_t snapshots = 0;        // snapshots written
   double snapshot_seconds = 0;   // time spent writing them (the loop waits)
+  uint64_t publishes = 0;        // compressed pulls: publishes of x_hat
+  uint64_t published_keys = 0;   // keys those publishes sent
+  double publish_seconds = 0;    // time spent publishing (the pull waits)
+  double owed_norm = 0;          // ||x - x_hat|| after the last publish
   CountHistogram staleness;      // per applied push, in shard versions
   LogHistogram pull_wait;        // per answered pull, seconds held back by the policy
 };

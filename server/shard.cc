@@ -496,6 +496,8 @@ Status Shard::enable_downlink(const kernels::SelectionParams& selection) {
   options.error_feedback = kernels::ErrorFeedbackMode::kNone;
   options.threads = threads();
   SPS_ASSIGN_OR_RETURN(downlink_, kernels::make_compressor(kernels::Backend::kCpu, size(), options));
+  // A threshold never selects below lambda, even when few keys owe anything.
+  downlink_k_ = selection.method == kernels::Method::kThreshold ? 0 : options.selection.k;
   published_.assign(params_.begin(), params_.end());
   published_version_ = version_;
   owed_.assign(size(), 0.0f);
@@ -511,23 +513,40 @@ Shard::Published Shard::publish() {
   const float* const x = params_.data();
   float* const x_hat = published_.data();
   float* const owed = owed_.data();
-  // owed = x - x_hat, and its squared norm, in one pass (per piece, summed
-  // in piece order so the norm does not depend on timing).
-  std::vector<double> piece_norms(static_cast<size_t>(threads()), 0.0);
+  // owed = x - x_hat, its squared norm and its nonzero count, in one pass
+  // (per piece, summed in piece order so nothing depends on timing).
+  struct PieceSums {
+    double norm_sq = 0;
+    size_t nonzero = 0;
+  };
+  std::vector<PieceSums> piece_sums(static_cast<size_t>(threads()));
   const size_t n = size();
-  const size_t pieces = piece_norms.size();
+  const size_t pieces = piece_sums.size();
   for_pieces(pool_.get(), n, Optimizer::kMinDensePerThread, [&](size_t begin, size_t end) {
     double sum = 0;
+    size_t nonzero = 0;
     for (size_t j = begin; j < end; ++j) {
       owed[j] = x[j] - x_hat[j];
       sum += static_cast<double>(owed[j]) * owed[j];
+      nonzero += owed[j] != 0.0f ? 1 : 0;
     }
-    piece_norms[std::min(pieces - 1, begin * pieces / std::max<size_t>(n, 1))] += sum;
+    PieceSums& p = piece_sums[std::min(pieces - 1, begin * pieces / std::max<size_t>(n, 1))];
+    p.norm_sq += sum;
+    p.nonzero += nonzero;
   });
   double owed_sq = 0;
-  for (double v : piece_norms) owed_sq += v;
-  const Status st = downlink_->compress(owed_, 1.0f, selected_, version_);
-  if (!st.ok()) {
+  size_t nonzero = 0;
+  for (const PieceSums& p : piece_sums) {
+    owed_sq += p.norm_sq;
+    nonzero += p.nonzero;
+  }
+  // Keys whose owed part is 0 have nothing to send: never select them. When
+  // every owed key fits in the budget they all go, without a selection.
+  selected_.clear();
+  if (downlink_k_ > 0 && nonzero <= downlink_k_) {
+    for (size_t j = 0; j < n; ++j)
+      if (owed[j] != 0.0f) selected_.indices.push_back(static_cast<uint32_t>(j));
+  } else if (!downlink_->compress(owed_, 1.0f, selected_, version_).ok()) {
     // A non-finite x (a diverged model): the workers get it whole, and see.
     std::copy(x, x + n, x_hat);
     change_log_.restart(version_);
@@ -536,15 +555,15 @@ Shard::Published Shard::publish() {
     out.nnz = n;
     return out;
   }
-  selected_keys_.resize(selected_.size());
+  selected_keys_.clear();
   double sent_sq = 0;
-  for (size_t i = 0; i < selected_.size(); ++i) {
-    const uint32_t j = selected_.indices[i];
+  for (const uint32_t j : selected_.indices) {
+    if (owed[j] == 0.0f) continue;
     sent_sq += static_cast<double>(owed[j]) * owed[j];
     x_hat[j] = x[j];
-    selected_keys_[i] = key_begin_ + j;
+    selected_keys_.push_back(key_begin_ + j);
   }
-  out.nnz = selected_.size();
+  out.nnz = selected_keys_.size();
   out.dense = out.nnz == n;
   if (out.dense)
     change_log_.restart(version_);

@@ -225,6 +225,7 @@ class Shard {
   // the selector (a kernels compressor without error feedback: the owed
   // part lives in x - x_hat itself).
   std::unique_ptr<kernels::Compressor> downlink_;
+  size_t downlink_k_ = 0;  // the selection's budget (0: threshold, no budget)
   HugePageVector<float> published_;
   uint64_t published_version_ = 0;
   std::vector<float> owed_;

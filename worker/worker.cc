@@ -313,10 +313,13 @@ void Worker::connect_impl(Model& model) {
   w.check(w.client->start_barrier());
   const auto& cc = w.cfg.compression;
   if (rank == 0 && w.cfg.run.progress)
-    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}, {}, servers apply {}",
+    spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}, {}, servers apply {}{}",
                  world, w.n, w.cfg.training.steps, config::to_string(cc.method), w.compression->k(),
                  config::to_string(cc.error_feedback), config::consistency_name(w.cfg.consistency),
-                 config::optimizer_name(w.cfg.optimizer));
+                 config::optimizer_name(w.cfg.optimizer),
+                 w.cfg.downlink.method == config::CompressionMethod::kDense
+                     ? std::string()
+                     : ", pulls " + config::downlink_name(w.cfg.downlink));
   w.train_clock.reset();
 }
 

@@ -72,7 +72,7 @@ class MetricsTest(unittest.TestCase):
                                 start_new_session=True)
 
     def test_endpoints_serve_live_job_state(self):
-        job = self.launch("live", "training.steps=1000000", "workers.delay_ms=[2, 2]")
+        job = self.launch("live", "training.steps=1000000", "workers.delay_ms=[2, 2]", "downlink.method=topk")
         try:
             run = os.path.join(self.tmp, "live")
             server_url = wait_for(os.path.join(run, "metrics-server-0.url"), 30)
@@ -98,6 +98,11 @@ class MetricsTest(unittest.TestCase):
             self.assertGreater(second['sps_server_received_bytes_total{shard="0"}'], 0)
             self.assertEqual(second['sps_server_live_workers{shard="0"}'], 2)
             self.assertEqual(second['sps_server_malformed_messages_total{shard="0"}'], 0)
+            # Compressed pulls: one publish per version the pulls needed, k keys each.
+            publishes = second['sps_server_publishes_total{shard="0"}']
+            self.assertGreater(publishes, first['sps_server_publishes_total{shard="0"}'])
+            self.assertGreater(second['sps_server_published_keys_total{shard="0"}'], publishes)
+            self.assertIn('sps_server_downlink_owed_norm{shard="0"}', second)
             self.assertEqual(second['sps_server_push_staleness_bucket{shard="0",le="0"}'],
                              second['sps_server_push_staleness_count{shard="0"}'], "bsp pushes are never stale")
             self.assertIn('sps_server_version{shard="1"}', parse(curl(wait_for(

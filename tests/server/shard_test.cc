@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <random>
@@ -482,6 +483,43 @@ TEST(ShardDownlinkTest, PublishSendsTheLargestOwedEntriesAndKeepsTheRestOwed) {
   EXPECT_EQ(changed, (std::vector<uint32_t>{100, 109}));
   ASSERT_TRUE(s.changed_since(0, 10, changed));
   EXPECT_EQ(changed, (std::vector<uint32_t>{100, 103, 105, 109}));
+}
+
+// Keys that owe nothing are never published, even when the budget is
+// larger than what is owed (a selection would fill it with zeros, and the
+// pulls would carry them).
+TEST(ShardDownlinkTest, KeysThatOweNothingAreNotPublished) {
+  for (const kernels::Method method : {kernels::Method::kTopK, kernels::Method::kRandomK, kernels::Method::kGaussianK}) {
+    SCOPED_TRACE(static_cast<int>(method));
+    Shard s(100, 140, 1, Optimizer::plain(1.0f), std::make_unique<scheduler::BspPolicy>());
+    kernels::SelectionParams budget;
+    budget.method = method;
+    budget.k = 4;
+    ASSERT_TRUE(s.enable_downlink(budget).ok());
+    ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{102, 107}, std::vector<float>{1.0f, -2.0f}).ok());
+    ASSERT_EQ(s.apply_ready(), 1);
+    const Shard::Published p = s.publish();
+    EXPECT_EQ(p.nnz, 2u);
+    EXPECT_EQ(p.owed_norm, 0.0);
+    std::vector<uint32_t> changed;
+    ASSERT_TRUE(s.changed_since(0, 40, changed));
+    EXPECT_EQ(changed, (std::vector<uint32_t>{102, 107}));
+    // More owed keys than the budget: a selection, still without zeros.
+    std::vector<uint32_t> keys{100, 101, 103, 104, 105, 106, 108, 120, 130};
+    std::vector<float> values;
+    for (size_t i = 0; i < keys.size(); ++i) values.push_back(0.5f + 0.1f * static_cast<float>(i));
+    ASSERT_TRUE(s.add_push(0, 1, 1, keys, values).ok());
+    ASSERT_EQ(s.apply_ready(), 1);
+    const Shard::Published q = s.publish();
+    // topk sends k of them; gaussiank lands in a band around k (kernels.md);
+    // randomk draws k of all 40 keys and sends those that owe something.
+    if (method == kernels::Method::kTopK) {
+      EXPECT_EQ(q.nnz, 4u);
+    }
+    EXPECT_LT(q.nnz, keys.size());
+    ASSERT_TRUE(s.changed_since(1, 40, changed));
+    for (const uint32_t k : changed) EXPECT_NE(std::find(keys.begin(), keys.end(), k), keys.end()) << k;
+  }
 }
 
 // A worker that patches its copy with every sparse pull (changed_since +
