@@ -19,7 +19,9 @@ TEST(LayeringTest, ModulesIncludeOnlyWhatTheyMayDependOn) {
       {"config", {"common", "config"}},
       {"net", {"common", "protocol", "net"}},
       {"scheduler", {"common", "protocol", "config", "net", "scheduler"}},
-      {"server", {"common", "protocol", "config", "net", "scheduler", "server"}},
+      // Servers compress what they publish to pulls (downlink.*) with the same
+      // sparsifiers the workers use; kernels/ is a leaf, so this adds no cycle.
+      {"server", {"common", "protocol", "kernels", "config", "net", "scheduler", "server"}},
       {"worker", {"common", "protocol", "kernels", "config", "net", "worker"}},
   };
   const std::regex include_re(R"re(#include "([a-z_]+)/)re");
