@@ -291,6 +291,16 @@ bool Server::resume_shard() {
                             snap->path(), *key_begin, *key_end, rank_, shard_->key_begin(), shard_->key_end()));
   const Status restored = shard_->restore(*params, *velocity, *second_moment, *version, point->step);
   if (!restored.ok()) return fail(fmt::format("{}: {}", snap->path(), restored.message()));
+  // Compressed pulls: the copy the workers held (a snapshot without one,
+  // from a job without a downlink, starts it as the parameters).
+  if (shard_->downlink() && snap->has("published")) {
+    auto published = snap->f32("published");
+    auto published_version = snap->u64("published_version");
+    if (!published.ok()) return fail(published.status().message());
+    if (!published_version.ok()) return fail(published_version.status().message());
+    const Status st = shard_->restore_published(*published, *published_version);
+    if (!st.ok()) return fail(fmt::format("{}: {}", snap->path(), st.message()));
+  }
   initialised_ = true;
   last_snapshot_step_ = point->step;
   log_.write({{"event", "resume"}, {"step", point->step}, {"version", *version}, {"file", snap->path()},
@@ -320,6 +330,10 @@ void Server::snapshot_if_due() {
   w.add_f32("params", shard_->params());
   w.add_f32("velocity", shard_->velocity());
   w.add_f32("second_moment", shard_->second_moment());
+  if (shard_->downlink()) {
+    w.add_f32("published", shard_->pulled_params());
+    w.add_u64("published_version", shard_->published_version());
+  }
   const std::string dir = cfg_.checkpoint_dir();
   const std::string path = snapshot_path(dir, step, "server", rank_);
   const Status s = w.write_atomic(path);

@@ -505,6 +505,19 @@ Status Shard::enable_downlink(const kernels::SelectionParams& selection) {
   return {};
 }
 
+Status Shard::restore_published(std::span<const float> published, uint64_t published_version) {
+  if (!downlink_) return failed_precondition("the shard has no downlink");
+  if (published.size() != published_.size())
+    return invalid_argument(fmt::format("the snapshot's published copy holds {} parameters, this shard has {}",
+                                        published.size(), published_.size()));
+  if (published_version > version_)
+    return invalid_argument(fmt::format("the snapshot's published copy is at version {}, after the shard's {}",
+                                        published_version, version_));
+  std::copy(published.begin(), published.end(), published_.data());
+  published_version_ = published_version;
+  return {};
+}
+
 Shard::Published Shard::publish() {
   Published out;
   if (!downlink_ || published_version_ == version_) return out;

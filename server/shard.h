@@ -127,6 +127,13 @@ class Shard {
   Status restore(std::span<const float> params, std::span<const float> velocity,
                  std::span<const float> second_moment, uint64_t version, uint64_t clock);
 
+  // After restore(): the published copy and its version from the same
+  // snapshot, so a resumed job publishes exactly as an uninterrupted one
+  // (without this, x_hat restarts as x). Fails, changing nothing, without a
+  // downlink, on a size mismatch or a version above the shard's.
+  Status restore_published(std::span<const float> published, uint64_t published_version);
+  uint64_t published_version() const { return published_version_; }
+
   // Aggregating policies: applies every complete clock; returns how many.
   int apply_ready();
   // Worker `w` left the job: its held push is dropped and nobody waits for it.

@@ -131,6 +131,13 @@ TEST(ResumeTest, AdamStateResumesBitIdentical) {
   kill_a_server_and_resume("resume_adam", {"optimizer.name=adam", "compression.scale=1", "training.lr=0.005"});
 }
 
+// Compressed pulls: the copy the workers pull (x_hat) and its version are in
+// the snapshots too; without them x_hat would restart as x and the resumed
+// run would train on a different copy.
+TEST(ResumeTest, CompressedPullsResumeBitIdentical) {
+  kill_a_server_and_resume("resume_downlink", {"downlink.method=topk", "downlink.ratio=0.002"});
+}
+
 // Asynchronous training is not deterministic, so the bar is the accuracy
 // band of an uninterrupted run.
 TEST(ResumeTest, AsyncJobResumesAfterAServerKillAndReachesTheSameAccuracy) {
