@@ -367,6 +367,9 @@ const std::vector<Field>& fields() {
       real_field("downlink.ratio", SPS_REF(downlink.ratio), 0.0, 1.0, true),
       integer_field("downlink.k", SPS_REF(downlink.k), 0, kInt32Max),
       real_field("downlink.lambda", SPS_REF(downlink.lambda), 0.0, 1e30, false),
+      enum_field<ValueFormatName>(
+          "downlink.values", SPS_REF(downlink.values),
+          {{"f32", ValueFormatName::kF32}, {"f16", ValueFormatName::kF16}, {"bf16", ValueFormatName::kBF16}}),
 
       enum_field<ConsistencyMode>("consistency.mode", SPS_REF(consistency.mode),
                                   {{"bsp", ConsistencyMode::kBsp},
@@ -632,6 +635,7 @@ std::vector<std::string> ineffective_keys(const Config& c) {
                        : downlink + " (topk, gaussiank, randomk and sampled use it)"},
       {"downlink.k", downlink_uses_k, downlink + " (topk, gaussiank, randomk and sampled use it)"},
       {"downlink.lambda", c.downlink.method == M::kThreshold, downlink + " (only threshold uses it)"},
+      {"downlink.values", c.downlink.method != M::kDense, downlink + " (pulls carry the parameters exactly)"},
   };
   std::vector<std::string> out;
   for (const auto& r : rules) {
@@ -724,12 +728,13 @@ std::string optimizer_name(const OptimizerConfig& o) {
 }
 
 std::string downlink_name(const DownlinkConfig& d) {
+  const std::string values = d.values == ValueFormatName::kF32 ? "" : fmt::format(", {} values", to_string(d.values));
   switch (d.method) {
     case CompressionMethod::kDense: return "dense";
-    case CompressionMethod::kThreshold: return fmt::format("threshold (lambda {})", d.lambda);
+    case CompressionMethod::kThreshold: return fmt::format("threshold (lambda {}{})", d.lambda, values);
     default:
-      if (d.k > 0) return fmt::format("{} (k {} per shard)", to_string(d.method), d.k);
-      return fmt::format("{} (ratio {})", to_string(d.method), d.ratio);
+      if (d.k > 0) return fmt::format("{} (k {} per shard{})", to_string(d.method), d.k, values);
+      return fmt::format("{} (ratio {}{})", to_string(d.method), d.ratio, values);
   }
 }
 

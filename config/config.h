@@ -244,6 +244,9 @@ struct DownlinkConfig {
   int64_t k = 0;
   // threshold: publish every key with |x - x_hat| >= lambda. Default: 0.
   double lambda = 0.0;
+  // Wire format of published values: f32 | f16 | bf16. The published copy
+  // holds the rounded values, so what rounding loses stays owed. Default: f32.
+  ValueFormatName values = ValueFormatName::kF32;
 };
 
 enum class ConsistencyMode { kBsp, kSsp, kAsp };

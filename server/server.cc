@@ -244,7 +244,8 @@ void Server::on_assign(const protocol::AssignInfo& a) {
   auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_), cfg_.checkpoint.resume);
   if (log.ok()) log_ = std::move(log).value();
   if (cfg_.downlink.method != config::CompressionMethod::kDense) {
-    const Status st = shard_->enable_downlink(Shard::downlink_selection(cfg_.downlink, shard_->size()));
+    const Status st = shard_->enable_downlink(Shard::downlink_selection(cfg_.downlink, shard_->size()),
+                                               Shard::downlink_values(cfg_.downlink));
     if (!st.ok()) {
       spdlog::error("server {}: downlink: {}", rank_, st.message());
       send_control(MessageType::kError, protocol::encode_text("downlink: " + st.message()));
@@ -381,6 +382,15 @@ protocol::IndexEncoding key_coding(config::IndexCoding c, uint64_t nnz, uint64_t
   return protocol::choose_index_encoding(nnz, range);
 }
 
+// Values of a sparse pull answer: what publishes rounded them to, else f32.
+protocol::ValueType pull_value_type(ValueFormat published) {
+  switch (published) {
+    case ValueFormat::kF16: return protocol::ValueType::kF16;
+    case ValueFormat::kBF16: return protocol::ValueType::kBF16;
+    default: return protocol::ValueType::kF32;
+  }
+}
+
 }  // namespace
 
 void Server::handle_data(net::Received& received) {
@@ -501,7 +511,10 @@ void Server::answer_pull(const PendingPull& pull) {
   if (sparse) {
     h.index_encoding = key_coding(cfg_.compression.index_coding, changed_keys_.size(), shard_->size());
     shard_->gather(changed_keys_, changed_values_);
-    msg = protocol::encode_data(h, changed_keys_, changed_values_, protocol::ValueType::kF32, &pool_);
+    // Published values are already rounded to downlink.values, so this
+    // encoding loses nothing.
+    msg = protocol::encode_data(h, changed_keys_, changed_values_, pull_value_type(shard_->downlink_values()),
+                                &pool_);
   } else {
     h.index_encoding = protocol::IndexEncoding::kNone;
     msg = protocol::encode_data(h, {}, pull.exact ? shard_->params() : shard_->pulled_params(),

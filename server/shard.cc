@@ -489,7 +489,17 @@ kernels::SelectionParams Shard::downlink_selection(const config::DownlinkConfig&
   return p;
 }
 
-Status Shard::enable_downlink(const kernels::SelectionParams& selection) {
+ValueFormat Shard::downlink_values(const config::DownlinkConfig& d) {
+  switch (d.values) {
+    case config::ValueFormatName::kF16: return ValueFormat::kF16;
+    case config::ValueFormatName::kBF16: return ValueFormat::kBF16;
+    default: return ValueFormat::kF32;  // config refuses the scaled formats here
+  }
+}
+
+Status Shard::enable_downlink(const kernels::SelectionParams& selection, ValueFormat values) {
+  if (values != ValueFormat::kF32 && values != ValueFormat::kF16 && values != ValueFormat::kBF16)
+    return invalid_argument("compressed pulls send f32, f16 or bf16 values");
   kernels::CompressorOptions options;
   options.selection = selection;
   options.selection.k = std::min<size_t>(selection.k, std::max<size_t>(size(), 1));
@@ -498,6 +508,7 @@ Status Shard::enable_downlink(const kernels::SelectionParams& selection) {
   SPS_ASSIGN_OR_RETURN(downlink_, kernels::make_compressor(kernels::Backend::kCpu, size(), options));
   // A threshold never selects below lambda, even when few keys owe anything.
   downlink_k_ = selection.method == kernels::Method::kThreshold ? 0 : options.selection.k;
+  downlink_values_ = values;
   published_.assign(params_.begin(), params_.end());
   published_version_ = version_;
   owed_.assign(size(), 0.0f);
@@ -569,11 +580,16 @@ Shard::Published Shard::publish() {
     return out;
   }
   selected_keys_.clear();
-  double sent_sq = 0;
+  // The owed norm after: owed_sq less what each sent key stops owing (with
+  // rounding, a key keeps owing x - round(x)).
+  double paid_sq = 0;
   for (const uint32_t j : selected_.indices) {
     if (owed[j] == 0.0f) continue;
-    sent_sq += static_cast<double>(owed[j]) * owed[j];
-    x_hat[j] = x[j];
+    const float sent = downlink_values_ == ValueFormat::kF32 ? x[j] : quantise(x[j], downlink_values_);
+    if (sent == x_hat[j]) continue;  // only rounding was owed: sending would change nothing
+    const double left = static_cast<double>(x[j]) - sent;
+    paid_sq += static_cast<double>(owed[j]) * owed[j] - left * left;
+    x_hat[j] = sent;
     selected_keys_.push_back(key_begin_ + j);
   }
   out.nnz = selected_keys_.size();
@@ -582,7 +598,7 @@ Shard::Published Shard::publish() {
     change_log_.restart(version_);
   else
     change_log_.add(version_, selected_keys_);
-  out.owed_norm = std::sqrt(std::max(0.0, owed_sq - sent_sq));
+  out.owed_norm = std::sqrt(std::max(0.0, owed_sq - paid_sq));
   published_version_ = version_;
   return out;
 }

@@ -29,7 +29,9 @@
 // compressed step, S = select(x - x_hat), x_hat[S] = x[S], at most once per
 // version; what it leaves out stays owed in x - x_hat and is sent by a later
 // publish (error feedback, on the server). The change log then records
-// what publishes changed in x_hat, so sparse pulls carry only S.
+// what publishes changed in x_hat, so sparse pulls carry only S. With f16
+// or bf16 values x_hat[S] = round(x[S]): the copy holds exactly what the
+// wire carries, and the rounding error stays owed like the rest.
 // Not thread-safe: owned by the server's loop thread (which may hand large
 // applies to the shard's own pool and waits for them).
 #pragma once
@@ -43,6 +45,7 @@
 #include "common/huge_pages.h"
 #include "common/status.h"
 #include "common/thread_pool.h"
+#include "common/value_format.h"
 #include "kernels/compressor.h"
 #include "protocol/message.h"
 #include "scheduler/consistency.h"
@@ -97,18 +100,22 @@ class Shard {
                   std::span<const float> values);
 
   // Compressed pulls from now on: `selection` picks what each publish sends
-  // of x - x_hat (its k counts keys of this shard). x_hat starts as x.
-  // Fails on a selection the kernels refuse.
-  Status enable_downlink(const kernels::SelectionParams& selection);
+  // of x - x_hat (its k counts keys of this shard); `values` is the wire
+  // format sparse pull answers use (f32, f16 or bf16). x_hat starts as x.
+  // Fails on a selection the kernels refuse or a scaled format.
+  Status enable_downlink(const kernels::SelectionParams& selection, ValueFormat values = ValueFormat::kF32);
   // The selection downlink.* asks for on a shard of `n` keys.
   static kernels::SelectionParams downlink_selection(const config::DownlinkConfig& d, size_t n);
+  // The value format downlink.values names.
+  static ValueFormat downlink_values(const config::DownlinkConfig& d);
   bool downlink() const { return downlink_ != nullptr; }
+  ValueFormat downlink_values() const { return downlink_values_; }
   // What one publish did.
   struct Published {
     bool ran = false;        // false: x_hat was already at this version (or no downlink)
     bool dense = false;      // everything was sent (a non-finite x, or a dense selection)
     uint64_t version = 0;
-    size_t nnz = 0;          // keys of x_hat changed
+    size_t nnz = 0;          // keys of x_hat changed (a key whose rounded value is unchanged is not sent)
     double owed_norm = 0;    // ||x - x_hat|| after the publish
   };
   // Brings x_hat to the current version by one compressed step (a no-op
@@ -233,6 +240,7 @@ class Shard {
   // part lives in x - x_hat itself).
   std::unique_ptr<kernels::Compressor> downlink_;
   size_t downlink_k_ = 0;  // the selection's budget (0: threshold, no budget)
+  ValueFormat downlink_values_ = ValueFormat::kF32;
   HugePageVector<float> published_;
   uint64_t published_version_ = 0;
   std::vector<float> owed_;

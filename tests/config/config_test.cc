@@ -161,6 +161,20 @@ TEST(ConfigTest, DownlinkKeysAreCheckedAndNamed) {
   ASSERT_EQ(w.size(), 1u);
   EXPECT_NE(w[0].find("job.yaml:4:3: downlink.ratio has no effect: downlink.method is threshold"), std::string::npos)
       << w[0];
+  // downlink.values: only the 16-bit formats (a publish keeps no scales),
+  // and only with a compressed downlink.
+  expect_error("downlink:\n  method: topk\n  values: int8\n", "job.yaml:3:11: downlink.values: 'int8' is not one of: f32, f16, bf16");
+  auto half = load_from_string("downlink:\n  method: topk\n  values: bf16\n", "job.yaml");
+  ASSERT_TRUE(half.ok()) << half.status().message();
+  EXPECT_EQ(half->downlink.values, ValueFormatName::kBF16);
+  EXPECT_EQ(downlink_name(half->downlink), "topk (ratio 0.01, bf16 values)");
+  EXPECT_TRUE(ineffective_keys(*half).empty());
+  auto unused = load_from_string("downlink:\n  values: f16\n", "job.yaml");
+  ASSERT_TRUE(unused.ok()) << unused.status().message();
+  const auto u = ineffective_keys(*unused);
+  ASSERT_EQ(u.size(), 1u);
+  EXPECT_NE(u[0].find("job.yaml:2:3: downlink.values has no effect: downlink.method is dense"), std::string::npos)
+      << u[0];
 }
 
 TEST(ConfigTest, KeysWithoutEffectAreNamedWithWhereTheyWereSet) {

@@ -132,13 +132,20 @@ TEST(JobTest, CompressedPullsMatchTheReferenceBitForBit) {
     extra.insert(extra.begin(), common.begin(), common.end());
     return extra;
   };
-  std::string compressed_dir, plain_dir;
+  std::string compressed_dir, plain_dir, half_dir;
   run_and_compare("downlink_topk", 2, 2, with({"downlink.method=topk", "downlink.ratio=0.1"}), true, &compressed_dir);
   run_and_compare("downlink_dense", 2, 2, common, true, &plain_dir);
+  // f16 values: bit for bit too, so the rounded copy crosses the wire losslessly.
+  run_and_compare("downlink_topk_f16", 2, 2,
+                  with({"downlink.method=topk", "downlink.ratio=0.1", "downlink.values=f16"}), true, &half_dir);
   const auto compressed = read_json(compressed_dir + "/summary.json");
   const auto plain = read_json(plain_dir + "/summary.json");
+  const auto half = read_json(half_dir + "/summary.json");
   EXPECT_EQ(compressed["downlink"], "topk (ratio 0.1)");
   EXPECT_EQ(plain["downlink"], "dense");
+  EXPECT_EQ(half["downlink"], "topk (ratio 0.1, f16 values)");
+  // Two bytes a value instead of four in every sparse answer.
+  EXPECT_LT(half["bytes_pulled"].get<uint64_t>() * 10, compressed["bytes_pulled"].get<uint64_t>() * 8);
   // Momentum changes every key: without compression no pull is sparse.
   EXPECT_EQ(plain["sparse_pulls"].get<uint64_t>(), 0u);
   // Every pull after each worker's first, per shard, is sparse (the final exact pull is dense).

@@ -39,7 +39,8 @@ Result<ReferenceResult> run_reference(const config::Config& cfg) {
     const auto b = static_cast<uint32_t>(n * s / S), e = static_cast<uint32_t>(n * (s + 1) / S);
     shards.emplace_back(b, e, W, server::Optimizer::from_config(cfg, e - b), scheduler::make_policy(cfg.consistency));
     if (cfg.downlink.method != config::CompressionMethod::kDense)
-      SPS_RETURN_IF_ERROR(shards.back().enable_downlink(server::Shard::downlink_selection(cfg.downlink, e - b)));
+      SPS_RETURN_IF_ERROR(shards.back().enable_downlink(server::Shard::downlink_selection(cfg.downlink, e - b),
+                                                                 server::Shard::downlink_values(cfg.downlink)));
     shards.back().set_params(std::span<const float>(params).subspan(b, e - b));
   }
   std::vector<std::unique_ptr<worker::CompressionStage>> compressors;

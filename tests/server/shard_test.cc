@@ -587,6 +587,98 @@ TEST(ShardDownlinkTest, SparsePullsRebuildThePublishedCopyExactly) {
   }
 }
 
+// downlink.values f16/bf16: x_hat holds exactly what the wire carries (the
+// rounded values, so encoding them loses nothing), the rounding error stays
+// owed, and a key that owes only rounding is never sent again (sending it
+// would not change the copy).
+TEST(ShardDownlinkTest, HalfValuesArePublishedRoundedAndTheRoundingStaysOwed) {
+  for (const ValueFormat format : {ValueFormat::kF16, ValueFormat::kBF16}) {
+    SCOPED_TRACE(static_cast<int>(format));
+    Shard s = make_shard(1);
+    kernels::SelectionParams top2;
+    top2.method = kernels::Method::kTopK;
+    top2.k = 2;
+    ASSERT_TRUE(s.enable_downlink(top2, format).ok());
+    EXPECT_EQ(s.downlink_values(), format);
+    s.set_params(std::vector<float>(10, 0.0f));
+    ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{100, 103, 105, 109},
+                           std::vector<float>{0.1f, -1.0f / 3.0f, 0.2f, 0.05f})
+                    .ok());
+    ASSERT_EQ(s.apply_ready(), 1);
+    const std::vector<float> x(s.params().begin(), s.params().end());
+    auto owed_norm = [&] {
+      double sq = 0;
+      for (size_t j = 0; j < 10; ++j) {
+        const double d = double{s.params()[j]} - double{s.pulled_params()[j]};
+        sq += d * d;
+      }
+      return std::sqrt(sq);
+    };
+
+    const Shard::Published first = s.publish();
+    EXPECT_EQ(first.nnz, 2u);
+    EXPECT_EQ(s.pulled_params()[3], quantise(x[3], format));
+    EXPECT_EQ(s.pulled_params()[5], quantise(x[5], format));
+    EXPECT_NE(s.pulled_params()[3], x[3]) << "1/3 is not representable: the test must round something";
+    EXPECT_EQ(s.pulled_params()[0], 0.0f);
+    EXPECT_NEAR(first.owed_norm, owed_norm(), 1e-12);
+    EXPECT_GT(std::abs(first.owed_norm - std::sqrt(0.1 * 0.1 + 0.05 * 0.05)), 1e-9)
+        << "the rounding error must count as owed";
+
+    // Keys 100 and 109 owe more than 103 and 105's rounding: they go next.
+    ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{}, std::vector<float>{}).ok());
+    ASSERT_EQ(s.apply_ready(), 1);
+    const Shard::Published second = s.publish();
+    EXPECT_EQ(second.nnz, 2u);
+    std::vector<uint32_t> changed;
+    ASSERT_TRUE(s.changed_since(1, 10, changed));
+    EXPECT_EQ(changed, (std::vector<uint32_t>{100, 109}));
+    std::vector<float> values;
+    s.gather(changed, values);
+    for (size_t i = 0; i < values.size(); ++i) {
+      EXPECT_EQ(values[i], quantise(x[changed[i] - 100], format));
+      EXPECT_EQ(values[i], quantise(values[i], format)) << "what a pull gathers survives the wire format";
+    }
+    EXPECT_NEAR(second.owed_norm, owed_norm(), 1e-12);
+    EXPECT_GT(second.owed_norm, 0.0);
+
+    // Only rounding is owed now: a publish runs and sends nothing.
+    ASSERT_TRUE(s.add_push(0, 2, 2, std::vector<uint32_t>{}, std::vector<float>{}).ok());
+    ASSERT_EQ(s.apply_ready(), 1);
+    const Shard::Published third = s.publish();
+    EXPECT_TRUE(third.ran);
+    EXPECT_EQ(third.nnz, 0u);
+    EXPECT_EQ(third.owed_norm, second.owed_norm);
+    ASSERT_TRUE(s.changed_since(2, 10, changed));
+    EXPECT_TRUE(changed.empty());
+  }
+  Shard s = make_shard(1);
+  EXPECT_FALSE(s.enable_downlink(kernels::SelectionParams{}, ValueFormat::kInt8).ok());
+  EXPECT_FALSE(s.downlink());
+}
+
+// restore_published() takes the snapshot's copy only when it fits the shard.
+TEST(ShardDownlinkTest, RestorePublishedRefusesACopyThatDoesNotFit) {
+  Shard s = make_shard(1);
+  const std::vector<float> copy(10, 2.0f);
+  EXPECT_FALSE(s.restore_published(copy, 0).ok()) << "no downlink";
+  kernels::SelectionParams top1;
+  top1.method = kernels::Method::kTopK;
+  top1.k = 1;
+  ASSERT_TRUE(s.enable_downlink(top1).ok());
+  ASSERT_TRUE(s.restore(std::vector<float>(10, 1.0f), {}, {}, 5, 5).ok());
+  EXPECT_FALSE(s.restore_published(std::vector<float>(9, 2.0f), 5).ok());
+  EXPECT_FALSE(s.restore_published(copy, 6).ok()) << "a copy newer than the parameters";
+  EXPECT_EQ(s.pulled_params()[0], 1.0f) << "a refused copy changes nothing";
+  ASSERT_TRUE(s.restore_published(copy, 4).ok());
+  EXPECT_EQ(s.published_version(), 4u);
+  EXPECT_EQ(s.pulled_params()[9], 2.0f);
+  // Version 5 is newer than the copy: the next publish sends x - x_hat.
+  const Shard::Published p = s.publish();
+  EXPECT_TRUE(p.ran);
+  EXPECT_EQ(p.nnz, 1u);
+}
+
 // A non-finite parameter (a diverged model) is published whole, so the
 // workers see it, and restore() starts x_hat at the restored x.
 TEST(ShardDownlinkTest, NonFiniteParametersArePublishedDenselyAndRestoreResetsTheCopy) {
