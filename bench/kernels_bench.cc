@@ -22,9 +22,11 @@
 //   BM_ShardApplyRule/n/pm/r BM_ShardApply with the optimizer a job config names:
 //                            r = 0 sgd (gradient pushes), 1 sgd + momentum 0.9,
 //                            2 adagrad, 3 lazy adam, 4 adam
-//   BM_ShardPublish/n/pm     compressed pulls (downlink topk, pm per mille of the
+//   BM_ShardPublish/n/pm/c   compressed pulls (downlink topk, pm per mille of the
 //                            shard): one publish, owed = x - x_hat over the shard,
-//                            top-k of it, x_hat[S] = x[S] (compare with BM_FusedPass)
+//                            top-k of it, x_hat[S] = x[S] (compare with BM_FusedPass);
+//                            every key owes, f32 values (c = 0) or f16 (c = 1,
+//                            x_hat[S] = round(x[S])); or k/2 keys owe (c = 2)
 //   BM_Gather/n/pm, BM_Scatter/n/pm  baselines for a sparse pull of k keys:
 //                            plain loops reading or writing the parameters
 //   BM_ShardGather/n/pm      the server's gather for that pull answer
@@ -400,30 +402,39 @@ void BM_ShardApplyAsync2Threads(benchmark::State& s) { run_shard_apply_async(s, 
 
 void BM_ShardPublish(benchmark::State& s) {
   const auto n = static_cast<uint32_t>(s.range(0));
+  const int64_t scenario = s.range(2);
   sps::server::Shard shard(0, n, 1, sps::server::Optimizer::plain(1.0f), std::make_unique<sps::scheduler::BspPolicy>());
   sps::kernels::SelectionParams top;
   top.method = Method::kTopK;
   top.k = k_of(s);
-  if (!shard.enable_downlink(top).ok()) {
+  if (!shard.enable_downlink(top, scenario == 1 ? sps::ValueFormat::kF16 : sps::ValueFormat::kF32).ok()) {
     s.SkipWithError("enable_downlink failed");
     return;
   }
-  shard.set_params(gaussian(n, 3));
-  // One dense update, so that x - x_hat is a bell-shaped vector over every key.
+  const std::vector<float> before = gaussian(n, 3);
+  shard.set_params(before);
+  // One dense update: version 1, x = before - g.
   std::vector<uint32_t> all(n);
   for (uint32_t j = 0; j < n; ++j) all[j] = j;
-  uint64_t clock = 0;
-  (void)shard.add_push(0, clock, shard.version(), all, gaussian(n, 4, 0.01f));
+  (void)shard.add_push(0, 0, 0, all, gaussian(n, 4, 0.01f));
   shard.apply_ready();
-  ++clock;
-  const std::vector<uint32_t> one_key{n / 2};
-  const std::vector<float> one_value{1e-3f};
+  // The copy each iteration publishes from (same work every iteration):
+  // scenarios 0 and 1 a copy from before the update, so every key owes a
+  // bell-shaped amount and top-k selects; scenario 2 a copy that owes on
+  // k/2 keys only, sent without a selection (SGD's usual case).
+  std::vector<float> copy = before;
+  if (scenario == 2) {
+    copy.assign(shard.params().begin(), shard.params().end());
+    const size_t stride = std::max<size_t>(1, 2 * n / std::max<size_t>(top.k, 1));
+    for (size_t j = 0; j < n; j += stride) copy[j] = before[j];
+  }
   size_t published = 0;
   for (auto _ : s) {
-    s.PauseTiming();  // a new version to publish (a one-key update)
-    (void)shard.add_push(0, clock, shard.version(), one_key, one_value);
-    shard.apply_ready();
-    ++clock;
+    s.PauseTiming();
+    if (!shard.restore_published(copy, 0).ok()) {
+      s.SkipWithError("restore_published failed");
+      return;
+    }
     s.ResumeTiming();
     published += shard.publish().nnz;
   }
@@ -557,7 +568,12 @@ BENCHMARK(BM_ShardApplyRule)
 BENCHMARK(BM_ShardApplyAsyncFillingLog)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApply2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardApplyAsync2Threads)->Apply(sizes)->UseRealTime();
-BENCHMARK(BM_ShardPublish)->Apply(sizes);
+BENCHMARK(BM_ShardPublish)->Apply([](benchmark::internal::Benchmark* b) {
+  for (int64_t n : {1'000'000, 25'000'000})
+    for (int64_t permille : {1, 10})
+      for (int64_t scenario : {0, 1, 2}) b->Args({n, permille, scenario});
+  b->Unit(benchmark::kMillisecond);
+});
 BENCHMARK(BM_Gather)->Apply(sizes);
 BENCHMARK(BM_ShardGather)->Apply(sizes);
 BENCHMARK(BM_Scatter)->Apply(sizes);

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "common/half_floats.h"
 #include "common/scattered_keys.h"
 
 namespace sps::server {
@@ -537,26 +538,76 @@ Shard::Published Shard::publish() {
   const float* const x = params_.data();
   float* const x_hat = published_.data();
   float* const owed = owed_.data();
-  // owed = x - x_hat, its squared norm and its nonzero count, in one pass
-  // (per piece, summed in piece order so nothing depends on timing).
+  // One pass: ||x - x_hat||^2, and owed = x - x_hat where sending would
+  // change x_hat (x != x_hat, and with 16-bit values round(x) != x_hat),
+  // else 0, so selections never spend the budget on keys that owe only
+  // rounding. While few keys owe, the pass also lists them (from blocks
+  // still in L1), so that when they all fit in the budget no second pass
+  // or selection is needed. Per piece, combined in piece order so nothing
+  // depends on timing. The simd reduction lets the compiler keep several
+  // partial sums (a fixed order for a given build); one double sum would be
+  // a serial chain of additions, slower than the memory.
+  const size_t n = size();
+  const size_t pieces = static_cast<size_t>(threads());
   struct PieceSums {
     double norm_sq = 0;
     size_t nonzero = 0;
   };
-  std::vector<PieceSums> piece_sums(static_cast<size_t>(threads()));
-  const size_t n = size();
-  const size_t pieces = piece_sums.size();
+  std::vector<PieceSums> piece_sums(pieces);
+  owing_.resize(pieces);
+  const ValueFormat format = downlink_values_;
+  const size_t budget = downlink_k_;  // 0 (threshold): never list, always select
   for_pieces(pool_.get(), n, Optimizer::kMinDensePerThread, [&](size_t begin, size_t end) {
+    const size_t piece = std::min(pieces - 1, begin * pieces / std::max<size_t>(n, 1));
+    std::vector<uint32_t>& owing = owing_[piece];
+    owing.clear();
+    bool listing = budget > 0;
+    constexpr size_t kBlock = 2048;  // x rounded a block at a time, in L1
+    alignas(64) float rounded[kBlock];
     double sum = 0;
     size_t nonzero = 0;
-    for (size_t j = begin; j < end; ++j) {
-      owed[j] = x[j] - x_hat[j];
-      sum += static_cast<double>(owed[j]) * owed[j];
-      nonzero += owed[j] != 0.0f ? 1 : 0;
+    for (size_t block = begin; block < end; block += kBlock) {
+      const size_t m = std::min(kBlock, end - block);
+      const float* __restrict const xb = x + block;
+      const float* __restrict const hb = x_hat + block;
+      float* __restrict const ob = owed + block;
+      if (format != ValueFormat::kF32) {
+        std::copy(xb, xb + m, rounded);
+        round_to_half(format, rounded, nullptr, m);
+      }
+      const float* __restrict const sent = format != ValueFormat::kF32 ? rounded : xb;
+      double block_sum = 0;
+      uint32_t block_nonzero = 0;
+#pragma omp simd reduction(+ : block_sum, block_nonzero)
+      for (size_t i = 0; i < m; ++i) {
+        const float d = xb[i] - hb[i];
+        const float kept = sent[i] != hb[i] ? d : 0.0f;  // 0 when x == x_hat too
+        block_sum += static_cast<double>(d) * d;
+        ob[i] = kept;
+        block_nonzero += kept != 0.0f ? 1 : 0;
+      }
+      sum += block_sum;
+      nonzero += block_nonzero;
+      if (listing && block_nonzero > 0) {
+        if (nonzero > budget) {
+          listing = false;  // a selection will be needed anyway
+        } else {
+          // 16 keys at a time: owed is +0 or nonzero bits, so one OR tells
+          // whether a group holds an owing key (most do not).
+          for (size_t g = 0; g < m; g += 16) {
+            const size_t group_end = std::min(m, g + 16);
+            uint32_t bits = 0;
+            for (size_t i = g; i < group_end; ++i) bits |= std::bit_cast<uint32_t>(ob[i]);
+            if (bits == 0) continue;
+            for (size_t i = g; i < group_end; ++i)
+              if (ob[i] != 0.0f) owing.push_back(static_cast<uint32_t>(block + i));
+          }
+        }
+      }
     }
-    PieceSums& p = piece_sums[std::min(pieces - 1, begin * pieces / std::max<size_t>(n, 1))];
-    p.norm_sq += sum;
-    p.nonzero += nonzero;
+    if (!listing) owing.clear();
+    piece_sums[piece].norm_sq += sum;
+    piece_sums[piece].nonzero += nonzero;
   });
   double owed_sq = 0;
   size_t nonzero = 0;
@@ -564,21 +615,27 @@ Shard::Published Shard::publish() {
     owed_sq += p.norm_sq;
     nonzero += p.nonzero;
   }
-  // Keys whose owed part is 0 have nothing to send: never select them. When
-  // every owed key fits in the budget they all go, without a selection.
-  selected_.clear();
-  if (downlink_k_ > 0 && nonzero <= downlink_k_) {
-    for (size_t j = 0; j < n; ++j)
-      if (owed[j] != 0.0f) selected_.indices.push_back(static_cast<uint32_t>(j));
-  } else if (!downlink_->compress(owed_, 1.0f, selected_, version_).ok()) {
-    // A non-finite x (a diverged model): the workers get it whole, and see.
+  // A non-finite x (a diverged model): the workers get it whole, and see
+  // (a 16-bit format would saturate it).
+  auto publish_whole = [&] {
     std::copy(x, x + n, x_hat);
     change_log_.restart(version_);
     published_version_ = version_;
     out.dense = true;
     out.nnz = n;
     return out;
+  };
+  // Keys that owe nothing are never selected. When every owing key fits in
+  // the budget they all go, without a selection.
+  selected_.clear();
+  if (budget > 0 && nonzero <= budget) {
+    for (const std::vector<uint32_t>& owing : owing_)
+      selected_.indices.insert(selected_.indices.end(), owing.begin(), owing.end());
+  } else if (!downlink_->compress(owed_, 1.0f, selected_, version_).ok()) {
+    return publish_whole();  // the kernels refuse non-finite input
   }
+  for (const uint32_t j : selected_.indices)
+    if (!std::isfinite(x[j])) return publish_whole();
   selected_keys_.clear();
   // The owed norm after: owed_sq less what each sent key stops owing (with
   // rounding, a key keeps owing x - round(x)).

@@ -245,6 +245,7 @@ class Shard {
   uint64_t published_version_ = 0;
   std::vector<float> owed_;
   kernels::SparseVector selected_;
+  std::vector<std::vector<uint32_t>> owing_;  // per piece of publish()'s pass: the owing keys, while few
   std::vector<uint32_t> selected_keys_;
   // Per worker: the clock of its latest push refused as too stale
   // (kNoClock: none).

@@ -680,31 +680,37 @@ TEST(ShardDownlinkTest, RestorePublishedRefusesACopyThatDoesNotFit) {
 }
 
 // A non-finite parameter (a diverged model) is published whole, so the
-// workers see it, and restore() starts x_hat at the restored x.
+// workers see it (f16 would saturate it), whether the owing keys need a
+// selection (k = 1) or all fit in the budget (k = 4); restore() starts
+// x_hat at the restored x.
 TEST(ShardDownlinkTest, NonFiniteParametersArePublishedDenselyAndRestoreResetsTheCopy) {
-  Shard s = make_shard(1);
-  kernels::SelectionParams top1;
-  top1.method = kernels::Method::kTopK;
-  top1.k = 1;
-  ASSERT_TRUE(s.enable_downlink(top1).ok());
-  ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{101, 102}, std::vector<float>{3e38f, 1.0f}).ok());
-  ASSERT_EQ(s.apply_ready(), 1);
-  ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{101}, std::vector<float>{3e38f}).ok());
-  ASSERT_EQ(s.apply_ready(), 1);
-  ASSERT_TRUE(std::isinf(s.params()[1]));
-  const Shard::Published p = s.publish();
-  EXPECT_TRUE(p.dense);
-  EXPECT_EQ(p.nnz, 10u);
-  EXPECT_TRUE(std::isinf(s.pulled_params()[1]));
-  EXPECT_EQ(s.pulled_params()[2], -1.0f);
-  std::vector<uint32_t> changed;
-  EXPECT_FALSE(s.changed_since(0, 100, changed)) << "older copies must pull densely";
+  for (const ValueFormat format : {ValueFormat::kF32, ValueFormat::kF16})
+    for (const size_t k : {size_t{1}, size_t{4}}) {
+      SCOPED_TRACE(::testing::Message() << "format " << static_cast<int>(format) << " k " << k);
+      Shard s = make_shard(1);
+      kernels::SelectionParams top;
+      top.method = kernels::Method::kTopK;
+      top.k = k;
+      ASSERT_TRUE(s.enable_downlink(top, format).ok());
+      ASSERT_TRUE(s.add_push(0, 0, 0, std::vector<uint32_t>{101, 102}, std::vector<float>{3e38f, 1.0f}).ok());
+      ASSERT_EQ(s.apply_ready(), 1);
+      ASSERT_TRUE(s.add_push(0, 1, 1, std::vector<uint32_t>{101}, std::vector<float>{3e38f}).ok());
+      ASSERT_EQ(s.apply_ready(), 1);
+      ASSERT_TRUE(std::isinf(s.params()[1]));
+      const Shard::Published p = s.publish();
+      EXPECT_TRUE(p.dense);
+      EXPECT_EQ(p.nnz, 10u);
+      EXPECT_TRUE(std::isinf(s.pulled_params()[1]));
+      EXPECT_EQ(s.pulled_params()[2], -1.0f);
+      std::vector<uint32_t> changed;
+      EXPECT_FALSE(s.changed_since(0, 100, changed)) << "older copies must pull densely";
 
-  std::vector<float> snapshot(10);
-  for (size_t i = 0; i < snapshot.size(); ++i) snapshot[i] = static_cast<float>(i);
-  ASSERT_TRUE(s.restore(snapshot, {}, {}, 9, 9).ok());
-  EXPECT_EQ(std::vector<float>(s.pulled_params().begin(), s.pulled_params().end()), snapshot);
-  EXPECT_FALSE(s.publish().ran);
+      std::vector<float> snapshot(10);
+      for (size_t i = 0; i < snapshot.size(); ++i) snapshot[i] = static_cast<float>(i);
+      ASSERT_TRUE(s.restore(snapshot, {}, {}, 9, 9).ok());
+      EXPECT_EQ(std::vector<float>(s.pulled_params().begin(), s.pulled_params().end()), snapshot);
+      EXPECT_FALSE(s.publish().ran);
+    }
 }
 
 }  // namespace
