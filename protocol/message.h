@@ -70,6 +70,18 @@ inline constexpr uint8_t kMaxValueType = 6;
 inline bool is_scaled(ValueType t) {
   return t == ValueType::kI8 || t == ValueType::kSign || t == ValueType::kOneBit;
 }
+// The wire type that carries values in `format` (qsgd's levels travel as int8).
+inline ValueType wire_value_type(ValueFormat format) {
+  switch (format) {
+    case ValueFormat::kF16: return ValueType::kF16;
+    case ValueFormat::kBF16: return ValueType::kBF16;
+    case ValueFormat::kInt8:
+    case ValueFormat::kQsgd: return ValueType::kI8;
+    case ValueFormat::kSign: return ValueType::kSign;
+    case ValueFormat::kOneBit: return ValueType::kOneBit;
+    default: return ValueType::kF32;
+  }
+}
 // Bytes of one scale run in a scaled value frame.
 inline uint64_t scale_run_bytes(ValueType t) { return t == ValueType::kOneBit ? 12 : 8; }
 // Bytes of a value frame holding `nnz` values in `runs` scale runs (the

@@ -382,15 +382,6 @@ protocol::IndexEncoding key_coding(config::IndexCoding c, uint64_t nnz, uint64_t
   return protocol::choose_index_encoding(nnz, range);
 }
 
-// Values of a sparse pull answer: what publishes rounded them to, else f32.
-protocol::ValueType pull_value_type(ValueFormat published) {
-  switch (published) {
-    case ValueFormat::kF16: return protocol::ValueType::kF16;
-    case ValueFormat::kBF16: return protocol::ValueType::kBF16;
-    default: return protocol::ValueType::kF32;
-  }
-}
-
 }  // namespace
 
 void Server::handle_data(net::Received& received) {
@@ -513,7 +504,7 @@ void Server::answer_pull(const PendingPull& pull) {
     shard_->gather(changed_keys_, changed_values_);
     // Published values are already rounded to downlink.values, so this
     // encoding loses nothing.
-    msg = protocol::encode_data(h, changed_keys_, changed_values_, pull_value_type(shard_->downlink_values()),
+    msg = protocol::encode_data(h, changed_keys_, changed_values_, protocol::wire_value_type(shard_->downlink_values()),
                                 &pool_);
   } else {
     h.index_encoding = protocol::IndexEncoding::kNone;

@@ -642,8 +642,8 @@ Shard::Published Shard::publish() {
   double paid_sq = 0;
   for (const uint32_t j : selected_.indices) {
     if (owed[j] == 0.0f) continue;
+    // (owed is 0 where round(x) == x_hat: only rounding was owed)
     const float sent = downlink_values_ == ValueFormat::kF32 ? x[j] : quantise(x[j], downlink_values_);
-    if (sent == x_hat[j]) continue;  // only rounding was owed: sending would change nothing
     const double left = static_cast<double>(x[j]) - sent;
     paid_sq += static_cast<double>(owed[j]) * owed[j] - left * left;
     x_hat[j] = sent;

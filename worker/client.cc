@@ -276,18 +276,6 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
 }
 
 namespace {
-protocol::ValueType wire_type(ValueFormat f) {
-  switch (f) {
-    case ValueFormat::kF16: return protocol::ValueType::kF16;
-    case ValueFormat::kBF16: return protocol::ValueType::kBF16;
-    case ValueFormat::kInt8:
-    case ValueFormat::kQsgd: return protocol::ValueType::kI8;
-    case ValueFormat::kSign: return protocol::ValueType::kSign;
-    case ValueFormat::kOneBit: return protocol::ValueType::kOneBit;
-    default: return protocol::ValueType::kF32;
-  }
-}
-
 protocol::IndexEncoding key_coding(config::IndexCoding c, uint64_t nnz, uint64_t range) {
   switch (c) {
     case config::IndexCoding::kRaw: return protocol::IndexEncoding::kRawU32;
@@ -319,7 +307,7 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, V
     h.index_encoding = key_coding(cfg_.compression.index_coding, pos - begin, shard.key_end - shard.key_begin);
     slice_runs(sel.scale_runs, begin, pos, runs_, runs_from);
     auto msg = protocol::encode_data(h, std::span(sel.indices).subspan(begin, pos - begin),
-                                     std::span(sel.values).subspan(begin, pos - begin), wire_type(values), &pool_,
+                                     std::span(sel.values).subspan(begin, pos - begin), protocol::wire_value_type(values), &pool_,
                                      runs_);
     counters_.bytes_pushed += msg.total_bytes();
     SPS_RETURN_IF_ERROR(send_to_server(s, std::move(msg)));
@@ -347,7 +335,7 @@ Status PsClient::push_dense(uint64_t clock, std::span<const float> values, Value
     h.index_encoding = protocol::IndexEncoding::kNone;
     slice_runs(scale_runs, shard.key_begin, shard.key_end, runs_, runs_from);
     auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin),
-                                     wire_type(format), &pool_, runs_);
+                                     protocol::wire_value_type(format), &pool_, runs_);
     counters_.bytes_pushed += msg.total_bytes();
     SPS_RETURN_IF_ERROR(send_to_server(s, std::move(msg)));
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
