@@ -49,6 +49,16 @@ Status check_undo_send(size_t n, std::span<const uint32_t> indices, std::span<co
   return {};
 }
 
+Status check_set_momentum(size_t n, float momentum_factor, std::span<const float> momentum) {
+  if (momentum_factor == 0.0f) return failed_precondition("set_momentum: momentum correction is off");
+  if (momentum.size() != n)
+    return invalid_argument(fmt::format("set_momentum: {} entries, expected {}", momentum.size(), n));
+  for (size_t i = 0; i < momentum.size(); ++i)
+    if (!std::isfinite(momentum[i]))
+      return invalid_argument(fmt::format("set_momentum: entry {} is {}", i, momentum[i]));
+  return {};
+}
+
 Result<std::unique_ptr<Compressor>> make_compressor(Backend backend, size_t n, const CompressorOptions& options) {
   const auto& p = options.selection;
   if (p.method == Method::kRandomK && p.randomk_unbiased && options.error_feedback != ErrorFeedbackMode::kNone)

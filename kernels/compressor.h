@@ -89,6 +89,10 @@ class Compressor {
   // restarts, as after a send).
   virtual Status undo_send(std::span<const uint32_t> indices, std::span<const float> values) = 0;
   virtual std::vector<float> momentum() const = 0;  // a host copy (empty when momentum is off)
+  // Restores DGC's momentum buffer u (a snapshot): n finite entries.
+  // Fails with kFailedPrecondition when momentum is off, kInvalidArgument
+  // on a size mismatch or a non-finite entry; changes nothing then.
+  virtual Status set_momentum(std::span<const float> momentum) = 0;
   virtual const SelectionStats& last_stats() const = 0;
   // Squared L2 norm of the residual after the last step (0 with kNone).
   virtual double residual_norm_sq() const = 0;
@@ -98,6 +102,8 @@ class Compressor {
 // undo_send's argument check, shared by the backends: equal lengths,
 // indices strictly increasing and < n, values finite.
 Status check_undo_send(size_t n, std::span<const uint32_t> indices, std::span<const float> values);
+// set_momentum's argument check, shared by the backends.
+Status check_set_momentum(size_t n, float momentum_factor, std::span<const float> momentum);
 
 // Makes a compressor for n entries. Fails with a clear message when the
 // options are inconsistent (e.g. unbiased random-k with error feedback) or

@@ -291,6 +291,12 @@ Status CpuCompressor::set_residual(std::span<const float> residual) {
   return {};
 }
 
+Status CpuCompressor::set_momentum(std::span<const float> momentum) {
+  SPS_RETURN_IF_ERROR(check_set_momentum(n_, options_.momentum, momentum));
+  std::copy(momentum.begin(), momentum.end(), momentum_.begin());
+  return {};
+}
+
 Status CpuCompressor::scale_residual(float factor) {
   if (!(factor > 0.0f) || !std::isfinite(factor))
     return invalid_argument(fmt::format("scale_residual: the factor must be finite and > 0, got {}", factor));

@@ -46,6 +46,7 @@ class CpuCompressor final : public Compressor {
   Status scale_residual(float factor) override;
   Status undo_send(std::span<const uint32_t> indices, std::span<const float> values) override;
   std::vector<float> momentum() const override { return momentum_; }
+  Status set_momentum(std::span<const float> momentum) override;
   const SelectionStats& last_stats() const override { return stats_; }
   double residual_norm_sq() const override;
   Backend backend() const override { return Backend::kCpu; }

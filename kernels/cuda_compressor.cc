@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels/cuda/device_compressor.h"
 #include "kernels/cuda/ef_accumulate.h"
@@ -125,6 +126,17 @@ class CudaCompressor final : public Compressor {
     std::vector<float> u(n_);
     if (!device_->copy_momentum(u.data()).ok()) u.clear();
     return u;
+  }
+
+  Status scale_residual(float factor) override {
+    if (!(factor > 0.0f) || !std::isfinite(factor))
+      return invalid_argument(fmt::format("scale_residual: the factor must be finite and > 0, got {}", factor));
+    return device_->scale_residual(factor);
+  }
+
+  Status set_momentum(std::span<const float> momentum) override {
+    SPS_RETURN_IF_ERROR(check_set_momentum(n_, options_.momentum, momentum));
+    return device_->set_momentum(momentum.data());
   }
 
   const SelectionStats& last_stats() const override { return stats_; }

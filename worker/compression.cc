@@ -222,6 +222,37 @@ Status CompressionStage::set_residual(std::span<const float> residual) {
   return {};
 }
 
+std::vector<float> CompressionStage::momentum() const {
+  std::vector<float> out;
+  if (cfg_.compression.momentum_correction == 0.0) return out;
+  for (const auto& c : compressors_) {
+    const auto u = c->momentum();
+    out.insert(out.end(), u.begin(), u.end());
+  }
+  return out;
+}
+
+Status CompressionStage::set_momentum(std::span<const float> momentum) {
+  const size_t n = tensors_.empty() ? 0 : tensors_.back().offset + tensors_.back().size;
+  if (momentum.size() != n)
+    return invalid_argument(fmt::format("the momentum buffer has {} entries, the model {}", momentum.size(), n));
+  if (cfg_.compression.momentum_correction == 0.0) return {};
+  for (size_t i = 0; i < tensors_.size(); ++i)
+    SPS_RETURN_IF_ERROR(compressors_[i]->set_momentum(momentum.subspan(tensors_[i].offset, tensors_[i].size)));
+  return {};
+}
+
+Status CompressionStage::restore_hessian(std::span<const float> h, int64_t step) {
+  if (hessian_.empty()) return failed_precondition("restore_hessian: error_feedback is not hessian_diag");
+  if (h.size() != hessian_.size())
+    return invalid_argument(fmt::format("the Hessian estimate has {} entries, the model {}", h.size(), hessian_.size()));
+  if (step < 0) return invalid_argument(fmt::format("the Hessian estimate's step is {}", step));
+  std::copy(h.begin(), h.end(), hessian_.begin());
+  hessian_step_ = step;
+  hessian_gamma_ = -1;  // hand it to the compressors at the next step
+  return {};
+}
+
 Result<bool> CompressionStage::undo_send(std::span<const uint32_t> indices, std::span<const float> values) {
   if (indices.size() != values.size())
     return invalid_argument(fmt::format("undo_send: {} indices but {} values", indices.size(), values.size()));

@@ -48,12 +48,24 @@ class CompressionStage {
   // Restores a residual over the whole model (a snapshot); a no-op without
   // error feedback. Fails on a size mismatch.
   Status set_residual(std::span<const float> residual);
+  // DGC's momentum buffer over the whole model (empty when momentum
+  // correction is off), and its restore from a snapshot: a no-op when off;
+  // fails on a size mismatch or a non-finite entry.
+  std::vector<float> momentum() const;
+  Status set_momentum(std::span<const float> momentum);
   // A push that a server refused: puts its pairs (global indices,
   // ascending, as compress() gave them, or a contiguous part of them) back
   // into the residual. Returns false when there is no residual to keep
   // them (error_feedback: none): they are then lost.
   Result<bool> undo_send(std::span<const uint32_t> indices, std::span<const float> values);
   size_t hessian_clamped() const { return hessian_clamped_; }
+  // error_feedback: hessian_diag: the current estimate h and the step it was
+  // taken at (empty and -1 before the first step or in other modes), and
+  // its restore from a snapshot, so a resumed worker refreshes h at the same
+  // steps as an uninterrupted one. Fails on a size mismatch or a negative step.
+  std::span<const float> hessian_estimate() const { return hessian_step_ < 0 ? std::span<const float>() : hessian_; }
+  int64_t hessian_step() const { return hessian_step_; }
+  Status restore_hessian(std::span<const float> h, int64_t step);
 
  private:
   // A tensor's place in the flat parameter vector.

@@ -166,6 +166,15 @@ void Worker::Impl::snapshot_if_due(uint32_t rank) {
   snap.add_u64("step", static_cast<uint64_t>(step));
   snap.add_u64("num_params", n);
   snap.add_f32("residual", compression->residual());
+  // DGC's momentum buffer: without it a resumed worker would restart
+  // momentum correction from zero and diverge from an uninterrupted run.
+  if (cfg.compression.momentum_correction != 0.0) snap.add_f32("momentum", compression->momentum());
+  // hessian_diag: the estimate and its step, so h is refreshed at the same
+  // steps (on the same parameters) as in an uninterrupted run.
+  if (compression->hessian_step() >= 0) {
+    snap.add_f32("hessian", compression->hessian_estimate());
+    snap.add_u64("hessian_step", static_cast<uint64_t>(compression->hessian_step()));
+  }
   const std::string dir = cfg.checkpoint_dir();
   const std::string path = snapshot_path(dir, static_cast<uint64_t>(step), "worker", rank);
   // A failed snapshot costs the resume point, not the run.
@@ -196,6 +205,24 @@ void Worker::Impl::resume(uint32_t rank) {
     if (residual->size() != n)
       fail(fmt::format("{} holds a residual of {} entries but the model has {} parameters", path, residual->size(), n));
     check(compression->set_residual(*residual).with_context(path));
+    if (cfg.compression.momentum_correction != 0.0) {
+      if (snap->has("momentum")) {
+        auto momentum = snap->f32("momentum");
+        check(momentum.status());
+        check(compression->set_momentum(*momentum).with_context(path));
+      } else {
+        spdlog::warn("worker {}: {} holds no momentum buffer (written without momentum correction); "
+                     "compression.momentum_correction restarts from zero",
+                     rank, path);
+      }
+    }
+    if (snap->has("hessian") && cfg.compression.error_feedback == config::ErrorFeedback::kHessianDiag) {
+      auto h = snap->f32("hessian");
+      auto h_step = snap->u64("hessian_step");
+      check(h.status());
+      check(h_step.status());
+      check(compression->restore_hessian(*h, static_cast<int64_t>(*h_step)).with_context(path));
+    }
     source = path;
   }
   log.write({{"event", "resume"}, {"step", step}, {"residual", source}, {"skipped", point->skipped}});

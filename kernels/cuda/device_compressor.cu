@@ -553,6 +553,20 @@ __global__ void undo_add_kernel(float* residual, const uint32_t* idx, const floa
     residual[idx[j]] = __fadd_rn(residual[idx[j]], v[j]);
 }
 
+// scale_residual, in two launches likewise: the check finds the first entry
+// whose product overflows, the scale runs only when there is none.
+__global__ void scale_check_kernel(const float* residual, size_t n, float factor, Control* c) {
+  const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
+  for (size_t i = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; i < n; i += step)
+    if (!isfinite(__fmul_rn(residual[i], factor))) atomicMin(&c->bad_index, static_cast<uint32_t>(i));
+}
+
+__global__ void scale_kernel(float* residual, size_t n, float factor) {
+  const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
+  for (size_t i = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; i < n; i += step)
+    residual[i] = __fmul_rn(residual[i], factor);
+}
+
 __global__ void fill_kernel(float* p, size_t n, float value) {
   const size_t step = static_cast<size_t>(gridDim.x) * kThreads;
   for (size_t i = blockIdx.x * static_cast<size_t>(kThreads) + threadIdx.x; i < n; i += step) p[i] = value;
@@ -1177,6 +1191,23 @@ Status DeviceCompressor::undo_send(const uint32_t* indices, const float* values,
   return check(cudaStreamSynchronize(s.stream), "undo_send");
 }
 
+Status DeviceCompressor::scale_residual(float factor) {
+  State& s = *state_;
+  if (s.n == 0 || s.options.error_feedback == DeviceErrorFeedback::kNone) return {};
+  DeviceGuard guard(s.options.device);
+  SPS_RETURN_IF_ERROR(guard.status());
+  reset_control_kernel<<<1, 1, 0, s.stream>>>(s.ctl());
+  scale_check_kernel<<<s.grid(s.n), kThreads, 0, s.stream>>>(s.residual.as<float>(), s.n, factor, s.ctl());
+  SPS_RETURN_IF_ERROR(check_launch("scale_check_kernel"));
+  SPS_RETURN_IF_ERROR(s.fetch());
+  if (s.host->bad_index != kNoIndex)
+    return invalid_argument("scale_residual: the residual overflows when scaled by " + std::to_string(factor) +
+                            " (index " + std::to_string(s.host->bad_index) + "); nothing was changed");
+  scale_kernel<<<s.grid(s.n), kThreads, 0, s.stream>>>(s.residual.as<float>(), s.n, factor);
+  SPS_RETURN_IF_ERROR(check_launch("scale_kernel"));
+  return check(cudaStreamSynchronize(s.stream), "scale_residual");
+}
+
 Status DeviceCompressor::copy_momentum(float* host) const {
   const State& s = *state_;
   if (!(s.options.momentum > 0.0f)) return invalid_argument("copy_momentum: momentum is off");
@@ -1186,6 +1217,17 @@ Status DeviceCompressor::copy_momentum(float* host) const {
   SPS_RETURN_IF_ERROR(check(
       cudaMemcpyAsync(host, s.u.as<float>(), s.n * sizeof(float), cudaMemcpyDeviceToHost, s.stream), "copy momentum"));
   return check(cudaStreamSynchronize(s.stream), "copy momentum");
+}
+
+Status DeviceCompressor::set_momentum(const float* host) {
+  const State& s = *state_;
+  if (!(s.options.momentum > 0.0f)) return invalid_argument("set_momentum: momentum is off");
+  if (s.n == 0) return {};
+  DeviceGuard guard(s.options.device);
+  SPS_RETURN_IF_ERROR(guard.status());
+  SPS_RETURN_IF_ERROR(check(
+      cudaMemcpyAsync(s.u.as<float>(), host, s.n * sizeof(float), cudaMemcpyHostToDevice, s.stream), "set momentum"));
+  return check(cudaStreamSynchronize(s.stream), "set momentum");
 }
 
 }  // namespace sps::kernels::cuda

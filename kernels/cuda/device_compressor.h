@@ -83,7 +83,11 @@ class DeviceCompressor {
   // distinct and < n, checked by the caller). Fails with kInvalidArgument,
   // changing nothing, when a sum is not finite.
   Status undo_send(const uint32_t* indices, const float* values, size_t m);
+  // residual *= factor in place (factor checked by the caller). Fails with
+  // kInvalidArgument, changing nothing, when a product is not finite.
+  Status scale_residual(float factor);
   Status copy_momentum(float* host) const;  // kInvalidArgument when momentum is off
+  Status set_momentum(const float* host);    // n entries, checked by the caller
 
  private:
   struct State;

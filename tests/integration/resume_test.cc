@@ -138,6 +138,21 @@ TEST(ResumeTest, CompressedPullsResumeBitIdentical) {
   kill_a_server_and_resume("resume_downlink", {"downlink.method=topk", "downlink.ratio=0.002"});
 }
 
+// The workers' DGC momentum buffers are in their snapshots: without them
+// momentum correction would restart from zero after the resume.
+TEST(ResumeTest, WorkerMomentumCorrectionResumesBitIdentical) {
+  kill_a_server_and_resume("resume_momentum", {"compression.momentum_correction=0.9", "training.lr=0.05"});
+}
+
+// hessian_diag: the estimate h and the step it was taken at are in the
+// workers' snapshots. h is refreshed every 30 steps and snapshots are every
+// 50, so a resumed worker that recomputed h at once would take it at another
+// step, on other parameters, than the uninterrupted run.
+TEST(ResumeTest, HessianDiagEstimateResumesBitIdentical) {
+  kill_a_server_and_resume("resume_hessian",
+                           {"compression.error_feedback=hessian_diag", "compression.hessian_every=30"});
+}
+
 // Asynchronous training is not deterministic, so the bar is the accuracy
 // band of an uninterrupted run.
 TEST(ResumeTest, AsyncJobResumesAfterAServerKillAndReachesTheSameAccuracy) {

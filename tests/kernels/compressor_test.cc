@@ -736,6 +736,42 @@ TEST_P(CompressorTest, ScaleResidualMultipliesExactlyOrChangesNothing) {
   EXPECT_TRUE(plain->scale_residual(0.5f).ok());
 }
 
+// A worker snapshot's momentum buffer: a compressor handed another's
+// residual and momentum takes the same next step, bit for bit; a bad buffer
+// is refused and changes nothing; with momentum off it is refused.
+TEST_P(CompressorTest, SetMomentumRestoresTheStateOfAnotherCompressor) {
+  const size_t n = 6000;
+  CompressorOptions o = topk_options(60, ErrorFeedbackMode::kEf);
+  o.momentum = 0.9f;
+  auto c = make(n, o);
+  auto restored = make(n, o);
+  ASSERT_NE(c, nullptr);
+  SparseVector out, out_restored;
+  for (uint64_t s = 0; s < 3; ++s) ASSERT_TRUE(c->compress(normal(n, 70 + s), 1.0f, out, s).ok());
+  const auto u = c->momentum();
+  ASSERT_EQ(u.size(), n);
+  ASSERT_TRUE(restored->set_residual(c->residual()).ok());
+  ASSERT_TRUE(restored->set_momentum(u).ok());
+  EXPECT_EQ(restored->momentum(), u);
+  ASSERT_TRUE(c->compress(normal(n, 80), 1.0f, out, 3).ok());
+  ASSERT_TRUE(restored->compress(normal(n, 80), 1.0f, out_restored, 3).ok());
+  EXPECT_EQ(out_restored.indices, out.indices);
+  ASSERT_EQ(out_restored.values.size(), out.values.size());
+  for (size_t j = 0; j < out.values.size(); ++j) ASSERT_EQ(bits(out_restored.values[j]), bits(out.values[j]));
+  EXPECT_EQ(restored->momentum(), c->momentum());
+
+  const auto before = restored->momentum();
+  std::vector<float> bad(u);
+  bad[4321] = NAN;
+  Status st = restored->set_momentum(bad);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("entry 4321"), std::string::npos) << st.message();
+  EXPECT_EQ(restored->set_momentum(std::span<const float>(u).first(n - 1)).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(restored->momentum(), before);
+  auto off = make(n, topk_options(60, ErrorFeedbackMode::kEf));
+  EXPECT_EQ(off->set_momentum(u).code(), StatusCode::kFailedPrecondition);
+}
+
 // A refused push: undo_send puts the sent values back, so the residual is
 // acc again and the next step is the one a compressor that sent nothing
 // would take (checked against a second compressor handed acc as its residual).
