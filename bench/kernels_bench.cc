@@ -26,7 +26,11 @@
 //                            shard): one publish, owed = x - x_hat over the shard,
 //                            top-k of it, x_hat[S] = x[S] (compare with BM_FusedPass);
 //                            every key owes, f32 values (c = 0) or f16 (c = 1,
-//                            x_hat[S] = round(x[S])); or k/2 keys owe (c = 2)
+//                            x_hat[S] = round(x[S])); or k/2 keys owe (c = 2);
+//                            or a sparse push changed k/2 keys since the last
+//                            publish (SGD's usual case): the publish reads
+//                            only those (c = 3), or passes over the whole
+//                            shard as before (c = 4, the same result)
 //   BM_Gather/n/pm, BM_Scatter/n/pm  baselines for a sparse pull of k keys:
 //                            plain loops reading or writing the parameters
 //   BM_ShardGather/n/pm      the server's gather for that pull answer
@@ -413,6 +417,29 @@ void BM_ShardPublish(benchmark::State& s) {
   }
   const std::vector<float> before = gaussian(n, 3);
   shard.set_params(before);
+  if (scenario >= 3) {
+    // Each iteration: (untimed) a push of k/2 keys is applied, then the
+    // publish that the next pull runs.
+    shard.set_publish_incremental(scenario == 3);
+    const size_t stride = std::max<size_t>(1, 2 * n / std::max<size_t>(top.k, 1));
+    std::vector<uint32_t> keys;
+    for (size_t j = stride / 2; j < n; j += stride) keys.push_back(static_cast<uint32_t>(j));
+    const std::vector<float> values = gaussian(keys.size(), 5, 0.01f);
+    size_t published = 0;
+    uint64_t clock = 0;
+    for (auto _ : s) {
+      s.PauseTiming();
+      if (!shard.add_push(0, clock, shard.version(), keys, values).ok() || shard.apply_ready() != 1) {
+        s.SkipWithError("push failed");
+        return;
+      }
+      ++clock;
+      s.ResumeTiming();
+      published += shard.publish().nnz;
+    }
+    s.counters["keys"] = static_cast<double>(published) / static_cast<double>(std::max<int64_t>(s.iterations(), 1));
+    return;
+  }
   // One dense update: version 1, x = before - g.
   std::vector<uint32_t> all(n);
   for (uint32_t j = 0; j < n; ++j) all[j] = j;
@@ -571,7 +598,7 @@ BENCHMARK(BM_ShardApplyAsync2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardPublish)->Apply([](benchmark::internal::Benchmark* b) {
   for (int64_t n : {1'000'000, 25'000'000})
     for (int64_t permille : {1, 10})
-      for (int64_t scenario : {0, 1, 2}) b->Args({n, permille, scenario});
+      for (int64_t scenario : {0, 1, 2, 3, 4}) b->Args({n, permille, scenario});
   b->Unit(benchmark::kMillisecond);
 });
 BENCHMARK(BM_Gather)->Apply(sizes);

@@ -36,6 +36,8 @@ void Shard::set_params(std::span<const float> values) {
   if (downlink_) {
     std::copy(values.begin(), values.end(), published_.data());
     published_version_ = version_;
+    owed_keys_.clear();
+    owed_keys_complete_ = true;  // x_hat == x
   }
 }
 
@@ -49,6 +51,8 @@ Status Shard::restore(std::span<const float> params, std::span<const float> velo
   if (downlink_) {
     std::copy(params.begin(), params.end(), published_.data());
     published_version_ = version;
+    owed_keys_.clear();
+    owed_keys_complete_ = true;  // x_hat == x
   }
   change_log_.restart(version);
   version_ = version;
@@ -468,11 +472,41 @@ bool Shard::push_refused_before(uint32_t w, uint64_t pull_clock) const {
 }
 
 void Shard::log_changes(uint64_t version, std::span<const uint32_t> keys) {
-  if (!downlink_) change_log_.add(version, keys);
+  if (!downlink_)
+    change_log_.add(version, keys);
+  else
+    track_owed(keys);
 }
 
 void Shard::log_dense_change(uint64_t version) {
-  if (!downlink_) change_log_.restart(version);
+  if (!downlink_)
+    change_log_.restart(version);
+  else
+    owed_keys_unknown();
+}
+
+void Shard::track_owed(std::span<const uint32_t> global_keys) {
+  if (!incremental_ || !owed_keys_complete_) return;
+  if (owed_keys_.size() + global_keys.size() > size() / 8) return owed_keys_unknown();
+  for (const uint32_t key : global_keys) owed_keys_.push_back(key - key_begin_);
+}
+
+void Shard::owed_keys_unknown() {
+  owed_keys_complete_ = false;
+  owed_keys_.clear();
+}
+
+// After a pass over the shard left `owing_left` keys owing, marked nonzero
+// in owed_ (the sent ones zeroed): lists them when few, so the next publish
+// can read only them.
+void Shard::owed_keys_after_full_pass(size_t owing_left) {
+  owed_keys_.clear();
+  owed_keys_complete_ = owing_left == 0;
+  if (!incremental_ || owing_left == 0 || owing_left > size() / 8) return;
+  const float* const owed = owed_.data();
+  for (uint32_t j = 0; j < size(); ++j)
+    if (owed[j] != 0.0f) owed_keys_.push_back(j);
+  owed_keys_complete_ = true;
 }
 
 kernels::SelectionParams Shard::downlink_selection(const config::DownlinkConfig& d, size_t n) {
@@ -510,10 +544,17 @@ Status Shard::enable_downlink(const kernels::SelectionParams& selection, ValueFo
   // A threshold never selects below lambda, even when few keys owe anything.
   downlink_k_ = selection.method == kernels::Method::kThreshold ? 0 : options.selection.k;
   downlink_values_ = values;
+  downlink_lambda_ = selection.lambda;
   published_.assign(params_.begin(), params_.end());
   published_version_ = version_;
   owed_.assign(size(), 0.0f);
   change_log_.restart(version_);
+  // Top-k and threshold of the owing keys alone are those of x - x_hat
+  // (the rest is 0); with 16-bit values every key owes its rounding.
+  incremental_ = (selection.method == kernels::Method::kTopK || selection.method == kernels::Method::kThreshold) &&
+                 selection.max_nnz == 0 && values == ValueFormat::kF32;
+  owed_keys_.clear();
+  owed_keys_complete_ = true;  // x_hat == x
   return {};
 }
 
@@ -527,12 +568,18 @@ Status Shard::restore_published(std::span<const float> published, uint64_t publi
                                         published_version, version_));
   std::copy(published.begin(), published.end(), published_.data());
   published_version_ = published_version;
+  owed_keys_unknown();  // the next publish passes over the shard
   return {};
 }
 
 Shard::Published Shard::publish() {
   Published out;
   if (!downlink_ || published_version_ == version_) return out;
+  if (incremental_ && owed_keys_complete_ && publish_incremental_allowed_) {
+    out = publish_incremental();
+    if (out.ran) return out;
+    owed_keys_unknown();  // a non-finite x: the pass publishes it whole
+  }
   out.ran = true;
   out.version = version_;
   const float* const x = params_.data();
@@ -623,6 +670,8 @@ Shard::Published Shard::publish() {
     published_version_ = version_;
     out.dense = true;
     out.nnz = n;
+    owed_keys_.clear();
+    owed_keys_complete_ = true;  // x_hat == x
     return out;
   };
   // Keys that owe nothing are never selected. When every owing key fits in
@@ -656,6 +705,73 @@ Shard::Published Shard::publish() {
   else
     change_log_.add(version_, selected_keys_);
   out.owed_norm = std::sqrt(std::max(0.0, owed_sq - paid_sq));
+  published_version_ = version_;
+  if (incremental_) {
+    // What this publish left owing: the owing keys it did not send.
+    for (const uint32_t j : selected_.indices) owed[j] = 0.0f;
+    owed_keys_after_full_pass(nonzero - out.nnz);
+  }
+  return out;
+}
+
+// publish() over the keys that may owe (owed_keys_, complete): the same
+// selection as the pass over the shard, since every other key owes 0 (f32
+// values), top-k and threshold never select a 0 when more keys owe than the
+// budget, and the candidates are taken in key order, so ties go to the
+// smaller key as there. ran = false when a candidate's x is not finite
+// (the caller then publishes the whole shard).
+Shard::Published Shard::publish_incremental() {
+  Published out;
+  const float* const x = params_.data();
+  float* const x_hat = published_.data();
+  std::sort(owed_keys_.begin(), owed_keys_.end());
+  owed_keys_.erase(std::unique(owed_keys_.begin(), owed_keys_.end()), owed_keys_.end());
+  owing_keys_.clear();
+  owed_compact_.clear();
+  for (const uint32_t j : owed_keys_) {
+    if (!std::isfinite(x[j])) return out;
+    if (x[j] != x_hat[j]) {
+      owing_keys_.push_back(j);
+      owed_compact_.push_back(x[j] - x_hat[j]);
+    }
+  }
+  out.ran = true;
+  out.version = version_;
+  const size_t m = owing_keys_.size();
+  // Which owing keys go: positions into owing_keys_, ascending.
+  std::vector<uint32_t>& chosen = compact_selected_.indices;
+  chosen.clear();
+  if (downlink_k_ > 0 && m <= downlink_k_) {
+    for (uint32_t i = 0; i < m; ++i) chosen.push_back(i);
+  } else if (downlink_k_ > 0) {
+    kernels::topk_select(owed_compact_, downlink_k_, compact_selected_, topk_scratch_);
+  } else {
+    for (uint32_t i = 0; i < m; ++i)
+      if (std::fabs(owed_compact_[i]) >= downlink_lambda_) chosen.push_back(i);
+  }
+  selected_keys_.clear();
+  owed_keys_.clear();
+  double left_sq = 0;
+  size_t next = 0;  // walks `chosen` alongside the owing keys
+  for (uint32_t i = 0; i < m; ++i) {
+    const uint32_t j = owing_keys_[i];
+    if (next < chosen.size() && chosen[next] == i) {
+      ++next;
+      x_hat[j] = x[j];
+      selected_keys_.push_back(key_begin_ + j);
+    } else {
+      const double d = owed_compact_[i];
+      left_sq += d * d;
+      owed_keys_.push_back(j);
+    }
+  }
+  out.nnz = selected_keys_.size();
+  out.dense = out.nnz == size();
+  if (out.dense)
+    change_log_.restart(version_);
+  else
+    change_log_.add(version_, selected_keys_);
+  out.owed_norm = std::sqrt(left_sq);
   published_version_ = version_;
   return out;
 }

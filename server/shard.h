@@ -120,7 +120,18 @@ class Shard {
   };
   // Brings x_hat to the current version by one compressed step (a no-op
   // without a downlink or when it is there already).
+  // Cost: with top-k or threshold selection and f32 values, the shard
+  // tracks which keys may owe (those the updates since the last publish
+  // changed, plus those it left owing), and a publish reads only them:
+  // O(changed keys), not O(shard size). A dense update (Adam, momentum,
+  // weight decay, a dense push) or a list longer than size() / 8 falls back
+  // to one pass over the shard; so do the other selections (their
+  // statistics span every key) and 16-bit values (the rounding error of
+  // every key counts as owed). Both ways select the same keys.
   Published publish();
+  // Tests and benchmarks: false makes every publish take the pass over the
+  // whole shard (the results are the same).
+  void set_publish_incremental(bool on) { publish_incremental_allowed_ = on; }
   // What pulls read: x_hat with a downlink, else the parameters.
   std::span<const float> pulled_params() const { return downlink_ ? std::span<const float>(published_) : params(); }
 
@@ -241,12 +252,28 @@ class Shard {
   std::unique_ptr<kernels::Compressor> downlink_;
   size_t downlink_k_ = 0;  // the selection's budget (0: threshold, no budget)
   ValueFormat downlink_values_ = ValueFormat::kF32;
+  float downlink_lambda_ = 0;  // threshold
   HugePageVector<float> published_;
   uint64_t published_version_ = 0;
   std::vector<float> owed_;
   kernels::SparseVector selected_;
   std::vector<std::vector<uint32_t>> owing_;  // per piece of publish()'s pass: the owing keys, while few
   std::vector<uint32_t> selected_keys_;
+  // Incremental publish (see publish()): whether this downlink can use it,
+  // and the keys (local, unsorted, maybe repeated) that may owe; complete
+  // while every key with x != x_hat is among them.
+  Published publish_incremental();
+  void track_owed(std::span<const uint32_t> global_keys);
+  void owed_keys_unknown();
+  void owed_keys_after_full_pass(size_t owing_left);
+  bool publish_incremental_allowed_ = true;
+  bool incremental_ = false;
+  bool owed_keys_complete_ = false;
+  std::vector<uint32_t> owed_keys_;
+  std::vector<float> owed_compact_;  // owed values of the owing candidates, in key order
+  std::vector<uint32_t> owing_keys_;
+  kernels::SparseVector compact_selected_;
+  kernels::TopKScratch topk_scratch_;
   // Per worker: the clock of its latest push refused as too stale
   // (kNoClock: none).
   static constexpr uint64_t kNoClock = UINT64_MAX;

@@ -657,6 +657,102 @@ TEST(ShardDownlinkTest, HalfValuesArePublishedRoundedAndTheRoundingStaysOwed) {
   EXPECT_FALSE(s.downlink());
 }
 
+// A publish that reads only the keys that may owe (top-k, threshold, f32)
+// selects what the pass over the whole shard selects: two shards fed the
+// same pushes, one forced to pass over every key, publish the same keys and
+// hold the same x_hat bit for bit, through budgets smaller than what is owed
+// (keys left owing carry over), a dense push (the tracking starts again from
+// a pass), plain and momentum SGD, and bsp and asp.
+TEST(ShardDownlinkTest, PublishFromTheOwedKeysSelectsWhatThePassSelects) {
+  const uint32_t size = 4000, base = 11, workers = 3;
+  config::Config momentum;
+  momentum.training.lr = 0.1;
+  momentum.training.steps = 100;
+  momentum.optimizer.momentum = 0.9;
+  struct Case {
+    kernels::Method method;
+    size_t k;
+    float lambda;
+    bool on_arrival;
+    bool dense_optimizer;
+  };
+  for (const Case c : {Case{kernels::Method::kTopK, 30, 0, false, false}, Case{kernels::Method::kTopK, 400, 0, true, false},
+                       Case{kernels::Method::kThreshold, 0, 0.12f, false, false},
+                       Case{kernels::Method::kThreshold, 0, 0.05f, true, false},
+                       Case{kernels::Method::kTopK, 30, 0, false, true}}) {
+    SCOPED_TRACE(::testing::Message() << "method " << static_cast<int>(c.method) << " k " << c.k << " asp "
+                                      << c.on_arrival << " momentum " << c.dense_optimizer);
+    auto make = [&] {
+      std::unique_ptr<scheduler::ConsistencyPolicy> policy;
+      if (c.on_arrival)
+        policy = std::make_unique<scheduler::AspPolicy>();
+      else
+        policy = std::make_unique<scheduler::BspPolicy>();
+      return Shard(base, base + size, workers,
+                   c.dense_optimizer ? Optimizer::from_config(momentum, size) : Optimizer::plain(1.0f),
+                   std::move(policy), 1);
+    };
+    Shard tracked = make(), full = make();
+    full.set_publish_incremental(false);
+    kernels::SelectionParams sel;
+    sel.method = c.method;
+    sel.k = c.k;
+    sel.lambda = c.lambda;
+    ASSERT_TRUE(tracked.enable_downlink(sel).ok());
+    ASSERT_TRUE(full.enable_downlink(sel).ok());
+    std::mt19937 rng(23);
+    std::normal_distribution<float> normal;
+    std::vector<float> x(size);
+    for (float& v : x) v = normal(rng);
+    tracked.set_params(x);
+    full.set_params(x);
+    std::vector<uint32_t> keys, changed_tracked, changed_full;
+    std::vector<float> values;
+    size_t left_owing = 0;
+    for (uint64_t clock = 0; clock < 40; ++clock) {
+      for (uint32_t w = 0; w < workers; ++w) {
+        keys.clear();
+        values.clear();
+        const bool dense_push = clock == 17 && w == 1;
+        // Few keys, some pushed again and again (ties in |x - x_hat| too:
+        // equal values on several keys).
+        for (uint32_t j = 0; j < size; j += dense_push ? 1 : 1 + rng() % 90) {
+          keys.push_back(base + j);
+          values.push_back(j % 7 == 0 ? 0.0625f : 0.1f * normal(rng));
+        }
+        const uint64_t base_version = tracked.version();
+        ASSERT_TRUE(tracked.add_push(w, clock, base_version, keys, values).ok());
+        ASSERT_TRUE(full.add_push(w, clock, base_version, keys, values).ok());
+        if (c.on_arrival && w == 1) {  // asp: a pull between pushes
+          const Shard::Published a = tracked.publish(), b = full.publish();
+          ASSERT_EQ(a.nnz, b.nnz);
+        }
+      }
+      tracked.apply_ready();
+      full.apply_ready();
+      const Shard::Published a = tracked.publish(), b = full.publish();
+      ASSERT_EQ(a.ran, b.ran);
+      ASSERT_EQ(a.nnz, b.nnz) << "clock " << clock;
+      ASSERT_EQ(a.dense, b.dense);
+      // (the pass subtracts what was paid from a sum: a little cancellation)
+      EXPECT_NEAR(a.owed_norm, b.owed_norm, 1e-6 * (1 + b.owed_norm));
+      left_owing += a.owed_norm > 0 ? 1 : 0;
+      for (uint32_t j = 0; j < size; ++j)
+        ASSERT_EQ(std::bit_cast<uint32_t>(tracked.pulled_params()[j]), std::bit_cast<uint32_t>(full.pulled_params()[j]))
+            << "key " << base + j << " clock " << clock;
+      const bool sparse_a = tracked.changed_since(tracked.version() - 1, size / 2, changed_tracked);
+      const bool sparse_b = full.changed_since(full.version() - 1, size / 2, changed_full);
+      ASSERT_EQ(sparse_a, sparse_b);
+      if (sparse_a) {
+        EXPECT_EQ(changed_tracked, changed_full);
+      }
+    }
+    if (c.method == kernels::Method::kTopK && c.k < 100) {
+      EXPECT_GT(left_owing, 30u) << "a small budget must leave keys owing, or the carry-over is not tested";
+    }
+  }
+}
+
 // restore_published() takes the snapshot's copy only when it fits the shard.
 TEST(ShardDownlinkTest, RestorePublishedRefusesACopyThatDoesNotFit) {
   Shard s = make_shard(1);
