@@ -30,7 +30,8 @@
 //                            or a sparse push changed k/2 keys since the last
 //                            publish (SGD's usual case): the publish reads
 //                            only those (c = 3), or passes over the whole
-//                            shard as before (c = 4, the same result)
+//                            shard as before (c = 4, the same result); the
+//                            same two with f16 values (c = 5, 6)
 //   BM_Gather/n/pm, BM_Scatter/n/pm  baselines for a sparse pull of k keys:
 //                            plain loops reading or writing the parameters
 //   BM_ShardGather/n/pm      the server's gather for that pull answer
@@ -411,7 +412,7 @@ void BM_ShardPublish(benchmark::State& s) {
   sps::kernels::SelectionParams top;
   top.method = Method::kTopK;
   top.k = k_of(s);
-  if (!shard.enable_downlink(top, scenario == 1 ? sps::ValueFormat::kF16 : sps::ValueFormat::kF32).ok()) {
+  if (!shard.enable_downlink(top, scenario == 1 || scenario >= 5 ? sps::ValueFormat::kF16 : sps::ValueFormat::kF32).ok()) {
     s.SkipWithError("enable_downlink failed");
     return;
   }
@@ -420,16 +421,22 @@ void BM_ShardPublish(benchmark::State& s) {
   if (scenario >= 3) {
     // Each iteration: (untimed) a push of k/2 keys is applied, then the
     // publish that the next pull runs.
-    shard.set_publish_incremental(scenario == 3);
+    shard.set_publish_incremental(scenario == 3 || scenario == 5);
     const size_t stride = std::max<size_t>(1, 2 * n / std::max<size_t>(top.k, 1));
     std::vector<uint32_t> keys;
     for (size_t j = stride / 2; j < n; j += stride) keys.push_back(static_cast<uint32_t>(j));
+    // +v and -v in turn, so x keeps its scale however many iterations run
+    // (with f16 values a drifting x would round ever more keys to their old
+    // value, and the two scenarios would publish different counts).
     const std::vector<float> values = gaussian(keys.size(), 5, 0.01f);
+    std::vector<float> negated(values);
+    for (float& v : negated) v = -v;
     size_t published = 0;
     uint64_t clock = 0;
     for (auto _ : s) {
       s.PauseTiming();
-      if (!shard.add_push(0, clock, shard.version(), keys, values).ok() || shard.apply_ready() != 1) {
+      if (!shard.add_push(0, clock, shard.version(), keys, clock % 2 == 0 ? values : negated).ok() ||
+          shard.apply_ready() != 1) {
         s.SkipWithError("push failed");
         return;
       }
@@ -598,7 +605,7 @@ BENCHMARK(BM_ShardApplyAsync2Threads)->Apply(sizes)->UseRealTime();
 BENCHMARK(BM_ShardPublish)->Apply([](benchmark::internal::Benchmark* b) {
   for (int64_t n : {1'000'000, 25'000'000})
     for (int64_t permille : {1, 10})
-      for (int64_t scenario : {0, 1, 2, 3, 4}) b->Args({n, permille, scenario});
+      for (int64_t scenario : {0, 1, 2, 3, 4, 5, 6}) b->Args({n, permille, scenario});
   b->Unit(benchmark::kMillisecond);
 });
 BENCHMARK(BM_Gather)->Apply(sizes);

@@ -36,8 +36,7 @@ void Shard::set_params(std::span<const float> values) {
   if (downlink_) {
     std::copy(values.begin(), values.end(), published_.data());
     published_version_ = version_;
-    owed_keys_.clear();
-    owed_keys_complete_ = true;  // x_hat == x
+    copy_is_exact();
   }
 }
 
@@ -51,8 +50,7 @@ Status Shard::restore(std::span<const float> params, std::span<const float> velo
   if (downlink_) {
     std::copy(params.begin(), params.end(), published_.data());
     published_version_ = version;
-    owed_keys_.clear();
-    owed_keys_complete_ = true;  // x_hat == x
+    copy_is_exact();
   }
   change_log_.restart(version);
   version_ = version;
@@ -488,12 +486,36 @@ void Shard::log_dense_change(uint64_t version) {
 void Shard::track_owed(std::span<const uint32_t> global_keys) {
   if (!incremental_ || !owed_keys_complete_) return;
   if (owed_keys_.size() + global_keys.size() > size() / 8) return owed_keys_unknown();
-  for (const uint32_t key : global_keys) owed_keys_.push_back(key - key_begin_);
+  const bool rounded = downlink_values_ != ValueFormat::kF32;
+  if (!global_keys.empty()) owed_runs_.push_back(owed_keys_.size());  // keys come ascending
+  for (const uint32_t key : global_keys) {
+    const uint32_t j = key - key_begin_;
+    owed_keys_.push_back(j);
+    if (rounded) {  // its rounding debt is counted with the candidates now
+      rounding_sq_ -= static_cast<double>(debt_[j]) * debt_[j];
+      debt_[j] = 0.0f;
+    }
+  }
+}
+
+void Shard::copy_is_exact() {
+  owed_keys_.clear();
+  owed_runs_.clear();
+  owed_keys_complete_ = true;
+  if (!debt_.empty()) std::fill(debt_.begin(), debt_.end(), 0.0f);
+  rounding_sq_ = 0;
+}
+
+void Shard::set_publish_incremental(bool on) {
+  publish_incremental_allowed_ = on;
+  incremental_ = incremental_capable_ && on;
+  owed_keys_unknown();  // nothing was tracked while off
 }
 
 void Shard::owed_keys_unknown() {
   owed_keys_complete_ = false;
   owed_keys_.clear();
+  owed_runs_.clear();
 }
 
 // After a pass over the shard left `owing_left` keys owing, marked nonzero
@@ -501,11 +523,38 @@ void Shard::owed_keys_unknown() {
 // can read only them.
 void Shard::owed_keys_after_full_pass(size_t owing_left) {
   owed_keys_.clear();
-  owed_keys_complete_ = owing_left == 0;
-  if (!incremental_ || owing_left == 0 || owing_left > size() / 8) return;
+  owed_runs_.clear();
+  owed_keys_complete_ = false;
+  if (!incremental_ || owing_left > size() / 8) return;
   const float* const owed = owed_.data();
-  for (uint32_t j = 0; j < size(); ++j)
-    if (owed[j] != 0.0f) owed_keys_.push_back(j);
+  const size_t n = size();
+  if (owing_left > 0) {
+    owed_runs_.push_back(0);
+    for (uint32_t j = 0; j < n; ++j)
+      if (owed[j] != 0.0f) owed_keys_.push_back(j);
+  }
+  if (downlink_values_ != ValueFormat::kF32) {
+    // With f32 values every key that does not owe has x == x_hat; with
+    // 16-bit ones it owes its rounding, x - x_hat: kept per key, and summed
+    // (a vectorised pass, partial sums per block as in publish()).
+    const float* __restrict const x = params_.data();
+    const float* __restrict const x_hat = published_.data();
+    float* __restrict const debt = debt_.data();
+    constexpr size_t kBlock = 2048;
+    double sum = 0;
+    for (size_t block = 0; block < n; block += kBlock) {
+      const size_t end = std::min(n, block + kBlock);
+      double block_sum = 0;
+#pragma omp simd reduction(+ : block_sum)
+      for (size_t j = block; j < end; ++j) {
+        const float d = owed[j] != 0.0f ? 0.0f : x[j] - x_hat[j];
+        debt[j] = d;
+        block_sum += static_cast<double>(d) * d;
+      }
+      sum += block_sum;
+    }
+    rounding_sq_ = sum;
+  }
   owed_keys_complete_ = true;
 }
 
@@ -551,10 +600,13 @@ Status Shard::enable_downlink(const kernels::SelectionParams& selection, ValueFo
   change_log_.restart(version_);
   // Top-k and threshold of the owing keys alone are those of x - x_hat
   // (the rest is 0); with 16-bit values every key owes its rounding.
-  incremental_ = (selection.method == kernels::Method::kTopK || selection.method == kernels::Method::kThreshold) &&
-                 selection.max_nnz == 0 && values == ValueFormat::kF32;
-  owed_keys_.clear();
-  owed_keys_complete_ = true;  // x_hat == x
+  incremental_capable_ =
+      (selection.method == kernels::Method::kTopK || selection.method == kernels::Method::kThreshold) &&
+      selection.max_nnz == 0;
+  incremental_ = incremental_capable_ && publish_incremental_allowed_;
+  debt_.clear();
+  if (incremental_capable_ && values != ValueFormat::kF32) debt_.assign(size(), 0.0f);
+  copy_is_exact();
   return {};
 }
 
@@ -575,7 +627,7 @@ Status Shard::restore_published(std::span<const float> published, uint64_t publi
 Shard::Published Shard::publish() {
   Published out;
   if (!downlink_ || published_version_ == version_) return out;
-  if (incremental_ && owed_keys_complete_ && publish_incremental_allowed_) {
+  if (incremental_ && owed_keys_complete_) {
     out = publish_incremental();
     if (out.ran) return out;
     owed_keys_unknown();  // a non-finite x: the pass publishes it whole
@@ -670,8 +722,7 @@ Shard::Published Shard::publish() {
     published_version_ = version_;
     out.dense = true;
     out.nnz = n;
-    owed_keys_.clear();
-    owed_keys_complete_ = true;  // x_hat == x
+    copy_is_exact();
     return out;
   };
   // Keys that owe nothing are never selected. When every owing key fits in
@@ -716,7 +767,8 @@ Shard::Published Shard::publish() {
 
 // publish() over the keys that may owe (owed_keys_, complete): the same
 // selection as the pass over the shard, since every other key owes 0 (f32
-// values), top-k and threshold never select a 0 when more keys owe than the
+// values) or only its rounding (16-bit values: round(x) == x_hat, which the
+// pass does not select either; debt_ holds it for the owed norm), top-k and threshold never select a 0 when more keys owe than the
 // budget, and the candidates are taken in key order, so ties go to the
 // smaller key as there. ran = false when a candidate's x is not finite
 // (the caller then publishes the whole shard).
@@ -724,15 +776,38 @@ Shard::Published Shard::publish_incremental() {
   Published out;
   const float* const x = params_.data();
   float* const x_hat = published_.data();
-  std::sort(owed_keys_.begin(), owed_keys_.end());
+  // The list is runs of ascending keys (one per update, and what the last
+  // publish left owing): merged pairwise, O(m log runs) instead of a sort.
+  std::vector<size_t>& runs = owed_runs_;
+  while (runs.size() > 1) {
+    size_t out_runs = 0;
+    for (size_t i = 0; i < runs.size(); i += 2) {
+      if (i + 1 < runs.size()) {
+        const size_t end = i + 2 < runs.size() ? runs[i + 2] : owed_keys_.size();
+        std::inplace_merge(owed_keys_.begin() + static_cast<std::ptrdiff_t>(runs[i]),
+                           owed_keys_.begin() + static_cast<std::ptrdiff_t>(runs[i + 1]),
+                           owed_keys_.begin() + static_cast<std::ptrdiff_t>(end));
+      }
+      runs[out_runs++] = runs[i];
+    }
+    runs.resize(out_runs);
+  }
   owed_keys_.erase(std::unique(owed_keys_.begin(), owed_keys_.end()), owed_keys_.end());
   owing_keys_.clear();
   owed_compact_.clear();
-  for (const uint32_t j : owed_keys_) {
+  const ValueFormat format = downlink_values_;
+  const bool rounded = format != ValueFormat::kF32;
+  // What sending key j puts into x_hat.
+  auto sent = [&](uint32_t j) { return rounded ? quantise(x[j], format) : x[j]; };
+  for (const uint32_t j : owed_keys_)
     if (!std::isfinite(x[j])) return out;
-    if (x[j] != x_hat[j]) {
+  for (const uint32_t j : owed_keys_) {
+    if (sent(j) != x_hat[j]) {
       owing_keys_.push_back(j);
       owed_compact_.push_back(x[j] - x_hat[j]);
+    } else if (rounded) {  // owes its rounding only: out of the candidates
+      debt_[j] = x[j] - x_hat[j];
+      rounding_sq_ += static_cast<double>(debt_[j]) * debt_[j];
     }
   }
   out.ran = true;
@@ -751,27 +826,35 @@ Shard::Published Shard::publish_incremental() {
   }
   selected_keys_.clear();
   owed_keys_.clear();
+  runs.clear();
   double left_sq = 0;
   size_t next = 0;  // walks `chosen` alongside the owing keys
   for (uint32_t i = 0; i < m; ++i) {
     const uint32_t j = owing_keys_[i];
     if (next < chosen.size() && chosen[next] == i) {
       ++next;
-      x_hat[j] = x[j];
+      x_hat[j] = sent(j);
       selected_keys_.push_back(key_begin_ + j);
+      if (rounded) {
+        debt_[j] = x[j] - x_hat[j];
+        rounding_sq_ += static_cast<double>(debt_[j]) * debt_[j];
+      }
     } else {
       const double d = owed_compact_[i];
       left_sq += d * d;
       owed_keys_.push_back(j);
     }
   }
+  if (!owed_keys_.empty()) runs.push_back(0);
   out.nnz = selected_keys_.size();
   out.dense = out.nnz == size();
   if (out.dense)
     change_log_.restart(version_);
   else
     change_log_.add(version_, selected_keys_);
-  out.owed_norm = std::sqrt(left_sq);
+  // (rounding_sq_ is kept by additions and subtractions: never let their
+  // rounding make it negative)
+  out.owed_norm = std::sqrt(left_sq + std::max(0.0, rounding_sq_));
   published_version_ = version_;
   return out;
 }

@@ -120,18 +120,18 @@ class Shard {
   };
   // Brings x_hat to the current version by one compressed step (a no-op
   // without a downlink or when it is there already).
-  // Cost: with top-k or threshold selection and f32 values, the shard
-  // tracks which keys may owe (those the updates since the last publish
-  // changed, plus those it left owing), and a publish reads only them:
-  // O(changed keys), not O(shard size). A dense update (Adam, momentum,
-  // weight decay, a dense push) or a list longer than size() / 8 falls back
-  // to one pass over the shard; so do the other selections (their
-  // statistics span every key) and 16-bit values (the rounding error of
-  // every key counts as owed). Both ways select the same keys.
+  // Cost: with top-k or threshold selection, the shard tracks which keys
+  // may owe (those the updates since the last publish changed, plus those
+  // it left owing), and a publish reads only them: O(changed keys), not
+  // O(shard size). A dense update (Adam, momentum, weight decay, a dense
+  // push) or a list longer than size() / 8 falls back to one pass over the
+  // shard; so do the other selections (their statistics span every key).
+  // Both ways select the same keys. With 16-bit values every other key
+  // still owes its rounding error: kept per key (debt_) for the owed norm.
   Published publish();
   // Tests and benchmarks: false makes every publish take the pass over the
-  // whole shard (the results are the same).
-  void set_publish_incremental(bool on) { publish_incremental_allowed_ = on; }
+  // whole shard, tracking nothing (the results are the same).
+  void set_publish_incremental(bool on);
   // What pulls read: x_hat with a downlink, else the parameters.
   std::span<const float> pulled_params() const { return downlink_ ? std::span<const float>(published_) : params(); }
 
@@ -266,10 +266,17 @@ class Shard {
   void track_owed(std::span<const uint32_t> global_keys);
   void owed_keys_unknown();
   void owed_keys_after_full_pass(size_t owing_left);
+  void copy_is_exact();  // x_hat == x: nothing owed
   bool publish_incremental_allowed_ = true;
-  bool incremental_ = false;
+  bool incremental_capable_ = false;  // top-k or threshold
+  bool incremental_ = false;          // capable and allowed
   bool owed_keys_complete_ = false;
   std::vector<uint32_t> owed_keys_;
+  std::vector<size_t> owed_runs_;  // where each ascending run of owed_keys_ starts
+  // 16-bit values: per key outside owed_keys_, its rounding debt x - x_hat
+  // (0 for the keys in it), and the sum of their squares.
+  HugePageVector<float> debt_;
+  double rounding_sq_ = 0;
   std::vector<float> owed_compact_;  // owed values of the owing candidates, in key order
   std::vector<uint32_t> owing_keys_;
   kernels::SparseVector compact_selected_;

@@ -675,13 +675,18 @@ TEST(ShardDownlinkTest, PublishFromTheOwedKeysSelectsWhatThePassSelects) {
     float lambda;
     bool on_arrival;
     bool dense_optimizer;
+    ValueFormat format = ValueFormat::kF32;
   };
   for (const Case c : {Case{kernels::Method::kTopK, 30, 0, false, false}, Case{kernels::Method::kTopK, 400, 0, true, false},
                        Case{kernels::Method::kThreshold, 0, 0.12f, false, false},
                        Case{kernels::Method::kThreshold, 0, 0.05f, true, false},
-                       Case{kernels::Method::kTopK, 30, 0, false, true}}) {
+                       Case{kernels::Method::kTopK, 30, 0, false, true},
+                       Case{kernels::Method::kTopK, 30, 0, false, false, ValueFormat::kF16},
+                       Case{kernels::Method::kTopK, 400, 0, true, false, ValueFormat::kBF16},
+                       Case{kernels::Method::kThreshold, 0, 0.05f, false, true, ValueFormat::kF16}}) {
     SCOPED_TRACE(::testing::Message() << "method " << static_cast<int>(c.method) << " k " << c.k << " asp "
-                                      << c.on_arrival << " momentum " << c.dense_optimizer);
+                                      << c.on_arrival << " momentum " << c.dense_optimizer << " format "
+                                      << static_cast<int>(c.format));
     auto make = [&] {
       std::unique_ptr<scheduler::ConsistencyPolicy> policy;
       if (c.on_arrival)
@@ -690,7 +695,7 @@ TEST(ShardDownlinkTest, PublishFromTheOwedKeysSelectsWhatThePassSelects) {
         policy = std::make_unique<scheduler::BspPolicy>();
       return Shard(base, base + size, workers,
                    c.dense_optimizer ? Optimizer::from_config(momentum, size) : Optimizer::plain(1.0f),
-                   std::move(policy), 1);
+                   std::move(policy), c.on_arrival ? 1 : 2);  // 2: the sums in pieces
     };
     Shard tracked = make(), full = make();
     full.set_publish_incremental(false);
@@ -698,8 +703,8 @@ TEST(ShardDownlinkTest, PublishFromTheOwedKeysSelectsWhatThePassSelects) {
     sel.method = c.method;
     sel.k = c.k;
     sel.lambda = c.lambda;
-    ASSERT_TRUE(tracked.enable_downlink(sel).ok());
-    ASSERT_TRUE(full.enable_downlink(sel).ok());
+    ASSERT_TRUE(tracked.enable_downlink(sel, c.format).ok());
+    ASSERT_TRUE(full.enable_downlink(sel, c.format).ok());
     std::mt19937 rng(23);
     std::normal_distribution<float> normal;
     std::vector<float> x(size);
@@ -734,8 +739,16 @@ TEST(ShardDownlinkTest, PublishFromTheOwedKeysSelectsWhatThePassSelects) {
       ASSERT_EQ(a.ran, b.ran);
       ASSERT_EQ(a.nnz, b.nnz) << "clock " << clock;
       ASSERT_EQ(a.dense, b.dense);
-      // (the pass subtracts what was paid from a sum: a little cancellation)
+      // (the pass subtracts what was paid from a sum: a little cancellation;
+      // with 16-bit values it counts every key's rounding, the tracked shard
+      // keeps that sum by additions and subtractions)
       EXPECT_NEAR(a.owed_norm, b.owed_norm, 1e-6 * (1 + b.owed_norm));
+      double owed_sq = 0;  // and both are ||x - x_hat||
+      for (uint32_t j = 0; j < size; ++j) {
+        const double d = double{tracked.params()[j]} - double{tracked.pulled_params()[j]};
+        owed_sq += d * d;
+      }
+      EXPECT_NEAR(a.owed_norm, std::sqrt(owed_sq), 1e-6 * (1 + std::sqrt(owed_sq)));
       left_owing += a.owed_norm > 0 ? 1 : 0;
       for (uint32_t j = 0; j < size; ++j)
         ASSERT_EQ(std::bit_cast<uint32_t>(tracked.pulled_params()[j]), std::bit_cast<uint32_t>(full.pulled_params()[j]))
