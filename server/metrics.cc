@@ -43,6 +43,8 @@ Result<std::unique_ptr<ServerMetrics>> ServerMetrics::start(const config::Config
   m->snapshots_ = &counter(r, "sps_server_snapshots_total", "Snapshots of the shard written", s);
   m->publishes_ = &counter(r, "sps_server_publishes_total", "Compressed pulls: publishes of the pulled copy", s);
   m->published_keys_ = &counter(r, "sps_server_published_keys_total", "Compressed pulls: keys the publishes sent", s);
+  m->publish_keys_read_ = &counter(r, "sps_server_publish_keys_read_total",
+                                   "Compressed pulls: keys the publishes read (the shard, or the keys that may owe)", s);
   m->publish_seconds_ = &counter(r, "sps_server_publish_seconds_total", "Compressed pulls: time spent publishing", s);
   m->owed_norm_ = &gauge(r, "sps_server_downlink_owed_norm",
                          "Compressed pulls: ||x - x_hat|| after the last publish (what the workers' copy owes)", s);
@@ -85,6 +87,7 @@ void ServerMetrics::update(const ServerStats& stats, const ServerGauges& g) {
   set_total(*snapshots_, static_cast<double>(stats.snapshots));
   set_total(*publishes_, static_cast<double>(stats.publishes));
   set_total(*published_keys_, static_cast<double>(stats.published_keys));
+  set_total(*publish_keys_read_, static_cast<double>(stats.publish_keys_read));
   set_total(*publish_seconds_, stats.publish_seconds);
   owed_norm_->Set(stats.owed_norm);
   version_->Set(static_cast<double>(g.version));

@@ -57,6 +57,7 @@ class ServerMetrics {
   prometheus::Counter* snapshots_ = nullptr;
   prometheus::Counter* publishes_ = nullptr;
   prometheus::Counter* published_keys_ = nullptr;
+  prometheus::Counter* publish_keys_read_ = nullptr;
   prometheus::Counter* publish_seconds_ = nullptr;
   prometheus::Gauge* owed_norm_ = nullptr;
   prometheus::Gauge* version_ = nullptr;

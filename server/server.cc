@@ -489,10 +489,11 @@ void Server::answer_pull(const PendingPull& pull) {
       const double seconds = clock_.seconds() - started;
       ++stats_.publishes;
       stats_.published_keys += p.nnz;
+      stats_.publish_keys_read += p.keys_read;
       stats_.publish_seconds += seconds;
       stats_.owed_norm = p.owed_norm;
       log_.write({{"event", "publish"}, {"version", p.version}, {"nnz", p.nnz}, {"dense", p.dense},
-                  {"owed_norm", p.owed_norm}, {"seconds", seconds}});
+                  {"owed_norm", p.owed_norm}, {"keys_read", p.keys_read}, {"seconds", seconds}});
     }
   }
   if (!pull.exact && cfg_.consistency.sparse_pull && pull.have_version && pull.worker_version <= shard_->version()) {

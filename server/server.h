@@ -42,6 +42,7 @@ struct ServerStats {
   double snapshot_seconds = 0;   // time spent writing them (the loop waits)
   uint64_t publishes = 0;        // compressed pulls: publishes of x_hat
   uint64_t published_keys = 0;   // keys those publishes sent
+  uint64_t publish_keys_read = 0;  // keys they read (the shard, or only the keys that may owe)
   double publish_seconds = 0;    // time spent publishing (the pull waits)
   double owed_norm = 0;          // ||x - x_hat|| after the last publish
   CountHistogram staleness;      // per applied push, in shard versions

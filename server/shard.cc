@@ -477,10 +477,12 @@ void Shard::log_changes(uint64_t version, std::span<const uint32_t> keys) {
 }
 
 void Shard::log_dense_change(uint64_t version) {
-  if (!downlink_)
+  if (!downlink_) {
     change_log_.restart(version);
-  else
+  } else {
     owed_keys_unknown();
+    dense_since_publish_ = true;
+  }
 }
 
 void Shard::track_owed(std::span<const uint32_t> global_keys) {
@@ -525,7 +527,10 @@ void Shard::owed_keys_after_full_pass(size_t owing_left) {
   owed_keys_.clear();
   owed_runs_.clear();
   owed_keys_complete_ = false;
-  if (!incremental_ || owing_left > size() / 8) return;
+  // After a dense update the next is likely dense too (Adam, momentum):
+  // listing would cost a pass for nothing. The next pass after sparse
+  // updates only lists.
+  if (!incremental_ || owing_left > size() / 8 || dense_since_publish_) return;
   const float* const owed = owed_.data();
   const size_t n = size();
   if (owing_left > 0) {
@@ -632,8 +637,16 @@ Shard::Published Shard::publish() {
     if (out.ran) return out;
     owed_keys_unknown();  // a non-finite x: the pass publishes it whole
   }
+  out = publish_pass();
+  dense_since_publish_ = false;
+  return out;
+}
+
+Shard::Published Shard::publish_pass() {
+  Published out;
   out.ran = true;
   out.version = version_;
+  out.keys_read = size();
   const float* const x = params_.data();
   float* const x_hat = published_.data();
   float* const owed = owed_.data();
@@ -768,10 +781,11 @@ Shard::Published Shard::publish() {
 // publish() over the keys that may owe (owed_keys_, complete): the same
 // selection as the pass over the shard, since every other key owes 0 (f32
 // values) or only its rounding (16-bit values: round(x) == x_hat, which the
-// pass does not select either; debt_ holds it for the owed norm), top-k and threshold never select a 0 when more keys owe than the
-// budget, and the candidates are taken in key order, so ties go to the
-// smaller key as there. ran = false when a candidate's x is not finite
-// (the caller then publishes the whole shard).
+// pass does not select either; debt_ holds it for the owed norm), top-k
+// and threshold never select a 0 when more keys owe than the budget, and
+// the candidates are taken in key order, so ties go to the smaller key as
+// there. ran = false when a candidate's x is not finite (the caller then
+// publishes the whole shard).
 Shard::Published Shard::publish_incremental() {
   Published out;
   const float* const x = params_.data();
@@ -812,6 +826,7 @@ Shard::Published Shard::publish_incremental() {
   }
   out.ran = true;
   out.version = version_;
+  out.keys_read = owed_keys_.size();
   const size_t m = owing_keys_.size();
   // Which owing keys go: positions into owing_keys_, ascending.
   std::vector<uint32_t>& chosen = compact_selected_.indices;

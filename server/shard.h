@@ -117,6 +117,7 @@ class Shard {
     uint64_t version = 0;
     size_t nnz = 0;          // keys of x_hat changed (a key whose rounded value is unchanged is not sent)
     double owed_norm = 0;    // ||x - x_hat|| after the publish
+    size_t keys_read = 0;    // keys it read: the shard's size, or the tracked ones (its cost)
   };
   // Brings x_hat to the current version by one compressed step (a no-op
   // without a downlink or when it is there already).
@@ -263,6 +264,7 @@ class Shard {
   // and the keys (local, unsorted, maybe repeated) that may owe; complete
   // while every key with x != x_hat is among them.
   Published publish_incremental();
+  Published publish_pass();  // the pass over the whole shard
   void track_owed(std::span<const uint32_t> global_keys);
   void owed_keys_unknown();
   void owed_keys_after_full_pass(size_t owing_left);
@@ -270,6 +272,7 @@ class Shard {
   bool publish_incremental_allowed_ = true;
   bool incremental_capable_ = false;  // top-k or threshold
   bool incremental_ = false;          // capable and allowed
+  bool dense_since_publish_ = false;  // a dense update since the last publish
   bool owed_keys_complete_ = false;
   std::vector<uint32_t> owed_keys_;
   std::vector<size_t> owed_runs_;  // where each ascending run of owed_keys_ starts

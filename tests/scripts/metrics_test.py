@@ -72,7 +72,10 @@ class MetricsTest(unittest.TestCase):
                                 start_new_session=True)
 
     def test_endpoints_serve_live_job_state(self):
-        job = self.launch("live", "training.steps=1000000", "workers.delay_ms=[2, 2]", "downlink.method=topk")
+        # downlink.ratio 0.1: a budget above what a round changes, so the
+        # owed keys stay few and the publishes read only them.
+        job = self.launch("live", "training.steps=1000000", "workers.delay_ms=[2, 2]", "downlink.method=topk",
+                          "downlink.ratio=0.1")
         try:
             run = os.path.join(self.tmp, "live")
             server_url = wait_for(os.path.join(run, "metrics-server-0.url"), 30)
@@ -103,6 +106,11 @@ class MetricsTest(unittest.TestCase):
             self.assertGreater(publishes, first['sps_server_publishes_total{shard="0"}'])
             self.assertGreater(second['sps_server_published_keys_total{shard="0"}'], publishes)
             self.assertIn('sps_server_downlink_owed_norm{shard="0"}', second)
+            # Under sparse SGD updates a publish reads only the keys that may
+            # owe, not the whole shard (3,925 of the demo's 7,850 keys).
+            read = second['sps_server_publish_keys_read_total{shard="0"}']
+            self.assertGreater(read, 0)
+            self.assertLess(read, publishes * 3925 / 8)
             self.assertEqual(second['sps_server_push_staleness_bucket{shard="0",le="0"}'],
                              second['sps_server_push_staleness_count{shard="0"}'], "bsp pushes are never stale")
             self.assertIn('sps_server_version{shard="1"}', parse(curl(wait_for(
