@@ -212,14 +212,19 @@ std::vector<float> CompressionStage::residual() const {
   return out;
 }
 
-Status CompressionStage::set_residual(std::span<const float> residual) {
+Status CompressionStage::set_per_tensor(std::span<const float> whole, const char* what, bool kept,
+                                        Status (kernels::Compressor::*set)(std::span<const float>)) {
   const size_t n = tensors_.empty() ? 0 : tensors_.back().offset + tensors_.back().size;
-  if (residual.size() != n)
-    return invalid_argument(fmt::format("the residual has {} entries, the model {}", residual.size(), n));
-  if (cfg_.compression.error_feedback == config::ErrorFeedback::kNone) return {};
+  if (whole.size() != n) return invalid_argument(fmt::format("{} has {} entries, the model {}", what, whole.size(), n));
+  if (!kept) return {};
   for (size_t i = 0; i < tensors_.size(); ++i)
-    SPS_RETURN_IF_ERROR(compressors_[i]->set_residual(residual.subspan(tensors_[i].offset, tensors_[i].size)));
+    SPS_RETURN_IF_ERROR((compressors_[i].get()->*set)(whole.subspan(tensors_[i].offset, tensors_[i].size)));
   return {};
+}
+
+Status CompressionStage::set_residual(std::span<const float> residual) {
+  return set_per_tensor(residual, "the residual", cfg_.compression.error_feedback != config::ErrorFeedback::kNone,
+                        &kernels::Compressor::set_residual);
 }
 
 std::vector<float> CompressionStage::momentum() const {
@@ -233,13 +238,8 @@ std::vector<float> CompressionStage::momentum() const {
 }
 
 Status CompressionStage::set_momentum(std::span<const float> momentum) {
-  const size_t n = tensors_.empty() ? 0 : tensors_.back().offset + tensors_.back().size;
-  if (momentum.size() != n)
-    return invalid_argument(fmt::format("the momentum buffer has {} entries, the model {}", momentum.size(), n));
-  if (cfg_.compression.momentum_correction == 0.0) return {};
-  for (size_t i = 0; i < tensors_.size(); ++i)
-    SPS_RETURN_IF_ERROR(compressors_[i]->set_momentum(momentum.subspan(tensors_[i].offset, tensors_[i].size)));
-  return {};
+  return set_per_tensor(momentum, "the momentum buffer", cfg_.compression.momentum_correction != 0.0,
+                        &kernels::Compressor::set_momentum);
 }
 
 Status CompressionStage::restore_hessian(std::span<const float> h, int64_t step) {

@@ -76,6 +76,10 @@ class CompressionStage {
   };
   CompressionStage(const config::Config& cfg, sps::Model& model) : cfg_(cfg), model_(model) {}
   size_t k_at(int64_t step, size_t tensor_size) const;
+  // Hands each compressor its slice of a whole-model buffer through `set`
+  // (after checking the size; nothing when the state is not `kept`).
+  Status set_per_tensor(std::span<const float> whole, const char* what, bool kept,
+                        Status (kernels::Compressor::*set)(std::span<const float>));
 
   const config::Config& cfg_;
   sps::Model& model_;

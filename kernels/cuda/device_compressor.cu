@@ -628,6 +628,16 @@ struct DeviceCompressor::State {
     return static_cast<int>(std::max<size_t>(1, std::min<size_t>((m + kThreads - 1) / kThreads, blocks)));
   }
 
+  // n floats between host and device on the stream, waited for (the
+  // residual and momentum copies in and out).
+  Status copy_floats(void* dst, const void* src, cudaMemcpyKind kind, const char* what) const {
+    if (n == 0) return {};
+    DeviceGuard guard(options.device);
+    SPS_RETURN_IF_ERROR(guard.status());
+    SPS_RETURN_IF_ERROR(check(cudaMemcpyAsync(dst, src, n * sizeof(float), kind, stream), what));
+    return check(cudaStreamSynchronize(stream), what);
+  }
+
   Status fetch() {
     SPS_RETURN_IF_ERROR(check(cudaMemcpyAsync(host, ctl(), sizeof(Control), cudaMemcpyDeviceToHost, stream),
                               "copy control block"));
@@ -1145,23 +1155,11 @@ void DeviceCompressor::set_k(size_t k) { state_->k = std::min(k, state_->n); }
 size_t DeviceCompressor::size() const { return state_->n; }
 
 Status DeviceCompressor::copy_residual(float* host) const {
-  const State& s = *state_;
-  if (s.n == 0) return {};
-  DeviceGuard guard(s.options.device);
-  SPS_RETURN_IF_ERROR(guard.status());
-  SPS_RETURN_IF_ERROR(check(
-      cudaMemcpyAsync(host, s.residual.as<float>(), s.n * sizeof(float), cudaMemcpyDeviceToHost, s.stream), "copy residual"));
-  return check(cudaStreamSynchronize(s.stream), "copy residual");
+  return state_->copy_floats(host, state_->residual.as<float>(), cudaMemcpyDeviceToHost, "copy residual");
 }
 
 Status DeviceCompressor::set_residual(const float* host) {
-  const State& s = *state_;
-  if (s.n == 0) return {};
-  DeviceGuard guard(s.options.device);
-  SPS_RETURN_IF_ERROR(guard.status());
-  SPS_RETURN_IF_ERROR(check(
-      cudaMemcpyAsync(s.residual.as<float>(), host, s.n * sizeof(float), cudaMemcpyHostToDevice, s.stream), "set residual"));
-  return check(cudaStreamSynchronize(s.stream), "set residual");
+  return state_->copy_floats(state_->residual.as<float>(), host, cudaMemcpyHostToDevice, "set residual");
 }
 
 Status DeviceCompressor::undo_send(const uint32_t* indices, const float* values, size_t m) {
@@ -1211,23 +1209,13 @@ Status DeviceCompressor::scale_residual(float factor) {
 Status DeviceCompressor::copy_momentum(float* host) const {
   const State& s = *state_;
   if (!(s.options.momentum > 0.0f)) return invalid_argument("copy_momentum: momentum is off");
-  if (s.n == 0) return {};
-  DeviceGuard guard(s.options.device);
-  SPS_RETURN_IF_ERROR(guard.status());
-  SPS_RETURN_IF_ERROR(check(
-      cudaMemcpyAsync(host, s.u.as<float>(), s.n * sizeof(float), cudaMemcpyDeviceToHost, s.stream), "copy momentum"));
-  return check(cudaStreamSynchronize(s.stream), "copy momentum");
+  return s.copy_floats(host, s.u.as<float>(), cudaMemcpyDeviceToHost, "copy momentum");
 }
 
 Status DeviceCompressor::set_momentum(const float* host) {
   const State& s = *state_;
   if (!(s.options.momentum > 0.0f)) return invalid_argument("set_momentum: momentum is off");
-  if (s.n == 0) return {};
-  DeviceGuard guard(s.options.device);
-  SPS_RETURN_IF_ERROR(guard.status());
-  SPS_RETURN_IF_ERROR(check(
-      cudaMemcpyAsync(s.u.as<float>(), host, s.n * sizeof(float), cudaMemcpyHostToDevice, s.stream), "set momentum"));
-  return check(cudaStreamSynchronize(s.stream), "set momentum");
+  return s.copy_floats(s.u.as<float>(), host, cudaMemcpyHostToDevice, "set momentum");
 }
 
 }  // namespace sps::kernels::cuda
