@@ -2,6 +2,7 @@
 #include <iostream>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include "common/process.h"
@@ -14,9 +15,24 @@ int main(int argc, char** argv) {
                "watches heartbeats and ends the job. Writes <run>/scheduler.port and <run>/summary.json."};
   sps::config::CliOptions opts;
   sps::config::add_config_options(app, opts);
+  bool print_resume_point = false;
+  app.add_flag("--print-resume-point", print_resume_point,
+               "Print the step --resume would start from as JSON and exit (status 3 when there is none)");
   CLI11_PARSE(app, argc, argv);
   sps::config::Config cfg;
   if (!sps::config::load_or_report(opts, cfg, "sps-scheduler")) return 2;
+  if (print_resume_point) {
+    // What sps-launch --max-restarts asks before a restart: resume, or start over.
+    auto point = sps::find_resume_point(cfg.checkpoint_dir(), static_cast<uint32_t>(cfg.cluster.num_servers),
+                                        static_cast<uint32_t>(cfg.cluster.num_workers));
+    if (!point.ok()) {
+      std::cerr << "sps-scheduler: no resume point: " << point.status().message() << "\n";
+      return 3;
+    }
+    std::cout << nlohmann::json{{"step", point->step}, {"dir", cfg.checkpoint_dir()}, {"skipped", point->skipped}}.dump()
+              << "\n";
+    return 0;
+  }
   if (opts.print_config) {
     for (const auto& w : sps::config::ineffective_keys(cfg)) std::cerr << "sps-scheduler: config warning: " << w << "\n";
     std::cout << sps::config::to_json(cfg).dump(2) << "\n";

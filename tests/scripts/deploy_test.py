@@ -191,6 +191,29 @@ class SshLaunchTest(unittest.TestCase):
             time.sleep(0.1)
         self.assertEqual(processes_mentioning(token), [])
 
+    def test_max_restarts_resumes_after_a_server_is_killed_on_its_host(self):
+        # The resume point is asked over ssh on the scheduler's host; the
+        # killed server's ssh session ends with 128 + SIGKILL.
+        name = "ssh_restart"
+        p = subprocess.Popen(self.launch(name, "training.steps=1500", "checkpoint.interval=100") +
+                             ["--max-restarts", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        token = f"sps-launch-{name}-{p.pid}.json"
+        folder = os.path.join(self.tmp, name, "checkpoints", "step-000000000200")
+        deadline = time.time() + 90
+        while time.time() < deadline and not all(
+                os.path.exists(os.path.join(folder, f"server-{r}.snap")) for r in (0, 1)):
+            time.sleep(0.01)
+        victims = [pid for pid, cmd in sps_processes(token) if "sps-server --rank 1 " in cmd]
+        self.assertEqual(len(victims), 1)
+        os.kill(victims[0], signal.SIGKILL)
+        out, _ = p.communicate(timeout=180)
+        self.assertEqual(p.returncode, 0, out[-3000:])
+        self.assertIn("server-1@127.0.0.2 was killed by SIGKILL: restarting the job (restart 1 of 1)", out)
+        s = read_summary(os.path.join(self.tmp, name))
+        self.assertEqual(s["steps"], 1500)
+        self.assertGreaterEqual(s["restarts"][0]["resumed_from"], 200, s)
+        self.assertEqual(processes_mentioning(token), [])
+
     def test_an_unreachable_host_fails_before_anything_starts(self):
         bad = os.path.join(self.tmp, "bad_hosts.txt")
         with open(bad, "w") as f:

@@ -63,6 +63,77 @@ class LauncherTest(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("cannot resume", r.stdout + r.stderr)
 
+    def run_until_snapshot_then_kill(self, name, step, victim, sets, extra=()):
+        """Starts a job; once every server has written the snapshot of `step`,
+        SIGKILLs the process whose command line contains all of `victim`.
+        Returns (status, output)."""
+        p = subprocess.Popen(self.launch(name, *sets) + list(extra), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        folder = os.path.join(self.tmp, name, "checkpoints", f"step-{step:012d}")
+        deadline = time.time() + 90
+        while time.time() < deadline and not all(
+                os.path.exists(os.path.join(folder, f"server-{r}.snap")) for r in (0, 1)):
+            time.sleep(0.01)
+        pids = [pid for pid, cmd in processes_mentioning(self.tmp, with_command=True)
+                if all(v in cmd for v in victim)]
+        self.assertEqual(len(pids), 1, pids)
+        os.kill(pids[0], signal.SIGKILL)
+        out, _ = p.communicate(timeout=180)
+        return p.returncode, out
+
+    def test_max_restarts_resumes_a_job_whose_server_was_killed(self):
+        # BSP resumes bit for bit, so the restarted job must end with exactly
+        # the parameters of one that was never interrupted.
+        sets = ("training.steps=1500", "cluster.num_workers=2", "checkpoint.interval=100", "run.save_params=true")
+        r = subprocess.run(self.launch("straight", *sets), capture_output=True, text=True, timeout=180)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        rc, out = self.run_until_snapshot_then_kill("restarted", 300, ("sps-server", "--rank 1"), sets,
+                                                    ["--max-restarts", "2"])
+        self.assertEqual(rc, 0, out)
+        self.assertIn("server-1 was killed by SIGKILL: restarting the job (restart 1 of 2)", out)
+        self.assertRegex(out, r"resuming from the snapshot of step [1-9]\d\d")
+        with open(os.path.join(self.tmp, "restarted", "summary.json")) as f:
+            s = json.load(f)
+        self.assertEqual(s["steps"], 1500)
+        self.assertEqual(len(s["restarts"]), 1, s)
+        self.assertEqual(s["restarts"][0]["cause"], "server-1 was killed by SIGKILL")
+        self.assertGreaterEqual(s["restarts"][0]["resumed_from"], 300)
+        self.assertIn("restart                 server-1 was killed by SIGKILL after", out)
+        with open(os.path.join(self.tmp, "straight", "params.f32"), "rb") as f:
+            straight = f.read()
+        with open(os.path.join(self.tmp, "restarted", "params.f32"), "rb") as f:
+            self.assertTrue(f.read() == straight, "the restarted job's parameters differ from the straight run's")
+        self.assertEqual(processes_mentioning(self.tmp), [])
+
+    def test_a_crashed_worker_under_abort_restarts_the_job(self):
+        sets = ("training.steps=1500", "cluster.num_workers=2", "checkpoint.interval=100",
+                "cluster.on_worker_loss=abort")
+        rc, out = self.run_until_snapshot_then_kill("worker_abort", 300, ("sps-worker", "--rank 1"), sets,
+                                                    ["--max-restarts", "1"])
+        self.assertEqual(rc, 0, out)
+        self.assertIn("cluster.on_worker_loss is abort: stopping the job", out)
+        self.assertIn("worker-1 was killed by SIGKILL: restarting the job (restart 1 of 1)", out)
+        with open(os.path.join(self.tmp, "worker_abort", "summary.json")) as f:
+            s = json.load(f)
+        self.assertEqual((s["steps"], len(s["restarts"]), s.get("dead_workers", [])), (1500, 1, []), s)
+
+    def test_without_restarts_left_the_job_fails_with_the_cause(self):
+        sets = ("training.steps=100000000", "cluster.num_workers=2", "checkpoint.interval=100")
+        rc, out = self.run_until_snapshot_then_kill("no_restart", 100, ("sps-server", "--rank 0"), sets)
+        self.assertEqual(rc, 1, out)
+        self.assertNotIn("restarting", out)
+        self.assertIn("server-0 exited with status -9", out)
+        self.assertEqual(processes_mentioning(self.tmp), [])
+
+    def test_errors_the_job_reports_are_not_retried(self):
+        # A worker that refuses its config fails the same way every time.
+        r = subprocess.run(self.launch("deterministic", "model.name=mlp", "model.hidden=[8]", "training.steps=5",
+                                       "compression.error_feedback=hessian_diag") + ["--max-restarts", "3"],
+                           capture_output=True, text=True, timeout=120)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("hessian_diag", r.stdout + r.stderr)
+        self.assertNotIn("restarting", r.stdout + r.stderr)
+
     def test_ctrl_c_stops_every_process(self):
         name = "interrupted"
         p = subprocess.Popen(self.launch(name, "training.steps=100000000"), stdout=subprocess.PIPE,

@@ -4,9 +4,10 @@ import os
 import socket
 
 
-def processes_mentioning(token, exclude=("launcher_test", "deploy_test", "netns_test")):
+def processes_mentioning(token, exclude=("launcher_test", "deploy_test", "netns_test"), with_command=False):
     """PIDs of live (non-zombie) processes whose command line contains token,
-    other than this one and the test scripts themselves."""
+    other than this one and the test scripts themselves; with_command: as
+    (pid, command line) pairs."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -19,7 +20,7 @@ def processes_mentioning(token, exclude=("launcher_test", "deploy_test", "netns_
         except OSError:
             continue
         if token in cmd and state != "Z" and not any(e in cmd for e in exclude):
-            found.append(int(pid))
+            found.append((int(pid), cmd) if with_command else int(pid))
     return found
 
 
