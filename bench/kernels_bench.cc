@@ -31,7 +31,8 @@
 //                            publish (SGD's usual case): the publish reads
 //                            only those (c = 3), or passes over the whole
 //                            shard as before (c = 4, the same result); the
-//                            same two with f16 values (c = 5, 6)
+//                            same two with f16 values (c = 5, 6); pm = 100:
+//                            c = 3, 4 only (n/20 keys, near the n/8 limit)
 //   BM_Gather/n/pm, BM_Scatter/n/pm  baselines for a sparse pull of k keys:
 //                            plain loops reading or writing the parameters
 //   BM_ShardGather/n/pm      the server's gather for that pull answer
@@ -606,6 +607,9 @@ BENCHMARK(BM_ShardPublish)->Apply([](benchmark::internal::Benchmark* b) {
   for (int64_t n : {1'000'000, 25'000'000})
     for (int64_t permille : {1, 10})
       for (int64_t scenario : {0, 1, 2, 3, 4, 5, 6}) b->Args({n, permille, scenario});
+  // Near the tracking limit (n/8): pushes of n/20 keys.
+  for (int64_t n : {1'000'000, 25'000'000})
+    for (int64_t scenario : {3, 4}) b->Args({n, 100, scenario});
   b->Unit(benchmark::kMillisecond);
 });
 BENCHMARK(BM_Gather)->Apply(sizes);

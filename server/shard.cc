@@ -809,55 +809,97 @@ Shard::Published Shard::publish_incremental() {
   owed_keys_.erase(std::unique(owed_keys_.begin(), owed_keys_.end()), owed_keys_.end());
   owing_keys_.clear();
   owed_compact_.clear();
+  owing_x_.clear();
   const ValueFormat format = downlink_values_;
   const bool rounded = format != ValueFormat::kF32;
-  // What sending key j puts into x_hat.
-  auto sent = [&](uint32_t j) { return rounded ? quantise(x[j], format) : x[j]; };
-  for (const uint32_t j : owed_keys_)
-    if (!std::isfinite(x[j])) return out;
-  for (const uint32_t j : owed_keys_) {
-    if (sent(j) != x_hat[j]) {
-      owing_keys_.push_back(j);
-      owed_compact_.push_back(x[j] - x_hat[j]);
-    } else if (rounded) {  // owes its rounding only: out of the candidates
-      debt_[j] = x[j] - x_hat[j];
+  // What sending a key whose x is xj puts into x_hat.
+  auto sent = [&](float xj) { return rounded ? quantise(xj, format) : xj; };
+  // The keys are scattered over arrays of n floats, so each read is a likely
+  // cache miss (the cost of this path at 25M keys): fetch kAhead keys ahead.
+  constexpr size_t kAhead = 16;
+  const uint32_t* const listed = owed_keys_.data();
+  const size_t count = owed_keys_.size();
+  // With a threshold, or a top-k budget no smaller than the list, whether a
+  // key goes is known when it is read: send it then, while its x_hat is in
+  // cache. Else the owing keys are gathered and top-k picks among them.
+  const bool decide_now = downlink_k_ == 0 || count <= downlink_k_;
+  selected_keys_.clear();
+  double left_sq = 0;  // ||x - x_hat||^2 of the keys left owing
+  auto send = [&](uint32_t j, float xj) {
+    x_hat[j] = sent(xj);
+    selected_keys_.push_back(key_begin_ + j);
+    if (rounded) {
+      debt_[j] = xj - x_hat[j];
       rounding_sq_ += static_cast<double>(debt_[j]) * debt_[j];
+    }
+  };
+  for (size_t i = 0; i < count; ++i) {
+    if (i + kAhead < count) {
+      const uint32_t ahead = listed[i + kAhead];
+      __builtin_prefetch(x + ahead, 0);
+      __builtin_prefetch(x_hat + ahead, 1);
+      if (rounded) __builtin_prefetch(debt_.data() + ahead, 1);
+    }
+    const uint32_t j = listed[i];
+    const float xj = x[j];
+    // A non-finite x: the pass publishes the whole shard instead (so the
+    // keys already sent here and the debts changed are all overwritten).
+    if (!std::isfinite(xj)) return out;
+    if (sent(xj) == x_hat[j]) {
+      if (rounded) {  // owes its rounding only: out of the candidates
+        debt_[j] = xj - x_hat[j];
+        rounding_sq_ += static_cast<double>(debt_[j]) * debt_[j];
+      }
+      continue;
+    }
+    const float d = xj - x_hat[j];
+    if (!decide_now) {
+      owing_keys_.push_back(j);
+      owed_compact_.push_back(d);
+      owing_x_.push_back(xj);
+    } else if (downlink_k_ > 0 || std::fabs(d) >= downlink_lambda_) {
+      send(j, xj);
+    } else {
+      left_sq += static_cast<double>(d) * d;
+      owing_keys_.push_back(j);  // stays owing
     }
   }
   out.ran = true;
   out.version = version_;
-  out.keys_read = owed_keys_.size();
-  const size_t m = owing_keys_.size();
-  // Which owing keys go: positions into owing_keys_, ascending.
-  std::vector<uint32_t>& chosen = compact_selected_.indices;
-  chosen.clear();
-  if (downlink_k_ > 0 && m <= downlink_k_) {
-    for (uint32_t i = 0; i < m; ++i) chosen.push_back(i);
-  } else if (downlink_k_ > 0) {
-    kernels::topk_select(owed_compact_, downlink_k_, compact_selected_, topk_scratch_);
-  } else {
-    for (uint32_t i = 0; i < m; ++i)
-      if (std::fabs(owed_compact_[i]) >= downlink_lambda_) chosen.push_back(i);
-  }
-  selected_keys_.clear();
-  owed_keys_.clear();
+  out.keys_read = count;
   runs.clear();
-  double left_sq = 0;
-  size_t next = 0;  // walks `chosen` alongside the owing keys
-  for (uint32_t i = 0; i < m; ++i) {
-    const uint32_t j = owing_keys_[i];
-    if (next < chosen.size() && chosen[next] == i) {
-      ++next;
-      x_hat[j] = sent(j);
-      selected_keys_.push_back(key_begin_ + j);
-      if (rounded) {
-        debt_[j] = x[j] - x_hat[j];
-        rounding_sq_ += static_cast<double>(debt_[j]) * debt_[j];
-      }
+  if (decide_now) {
+    owed_keys_.swap(owing_keys_);
+  } else {
+    // Top-k among the owing keys: positions into owing_keys_, ascending.
+    const size_t m = owing_keys_.size();
+    std::vector<uint32_t>& chosen = compact_selected_.indices;
+    chosen.clear();
+    if (m <= downlink_k_) {
+      for (uint32_t i = 0; i < m; ++i) chosen.push_back(i);
     } else {
+      kernels::topk_select(owed_compact_, downlink_k_, compact_selected_, topk_scratch_);
+    }
+    owed_keys_.clear();
+    // The owing keys not sent stay listed (ascending) for the next publish.
+    size_t next = 0;  // walks `chosen` alongside the owing keys
+    for (uint32_t i = 0; i < m; ++i) {
+      if (next < chosen.size() && chosen[next] == i) {
+        ++next;
+        continue;
+      }
       const double d = owed_compact_[i];
       left_sq += d * d;
-      owed_keys_.push_back(j);
+      owed_keys_.push_back(owing_keys_[i]);
+    }
+    // The sent ones: only x_hat (and their debt) is touched, ahead again.
+    for (size_t c = 0; c < chosen.size(); ++c) {
+      if (c + kAhead < chosen.size()) {
+        const uint32_t ahead = owing_keys_[chosen[c + kAhead]];
+        __builtin_prefetch(x_hat + ahead, 1);
+        if (rounded) __builtin_prefetch(debt_.data() + ahead, 1);
+      }
+      send(owing_keys_[chosen[c]], owing_x_[chosen[c]]);
     }
   }
   if (!owed_keys_.empty()) runs.push_back(0);

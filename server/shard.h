@@ -282,6 +282,7 @@ class Shard {
   double rounding_sq_ = 0;
   std::vector<float> owed_compact_;  // owed values of the owing candidates, in key order
   std::vector<uint32_t> owing_keys_;
+  std::vector<float> owing_x_;  // their x, so that sending them reads no x again
   kernels::SparseVector compact_selected_;
   kernels::TopKScratch topk_scratch_;
   // Per worker: the clock of its latest push refused as too stale
