@@ -180,16 +180,22 @@ class SshLaunchTest(unittest.TestCase):
                              stderr=subprocess.STDOUT, text=True)
         token = f"sps-launch-{name}-{p.pid}.json"
         self.wait_running(name)
+        out = self.kill_server_1(p, token, timeout=60)
+        self.assertEqual(p.returncode, 1, out[-2000:])
+        self.assertIn("server-1@127.0.0.2 exited with status", out)
+
+    def kill_server_1(self, p, token, timeout):
+        """SIGKILLs server 1 of the launcher p's job; returns the launcher's
+        output once it has exited and no process of the job is left."""
         victims = [pid for pid, cmd in sps_processes(token) if "sps-server --rank 1 " in cmd]
         self.assertEqual(len(victims), 1)
         os.kill(victims[0], signal.SIGKILL)
-        out, _ = p.communicate(timeout=60)
-        self.assertEqual(p.returncode, 1, out[-2000:])
-        self.assertIn("server-1@127.0.0.2 exited with status", out)
+        out, _ = p.communicate(timeout=timeout)
         deadline = time.time() + 10
         while time.time() < deadline and processes_mentioning(token):
             time.sleep(0.1)
-        self.assertEqual(processes_mentioning(token), [])
+        self.assertEqual(processes_mentioning(token), [], out[-2000:])
+        return out
 
     def test_max_restarts_resumes_after_a_server_is_killed_on_its_host(self):
         # The resume point is asked over ssh on the scheduler's host; the
@@ -203,16 +209,12 @@ class SshLaunchTest(unittest.TestCase):
         while time.time() < deadline and not all(
                 os.path.exists(os.path.join(folder, f"server-{r}.snap")) for r in (0, 1)):
             time.sleep(0.01)
-        victims = [pid for pid, cmd in sps_processes(token) if "sps-server --rank 1 " in cmd]
-        self.assertEqual(len(victims), 1)
-        os.kill(victims[0], signal.SIGKILL)
-        out, _ = p.communicate(timeout=180)
+        out = self.kill_server_1(p, token, timeout=180)
         self.assertEqual(p.returncode, 0, out[-3000:])
         self.assertIn("server-1@127.0.0.2 was killed by SIGKILL: restarting the job (restart 1 of 1)", out)
         s = read_summary(os.path.join(self.tmp, name))
         self.assertEqual(s["steps"], 1500)
         self.assertGreaterEqual(s["restarts"][0]["resumed_from"], 200, s)
-        self.assertEqual(processes_mentioning(token), [])
 
     def test_an_unreachable_host_fails_before_anything_starts(self):
         bad = os.path.join(self.tmp, "bad_hosts.txt")
