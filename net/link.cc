@@ -1,6 +1,8 @@
 #include "net/link.h"
 
+#include <atomic>
 #include <cerrno>
+#include <cstring>
 
 #include <fmt/format.h>
 
@@ -83,6 +85,9 @@ std::optional<Received> try_recv(zmq::socket_t& s, bool routed) {
     }
     if (!got) return std::nullopt;
     const bool more = part.more();
+    // A ROUTER's routing-id frame carries no metadata when the message was
+    // prefetched by a poll, so the descriptor is taken from the first part that has one.
+    if (r.source_fd < 0) r.source_fd = zmq_msg_get(part.handle(), ZMQ_SRCFD);
     if (first && routed) {
       r.routing_id = std::move(part);
     } else if (r.frames.size() < kMaxKeptFrames) {
@@ -126,6 +131,44 @@ std::string routing_id_hex(const zmq::message_t& id) {
   const auto* p = static_cast<const unsigned char*>(id.data());
   for (size_t i = 0; i < id.size(); ++i) out += fmt::format("{:02x}", p[i]);
   return out;
+}
+
+ClosedConnections::ClosedConnections(zmq::context_t& ctx, zmq::socket_t& watched)
+    : events_(ctx, zmq::socket_type::pair) {
+  // One inproc name per watched socket in this process.
+  static std::atomic<uint64_t> next{0};
+  const std::string name = fmt::format("inproc://sps-closed-connections-{}", next++);
+  if (zmq_socket_monitor(watched.handle(), name.c_str(), ZMQ_EVENT_DISCONNECTED) != 0) throw zmq::error_t();
+  events_.set(zmq::sockopt::linger, 0);
+  events_.connect(name);
+}
+
+std::vector<int> ClosedConnections::take() {
+  std::vector<int> closed;
+  while (true) {
+    // An event is two frames: 2 bytes event id + 4 bytes value (the
+    // descriptor), then the endpoint.
+    zmq::message_t event;
+    zmq::recv_result_t got;
+    try {
+      got = events_.recv(event, zmq::recv_flags::dontwait);
+    } catch (const zmq::error_t&) {
+      break;
+    }
+    if (!got) break;
+    for (bool more = event.more(); more;) {
+      zmq::message_t rest;
+      (void)events_.recv(rest, zmq::recv_flags::none);
+      more = rest.more();
+    }
+    if (event.size() < 6) continue;
+    uint16_t id = 0;
+    int32_t value = 0;
+    std::memcpy(&id, event.data(), sizeof id);
+    std::memcpy(&value, static_cast<const char*>(event.data()) + sizeof id, sizeof value);
+    if (id == ZMQ_EVENT_DISCONNECTED) closed.push_back(value);
+  }
+  return closed;
 }
 
 }  // namespace sps::net

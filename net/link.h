@@ -50,6 +50,7 @@ struct Received {
   zmq::message_t routing_id;              // ROUTER sockets only
   std::vector<zmq::message_t> frames;     // protocol frames (at most kMaxKeptFrames)
   size_t dropped_frames = 0;              // frames beyond the cap, discarded
+  int source_fd = -1;                     // the TCP connection it came through (ZMQ_SRCFD)
   size_t bytes() const;                   // protocol bytes (frames only)
 };
 
@@ -64,5 +65,26 @@ Result<protocol::MessageView> decode(const Received& r);
 std::vector<bool> wait_readable(std::vector<zmq::socket_t*> sockets, std::chrono::milliseconds timeout);
 
 std::string routing_id_hex(const zmq::message_t& id);
+
+// The TCP connections of one socket that closed, as libzmq's socket monitor
+// reports them (ZMQ_EVENT_DISCONNECTED, by file descriptor). A peer process
+// that exits or is killed has its connections closed by its kernel, so the
+// other side learns of it in milliseconds instead of after a heartbeat
+// timeout. Match a descriptor to a peer through Received::source_fd. Belongs
+// to the thread of the watched socket; destroy it before the context.
+class ClosedConnections {
+ public:
+  ClosedConnections(zmq::context_t& ctx, zmq::socket_t& watched);
+  ClosedConnections(const ClosedConnections&) = delete;
+  ClosedConnections& operator=(const ClosedConnections&) = delete;
+
+  // Readable when events wait (pass it to wait_readable next to the watched socket).
+  zmq::socket_t& socket() { return events_; }
+  // The descriptors of the connections closed since the last call (never blocks).
+  std::vector<int> take();
+
+ private:
+  zmq::socket_t events_;
+};
 
 }  // namespace sps::net

@@ -50,7 +50,7 @@ struct Coordinator::Metrics {
 };
 
 Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
-    : cfg_(cfg), socket_(net::make_socket(ctx, net::SocketKind::kRouter)) {
+    : cfg_(cfg), socket_(net::make_socket(ctx, net::SocketKind::kRouter)), closed_(ctx, socket_) {
   if (cfg_.security.curve) {
     auto curve = net::load_curve_settings(cfg_.security.key_file, cfg_.security.server_key_file,
                                           cfg_.security.allowed_keys_file);
@@ -162,21 +162,11 @@ int Coordinator::run() {
       fail(fmt::format("stopped by signal {}", stop_signal()));
       break;
     }
-    if (net::wait_readable({&socket_}, tick)[0]) {
-      // Drain what is waiting, bounded so timers still run under a flood.
-      for (int i = 0; i < 1000 && !finished_; ++i) {
-        auto r = net::try_recv(socket_, /*routed=*/true);
-        if (!r) break;
-        const std::string key = net::routing_id_hex(r->routing_id);
-        auto m = net::decode(*r);
-        if (!m.ok()) {
-          ++malformed_;
-          log_.write({{"event", "malformed"}, {"peer", key}, {"error", m.status().message()}, {"count", malformed_}});
-          continue;
-        }
-        handle(key, std::move(r->routing_id), *m);
-      }
-    }
+    (void)net::wait_readable({&socket_, &closed_.socket()}, tick);
+    note_closed_connections();
+    // A closed connection is acted on only after the socket was read empty:
+    // what the node sent before it closed (its done report) comes first.
+    if (drain_messages() && !finished_) check_closed_connections();
     if (!finished_) check_liveness();
     if (finishing_ && !finished_) check_reports();
     update_metrics();
@@ -185,9 +175,44 @@ int Coordinator::run() {
   return exit_status_;
 }
 
-void Coordinator::handle(const std::string& key, zmq::message_t routing_id, const protocol::MessageView& m) {
+bool Coordinator::drain_messages() {
+  // Bounded so timers still run under a flood.
+  for (int i = 0; i < 1000 && !finished_; ++i) {
+    auto r = net::try_recv(socket_, /*routed=*/true);
+    if (!r) return true;
+    const std::string key = net::routing_id_hex(r->routing_id);
+    auto m = net::decode(*r);
+    if (!m.ok()) {
+      ++malformed_;
+      log_.write({{"event", "malformed"}, {"peer", key}, {"error", m.status().message()}, {"count", malformed_}});
+      continue;
+    }
+    handle(key, *r, *m);
+  }
+  return false;
+}
+
+void Coordinator::note_closed_connections() {
+  for (int fd : closed_.take()) {
+    for (auto& [k, n] : nodes_) {
+      if (n.fd != fd) continue;
+      n.fd = -1;
+      n.connection_closed = true;
+    }
+  }
+}
+
+void Coordinator::check_closed_connections() {
+  for (auto& [k, n] : nodes_) {
+    // Done workers and servers shutting down close their connections as they exit.
+    if (!n.connection_closed || !n.alive || n.done || finishing_ || finished_) continue;
+    node_died(n, "its connection to the scheduler closed: the process exited or was killed");
+  }
+}
+
+void Coordinator::handle(const std::string& key, net::Received& received, const protocol::MessageView& m) {
   if (m.header.type == MessageType::kRegister) {
-    handle_register(key, std::move(routing_id), m);
+    handle_register(key, received, m);
     return;
   }
   auto it = nodes_.find(key);
@@ -243,7 +268,8 @@ void Coordinator::handle(const std::string& key, zmq::message_t routing_id, cons
   }
 }
 
-void Coordinator::handle_register(const std::string& key, zmq::message_t routing_id, const protocol::MessageView& m) {
+void Coordinator::handle_register(const std::string& key, net::Received& received, const protocol::MessageView& m) {
+  zmq::message_t& routing_id = received.routing_id;
   auto info = protocol::decode_register(m.frame1);
   Header err;
   err.type = MessageType::kError;
@@ -300,6 +326,15 @@ void Coordinator::handle_register(const std::string& key, zmq::message_t routing
   n.host = info->host;
   n.pid = info->pid;
   n.last_seen = clock_.seconds();
+  // A connection that closed before this one opened may have had the same
+  // descriptor: its event was posted before the descriptor was free again,
+  // so taking the events now keeps it from being pinned on this node.
+  note_closed_connections();
+  n.fd = received.source_fd;
+  // An open descriptor names one connection; should an event ever be missed,
+  // the older node falls back to the heartbeat timeout rather than this one dying.
+  for (auto& [k, other] : nodes_)
+    if (other.fd == n.fd) other.fd = -1;
   if (worker) {
     ++workers_registered_;
     num_params_ = info->num_params;

@@ -3,7 +3,10 @@
 // of the job and its summary. Not on the data path.
 //
 // Threading: single-threaded; run() owns its socket and returns when the job
-// ends. Failure behaviour: a dead worker is announced to the servers (they
+// ends. A node is dead when its connection to the scheduler closes before it
+// finished (its process exited or was killed: milliseconds) or when it is
+// silent for cluster.heartbeat_timeout_ms (a frozen process, a lost network).
+// Failure behaviour: a dead worker is announced to the servers (they
 // stop waiting for it) and the job goes on while one worker lives; a dead
 // server, a startup timeout or a stop signal ends the job with an error
 // shutdown to every node.
@@ -24,6 +27,7 @@
 #include "common/process.h"
 #include "config/config.h"
 #include "net/curve.h"
+#include "net/link.h"
 #include "protocol/message.h"
 
 namespace sps::scheduler {
@@ -61,10 +65,16 @@ class Coordinator {
     std::optional<protocol::DoneReport> report;
     std::optional<protocol::ServerReport> server_report;
     double last_seen = 0;
+    int fd = -1;                      // its connection to the scheduler, until that closes
+    bool connection_closed = false;   // the kernel closed it: the process exited or was killed
   };
 
-  void handle(const std::string& key, zmq::message_t routing_id, const protocol::MessageView& m);
-  void handle_register(const std::string& key, zmq::message_t routing_id, const protocol::MessageView& m);
+  // Returns true when the socket was read empty (false: stopped at the bound).
+  bool drain_messages();
+  void handle(const std::string& key, net::Received& received, const protocol::MessageView& m);
+  void handle_register(const std::string& key, net::Received& received, const protocol::MessageView& m);
+  void note_closed_connections();
+  void check_closed_connections();
   void assign_all();
   void check_barrier();
   void check_liveness();
@@ -87,6 +97,7 @@ class Coordinator {
   // security.curve: declared before the socket so it outlives it.
   std::unique_ptr<net::ZapAuthenticator> zap_;
   zmq::socket_t socket_;
+  net::ClosedConnections closed_;
   std::string endpoint_;
   JsonlWriter log_;
   Stopwatch clock_;

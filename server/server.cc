@@ -30,6 +30,7 @@ Server::Server(const config::Config& cfg, zmq::context_t& ctx, int requested_ran
     : cfg_(cfg),
       data_(net::make_socket(ctx, net::SocketKind::kRouter)),
       control_(net::make_socket(ctx, net::SocketKind::kDealer)),
+      control_closed_(ctx, control_),
       requested_rank_(requested_rank) {
   if (cfg_.security.curve) {
     auto curve = net::load_curve_settings(cfg_.security.key_file, cfg_.security.server_key_file,
@@ -97,12 +98,24 @@ int Server::run() {
       exit_status_ = 128 + stop_signal();
       break;
     }
-    const auto ready = net::wait_readable({&control_, &data_}, tick);
-    if (ready[0]) {
+    const auto ready = net::wait_readable({&control_, &data_, &control_closed_.socket()}, tick);
+    const bool scheduler_closed = !control_closed_.take().empty();
+    const bool heard_before = heard_from_scheduler_;
+    // What the scheduler sent before its connection closed (the end of the job) comes first.
+    if (ready[0] || scheduler_closed) {
       while (auto r = net::try_recv(control_, false)) {
         handle_control(*r);
         if (done_) break;
       }
+    }
+    // Before the scheduler first answered, a closed connection is a refused
+    // handshake (security.curve on one side only), named by the wait for an answer.
+    if (scheduler_closed && heard_before && !done_) {
+      spdlog::error("server {}: the scheduler at {}:{} closed its connection: its process exited or was killed; exiting",
+                    rank_, scheduler_ip_, cfg_.cluster.scheduler_port);
+      finish("scheduler lost");
+      exit_status_ = 1;
+      break;
     }
     if (ready[1] && !done_) {
       for (int i = 0; i < 10000; ++i) {  // bounded so heartbeats still go out under a flood

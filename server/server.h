@@ -97,6 +97,9 @@ class Server {
   std::unique_ptr<net::ZapAuthenticator> zap_;
   zmq::socket_t data_;
   zmq::socket_t control_;
+  // The scheduler's process ended (its kernel closed our connection): no
+  // need to wait out cluster.heartbeat_timeout_ms.
+  net::ClosedConnections control_closed_;
   std::string endpoint_;
   std::string scheduler_ip_;  // cluster.scheduler_host, resolved once
   bool heard_from_scheduler_ = false;

@@ -19,7 +19,7 @@ using protocol::Header;
 using protocol::MessageType;
 
 PsClient::PsClient(const config::Config& cfg, zmq::context_t& ctx)
-    : cfg_(cfg), ctx_(ctx), control_(net::make_socket(ctx, net::SocketKind::kDealer)) {
+    : cfg_(cfg), ctx_(ctx), control_(net::make_socket(ctx, net::SocketKind::kDealer)), control_closed_(ctx, control_) {
   if (cfg_.security.curve) {
     auto curve = net::load_curve_settings(cfg_.security.key_file, cfg_.security.server_key_file,
                                           cfg_.security.allowed_keys_file);
@@ -52,6 +52,16 @@ void PsClient::heartbeat_if_due() {
 Status PsClient::check_alive() {
   if (stop_requested()) return unavailable(fmt::format("stopped by signal {}", stop_signal()));
   if (shutdown_seen_ && !shutdown_status_.ok()) return shutdown_status_;
+  if (!control_closed_.take().empty()) scheduler_connection_closed_ = true;
+  // Before the scheduler first answered, a closed connection is a refused
+  // handshake (security.curve on one side only), named below by the wait for an answer.
+  if (scheduler_connection_closed_ && heard_from_scheduler_ && !shutdown_seen_) {
+    // What it sent before its connection closed (the end of the job) comes first.
+    SPS_RETURN_IF_ERROR(drain_scheduler());
+    if (!shutdown_seen_)
+      return unavailable(fmt::format("the scheduler at {}:{} closed its connection: its process exited or was killed",
+                                     scheduler_ip_, cfg_.cluster.scheduler_port));
+  }
   const double silent = clock_.seconds() - last_scheduler_seen_;
   // A port that accepts connections but never answers (a wrong port, a
   // proxy, or security.curve on one side only) is named, not waited out.
@@ -100,14 +110,18 @@ Status PsClient::handle_scheduler_message(const protocol::MessageView& m) {
   }
 }
 
-Status PsClient::pump_scheduler(int timeout_ms) {
-  if (net::wait_readable({&control_}, std::chrono::milliseconds(timeout_ms))[0]) {
-    while (auto r = net::try_recv(control_, false)) {
-      auto m = net::decode(*r);
-      if (!m.ok()) return m.status().with_context("malformed message from the scheduler");
-      SPS_RETURN_IF_ERROR(handle_scheduler_message(*m));
-    }
+Status PsClient::drain_scheduler() {
+  while (auto r = net::try_recv(control_, false)) {
+    auto m = net::decode(*r);
+    if (!m.ok()) return m.status().with_context("malformed message from the scheduler");
+    SPS_RETURN_IF_ERROR(handle_scheduler_message(*m));
   }
+  return {};
+}
+
+Status PsClient::pump_scheduler(int timeout_ms) {
+  const auto ready = net::wait_readable({&control_, &control_closed_.socket()}, std::chrono::milliseconds(timeout_ms));
+  if (ready[0]) SPS_RETURN_IF_ERROR(drain_scheduler());
   return check_alive();
 }
 

@@ -21,6 +21,7 @@
 #include "config/config.h"
 #include "kernels/sparsify.h"
 #include "net/curve.h"
+#include "net/link.h"
 #include "protocol/message.h"
 
 namespace sps::worker {
@@ -109,6 +110,7 @@ class PsClient {
   // the first); fails when the job ended with an error, the scheduler went
   // silent, or a stop signal arrived.
   Status pump_scheduler(int timeout_ms);
+  Status drain_scheduler();
   Status handle_scheduler_message(const protocol::MessageView& m);
   Status check_alive();
   void heartbeat_if_due();
@@ -122,6 +124,10 @@ class PsClient {
   net::CurveSettings curve_;  // security.curve: every socket here is a CURVE client
   zmq::context_t& ctx_;
   zmq::socket_t control_;
+  // The scheduler's process ended (its kernel closed our connection): no
+  // need to wait out cluster.heartbeat_timeout_ms.
+  net::ClosedConnections control_closed_;
+  bool scheduler_connection_closed_ = false;
   std::string scheduler_ip_;  // cluster.scheduler_host, resolved once
   bool heard_from_scheduler_ = false;
   std::vector<zmq::socket_t> servers_;

@@ -6,6 +6,9 @@
 #include <signal.h>
 
 #include <fstream>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "tests/integration/harness.h"
 
@@ -22,8 +25,20 @@ std::vector<std::string> with(std::vector<std::string> a, const std::vector<std:
   return a;
 }
 
+// The scheduler's node_dead events as (role, rank, why).
+std::vector<std::tuple<std::string, int, std::string>> deaths(const Job& job) {
+  std::vector<std::tuple<std::string, int, std::string>> out;
+  for (const auto& e : read_jsonl(job.path("scheduler.jsonl")))
+    if (e.value("event", "") == "node_dead") out.emplace_back(e["role"], e["rank"], e["why"]);
+  return out;
+}
+
 TEST(FaultTest, KilledWorkerIsDroppedAndTheJobCompletes) {
-  Job job("kill_worker", 3, 2, with(kFastFailure, {"training.steps=1500", "training.batch_size=8"}));
+  // A heartbeat timeout longer than the test may take: the death must be
+  // noticed by the closed connection, not by the worker's silence.
+  Job job("kill_worker", 3, 2,
+          {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=600000", "data.train_limit=2000",
+           "data.test_limit=500", "training.steps=1500", "training.batch_size=8"});
   ASSERT_TRUE(job.start());
   ASSERT_GE(wait_for_lines(job.path("worker-2.jsonl"), 50, 60), 50u) << "worker 2 never got going";
   job.workers[2].send_signal(SIGKILL);
@@ -41,6 +56,33 @@ TEST(FaultTest, KilledWorkerIsDroppedAndTheJobCompletes) {
     for (const auto& line : read_jsonl(job.path("server-" + std::to_string(sv) + ".jsonl")))
       if (line.value("event", "") == "worker_dead" && line["worker"] == 2) ++servers_told;
   EXPECT_EQ(servers_told, 2);
+  const auto dead = deaths(job);
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(std::get<0>(dead[0]), "worker");
+  EXPECT_EQ(std::get<1>(dead[0]), 2);
+  EXPECT_NE(std::get<2>(dead[0]).find("connection to the scheduler closed"), std::string::npos) << std::get<2>(dead[0]);
+}
+
+TEST(FaultTest, AFrozenWorkerIsDeclaredDeadByItsSilence) {
+  // SIGSTOP keeps the process and its connections: only the heartbeat
+  // timeout can tell, and the job still completes without the worker.
+  Job job("freeze_worker", 3, 1, with(kFastFailure, {"training.steps=1500", "training.batch_size=8"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_GE(wait_for_lines(job.path("worker-2.jsonl"), 50, 60), 50u) << "worker 2 never got going";
+  job.workers[2].send_signal(SIGSTOP);
+  EXPECT_EQ(job.scheduler.wait(120), 0) << read_text(job.path("scheduler.out"));
+  job.workers[2].send_signal(SIGKILL);
+  ASSERT_TRUE(job.wait_all(60));
+  EXPECT_EQ(job.workers[0].exit_status(), 0);
+  EXPECT_EQ(job.workers[1].exit_status(), 0);
+  const auto s = read_json(job.path("summary.json"));
+  ASSERT_TRUE(s.is_object());
+  EXPECT_EQ(s["steps"].get<int64_t>(), 1500);
+  EXPECT_EQ(s["dead_workers"], nlohmann::json::array({2}));
+  const auto dead = deaths(job);
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(std::get<1>(dead[0]), 2);
+  EXPECT_NE(std::get<2>(dead[0]).find("silent for"), std::string::npos) << std::get<2>(dead[0]);
 }
 
 TEST(FaultTest, KilledServerEndsTheJobWithAnErrorNotAHang) {
@@ -52,7 +94,9 @@ TEST(FaultTest, KilledServerEndsTheJobWithAnErrorNotAHang) {
   EXPECT_EQ(job.scheduler.exit_status(), 1);
   EXPECT_NE(job.workers[0].exit_status(), 0);
   EXPECT_NE(job.workers[1].exit_status(), 0);
-  EXPECT_NE(read_text(job.path("scheduler.out")).find("server"), std::string::npos);
+  EXPECT_NE(read_text(job.path("scheduler.out")).find("server 1 died (its connection to the scheduler closed"),
+            std::string::npos)
+      << read_text(job.path("scheduler.out"));
 }
 
 TEST(FaultTest, SigtermToTheSchedulerStopsEveryProcess) {
@@ -63,6 +107,26 @@ TEST(FaultTest, SigtermToTheSchedulerStopsEveryProcess) {
   ASSERT_TRUE(job.wait_all(30)) << "processes kept running after the scheduler was stopped";
   EXPECT_NE(job.scheduler.exit_status(), 0);
   for (auto& w : job.workers) EXPECT_NE(w.exit_status(), 0);
+}
+
+TEST(FaultTest, KilledSchedulerEndsEveryNodeWithTheReason) {
+  // A heartbeat timeout longer than the test may take: the nodes must learn
+  // of it from their closed connections.
+  Job job("kill_scheduler", 2, 2,
+          {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=600000", "data.train_limit=2000",
+           "data.test_limit=500", "training.steps=1000000"});
+  ASSERT_TRUE(job.start());
+  ASSERT_GE(wait_for_lines(job.path("worker-1.jsonl"), 20, 60), 20u);
+  job.scheduler.send_signal(SIGKILL);
+  ASSERT_TRUE(job.wait_all(30)) << "nodes kept running after the scheduler was killed";
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(job.workers[i].exit_status(), 1);
+    EXPECT_EQ(job.servers[i].exit_status(), 1);
+    for (const std::string node : {"worker-", "server-"}) {
+      const auto out = read_text(job.path(node + std::to_string(i) + ".out"));
+      EXPECT_NE(out.find("closed its connection: its process exited or was killed"), std::string::npos) << out;
+    }
+  }
 }
 
 TEST(FaultTest, SigintToAWorkerStopsItCleanly) {
