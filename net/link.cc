@@ -85,9 +85,6 @@ std::optional<Received> try_recv(zmq::socket_t& s, bool routed) {
     }
     if (!got) return std::nullopt;
     const bool more = part.more();
-    // A ROUTER's routing-id frame carries no metadata when the message was
-    // prefetched by a poll, so the descriptor is taken from the first part that has one.
-    if (r.source_fd < 0) r.source_fd = zmq_msg_get(part.handle(), ZMQ_SRCFD);
     if (first && routed) {
       r.routing_id = std::move(part);
     } else if (r.frames.size() < kMaxKeptFrames) {
@@ -131,6 +128,17 @@ std::string routing_id_hex(const zmq::message_t& id) {
   const auto* p = static_cast<const unsigned char*>(id.data());
   for (size_t i = 0; i < id.size(); ++i) out += fmt::format("{:02x}", p[i]);
   return out;
+}
+
+int source_fd(const Received& r) {
+  // A ROUTER's routing-id frame carries no metadata when the message was
+  // prefetched by a poll: the first protocol frame does.
+  for (const zmq::message_t* part : {&r.routing_id, r.frames.empty() ? nullptr : &r.frames.front()}) {
+    if (part == nullptr) continue;
+    const int fd = zmq_msg_get(part->handle(), ZMQ_SRCFD);
+    if (fd >= 0) return fd;
+  }
+  return -1;
 }
 
 ClosedConnections::ClosedConnections(zmq::context_t& ctx, zmq::socket_t& watched)

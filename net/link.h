@@ -50,7 +50,6 @@ struct Received {
   zmq::message_t routing_id;              // ROUTER sockets only
   std::vector<zmq::message_t> frames;     // protocol frames (at most kMaxKeptFrames)
   size_t dropped_frames = 0;              // frames beyond the cap, discarded
-  int source_fd = -1;                     // the TCP connection it came through (ZMQ_SRCFD)
   size_t bytes() const;                   // protocol bytes (frames only)
 };
 
@@ -66,11 +65,14 @@ std::vector<bool> wait_readable(std::vector<zmq::socket_t*> sockets, std::chrono
 
 std::string routing_id_hex(const zmq::message_t& id);
 
+// The descriptor of the TCP connection `r` came through (ZMQ_SRCFD), or -1.
+int source_fd(const Received& r);
+
 // The TCP connections of one socket that closed, as libzmq's socket monitor
 // reports them (ZMQ_EVENT_DISCONNECTED, by file descriptor). A peer process
 // that exits or is killed has its connections closed by its kernel, so the
 // other side learns of it in milliseconds instead of after a heartbeat
-// timeout. Match a descriptor to a peer through Received::source_fd. Belongs
+// timeout. Match a descriptor to a peer through source_fd(). Belongs
 // to the thread of the watched socket; destroy it before the context.
 class ClosedConnections {
  public:

@@ -330,7 +330,7 @@ void Coordinator::handle_register(const std::string& key, net::Received& receive
   // descriptor: its event was posted before the descriptor was free again,
   // so taking the events now keeps it from being pinned on this node.
   note_closed_connections();
-  n.fd = received.source_fd;
+  n.fd = net::source_fd(received);
   // An open descriptor names one connection; should an event ever be missed,
   // the older node falls back to the heartbeat timeout rather than this one dying.
   for (auto& [k, other] : nodes_)
