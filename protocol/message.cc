@@ -44,6 +44,8 @@ const char* message_type_name(MessageType type) {
     case MessageType::kDone: return "done";
     case MessageType::kNodeDead: return "node_dead";
     case MessageType::kServerReport: return "server_report";
+    case MessageType::kJoin: return "join";
+    case MessageType::kJoinAt: return "join_at";
   }
   return "unknown";
 }

@@ -49,8 +49,12 @@ enum class MessageType : uint16_t {
   kDone = 11,            // worker -> scheduler: finished, with its report
   kNodeDead = 12,        // scheduler -> server: a worker left the job
   kServerReport = 13,    // server -> scheduler: end-of-job statistics
+  // A worker replacing a dead one (same rank) in a running job:
+  kJoin = 14,            // scheduler -> server: hold worker `rank` at your slowest clock;
+                         // server -> scheduler: that clock, in `clock`
+  kJoinAt = 15,          // scheduler -> server: worker `rank` starts at `clock`; echoed back when set
 };
-inline constexpr uint16_t kMaxMessageType = 13;
+inline constexpr uint16_t kMaxMessageType = 15;
 
 enum class ValueType : uint8_t {
   kNone = 0,  // no values (control messages)
@@ -103,6 +107,10 @@ inline constexpr uint16_t kFlagPushRefused = 1 << 3;
 // not the copy compressed pulls publish (downlink.*): a worker's final pull
 // before it evaluates and saves the model.
 inline constexpr uint16_t kFlagExact = 1 << 4;
+// kAssign: this worker replaces a dead worker of its rank in a running job:
+// it sends no initial parameters, and its start barrier is released with
+// the clock it starts at (kBarrierRelease's `clock`).
+inline constexpr uint16_t kFlagRejoin = 1 << 5;
 
 struct Header {
   MessageType type = MessageType::kHeartbeat;
@@ -272,7 +280,7 @@ Bytes encode_done(const DoneReport& d);
 Result<DoneReport> decode_done(ByteSpan payload);
 Bytes encode_text(std::string_view text);          // kError / kShutdown reason
 Result<std::string> decode_text(ByteSpan payload);
-Bytes encode_rank(uint32_t rank);                  // kNodeDead
+Bytes encode_rank(uint32_t rank);                  // kNodeDead, kJoin, kJoinAt
 Result<uint32_t> decode_rank(ByteSpan payload);
 
 }  // namespace sps::protocol

@@ -21,7 +21,9 @@
 // move, and the worker is told on its next pull so it can put the values
 // back into its residual. The analysed bound then holds by construction.
 //
-// Dead workers leave the table (mark_dead) and are never waited for.
+// Dead workers leave the table (mark_dead) and are never waited for. A
+// worker that replaces a dead one comes back (mark_live) at a clock no
+// aggregated clock has passed yet (see server::Shard::add_worker).
 #pragma once
 
 #include <cstdint>
@@ -42,6 +44,7 @@ class ClockTable {
   void set_clock(uint32_t w, uint64_t c) { clocks_[w] = c; }
   bool live(uint32_t w) const { return live_[w]; }
   void mark_dead(uint32_t w) { live_[w] = false; }
+  void mark_live(uint32_t w) { live_[w] = true; }
   uint32_t live_count() const;
   // Smallest clock among live workers (UINT64_MAX when none is live).
   uint64_t min_live_clock() const;

@@ -1,5 +1,6 @@
 #include "scheduler/coordinator.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -124,6 +125,12 @@ bool Coordinator::rank_taken(protocol::Role role, uint32_t rank) const {
   return false;
 }
 
+bool Coordinator::rank_taken_by_live(uint32_t worker_rank) const {
+  for (const auto& [k, node] : nodes_)
+    if (node.role == Role::kWorker && node.rank == worker_rank && node.alive) return true;
+  return false;
+}
+
 void Coordinator::update_metrics() {
   if (!metrics_) return;
   std::map<std::pair<std::string, std::string>, double> count;
@@ -233,6 +240,11 @@ void Coordinator::handle(const std::string& key, net::Received& received, const 
     case MessageType::kBarrier:
       n.in_barrier = true;
       check_barrier();
+      release_joined(n);
+      break;
+    case MessageType::kJoin:
+    case MessageType::kJoinAt:
+      handle_join_reply(n, m);
       break;
     case MessageType::kDone: {
       auto d = protocol::decode_done(m.frame1);
@@ -280,6 +292,10 @@ void Coordinator::handle_register(const std::string& key, net::Received& receive
     return;
   }
   const bool worker = info->role == Role::kWorker;
+  if (worker && assigned_ && nodes_.count(key) == 0) {
+    handle_rejoin(key, received, *info);
+    return;
+  }
   const uint32_t have = worker ? workers_registered_ : servers_registered_;
   const uint32_t want = static_cast<uint32_t>(worker ? cfg_.cluster.num_workers : cfg_.cluster.num_servers);
   std::string refusal;
@@ -311,30 +327,15 @@ void Coordinator::handle_register(const std::string& key, net::Received& receive
     (void)net::send(socket_, msg, &routing_id);
     return;
   }
-  Node n;
-  n.role = info->role;
   // A requested rank (the launcher passes each process its index) is kept;
   // otherwise the smallest free rank is given.
+  uint32_t rank = 0;
   if (info->requested_rank >= 0) {
-    n.rank = static_cast<uint32_t>(info->requested_rank);
+    rank = static_cast<uint32_t>(info->requested_rank);
   } else {
-    n.rank = 0;
-    while (rank_taken(info->role, n.rank)) ++n.rank;
+    while (rank_taken(info->role, rank)) ++rank;
   }
-  n.routing_id = std::move(routing_id);
-  n.endpoint = info->endpoint;
-  n.host = info->host;
-  n.pid = info->pid;
-  n.last_seen = clock_.seconds();
-  // A connection that closed before this one opened may have had the same
-  // descriptor: its event was posted before the descriptor was free again,
-  // so taking the events now keeps it from being pinned on this node.
-  note_closed_connections();
-  n.fd = net::source_fd(received);
-  // An open descriptor names one connection; should an event ever be missed,
-  // the older node falls back to the heartbeat timeout rather than this one dying.
-  for (auto& [k, other] : nodes_)
-    if (other.fd == n.fd) other.fd = -1;
+  Node& n = add_node(key, received, *info, rank);
   if (worker) {
     ++workers_registered_;
     num_params_ = info->num_params;
@@ -345,10 +346,140 @@ void Coordinator::handle_register(const std::string& key, net::Received& receive
               {"pid", n.pid}, {"endpoint", n.endpoint}});
   spdlog::info("scheduler: {} {} registered (host {}, pid {}{}{})", worker ? "worker" : "server", n.rank, n.host,
                n.pid, worker ? "" : ", data ", n.endpoint);
-  nodes_.emplace(key, std::move(n));
   if (workers_registered_ == static_cast<uint32_t>(cfg_.cluster.num_workers) &&
       servers_registered_ == static_cast<uint32_t>(cfg_.cluster.num_servers))
     assign_all();
+}
+
+Coordinator::Node& Coordinator::add_node(const std::string& key, net::Received& received,
+                                         const protocol::RegisterInfo& info, uint32_t rank) {
+  Node n;
+  n.role = info.role;
+  n.rank = rank;
+  n.routing_id = std::move(received.routing_id);
+  n.endpoint = info.endpoint;
+  n.host = info.host;
+  n.pid = info.pid;
+  n.last_seen = clock_.seconds();
+  // A connection that closed before this one opened may have had the same
+  // descriptor: its event was posted before the descriptor was free again,
+  // so taking the events now keeps it from being pinned on this node.
+  note_closed_connections();
+  n.fd = net::source_fd(received);
+  // An open descriptor names one connection; should an event ever be missed,
+  // the older node falls back to the heartbeat timeout rather than this one dying.
+  for (auto& [k, other] : nodes_)
+    if (other.fd == n.fd) other.fd = -1;
+  return nodes_.emplace(key, std::move(n)).first->second;
+}
+
+uint32_t Coordinator::live_servers() const {
+  uint32_t n = 0;
+  for (const auto& [k, node] : nodes_) n += (node.role == Role::kServer && node.alive) ? 1 : 0;
+  return n;
+}
+
+Coordinator::Node* Coordinator::joining_worker(uint32_t rank) {
+  for (auto& [k, n] : nodes_)
+    if (n.role == Role::kWorker && n.rank == rank && n.alive && n.joining) return &n;
+  return nullptr;
+}
+
+void Coordinator::handle_rejoin(const std::string& key, net::Received& received, const protocol::RegisterInfo& info) {
+  // Ranks whose worker died and that no live worker holds again.
+  std::vector<uint32_t> free_ranks;
+  for (const auto& [k, n] : nodes_)
+    if (n.role == Role::kWorker && !n.alive && !rank_taken_by_live(n.rank)) free_ranks.push_back(n.rank);
+  std::sort(free_ranks.begin(), free_ranks.end());
+  free_ranks.erase(std::unique(free_ranks.begin(), free_ranks.end()), free_ranks.end());
+  const bool any_rank = info.requested_rank < 0;
+  const auto wanted = static_cast<uint32_t>(info.requested_rank);
+  std::string refusal;
+  if (!released_)
+    refusal = "registration is closed (the job is starting; a worker can take a dead worker's place only once "
+              "training runs)";
+  else if (finishing_) refusal = "registration is closed (the job is finishing)";
+  else if (cfg_.cluster.on_worker_loss != config::WorkerLoss::kContinue)
+    refusal = "registration is closed (the job has started; with cluster.on_worker_loss: continue a new worker can "
+              "take a dead worker's place)";
+  else if (info.num_params != num_params_)
+    refusal = fmt::format("model size {} differs from the job's {}", info.num_params, num_params_);
+  else if (!any_rank && wanted >= static_cast<uint32_t>(cfg_.cluster.num_workers))
+    refusal = fmt::format("requested rank {} but the job has {} workers", wanted, cfg_.cluster.num_workers);
+  else if (!any_rank && rank_taken_by_live(wanted))
+    refusal = fmt::format("rank {} is already taken (worker {} is alive)", wanted, wanted);
+  else if (free_ranks.empty())
+    refusal = fmt::format("the job already has its {} workers, all alive", cfg_.cluster.num_workers);
+  else if (!any_rank && !std::binary_search(free_ranks.begin(), free_ranks.end(), wanted))
+    refusal = fmt::format("rank {} is free but never ran in this job", wanted);
+  if (!refusal.empty()) {
+    spdlog::warn("scheduler: refused registration from {} (pid {}): {}", info.host, info.pid, refusal);
+    Header err;
+    err.type = MessageType::kError;
+    auto msg = protocol::encode_control(err, protocol::encode_text(refusal));
+    (void)net::send(socket_, msg, &received.routing_id);
+    return;
+  }
+  const uint32_t rank = any_rank ? free_ranks.front() : wanted;
+  Node& n = add_node(key, received, info, rank);
+  n.joining = true;
+  n.join_deadline = clock_.seconds() + cfg_.cluster.startup_timeout_ms / 1000.0;
+  log_.write({{"event", "register"}, {"role", "worker"}, {"rank", rank}, {"host", n.host}, {"pid", n.pid},
+              {"rejoin", true}});
+  spdlog::info("scheduler: worker {} registered again (host {}, pid {}): it takes the dead worker's place", rank,
+               n.host, n.pid);
+  protocol::AssignInfo a = assignment_;
+  a.rank = rank;
+  Header h;
+  h.type = MessageType::kAssign;
+  h.flags = protocol::kFlagRejoin;
+  send_to(n, protocol::encode_control(h, protocol::encode_assign(a)));
+  Header join;
+  join.type = MessageType::kJoin;
+  const auto msg = protocol::encode_control(join, protocol::encode_rank(rank));
+  for (const auto& [k, s] : nodes_)
+    if (s.role == Role::kServer && s.alive) send_to(s, msg);
+}
+
+void Coordinator::handle_join_reply(const Node& server, const protocol::MessageView& m) {
+  auto rank = protocol::decode_rank(m.frame1);
+  Node* w = rank.ok() ? joining_worker(*rank) : nullptr;
+  const bool answer = m.header.type == MessageType::kJoin;
+  // A reply for a worker that died meanwhile, or out of turn, is dropped.
+  if (server.role != Role::kServer || w == nullptr || answer == w->join_clock_sent) {
+    log_.write({{"event", "unexpected"}, {"peer", server.rank}, {"type", protocol::message_type_name(m.header.type)}});
+    return;
+  }
+  if (answer) w->join_clock = std::max(w->join_clock, m.header.clock);
+  if (++w->join_answers < live_servers()) return;
+  w->join_answers = 0;
+  if (answer) {
+    // Every shard holds the worker at or below join_clock: none has applied it.
+    w->join_clock_sent = true;
+    Header h;
+    h.type = MessageType::kJoinAt;
+    h.clock = w->join_clock;
+    const auto msg = protocol::encode_control(h, protocol::encode_rank(w->rank));
+    for (const auto& [k, s] : nodes_)
+      if (s.role == Role::kServer && s.alive) send_to(s, msg);
+    return;
+  }
+  w->join_clock_set = true;
+  release_joined(*w);
+}
+
+void Coordinator::release_joined(Node& n) {
+  // Both needed: every server set the start clock, and the worker waits at its barrier.
+  if (!n.joining || !n.join_clock_set || !n.in_barrier) return;
+  n.joining = false;
+  Header h;
+  h.type = MessageType::kBarrierRelease;
+  h.clock = n.join_clock;
+  send_to(n, protocol::encode_control(h));
+  const double at = clock_.seconds();
+  rejoined_.push_back({{"rank", n.rank}, {"step", n.join_clock}, {"seconds", at}});
+  log_.write({{"event", "worker_rejoined"}, {"rank", n.rank}, {"step", n.join_clock}});
+  spdlog::info("scheduler: worker {} rejoined the job at step {}", n.rank, n.join_clock);
 }
 
 std::pair<uint32_t, uint32_t> shard_range(uint64_t num_params, uint32_t servers, uint32_t s) {
@@ -376,6 +507,7 @@ void Coordinator::assign_all() {
     send_to(n, protocol::encode_control(h, protocol::encode_assign(a)));
   }
   assigned_ = true;
+  assignment_ = a;
   nlohmann::json shards = nlohmann::json::array();
   for (const auto& s : a.shards) shards.push_back({{"begin", s.key_begin}, {"end", s.key_end}, {"endpoint", s.endpoint}});
   log_.write({{"event", "assign"}, {"num_params", num_params_}, {"shards", shards}});
@@ -410,7 +542,12 @@ void Coordinator::check_liveness() {
   for (auto& [k, n] : nodes_) {
     // Done workers and servers shutting down stop heartbeating; do not call them dead.
     if (!n.alive || n.done || finished_ || finishing_) continue;
-    if (now - n.last_seen > limit) node_died(n, fmt::format("silent for {:.1f} s", now - n.last_seen));
+    if (now - n.last_seen > limit) {
+      node_died(n, fmt::format("silent for {:.1f} s", now - n.last_seen));
+    } else if (n.joining && now > n.join_deadline) {
+      node_died(n, fmt::format("it did not rejoin within cluster.startup_timeout_ms ({} ms)",
+                               cfg_.cluster.startup_timeout_ms));
+    }
   }
 }
 
@@ -548,6 +685,7 @@ void Coordinator::write_summary() {
       {"workers", cfg_.cluster.num_workers},
       {"servers", cfg_.cluster.num_servers},
       {"dead_workers", dead_workers_},
+      {"rejoined_workers", rejoined_},
       {"malformed_messages_at_scheduler", malformed_},
       {"config", config::to_json(cfg_)},
   };

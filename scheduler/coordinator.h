@@ -10,6 +10,12 @@
 // stop waiting for it) and the job goes on while one worker lives; a dead
 // server, a startup timeout or a stop signal ends the job with an error
 // shutdown to every node.
+// Rejoin (cluster.on_worker_loss: continue): a worker that registers while
+// the job runs takes the place of a dead worker of its rank. The servers
+// each hold it at their slowest live clock (kJoin) and answer with it; the
+// largest answer J is where it starts (kJoinAt to every server, echoed),
+// and then its start barrier is released with J. No shard can have applied
+// clock J before that, so every clock from J on waits for the new worker.
 #pragma once
 
 #include <cstdint>
@@ -67,12 +73,28 @@ class Coordinator {
     double last_seen = 0;
     int fd = -1;                      // its connection to the scheduler, until that closes
     bool connection_closed = false;   // the kernel closed it: the process exited or was killed
+    // A worker replacing a dead one: joining until every server has set its
+    // start clock (the largest of their answers) and its barrier is released.
+    bool joining = false;
+    double join_deadline = 0;
+    uint64_t join_clock = 0;
+    uint32_t join_answers = 0;  // kJoin answers, then kJoinAt echoes
+    bool join_clock_sent = false;
+    bool join_clock_set = false;  // every server echoed kJoinAt
   };
 
   // Returns true when the socket was read empty (false: stopped at the bound).
   bool drain_messages();
   void handle(const std::string& key, net::Received& received, const protocol::MessageView& m);
   void handle_register(const std::string& key, net::Received& received, const protocol::MessageView& m);
+  // A registration after the start: a worker replacing a dead one, or a refusal.
+  void handle_rejoin(const std::string& key, net::Received& received, const protocol::RegisterInfo& info);
+  Node& add_node(const std::string& key, net::Received& received, const protocol::RegisterInfo& info, uint32_t rank);
+  // A server's kJoin answer or kJoinAt echo for worker `rank`.
+  void handle_join_reply(const Node& server, const protocol::MessageView& m);
+  void release_joined(Node& n);
+  Node* joining_worker(uint32_t rank);
+  uint32_t live_servers() const;
   void note_closed_connections();
   void check_closed_connections();
   void assign_all();
@@ -87,6 +109,7 @@ class Coordinator {
   void write_summary();
   uint32_t live_workers() const;
   bool rank_taken(protocol::Role role, uint32_t rank) const;
+  bool rank_taken_by_live(uint32_t worker_rank) const;
 
   // metrics.enabled: the job's state for Prometheus, refreshed every tick.
   struct Metrics;
@@ -114,6 +137,8 @@ class Coordinator {
   int exit_status_ = 0;
   uint64_t malformed_ = 0;
   std::vector<uint32_t> dead_workers_;
+  protocol::AssignInfo assignment_;     // what assign_all sent (rank aside)
+  nlohmann::json rejoined_ = nlohmann::json::array();  // {rank, step, seconds} per rejoin
 };
 
 }  // namespace sps::scheduler

@@ -65,10 +65,11 @@ Server::Server(const config::Config& cfg, zmq::context_t& ctx, int requested_ran
   control_.connect(fmt::format("tcp://{}:{}", scheduler_ip_, cfg_.cluster.scheduler_port));
 }
 
-void Server::send_control(MessageType type, protocol::Bytes payload) {
+void Server::send_control(MessageType type, protocol::Bytes payload, uint64_t clock) {
   Header h;
   h.type = type;
   h.sender = rank_;
+  h.clock = clock;
   auto r = net::send(control_, protocol::encode_control(h, std::move(payload)));
   if (!r.ok()) spdlog::warn("server {}: cannot reach the scheduler: {}", rank_, r.status().message());
 }
@@ -226,6 +227,10 @@ void Server::handle_control(const net::Received& r) {
       snapshot_if_due();
       break;
     }
+    case MessageType::kJoin:
+    case MessageType::kJoinAt:
+      handle_join(*m);
+      break;
     case MessageType::kShutdown: {
       auto text = protocol::decode_text(m->frame1);
       const bool error = (m->header.flags & protocol::kFlagError) != 0;
@@ -246,6 +251,37 @@ void Server::handle_control(const net::Received& r) {
     default:
       spdlog::warn("server {}: unexpected {} from the scheduler", rank_, protocol::message_type_name(m->header.type));
   }
+}
+
+void Server::handle_join(const protocol::MessageView& m) {
+  auto w = protocol::decode_rank(m.frame1);
+  if (!w.ok() || !shard_) {
+    spdlog::warn("server {}: unreadable {} from the scheduler", rank_, protocol::message_type_name(m.header.type));
+    return;
+  }
+  if (m.header.type == MessageType::kJoin) {
+    // Held at the slowest live clock until the scheduler names the start clock.
+    const auto held = shard_->add_worker(*w);
+    if (!held) {
+      spdlog::warn("server {}: the scheduler asked worker {} to join, but it is live or nobody else is", rank_, *w);
+      return;  // the scheduler's join then never completes; it times out there
+    }
+    send_control(MessageType::kJoin, protocol::encode_rank(*w), *held);
+    return;
+  }
+  const Status st = shard_->set_worker_clock(*w, m.header.clock);
+  if (!st.ok()) {
+    spdlog::warn("server {}: join_at for worker {}: {}", rank_, *w, st.message());
+    return;
+  }
+  log_.write({{"event", "worker_joined"}, {"worker", *w}, {"clock", m.header.clock}, {"version", shard_->version()}});
+  spdlog::info("server {}: worker {} rejoined at clock {}; {} workers", rank_, *w, m.header.clock,
+               shard_->pushed().live_count());
+  send_control(MessageType::kJoinAt, protocol::encode_rank(*w), m.header.clock);
+  shard_->apply_ready();
+  record_handled();
+  answer_pulls();
+  snapshot_if_due();
 }
 
 void Server::on_assign(const protocol::AssignInfo& a) {

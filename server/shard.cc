@@ -22,7 +22,8 @@ Shard::Shard(uint32_t key_begin, uint32_t key_end, uint32_t num_workers, Optimiz
       change_log_((key_end - key_begin) / 2),
       pending_(num_workers),
       pushed_(num_workers),
-      refused_clock_(num_workers, kNoClock) {
+      refused_clock_(num_workers, kNoClock),
+      joined_at_(num_workers, 0) {
   SPS_CHECK(key_end >= key_begin);
   if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
@@ -59,6 +60,7 @@ Status Shard::restore(std::span<const float> params, std::span<const float> velo
   for (auto& p : pending_) p.clear();
   handled_.clear();
   std::fill(refused_clock_.begin(), refused_clock_.end(), kNoClock);
+  std::fill(joined_at_.begin(), joined_at_.end(), 0);
   return {};
 }
 
@@ -376,7 +378,11 @@ void Shard::sum_sparse_clock(uint32_t count, int64_t step) {
 }
 
 void Shard::apply_clock() {
-  const uint32_t live = pushed_.live_count();
+  // The clock's workers: live ones, less any that joined after it (their
+  // first push is a later clock), so the average is over those who pushed.
+  auto pushed_this_clock = [&](uint32_t w) { return pushed_.live(w) && joined_at_[w] <= version_; };
+  uint32_t live = 0;
+  for (uint32_t w = 0; w < pushed_.size(); ++w) live += pushed_this_clock(w) ? 1 : 0;
   const uint64_t next = version_ + 1;
   const auto step = static_cast<int64_t>(version_);
   std::vector<Cursor>& cursors = cursors_;  // live workers in rank order (the summation order)
@@ -384,7 +390,7 @@ void Shard::apply_clock() {
   bool all_dense = true;
   bool any_dense = false;
   for (uint32_t w = 0; w < pushed_.size(); ++w) {
-    if (!pushed_.live(w)) continue;
+    if (!pushed_this_clock(w)) continue;
     Pending& p = pending_[w];
     const bool dense = p.data.dense() && p.data.size() > 0;
     all_dense = all_dense && dense;
@@ -441,6 +447,30 @@ void Shard::remove_worker(uint32_t w) {
   if (w >= pushed_.size() || !pushed_.live(w)) return;
   pushed_.mark_dead(w);
   pending_[w].clear();
+}
+
+std::optional<uint64_t> Shard::add_worker(uint32_t w) {
+  if (w >= pushed_.size() || pushed_.live(w)) return std::nullopt;
+  const uint64_t slowest = pushed_.min_live_clock();
+  if (slowest == UINT64_MAX) return std::nullopt;
+  pushed_.set_clock(w, slowest);
+  joined_at_[w] = slowest;
+  pushed_.mark_live(w);
+  pending_[w].clear();
+  refused_clock_[w] = kNoClock;
+  return slowest;
+}
+
+Status Shard::set_worker_clock(uint32_t w, uint64_t clock) {
+  if (w >= pushed_.size() || !pushed_.live(w)) return failed_precondition(fmt::format("worker {} is not live", w));
+  if (clock < pushed_.clock(w))
+    return failed_precondition(
+        fmt::format("worker {} is at clock {}; it cannot go back to {}", w, pushed_.clock(w), clock));
+  // An aggregating shard held at the old clock holds no push of w's (it
+  // pushes only once it runs), so nothing is pending for the skipped clocks.
+  pushed_.set_clock(w, clock);
+  joined_at_[w] = clock;
+  return {};
 }
 
 bool Shard::may_answer_pull(uint64_t clock) const { return policy_->may_answer_pull(clock, version_, pushed_); }

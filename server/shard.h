@@ -38,6 +38,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -157,6 +158,18 @@ class Shard {
   int apply_ready();
   // Worker `w` left the job: its held push is dropped and nobody waits for it.
   void remove_worker(uint32_t w);
+  // A new process takes dead worker `w`'s place (two steps, run by the
+  // scheduler across every shard so they agree on one start clock):
+  // add_worker makes `w` live again at the smallest clock of the other live
+  // workers, so it holds nothing back yet and this shard can apply no clock
+  // at or after that one without it, and returns that clock; every shard's
+  // answer has been collected when set_worker_clock(w, J) moves it to the
+  // largest of them, J, where it starts. In between, an aggregating shard
+  // waits (a round trip). Returns std::nullopt (and changes nothing) when
+  // `w` is out of range or live, or no other worker is.
+  std::optional<uint64_t> add_worker(uint32_t w);
+  // REQUIRES: w live; `clock` >= its clock (a clock only moves forward).
+  Status set_worker_clock(uint32_t w, uint64_t clock);
   bool may_answer_pull(uint64_t clock) const;
 
   // Keys (global) of pulled_params() changed after `since_version`, ascending, into `keys`;
@@ -289,6 +302,10 @@ class Shard {
   // (kNoClock: none).
   static constexpr uint64_t kNoClock = UINT64_MAX;
   std::vector<uint64_t> refused_clock_;
+  // Per worker: the first clock it pushes (0; a worker that took a dead
+  // one's place: the clock it joined at). An aggregated clock before it
+  // neither waits for nor counts that worker.
+  std::vector<uint64_t> joined_at_;
 };
 
 }  // namespace sps::server

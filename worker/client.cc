@@ -85,11 +85,13 @@ Status PsClient::handle_scheduler_message(const protocol::MessageView& m) {
     case MessageType::kAssign: {
       SPS_ASSIGN_OR_RETURN(assign_, protocol::decode_assign(m.frame1));
       if (assign_.rank >= assign_.num_workers) return malformed("assignment rank out of range");
+      rejoining_ = (m.header.flags & protocol::kFlagRejoin) != 0;
       assigned_ = true;
       return {};
     }
     case MessageType::kBarrierRelease:
       released_ = true;
+      start_clock_ = m.header.clock;
       return {};
     case MessageType::kShutdown: {
       auto text = protocol::decode_text(m.frame1);

@@ -60,6 +60,11 @@ class PsClient {
   Status init_params(std::span<const float> params);
   // Enters the start barrier and waits for its release.
   Status start_barrier();
+  // This worker replaces a dead worker of its rank in a running job (the
+  // scheduler said so with the assignment): it sends no initial parameters
+  // and starts at start_clock(), which the barrier's release carries.
+  bool rejoining() const { return rejoining_; }
+  uint64_t start_clock() const { return start_clock_; }
   // Fetches every shard's parameters for `clock` into `params` (blocks while
   // the consistency policy holds the pull back). After the first pull a
   // server may send only the keys changed since this client's last pull of
@@ -138,6 +143,8 @@ class PsClient {
   double last_scheduler_seen_ = 0;
   bool assigned_ = false;
   bool released_ = false;
+  bool rejoining_ = false;
+  uint64_t start_clock_ = 0;
   bool shutdown_seen_ = false;
   Status shutdown_status_;  // non-OK when the job ended with an error
   double last_pull_wait_ = 0;

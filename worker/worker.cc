@@ -58,7 +58,7 @@ struct Worker::Impl {
   uint64_t values_refused = 0;
   Batch no_batch;
   int64_t step = 0;
-  int64_t first_step = 0;  // > 0 when resumed from a snapshot
+  int64_t first_step = 0;  // > 0 when resumed from a snapshot or rejoined
   uint64_t version = 0;
   bool finished = false;
   double last_loss = NAN;
@@ -304,8 +304,13 @@ void Worker::connect_impl(Model& model) {
     }
   }
   const uint32_t rank = w.client->rank();
-  const bool resuming = w.cfg.checkpoint.resume;
-  auto log = JsonlWriter::open(fmt::format("{}/worker-{}.jsonl", w.cfg.run_folder(), rank), resuming);
+  // A worker replacing a dead one joins the running job: the servers hold
+  // the parameters, and its residual starts at zero (what the dead process
+  // had not sent is lost; a snapshot's residual is older than what that
+  // process sent since, so it is not used).
+  const bool rejoining = w.client->rejoining();
+  const bool resuming = w.cfg.checkpoint.resume && !rejoining;
+  auto log = JsonlWriter::open(fmt::format("{}/worker-{}.jsonl", w.cfg.run_folder(), rank), resuming || rejoining);
   w.check(log.status());
   w.log = std::move(log).value();
   const uint32_t world = w.client->assignment().num_workers;
@@ -324,7 +329,7 @@ void Worker::connect_impl(Model& model) {
     w.check(mirror.status());
     w.device = std::move(mirror).value();
   }
-  if (rank == 0 && !resuming) {  // a resumed job's servers load their parameters
+  if (rank == 0 && !resuming && !rejoining) {  // a resumed job's servers load their parameters
     if (w.device) {
       model.init(w.device->params(), static_cast<uint64_t>(w.cfg.training.seed));
       w.check(w.device->download_params(w.params));
@@ -338,6 +343,13 @@ void Worker::connect_impl(Model& model) {
   w.compression = std::move(stage).value();
   if (resuming) w.resume(rank);
   w.check(w.client->start_barrier());
+  if (rejoining) {
+    w.step = static_cast<int64_t>(w.client->start_clock());
+    w.first_step = w.step;
+    w.log.write({{"event", "rejoin"}, {"step", w.step}});
+    spdlog::info("worker {}: replaces the dead worker {} and joins the running job at step {} of {}", rank, rank,
+                 w.step, w.cfg.training.steps);
+  }
   const auto& cc = w.cfg.compression;
   if (rank == 0 && w.cfg.run.progress)
     spdlog::info("training: {} workers, {} parameters, {} steps, {} (k = {}), error feedback {}, {}, servers apply {}{}",

@@ -5,7 +5,9 @@
 
 #include <signal.h>
 
+#include <chrono>
 #include <map>
+#include <thread>
 #include <tuple>
 
 #include "tests/integration/harness.h"
@@ -68,6 +70,86 @@ TEST_P(ModeTest, KilledWorkerNeverHangsTheJob) {
   const auto s = read_json(job.path("summary.json"));
   EXPECT_EQ(s["dead_workers"], nlohmann::json::array({1}));
   EXPECT_EQ(s["steps"].get<int64_t>(), 1500);
+  EXPECT_EQ(processes_mentioning(job.run_dir), std::vector<int>{});
+}
+
+// A new process with a dead worker's rank takes its place in the running
+// job: it starts at the clock the servers agreed on, every clock is applied
+// exactly once on every shard (the new worker's from that clock on), and a
+// process asking for a live worker's rank is refused without the job noticing.
+TEST_P(ModeTest, AKilledWorkerIsReplacedByANewProcessThatJoinsTheRunningJob) {
+  const Mode& m = GetParam();
+  // Long enough that the job is still running when the replacement has started.
+  const int64_t steps = 8000;
+  Job job("replace_" + m.name, 3, 2,
+          with({"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=600000", "data.train_limit=4000",
+                "data.test_limit=500", "training.steps=8000", "training.batch_size=8"},
+               m.sets));
+  ASSERT_TRUE(job.start());
+  ASSERT_GE(wait_for_lines(job.path("worker-2.jsonl"), 100, 60), 100u);
+  job.start_worker(0);  // workers[3]: worker 0 is alive
+  EXPECT_NE(job.workers[3].wait(60), 0);
+  EXPECT_NE(read_text(job.path("worker-0.out")).find("rank 0 is already taken (worker 0 is alive)"), std::string::npos)
+      << read_text(job.path("worker-0.out"));
+  job.workers[2].send_signal(SIGKILL);
+  // The replacement registers once the scheduler has written worker 2 off
+  // (as sps-launch --replace-workers waits for it to say so).
+  bool written_off = false;
+  for (int i = 0; i < 600 && !written_off; ++i) {
+    for (const auto& e : read_jsonl(job.path("scheduler.jsonl")))
+      written_off = written_off || (e.value("event", "") == "node_dead" && e["rank"] == 2);
+    if (!written_off) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(written_off);
+  job.start_worker(2);  // workers[4]
+  ASSERT_TRUE(job.wait_all(120)) << m.name << ": the job hung after a worker was replaced";
+  EXPECT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  for (int w : {0, 1, 4}) EXPECT_EQ(job.workers[w].exit_status(), 0) << "worker process " << w;
+  const auto s = read_json(job.path("summary.json"));
+  EXPECT_EQ(s["dead_workers"], nlohmann::json::array({2}));
+  ASSERT_EQ(s["rejoined_workers"].size(), 1u) << s.dump();
+  EXPECT_EQ(s["rejoined_workers"][0]["rank"], 2);
+  const auto join = s["rejoined_workers"][0]["step"].get<int64_t>();
+  EXPECT_GT(join, 100);
+  EXPECT_LT(join, steps);
+  EXPECT_GT(s["test_accuracy"].get<double>(), 0.7);
+  // The new process's steps are join .. steps - 1, after the old one's 0 .. a - 1.
+  std::vector<int64_t> clocks;
+  int64_t rejoin_event = -1;
+  size_t rejoined_at = 0;
+  for (const auto& e : read_jsonl(job.path("worker-2.jsonl"))) {
+    if (e.value("event", "") == "rejoin") {
+      rejoin_event = e["step"];
+      rejoined_at = clocks.size();
+    }
+    if (e.contains("clock") && e.contains("loss")) clocks.push_back(e["clock"]);
+  }
+  EXPECT_EQ(rejoin_event, join);
+  ASSERT_GT(rejoined_at, 0u);
+  for (size_t i = 0; i < rejoined_at; ++i) ASSERT_EQ(clocks[i], static_cast<int64_t>(i));
+  ASSERT_EQ(clocks.size() - rejoined_at, static_cast<size_t>(steps - join));
+  for (size_t i = rejoined_at; i < clocks.size(); ++i) ASSERT_EQ(clocks[i], join + static_cast<int64_t>(i - rejoined_at));
+  // Every shard: workers 0 and 1 applied at every clock, worker 2 at
+  // 0 .. a_s - 1 and join .. steps - 1 (a_s <= join), each clock once.
+  for (int sv = 0; sv < 2; ++sv) {
+    std::map<int, std::vector<int64_t>> applied;
+    int64_t joined_clock = -1;
+    for (const auto& e : read_jsonl(job.path("server-" + std::to_string(sv) + ".jsonl"))) {
+      if (e.value("event", "") == "apply") applied[e["worker"].get<int>()].push_back(e["clock"]);
+      if (e.value("event", "") == "worker_joined") joined_clock = e["clock"];
+    }
+    EXPECT_EQ(joined_clock, join) << "server " << sv;
+    for (int w : {0, 1}) {
+      ASSERT_EQ(applied[w].size(), static_cast<size_t>(steps)) << "server " << sv << " worker " << w;
+      for (int64_t c = 0; c < steps; ++c) ASSERT_EQ(applied[w][c], c);
+    }
+    const auto& a2 = applied[2];
+    size_t before = 0;
+    while (before < a2.size() && a2[before] == static_cast<int64_t>(before)) ++before;
+    EXPECT_LE(static_cast<int64_t>(before), join);
+    ASSERT_EQ(a2.size() - before, static_cast<size_t>(steps - join)) << "server " << sv;
+    for (size_t i = before; i < a2.size(); ++i) ASSERT_EQ(a2[i], join + static_cast<int64_t>(i - before));
+  }
   EXPECT_EQ(processes_mentioning(job.run_dir), std::vector<int>{});
 }
 

@@ -66,6 +66,66 @@ TEST(ShardTest, DeadWorkerReleasesTheClockAndItsPushIsDropped) {
   EXPECT_FALSE(s.add_push(2, 1, 1, std::vector<uint32_t>{100}, std::vector<float>{1}).ok());
 }
 
+// Two shards of one BSP job, one clock apart (a worker pushes to them in
+// turn), take back dead worker 2 the way the scheduler runs it: each holds it
+// at its slowest live clock, both move it to the larger answer J. Neither has
+// applied clock J by then, and from J on each waits for the new worker.
+TEST(ShardTest, AJoiningWorkerStartsAtAClockNoShardHasApplied) {
+  Shard a = make_shard(3);
+  Shard b = make_shard(3);
+  auto push = [](Shard& s, uint32_t w, uint64_t c, float v) {
+    return s.add_push(w, c, s.version(), std::vector<uint32_t>{100}, std::vector<float>{v});
+  };
+  for (uint64_t c = 0; c < 5; ++c) {
+    for (uint32_t w = 0; w < 3; ++w) {
+      ASSERT_TRUE(push(a, w, c, 1).ok());
+      ASSERT_TRUE(push(b, w, c, 1).ok());
+    }
+    EXPECT_EQ(a.apply_ready() + b.apply_ready(), 2);
+  }
+  a.remove_worker(2);
+  b.remove_worker(2);
+  // Clock 5: both workers pushed to shard a (applied), only worker 0 to shard b.
+  ASSERT_TRUE(push(a, 0, 5, 1).ok());
+  ASSERT_TRUE(push(a, 1, 5, 1).ok());
+  EXPECT_EQ(a.apply_ready(), 1);
+  ASSERT_TRUE(push(b, 0, 5, 1).ok());
+  EXPECT_EQ(b.apply_ready(), 0);
+  EXPECT_FALSE(a.add_worker(0)) << "a live worker cannot join";
+  EXPECT_FALSE(a.add_worker(3)) << "nor one outside the job";
+  const auto held_a = a.add_worker(2);
+  const auto held_b = b.add_worker(2);
+  ASSERT_TRUE(held_a && held_b);
+  EXPECT_EQ(*held_a, 6u);
+  EXPECT_EQ(*held_b, 5u);
+  // Held: shard b cannot apply clock 5 now, even once worker 1 pushes it.
+  ASSERT_TRUE(push(b, 1, 5, 1).ok());
+  EXPECT_EQ(b.apply_ready(), 0);
+  EXPECT_EQ(b.version(), 5u);
+  const uint64_t join = std::max(*held_a, *held_b);
+  EXPECT_FALSE(b.set_worker_clock(2, 4).ok()) << "a clock does not go back";
+  ASSERT_TRUE(a.set_worker_clock(2, join).ok());
+  ASSERT_TRUE(b.set_worker_clock(2, join).ok());
+  EXPECT_EQ(b.apply_ready(), 1) << "clock 5 is before the new worker's start";
+  EXPECT_EQ(a.version(), join);
+  EXPECT_EQ(b.version(), join);
+  // Clock 6 needs all three, the new worker included; its clock 5 is refused.
+  EXPECT_FALSE(push(a, 2, 5, 1).ok());
+  for (Shard* s : {&a, &b}) {
+    ASSERT_TRUE(push(*s, 0, 6, 1).ok());
+    ASSERT_TRUE(push(*s, 1, 6, 1).ok());
+    EXPECT_EQ(s->apply_ready(), 0);
+    EXPECT_FALSE(s->may_answer_pull(7));
+    ASSERT_TRUE(push(*s, 2, 6, 4).ok());
+    EXPECT_EQ(s->apply_ready(), 1);
+    EXPECT_EQ(s->version(), 7u);
+    // Clocks 0-5 average 1 each (clock 5 over the two workers that pushed
+    // it, on both shards: the joined worker does not count before its
+    // start), clock 6 (1 + 1 + 4) / 3 = 2.
+    EXPECT_FLOAT_EQ(s->params()[0], -8.0f);
+  }
+}
+
 TEST(ShardTest, RestoreContinuesFromTheSnapshotClock) {
   Shard s = make_shard(2);
   s.remove_worker(1);  // a restart brings every worker back
