@@ -347,8 +347,9 @@ void Worker::connect_impl(Model& model) {
     w.step = static_cast<int64_t>(w.client->start_clock());
     w.first_step = w.step;
     w.log.write({{"event", "rejoin"}, {"step", w.step}});
-    spdlog::info("worker {}: replaces the dead worker {} and joins the running job at step {} of {}", rank, rank,
-                 w.step, w.cfg.training.steps);
+    spdlog::info("worker {}: a new process in the place of the dead worker {}; joins the running job at step {} of {} "
+                 "with a zero residual",
+                 rank, rank, w.step, w.cfg.training.steps);
   }
   const auto& cc = w.cfg.compression;
   if (rank == 0 && w.cfg.run.progress)

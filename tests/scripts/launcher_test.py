@@ -117,6 +117,59 @@ class LauncherTest(unittest.TestCase):
             s = json.load(f)
         self.assertEqual((s["steps"], len(s["restarts"]), s.get("dead_workers", [])), (1500, 1, []), s)
 
+    def test_replace_workers_starts_a_new_worker_in_a_dead_ones_place(self):
+        # One replacement: the first kill is replaced, the second (the
+        # replacement itself) leaves the job to go on without rank 1.
+        name = "replaced"
+        p = subprocess.Popen(self.launch(name, "training.steps=8000") + ["--replace-workers", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = os.path.join(self.tmp, name, "worker-1.jsonl")
+
+        def lines():
+            try:
+                with open(log) as f:
+                    return f.read().splitlines()
+            except FileNotFoundError:
+                return []
+
+        def kill_worker_1():
+            pids = [pid for pid, cmd in processes_mentioning(self.tmp, with_command=True)
+                    if "sps-worker" in cmd and "--rank 1" in cmd]
+            self.assertEqual(len(pids), 1, pids)
+            os.kill(pids[0], signal.SIGKILL)
+
+        deadline = time.time() + 90
+        while time.time() < deadline and len(lines()) < 300:
+            time.sleep(0.02)
+        kill_worker_1()
+        # The replacement joins, runs a while, and is killed in its turn.
+        while time.time() < deadline and not any('"rejoin"' in line for line in lines()):
+            time.sleep(0.02)
+        joined_at = len(lines())
+        while time.time() < deadline and len(lines()) < joined_at + 200:
+            time.sleep(0.02)
+        kill_worker_1()
+        out, _ = p.communicate(timeout=180)
+        self.assertEqual(p.returncode, 0, out)
+        self.assertIn("worker-1 exited with status -9; a new worker takes its place once the scheduler has written "
+                      "it off (replacement 1 of 1)", out)
+        self.assertIn("worker 1: a new process in the place of the dead worker 1", out)
+        self.assertIn("worker-1 exited with status -9; the scheduler decides whether the job goes on", out)
+        self.assertIn("workers replaced        1 (from step ", out)
+        with open(os.path.join(self.tmp, name, "summary.json")) as f:
+            s = json.load(f)
+        self.assertEqual(s["dead_workers"], [1, 1], s)
+        self.assertEqual([r["rank"] for r in s["rejoined_workers"]], [1], s)
+        self.assertLess(0, s["rejoined_workers"][0]["step"])
+        self.assertEqual(s["steps"], 8000)
+        self.assertEqual(processes_mentioning(self.tmp), [])
+
+    def test_replace_workers_needs_continue(self):
+        r = subprocess.run(self.launch("replace_abort", "cluster.on_worker_loss=abort") + ["--replace-workers", "1"],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--replace-workers needs cluster.on_worker_loss: continue", r.stderr)
+
     def test_without_restarts_left_the_job_fails_with_the_cause(self):
         sets = ("training.steps=100000000", "cluster.num_workers=2", "checkpoint.interval=100")
         rc, out = self.run_until_snapshot_then_kill("no_restart", 100, ("sps-server", "--rank 0"), sets)
