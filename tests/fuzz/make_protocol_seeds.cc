@@ -91,5 +91,19 @@ int main(int argc, char** argv) {
     h.type = t;
     write(dir + "/control_" + std::to_string(static_cast<int>(t)), encode_control(h));
   }
+  // A worker replacing a dead one: its assignment, the servers' join
+  // messages (a rank and a clock) and its barrier release at that clock.
+  h.type = MessageType::kAssign;
+  h.flags = kFlagRejoin;
+  a.rank = 1;
+  write(dir + "/assign_rejoin", encode_control(h, encode_assign(a)));
+  h.flags = 0;
+  h.clock = 1286;
+  for (MessageType t : {MessageType::kNodeDead, MessageType::kJoin, MessageType::kJoinAt}) {
+    h.type = t;
+    write(dir + "/rank_" + std::to_string(static_cast<int>(t)), encode_control(h, encode_rank(1)));
+  }
+  h.type = MessageType::kBarrierRelease;
+  write(dir + "/barrier_release_at", encode_control(h));
   return 0;
 }
