@@ -423,6 +423,7 @@ void Coordinator::handle_rejoin(const std::string& key, net::Received& received,
   const uint32_t rank = any_rank ? free_ranks.front() : wanted;
   Node& n = add_node(key, received, info, rank);
   n.joining = true;
+  n.join_id = ++last_join_id_;
   n.join_deadline = clock_.seconds() + cfg_.cluster.startup_timeout_ms / 1000.0;
   log_.write({{"event", "register"}, {"role", "worker"}, {"rank", rank}, {"host", n.host}, {"pid", n.pid},
               {"rejoin", true}});
@@ -436,6 +437,7 @@ void Coordinator::handle_rejoin(const std::string& key, net::Received& received,
   send_to(n, protocol::encode_control(h, protocol::encode_assign(a)));
   Header join;
   join.type = MessageType::kJoin;
+  join.base_version = n.join_id;
   const auto msg = protocol::encode_control(join, protocol::encode_rank(rank));
   for (const auto& [k, s] : nodes_)
     if (s.role == Role::kServer && s.alive) send_to(s, msg);
@@ -445,20 +447,28 @@ void Coordinator::handle_join_reply(const Node& server, const protocol::MessageV
   auto rank = protocol::decode_rank(m.frame1);
   Node* w = rank.ok() ? joining_worker(*rank) : nullptr;
   const bool answer = m.header.type == MessageType::kJoin;
-  // A reply for a worker that died meanwhile, or out of turn, is dropped.
-  if (server.role != Role::kServer || w == nullptr || answer == w->join_clock_sent) {
-    log_.write({{"event", "unexpected"}, {"peer", server.rank}, {"type", protocol::message_type_name(m.header.type)}});
+  if (server.role != Role::kServer) {  // only servers answer joins
+    ++malformed_;
+    log_.write({{"event", "unexpected"}, {"worker", server.rank}, {"type", protocol::message_type_name(m.header.type)}});
+    return;
+  }
+  // A reply to an earlier attempt (a replacement that died while joining),
+  // or a second one from this server, is stale.
+  if (w == nullptr || m.header.base_version != w->join_id || answer == w->join_clock_sent ||
+      !w->join_replied.insert(server.rank).second) {
+    log_.write({{"event", "stale_join_reply"}, {"server", server.rank}, {"type", protocol::message_type_name(m.header.type)}});
     return;
   }
   if (answer) w->join_clock = std::max(w->join_clock, m.header.clock);
-  if (++w->join_answers < live_servers()) return;
-  w->join_answers = 0;
+  if (w->join_replied.size() < live_servers()) return;
+  w->join_replied.clear();
   if (answer) {
     // Every shard holds the worker at or below join_clock: none has applied it.
     w->join_clock_sent = true;
     Header h;
     h.type = MessageType::kJoinAt;
     h.clock = w->join_clock;
+    h.base_version = w->join_id;
     const auto msg = protocol::encode_control(h, protocol::encode_rank(w->rank));
     for (const auto& [k, s] : nodes_)
       if (s.role == Role::kServer && s.alive) send_to(s, msg);

@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -76,9 +77,10 @@ class Coordinator {
     // A worker replacing a dead one: joining until every server has set its
     // start clock (the largest of their answers) and its barrier is released.
     bool joining = false;
+    uint64_t join_id = 0;  // in the join messages' base_version: replies to an earlier attempt are stale
     double join_deadline = 0;
     uint64_t join_clock = 0;
-    uint32_t join_answers = 0;  // kJoin answers, then kJoinAt echoes
+    std::set<uint32_t> join_replied;  // servers that answered kJoin, then that echoed kJoinAt
     bool join_clock_sent = false;
     bool join_clock_set = false;  // every server echoed kJoinAt
   };
@@ -137,6 +139,7 @@ class Coordinator {
   int exit_status_ = 0;
   uint64_t malformed_ = 0;
   std::vector<uint32_t> dead_workers_;
+  uint64_t last_join_id_ = 0;
   protocol::AssignInfo assignment_;     // what assign_all sent (rank aside)
   nlohmann::json rejoined_ = nlohmann::json::array();  // {rank, step, seconds} per rejoin
 };

@@ -65,11 +65,10 @@ Server::Server(const config::Config& cfg, zmq::context_t& ctx, int requested_ran
   control_.connect(fmt::format("tcp://{}:{}", scheduler_ip_, cfg_.cluster.scheduler_port));
 }
 
-void Server::send_control(MessageType type, protocol::Bytes payload, uint64_t clock) {
+void Server::send_control(MessageType type, protocol::Bytes payload) {
   Header h;
   h.type = type;
   h.sender = rank_;
-  h.clock = clock;
   auto r = net::send(control_, protocol::encode_control(h, std::move(payload)));
   if (!r.ok()) spdlog::warn("server {}: cannot reach the scheduler: {}", rank_, r.status().message());
 }
@@ -253,6 +252,16 @@ void Server::handle_control(const net::Received& r) {
   }
 }
 
+void Server::reply_join(const protocol::MessageView& m, uint64_t clock) {
+  Header h;
+  h.type = m.header.type;
+  h.sender = rank_;
+  h.clock = clock;
+  h.base_version = m.header.base_version;  // the scheduler's join attempt
+  auto r = net::send(control_, protocol::encode_control(h, protocol::Bytes(m.frame1.begin(), m.frame1.end())));
+  if (!r.ok()) spdlog::warn("server {}: cannot reach the scheduler: {}", rank_, r.status().message());
+}
+
 void Server::handle_join(const protocol::MessageView& m) {
   auto w = protocol::decode_rank(m.frame1);
   if (!w.ok() || !shard_) {
@@ -266,7 +275,7 @@ void Server::handle_join(const protocol::MessageView& m) {
       spdlog::warn("server {}: the scheduler asked worker {} to join, but it is live or nobody else is", rank_, *w);
       return;  // the scheduler's join then never completes; it times out there
     }
-    send_control(MessageType::kJoin, protocol::encode_rank(*w), *held);
+    reply_join(m, *held);
     return;
   }
   const Status st = shard_->set_worker_clock(*w, m.header.clock);
@@ -277,7 +286,7 @@ void Server::handle_join(const protocol::MessageView& m) {
   log_.write({{"event", "worker_joined"}, {"worker", *w}, {"clock", m.header.clock}, {"version", shard_->version()}});
   spdlog::info("server {}: worker {} rejoined at clock {}; {} workers", rank_, *w, m.header.clock,
                shard_->pushed().live_count());
-  send_control(MessageType::kJoinAt, protocol::encode_rank(*w), m.header.clock);
+  reply_join(m, m.header.clock);
   shard_->apply_ready();
   record_handled();
   answer_pulls();

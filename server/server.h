@@ -86,7 +86,9 @@ class Server {
   // checkpoint.resume: loads this rank's shard from the newest complete
   // snapshot; false (after telling the scheduler) when it cannot.
   bool resume_shard();
-  void send_control(protocol::MessageType type, protocol::Bytes payload = {}, uint64_t clock = 0);
+  void send_control(protocol::MessageType type, protocol::Bytes payload = {});
+  // Answers (kJoin) or echoes (kJoinAt) the scheduler's join message `m` with `clock`.
+  void reply_join(const protocol::MessageView& m, uint64_t clock);
   // kJoin / kJoinAt from the scheduler: a worker replacing a dead one.
   void handle_join(const protocol::MessageView& m);
   void finish(const std::string& reason);

@@ -5,11 +5,15 @@
 
 #include <signal.h>
 
+#include <chrono>
 #include <fstream>
+#include <thread>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "net/link.h"
+#include "protocol/message.h"
 #include "tests/integration/harness.h"
 
 namespace sps::testing {
@@ -83,6 +87,91 @@ TEST(FaultTest, AFrozenWorkerIsDeclaredDeadByItsSilence) {
   ASSERT_EQ(dead.size(), 1u);
   EXPECT_EQ(std::get<1>(dead[0]), 2);
   EXPECT_NE(std::get<2>(dead[0]).find("silent for"), std::string::npos) << std::get<2>(dead[0]);
+}
+
+bool scheduler_wrote_off(const Job& job, int rank, size_t times, double timeout_s) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  while (std::chrono::steady_clock::now() < until) {
+    size_t n = 0;
+    for (const auto& d : deaths(job)) n += (std::get<0>(d) == "worker" && std::get<1>(d) == rank) ? 1 : 0;
+    if (n >= times) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+// A replacement that dies after it was assigned but before it started
+// (here the test plays it: it registers for the dead rank, gets the REJOIN
+// assignment and closes its connection without entering its barrier) is
+// dead like any worker: the servers drop it again, and the next
+// replacement joins and the job completes.
+TEST(FaultTest, AReplacementThatDiesWhileJoiningIsDroppedAndTheNextOneJoins) {
+  Job job("replace_twice", 3, 2,
+          {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=600000", "data.train_limit=4000",
+           "data.test_limit=500", "training.steps=8000", "training.batch_size=8"});
+  ASSERT_TRUE(job.start());
+  ASSERT_GE(wait_for_lines(job.path("worker-2.jsonl"), 100, 60), 100u);
+  job.workers[2].send_signal(SIGKILL);
+  ASSERT_TRUE(scheduler_wrote_off(job, 2, 1, 30));
+  uint64_t num_params = 0;
+  for (const auto& e : read_jsonl(job.path("scheduler.jsonl")))
+    if (e.value("event", "") == "assign") num_params = e["num_params"];
+  ASSERT_GT(num_params, 0u);
+  {
+    zmq::context_t ctx;
+    zmq::socket_t s = net::make_socket(ctx, net::SocketKind::kDealer, 0);
+    s.connect("tcp://127.0.0.1:" + std::to_string(job.port));
+    protocol::Header h;
+    h.type = protocol::MessageType::kRegister;
+    protocol::RegisterInfo info;
+    info.role = protocol::Role::kWorker;
+    info.num_params = num_params;
+    info.host = "test";
+    info.requested_rank = 2;
+    ASSERT_TRUE(net::send(s, protocol::encode_control(h, protocol::encode_register(info))).ok());
+    bool assigned = false;
+    for (int i = 0; i < 100 && !assigned; ++i) {
+      (void)net::wait_readable({&s}, std::chrono::milliseconds(100));
+      while (auto r = net::try_recv(s, false)) {
+        auto m = net::decode(*r);
+        ASSERT_TRUE(m.ok());
+        if (m->header.type != protocol::MessageType::kAssign) continue;
+        EXPECT_NE(m->header.flags & protocol::kFlagRejoin, 0);
+        auto a = protocol::decode_assign(m->frame1);
+        ASSERT_TRUE(a.ok());
+        EXPECT_EQ(a->rank, 2u);
+        assigned = true;
+      }
+    }
+    ASSERT_TRUE(assigned) << read_text(job.path("scheduler.out"));
+    // Both servers set its start clock; only its barrier is missing.
+    auto joined_at_servers = [&] {
+      int n = 0;
+      for (int sv = 0; sv < 2; ++sv)
+        for (const auto& e : read_jsonl(job.path("server-" + std::to_string(sv) + ".jsonl")))
+          n += e.value("event", "") == "worker_joined" ? 1 : 0;
+      return n;
+    };
+    for (int i = 0; i < 300 && joined_at_servers() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ASSERT_EQ(joined_at_servers(), 2);
+  }  // closes the connection: this "replacement" died while joining
+  ASSERT_TRUE(scheduler_wrote_off(job, 2, 2, 30)) << read_text(job.path("scheduler.out"));
+  job.start_worker(2);  // workers[3]
+  ASSERT_TRUE(job.wait_all(120));
+  EXPECT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  for (int w : {0, 1, 3}) EXPECT_EQ(job.workers[w].exit_status(), 0) << "worker process " << w;
+  const auto s = read_json(job.path("summary.json"));
+  EXPECT_EQ(s["dead_workers"], nlohmann::json::array({2, 2}));
+  ASSERT_EQ(s["rejoined_workers"].size(), 1u) << s.dump();
+  EXPECT_EQ(s["steps"], 8000);
+  int joined = 0, dropped = 0;
+  for (int sv = 0; sv < 2; ++sv)
+    for (const auto& e : read_jsonl(job.path("server-" + std::to_string(sv) + ".jsonl"))) {
+      joined += e.value("event", "") == "worker_joined" ? 1 : 0;
+      dropped += e.value("event", "") == "worker_dead" ? 1 : 0;
+    }
+  EXPECT_EQ(joined, 4) << "each server: the one that died while joining, then the one that ran";
+  EXPECT_EQ(dropped, 4);
 }
 
 TEST(FaultTest, KilledServerEndsTheJobWithAnErrorNotAHang) {
