@@ -216,6 +216,28 @@ class SshLaunchTest(unittest.TestCase):
         self.assertEqual(s["steps"], 1500)
         self.assertGreaterEqual(s["restarts"][0]["resumed_from"], 200, s)
 
+    def test_replace_workers_starts_the_replacement_on_the_dead_workers_host(self):
+        name = "ssh_replace"
+        p = subprocess.Popen(self.launch(name, "training.steps=8000") + ["--replace-workers", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        token = f"sps-launch-{name}-{p.pid}.json"
+        self.wait_running(name)
+        victims = [pid for pid, cmd in sps_processes(token) if "--rank 3 " in cmd and "sps-worker" in cmd]
+        self.assertEqual(len(victims), 1)
+        os.kill(victims[0], signal.SIGKILL)
+        out, _ = p.communicate(timeout=180)
+        self.assertEqual(p.returncode, 0, out[-3000:])
+        self.assertIn("worker-3@127.0.0.3 exited with status 137; a new worker takes its place", out)
+        # The replacement runs where worker 3 ran (its output has that host's prefix).
+        self.assertRegex(out, r"\[worker-3@127\.0\.0\.3 *\] .*a new process in the place of the dead worker 3")
+        s = read_summary(os.path.join(self.tmp, name))
+        self.assertEqual([r["rank"] for r in s["rejoined_workers"]], [3], s)
+        self.assertEqual(s["steps"], 8000)
+        deadline = time.time() + 10
+        while time.time() < deadline and processes_mentioning(token):
+            time.sleep(0.1)
+        self.assertEqual(processes_mentioning(token), [])
+
     def test_an_unreachable_host_fails_before_anything_starts(self):
         bad = os.path.join(self.tmp, "bad_hosts.txt")
         with open(bad, "w") as f:
