@@ -48,6 +48,7 @@ struct Coordinator::Metrics {
   prometheus::Gauge* expected_servers = nullptr;
   prometheus::Gauge* running = nullptr;
   prometheus::Counter* malformed = nullptr;
+  prometheus::Counter* replaced = nullptr;
 };
 
 Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
@@ -99,6 +100,11 @@ Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
                                .Help("Messages to the scheduler dropped because they failed validation")
                                .Register(r)
                                .Add({});
+    metrics_->replaced = &prometheus::BuildCounter()
+                              .Name("sps_scheduler_workers_replaced_total")
+                              .Help("Dead workers whose place a new process took while the job ran")
+                              .Register(r)
+                              .Add({});
     auto ep = net::MetricsEndpoint::start(cfg_.metrics.bind_host, cfg_.metrics.port, metrics_->registry);
     if (!ep.ok()) throw std::runtime_error(ep.status().message());
     metrics_->endpoint = std::move(ep).value();
@@ -146,6 +152,8 @@ void Coordinator::update_metrics() {
   metrics_->running->Set(released_ && !finished_ ? 1 : 0);
   const double m = static_cast<double>(malformed_);
   if (m > metrics_->malformed->Value()) metrics_->malformed->Increment(m - metrics_->malformed->Value());
+  const double replaced = static_cast<double>(rejoined_.size());
+  if (replaced > metrics_->replaced->Value()) metrics_->replaced->Increment(replaced - metrics_->replaced->Value());
 }
 
 uint32_t Coordinator::live_workers() const {

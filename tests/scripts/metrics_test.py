@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The /metrics endpoints of a real job, read with a real HTTP client (curl):
 Prometheus text that parses, counters that move while the job trains, a
-dead worker visible in the scheduler's gauges, 404/405 for other requests,
+dead worker and its replacement visible in the scheduler's gauges, 404/405 for other requests,
 and a clear error when the configured port is taken.
 Usage: metrics_test.py BIN_DIR"""
 import os
@@ -131,6 +131,8 @@ class MetricsTest(unittest.TestCase):
             pids = subprocess.run(["pgrep", "-f", f"sps-worker.*run.name=live.*--rank 1|sps-worker --rank 1 .*run.name=live"],
                                   capture_output=True, text=True).stdout.split()
             self.assertEqual(len(pids), 1, pids)
+            with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
+                worker_argv = [a.decode() for a in f.read().split(b"\0") if a]
             os.kill(int(pids[0]), signal.SIGKILL)
             deadline = time.time() + 10
             while True:
@@ -144,6 +146,23 @@ class MetricsTest(unittest.TestCase):
             while parse(curl(server_url)[1])['sps_server_live_workers{shard="0"}'] != 1:
                 self.assertLess(time.time(), deadline, "the server never dropped the dead worker")
                 time.sleep(0.2)
+            self.assertEqual(sched["sps_scheduler_workers_replaced_total"], 0)
+            # The same command again: a new process takes worker 1's place.
+            replacement = subprocess.Popen(worker_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.time() + 30
+                while True:
+                    sched = parse(curl(sched_url)[1])
+                    live = parse(curl(server_url)[1])['sps_server_live_workers{shard="0"}']
+                    if sched["sps_scheduler_workers_replaced_total"] == 1 and live == 2:
+                        break
+                    self.assertLess(time.time(), deadline, "the replacement never showed in the metrics")
+                    time.sleep(0.2)
+                self.assertEqual(sched['sps_scheduler_nodes{role="worker",state="live"}'], 2)
+                self.assertEqual(sched['sps_scheduler_nodes{role="worker",state="dead"}'], 1)
+            finally:
+                replacement.kill()
+                replacement.wait()
         finally:
             os.killpg(job.pid, signal.SIGINT)
             job.communicate(timeout=30)
