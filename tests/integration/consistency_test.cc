@@ -79,11 +79,12 @@ TEST_P(ModeTest, KilledWorkerNeverHangsTheJob) {
 // process asking for a live worker's rank is refused without the job noticing.
 TEST_P(ModeTest, AKilledWorkerIsReplacedByANewProcessThatJoinsTheRunningJob) {
   const Mode& m = GetParam();
-  // Long enough that the job is still running when the replacement has started.
-  const int64_t steps = 8000;
+  // At least 9 s (a paced 3 ms a step, which costs no CPU, so a sanitizer
+  // build is not much slower): the job still runs when the replacement starts.
+  const int64_t steps = 3000;
   Job job("replace_" + m.name, 3, 2,
           with({"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=600000", "data.train_limit=4000",
-                "data.test_limit=500", "training.steps=8000", "training.batch_size=8"},
+                "data.test_limit=500", "training.steps=3000", "training.batch_size=8", "workers.delay_ms=[3, 3, 3]"},
                m.sets));
   ASSERT_TRUE(job.start());
   ASSERT_GE(wait_for_lines(job.path("worker-2.jsonl"), 100, 60), 100u);
