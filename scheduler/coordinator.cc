@@ -125,15 +125,9 @@ int Coordinator::port() const {
   return std::stoi(endpoint_.substr(colon + 1));
 }
 
-bool Coordinator::rank_taken(protocol::Role role, uint32_t rank) const {
+bool Coordinator::rank_taken(protocol::Role role, uint32_t rank, bool live_only) const {
   for (const auto& [k, node] : nodes_)
-    if (node.role == role && node.rank == rank) return true;
-  return false;
-}
-
-bool Coordinator::rank_taken_by_live(uint32_t worker_rank) const {
-  for (const auto& [k, node] : nodes_)
-    if (node.role == Role::kWorker && node.rank == worker_rank && node.alive) return true;
+    if (node.role == role && node.rank == rank && (node.alive || !live_only)) return true;
   return false;
 }
 
@@ -156,9 +150,9 @@ void Coordinator::update_metrics() {
   if (replaced > metrics_->replaced->Value()) metrics_->replaced->Increment(replaced - metrics_->replaced->Value());
 }
 
-uint32_t Coordinator::live_workers() const {
+uint32_t Coordinator::live_nodes(Role role) const {
   uint32_t n = 0;
-  for (const auto& [k, node] : nodes_) n += (node.role == Role::kWorker && node.alive) ? 1 : 0;
+  for (const auto& [k, node] : nodes_) n += (node.role == role && node.alive) ? 1 : 0;
   return n;
 }
 
@@ -381,12 +375,6 @@ Coordinator::Node& Coordinator::add_node(const std::string& key, net::Received& 
   return nodes_.emplace(key, std::move(n)).first->second;
 }
 
-uint32_t Coordinator::live_servers() const {
-  uint32_t n = 0;
-  for (const auto& [k, node] : nodes_) n += (node.role == Role::kServer && node.alive) ? 1 : 0;
-  return n;
-}
-
 Coordinator::Node* Coordinator::joining_worker(uint32_t rank) {
   for (auto& [k, n] : nodes_)
     if (n.role == Role::kWorker && n.rank == rank && n.alive && n.joining) return &n;
@@ -397,7 +385,7 @@ void Coordinator::handle_rejoin(const std::string& key, net::Received& received,
   // Ranks whose worker died and that no live worker holds again.
   std::vector<uint32_t> free_ranks;
   for (const auto& [k, n] : nodes_)
-    if (n.role == Role::kWorker && !n.alive && !rank_taken_by_live(n.rank)) free_ranks.push_back(n.rank);
+    if (n.role == Role::kWorker && !n.alive && !rank_taken(Role::kWorker, n.rank, true)) free_ranks.push_back(n.rank);
   std::sort(free_ranks.begin(), free_ranks.end());
   free_ranks.erase(std::unique(free_ranks.begin(), free_ranks.end()), free_ranks.end());
   const bool any_rank = info.requested_rank < 0;
@@ -414,7 +402,7 @@ void Coordinator::handle_rejoin(const std::string& key, net::Received& received,
     refusal = fmt::format("model size {} differs from the job's {}", info.num_params, num_params_);
   else if (!any_rank && wanted >= static_cast<uint32_t>(cfg_.cluster.num_workers))
     refusal = fmt::format("requested rank {} but the job has {} workers", wanted, cfg_.cluster.num_workers);
-  else if (!any_rank && rank_taken_by_live(wanted))
+  else if (!any_rank && rank_taken(Role::kWorker, wanted, true))
     refusal = fmt::format("rank {} is already taken (worker {} is alive)", wanted, wanted);
   else if (free_ranks.empty())
     refusal = fmt::format("the job already has its {} workers, all alive", cfg_.cluster.num_workers);
@@ -468,7 +456,7 @@ void Coordinator::handle_join_reply(const Node& server, const protocol::MessageV
     return;
   }
   if (answer) w->join_clock = std::max(w->join_clock, m.header.clock);
-  if (w->join_replied.size() < live_servers()) return;
+  if (w->join_replied.size() < live_nodes(Role::kServer)) return;
   w->join_replied.clear();
   if (answer) {
     // Every shard holds the worker at or below join_clock: none has applied it.
@@ -579,7 +567,7 @@ void Coordinator::node_died(Node& n, const std::string& why) {
     return;
   }
   dead_workers_.push_back(n.rank);
-  if (live_workers() == 0) {
+  if (live_nodes(Role::kWorker) == 0) {
     fail("every worker died");
     return;
   }

@@ -96,7 +96,6 @@ class Coordinator {
   void handle_join_reply(const Node& server, const protocol::MessageView& m);
   void release_joined(Node& n);
   Node* joining_worker(uint32_t rank);
-  uint32_t live_servers() const;
   void note_closed_connections();
   void check_closed_connections();
   void assign_all();
@@ -109,9 +108,10 @@ class Coordinator {
   void send_to(const Node& n, const protocol::EncodedMessage& m);
   void shutdown_all(bool error, const std::string& reason);
   void write_summary();
-  uint32_t live_workers() const;
-  bool rank_taken(protocol::Role role, uint32_t rank) const;
-  bool rank_taken_by_live(uint32_t worker_rank) const;
+  uint32_t live_nodes(protocol::Role role) const;
+  // Whether a node of `role` holds `rank` (`live_only`: a live one; a dead
+  // worker's rank is free for a replacement).
+  bool rank_taken(protocol::Role role, uint32_t rank, bool live_only = false) const;
 
   // metrics.enabled: the job's state for Prometheus, refreshed every tick.
   struct Metrics;

@@ -384,6 +384,13 @@ void Shard::apply_clock() {
   uint32_t live = 0;
   for (uint32_t w = 0; w < pushed_.size(); ++w) live += pushed_this_clock(w) ? 1 : 0;
   const uint64_t next = version_ + 1;
+  if (live == 0) {
+    // Nobody pushed this clock: the workers that did died, and a replacement
+    // starts after it. There is no average to apply; the version moves on.
+    log_changes(next, {});
+    version_ = next;
+    return;
+  }
   const auto step = static_cast<int64_t>(version_);
   std::vector<Cursor>& cursors = cursors_;  // live workers in rank order (the summation order)
   cursors.clear();

@@ -126,6 +126,40 @@ TEST(ShardTest, AJoiningWorkerStartsAtAClockNoShardHasApplied) {
   }
 }
 
+// The clocks a lagging shard applies below a replacement's start, after
+// every worker that pushed them died: no participant, so no average and no
+// optimizer step (momentum would otherwise divide by a count of 0); the
+// parameters stay as they were and finite, and the version reaches J.
+TEST(ShardTest, AClockNobodyPushedMovesTheVersionAndNothingElse) {
+  config::Config cfg;
+  cfg.training.lr = 0.1;
+  cfg.training.steps = 100;
+  cfg.optimizer.momentum = 0.9;
+  cfg.optimizer.weight_decay = 1e-4;
+  cfg.compression.scale = config::Scale::kOne;
+  Shard s(100, 110, 2, Optimizer::from_config(cfg, 10), std::make_unique<scheduler::BspPolicy>());
+  s.set_params(std::vector<float>(10, 1.0f));
+  for (uint64_t c = 0; c < 3; ++c) {
+    for (uint32_t w = 0; w < 2; ++w)
+      ASSERT_TRUE(s.add_push(w, c, s.version(), std::vector<uint32_t>{100}, std::vector<float>{1}).ok());
+    ASSERT_EQ(s.apply_ready(), 1);
+  }
+  s.remove_worker(1);
+  ASSERT_EQ(s.add_worker(1), std::optional<uint64_t>(3));
+  ASSERT_TRUE(s.add_push(0, 3, 3, std::vector<uint32_t>{100}, std::vector<float>{1}).ok());
+  EXPECT_EQ(s.apply_ready(), 0) << "held for the joining worker";
+  s.remove_worker(0);  // its held push goes with it
+  const std::vector<float> before(s.params().begin(), s.params().end());
+  ASSERT_TRUE(s.set_worker_clock(1, 5).ok());
+  EXPECT_EQ(s.apply_ready(), 2);
+  EXPECT_EQ(s.version(), 5u);
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ(s.params()[i], before[i]) << "key " << i;
+  for (float x : s.params()) EXPECT_TRUE(std::isfinite(x));
+  for (float v : s.velocity()) EXPECT_TRUE(std::isfinite(v));
+  EXPECT_FALSE(s.may_answer_pull(6));
+  EXPECT_TRUE(s.may_answer_pull(5));
+}
+
 TEST(ShardTest, RestoreContinuesFromTheSnapshotClock) {
   Shard s = make_shard(2);
   s.remove_worker(1);  // a restart brings every worker back
