@@ -172,7 +172,9 @@ TEST(JobTest, CompressedPullsMatchTheReferenceBitForBit) {
 TEST(JobTest, CompressedPullsTrainUnderAsp) {
   std::string dir;
   Job job("downlink_asp", 3, 2,
-          {"data.train_limit=2000", "data.test_limit=500", "training.steps=150", "training.batch_size=16",
+          // 300 steps: at 150 an ASan run's asp timing once ended at loss 1.17
+          // (plain runs 0.42-0.52); the bound below is unchanged.
+          {"data.train_limit=2000", "data.test_limit=500", "training.steps=300", "training.batch_size=16",
            "consistency.mode=asp", "downlink.method=threshold", "downlink.lambda=0.0005"});
   ASSERT_TRUE(job.start()) << read_text(job.path("scheduler.out"));
   ASSERT_TRUE(job.wait_all(180)) << "job did not finish in time";
@@ -180,7 +182,7 @@ TEST(JobTest, CompressedPullsTrainUnderAsp) {
   const auto summary = read_json(job.path("summary.json"));
   EXPECT_EQ(summary["downlink"], "threshold (lambda 0.0005)");
   EXPECT_LT(summary["train_loss"].get<double>(), 1.0);
-  EXPECT_GE(summary["sparse_pulls"].get<uint64_t>(), 3u * 2 * 149);
+  EXPECT_GE(summary["sparse_pulls"].get<uint64_t>(), 3u * 2 * 299);
 }
 
 // The compression options that change what goes on the wire, all at once:
