@@ -262,6 +262,22 @@ Result<ResumePoint> find_resume_point(const std::string& dir, uint32_t servers, 
   return failed_precondition(why);
 }
 
+Result<Snapshot> newest_snapshot_of(const std::string& dir, const std::string& role, uint32_t rank,
+                                    std::vector<std::string>& skipped) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  for (const uint64_t step : steps_in(dir)) {
+    const std::string p = snapshot_path(dir, step, role, rank);
+    if (!fs::exists(p, ec)) continue;
+    auto s = Snapshot::read(p);
+    if (s.ok()) return s;
+    skipped.push_back(fmt::format("step {}: {}", step, s.status().message()));
+  }
+  std::string why = fmt::format("no readable snapshot of {} {} in {} (checkpoint.dir)", role, rank, dir);
+  for (const auto& s : skipped) why += "\n  " + s;
+  return failed_precondition(why);
+}
+
 size_t remove_snapshots(const std::string& dir) {
   namespace fs = std::filesystem;
   size_t removed = 0;

@@ -80,6 +80,12 @@ struct ResumePoint {
 };
 Result<ResumePoint> find_resume_point(const std::string& dir, uint32_t servers, uint32_t workers);
 
+// The newest readable file of one process (role, rank) in `dir`, whatever
+// the other processes wrote: what a server replacing a dead one restores.
+// Files refused on the way are described in `skipped`. Fails when none is readable.
+Result<Snapshot> newest_snapshot_of(const std::string& dir, const std::string& role, uint32_t rank,
+                                    std::vector<std::string>& skipped);
+
 // Deletes every step folder in `dir` (a fresh run in a folder that holds an
 // earlier run's snapshots must not resume from them later); returns how many.
 size_t remove_snapshots(const std::string& dir);

@@ -275,6 +275,9 @@ const std::vector<Field>& fields() {
       integer_field("cluster.heartbeat_timeout_ms", SPS_REF(cluster.heartbeat_timeout_ms), 100, 3600000),
       enum_field<WorkerLoss>("cluster.on_worker_loss", SPS_REF(cluster.on_worker_loss),
                              {{"continue", WorkerLoss::kContinue}, {"abort", WorkerLoss::kAbort}}),
+      enum_field<ServerLoss>("cluster.on_server_loss", SPS_REF(cluster.on_server_loss),
+                             {{"abort", ServerLoss::kAbort}, {"replace", ServerLoss::kReplace}}),
+      integer_field("cluster.replay_buffer_mb", SPS_REF(cluster.replay_buffer_mb), 1, 1048576),
       integer_field("cluster.startup_timeout_ms", SPS_REF(cluster.startup_timeout_ms), 100, 3600000),
       real_field("cluster.link_mbps", SPS_REF(cluster.link_mbps), 0.0, 1e7, false),
 
@@ -481,6 +484,12 @@ Status check_cross_keys(const Config& c) {
     return invalid_argument(fmt::format("{}: cluster.port_min/port_max: {}..{} is not a port range (set both, "
                                         "port_min <= port_max, or both 0 for any free port)",
                                         c.source, c.cluster.port_min, c.cluster.port_max));
+  if (c.cluster.on_server_loss == ServerLoss::kReplace && c.checkpoint.interval <= 0) {
+    const auto it = c.set_at.find("cluster.on_server_loss");
+    return invalid_argument(fmt::format("{}: cluster.on_server_loss: replace restores the dead server's shard from "
+                                        "its newest snapshot, which needs checkpoint.interval > 0",
+                                        it != c.set_at.end() ? it->second : c.source));
+  }
   if (c.model.device == "cuda" && c.compression.backend != BackendName::kCuda)
     return invalid_argument(fmt::format("{}: model.device: cuda keeps the gradient on the GPU; it needs "
                                         "compression.backend: cuda",
@@ -618,6 +627,8 @@ std::vector<std::string> ineffective_keys(const Config& c) {
        cc.scale == Scale::kLr && cc.error_feedback != ErrorFeedback::kNone,
        cc.scale == Scale::kLr ? "compression.error_feedback is none (there is no residual)"
                               : "compression.scale is 1 (the residual holds gradients; the servers apply the lr)"},
+      {"cluster.replay_buffer_mb", c.cluster.on_server_loss == ServerLoss::kReplace,
+       "cluster.on_server_loss is abort (only replace keeps pushes to resend)"},
       {"consistency.staleness", c.consistency.mode == ConsistencyMode::kSsp,
        fmt::format("consistency.mode is {} (only ssp uses it)", to_string(c.consistency.mode))},
       {"consistency.max_push_staleness", c.consistency.mode != ConsistencyMode::kBsp,

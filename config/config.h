@@ -41,6 +41,7 @@ struct RunConfig {
 };
 
 enum class WorkerLoss { kContinue, kAbort };
+enum class ServerLoss { kAbort, kReplace };
 
 struct ClusterConfig {
   // Scheduler host (address workers and servers connect to). Default: 127.0.0.1.
@@ -80,6 +81,16 @@ struct ClusterConfig {
   int heartbeat_timeout_ms = 10000;
   // continue: the job goes on without a dead worker; abort: it ends with an error.
   WorkerLoss on_worker_loss = WorkerLoss::kContinue;
+  // abort: a dead server ends the job with an error. replace: the job waits
+  // (cluster.startup_timeout_ms) for a new server process to take the dead
+  // one's place; it loads the dead server's newest snapshot and the workers
+  // send it again every push since (needs checkpoint.interval > 0).
+  // Default: abort.
+  ServerLoss on_server_loss = ServerLoss::kAbort;
+  // on_server_loss: replace: the most memory each worker keeps its pushes
+  // since a server's last snapshot in, MiB; past it a server replacement
+  // before the next snapshot fails the job. Default: 1024. Range [1, 1048576].
+  int replay_buffer_mb = 1024;
   // How long to wait for every node to register, ms. Default: 60000. Range [100, 3600000].
   int startup_timeout_ms = 60000;
   // Emulated link rate between each worker and the servers, Mbit/s per

@@ -46,6 +46,9 @@ const char* message_type_name(MessageType type) {
     case MessageType::kServerReport: return "server_report";
     case MessageType::kJoin: return "join";
     case MessageType::kJoinAt: return "join_at";
+    case MessageType::kServerRestored: return "server_restored";
+    case MessageType::kServerMoved: return "server_moved";
+    case MessageType::kSnapshotted: return "snapshotted";
   }
   return "unknown";
 }
@@ -579,6 +582,23 @@ Result<uint32_t> decode_rank(ByteSpan payload) {
   const auto rank = rd.get<uint32_t>();
   SPS_RETURN_IF_ERROR(rd.finish("rank"));
   return rank;
+}
+
+Bytes encode_clocks(std::span<const uint64_t> clocks) {
+  Bytes out;
+  put_le<uint32_t>(out, static_cast<uint32_t>(clocks.size()));
+  for (uint64_t c : clocks) put_le<uint64_t>(out, c);
+  return out;
+}
+
+Result<std::vector<uint64_t>> decode_clocks(ByteSpan payload) {
+  Reader rd(payload);
+  const auto n = rd.get<uint32_t>();
+  if (n > kMaxReportEntries) return malformed(fmt::format("clocks: {} entries exceed {}", n, kMaxReportEntries));
+  std::vector<uint64_t> clocks;
+  for (uint32_t i = 0; i < n && !rd.failed(); ++i) clocks.push_back(rd.get<uint64_t>());
+  SPS_RETURN_IF_ERROR(rd.finish("clocks"));
+  return clocks;
 }
 
 }  // namespace sps::protocol

@@ -53,8 +53,13 @@ enum class MessageType : uint16_t {
   kJoin = 14,            // scheduler -> server: hold worker `rank` at your slowest clock;
                          // server -> scheduler: that clock, in `clock`
   kJoinAt = 15,          // scheduler -> server: worker `rank` starts at `clock`; echoed back when set
+  // A server replacing a dead one (same rank) in a running job:
+  kServerRestored = 16,  // server -> scheduler: restored the snapshot of step `clock`; payload = per-worker clocks
+  kServerMoved = 17,     // scheduler -> worker: shard `shard` is now served at the payload's endpoint;
+                         // resend your pushes from clock `clock` on
+  kSnapshotted = 18,     // server -> worker: a snapshot holds your pushes before clock `clock`
 };
-inline constexpr uint16_t kMaxMessageType = 15;
+inline constexpr uint16_t kMaxMessageType = 18;
 
 enum class ValueType : uint8_t {
   kNone = 0,  // no values (control messages)
@@ -111,6 +116,11 @@ inline constexpr uint16_t kFlagExact = 1 << 4;
 // it sends no initial parameters, and its start barrier is released with
 // the clock it starts at (kBarrierRelease's `clock`).
 inline constexpr uint16_t kFlagRejoin = 1 << 5;
+// kPush: sent again to a server that took a dead one's place (kServerMoved).
+// Its base_version may be ahead of the restored shard's version, which
+// catches up as the resent pushes are applied; the push counts as computed
+// on the shard's version then.
+inline constexpr uint16_t kFlagResent = 1 << 6;
 
 struct Header {
   MessageType type = MessageType::kHeartbeat;
@@ -282,5 +292,10 @@ Bytes encode_text(std::string_view text);          // kError / kShutdown reason
 Result<std::string> decode_text(ByteSpan payload);
 Bytes encode_rank(uint32_t rank);                  // kNodeDead, kJoin, kJoinAt
 Result<uint32_t> decode_rank(ByteSpan payload);
+// kServerRestored: per worker, the clock of its first push the restored
+// shard lacks (UINT64_MAX: the worker had left the job).
+inline constexpr uint64_t kWorkerGone = UINT64_MAX;
+Bytes encode_clocks(std::span<const uint64_t> clocks);
+Result<std::vector<uint64_t>> decode_clocks(ByteSpan payload);
 
 }  // namespace sps::protocol

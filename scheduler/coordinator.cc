@@ -248,6 +248,9 @@ void Coordinator::handle(const std::string& key, net::Received& received, const 
     case MessageType::kJoinAt:
       handle_join_reply(n, m);
       break;
+    case MessageType::kServerRestored:
+      handle_server_restored(n, m);
+      break;
     case MessageType::kDone: {
       auto d = protocol::decode_done(m.frame1);
       if (!d.ok() || n.role != Role::kWorker) {
@@ -294,8 +297,12 @@ void Coordinator::handle_register(const std::string& key, net::Received& receive
     return;
   }
   const bool worker = info->role == Role::kWorker;
-  if (worker && assigned_ && nodes_.count(key) == 0) {
-    handle_rejoin(key, received, *info);
+  if (assigned_ && nodes_.count(key) == 0) {
+    if (worker) {
+      handle_rejoin(key, received, *info);
+    } else {
+      handle_server_rejoin(key, received, *info);
+    }
     return;
   }
   const uint32_t have = worker ? workers_registered_ : servers_registered_;
@@ -311,13 +318,7 @@ void Coordinator::handle_register(const std::string& key, net::Received& receive
                           info->num_params, cfg_.cluster.num_servers);
   else if (worker && num_params_ != 0 && info->num_params != num_params_)
     refusal = fmt::format("model size {} differs from the first worker's {}", info->num_params, num_params_);
-  else if (!worker && info->endpoint.empty()) refusal = "a server must report its data endpoint";
-  else if (!worker && !net::parse_tcp_endpoint(info->endpoint).ok())
-    refusal = fmt::format("the data endpoint '{}' is not tcp://host:port", info->endpoint);
-  else if (!worker && net::is_wildcard_host(net::parse_tcp_endpoint(info->endpoint)->host))
-    refusal = fmt::format("the data endpoint '{}' is a wildcard address that workers cannot connect to; set "
-                          "cluster.advertise_host",
-                          info->endpoint);
+  else if (!worker && !server_endpoint_refusal(*info).empty()) refusal = server_endpoint_refusal(*info);
   else if (info->requested_rank >= static_cast<int32_t>(want))
     refusal = fmt::format("requested rank {} but the job has {} {}s", info->requested_rank, want,
                           worker ? "worker" : "server");
@@ -375,6 +376,120 @@ Coordinator::Node& Coordinator::add_node(const std::string& key, net::Received& 
   return nodes_.emplace(key, std::move(n)).first->second;
 }
 
+std::string Coordinator::server_endpoint_refusal(const protocol::RegisterInfo& info) const {
+  if (info.endpoint.empty()) return "a server must report its data endpoint";
+  auto ep = net::parse_tcp_endpoint(info.endpoint);
+  if (!ep.ok()) return fmt::format("the data endpoint '{}' is not tcp://host:port", info.endpoint);
+  if (net::is_wildcard_host(ep->host))
+    return fmt::format("the data endpoint '{}' is a wildcard address that workers cannot connect to; set "
+                       "cluster.advertise_host",
+                       info.endpoint);
+  return "";
+}
+
+std::vector<uint32_t> Coordinator::free_ranks(Role role) const {
+  std::vector<uint32_t> ranks;
+  for (const auto& [k, n] : nodes_)
+    if (n.role == role && !n.alive && !rank_taken(role, n.rank, true)) ranks.push_back(n.rank);
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  return ranks;
+}
+
+void Coordinator::handle_server_rejoin(const std::string& key, net::Received& received,
+                                       const protocol::RegisterInfo& info) {
+  const std::vector<uint32_t> free = free_ranks(Role::kServer);
+  const bool any_rank = info.requested_rank < 0;
+  const auto wanted = static_cast<uint32_t>(info.requested_rank);
+  std::string refusal;
+  if (!released_) refusal = "registration is closed (the job is starting)";
+  else if (finishing_) refusal = "registration is closed (the job is finishing)";
+  else if (cfg_.cluster.on_server_loss != config::ServerLoss::kReplace)
+    refusal = "registration is closed (the job has started; with cluster.on_server_loss: replace a new server can "
+              "take a dead server's place)";
+  else if (!server_endpoint_refusal(info).empty()) refusal = server_endpoint_refusal(info);
+  else if (!any_rank && wanted >= static_cast<uint32_t>(cfg_.cluster.num_servers))
+    refusal = fmt::format("requested rank {} but the job has {} servers", wanted, cfg_.cluster.num_servers);
+  else if (!any_rank && rank_taken(Role::kServer, wanted, true))
+    refusal = fmt::format("rank {} is already taken (server {} is alive)", wanted, wanted);
+  else if (free.empty()) refusal = fmt::format("the job already has its {} servers, all alive", cfg_.cluster.num_servers);
+  if (!refusal.empty()) {
+    spdlog::warn("scheduler: refused registration from {} (pid {}): {}", info.host, info.pid, refusal);
+    Header err;
+    err.type = MessageType::kError;
+    auto msg = protocol::encode_control(err, protocol::encode_text(refusal));
+    (void)net::send(socket_, msg, &received.routing_id);
+    return;
+  }
+  const uint32_t rank = any_rank ? free.front() : wanted;
+  Node& n = add_node(key, received, info, rank);
+  n.restoring = true;
+  n.in_barrier = true;  // it starts running at once, past the start barrier
+  n.join_deadline = clock_.seconds() + cfg_.cluster.startup_timeout_ms / 1000.0;
+  log_.write({{"event", "register"}, {"role", "server"}, {"rank", rank}, {"host", n.host}, {"pid", n.pid},
+              {"endpoint", n.endpoint}, {"rejoin", true}});
+  spdlog::info("scheduler: server {} registered again (host {}, pid {}, data {}): it takes the dead server's place",
+               rank, n.host, n.pid, n.endpoint);
+  protocol::AssignInfo a = assignment_;
+  a.rank = rank;
+  a.shards[rank].endpoint = n.endpoint;
+  Header h;
+  h.type = MessageType::kAssign;
+  h.flags = protocol::kFlagRejoin;
+  send_to(n, protocol::encode_control(h, protocol::encode_assign(a)));
+}
+
+void Coordinator::handle_server_restored(Node& server, const protocol::MessageView& m) {
+  auto clocks = protocol::decode_clocks(m.frame1);
+  if (server.role != Role::kServer || !server.restoring || !clocks.ok() ||
+      clocks->size() != static_cast<size_t>(assignment_.num_workers)) {
+    ++malformed_;
+    log_.write({{"event", "unexpected"}, {"rank", server.rank}, {"type", protocol::message_type_name(m.header.type)}});
+    return;
+  }
+  server.restoring = false;
+  const uint64_t step = m.header.clock;
+  // A worker that took a dead worker's place after the snapshot has none of
+  // the pushes the restored shard lacks from that rank.
+  for (const auto& r : rejoined_) {
+    const uint32_t rank = r["rank"];
+    const uint64_t joined = r["step"];
+    const uint64_t from = (*clocks)[rank];
+    if (rank_taken(Role::kWorker, rank, true) && (from == protocol::kWorkerGone || from < joined)) {
+      fail(fmt::format("server {} died, and its newest snapshot (step {}) is older than worker {}'s replacement "
+                       "(it joined at step {}): the restored shard lacks pushes that no live process holds",
+                       server.rank, step, rank, joined));
+      return;
+    }
+  }
+  assignment_.shards[server.rank].endpoint = server.endpoint;
+  // Workers that died since the snapshot: the restored shard must not wait for them.
+  Header dead;
+  dead.type = MessageType::kNodeDead;
+  for (const uint32_t rank : free_ranks(Role::kWorker)) send_to(server, protocol::encode_control(dead, protocol::encode_rank(rank)));
+  uint32_t resending = 0;
+  for (const auto& [k, w] : nodes_) {
+    if (w.role != Role::kWorker || !w.alive || (*clocks)[w.rank] == protocol::kWorkerGone) continue;
+    Header h;
+    h.type = MessageType::kServerMoved;
+    h.shard = server.rank;
+    h.clock = (*clocks)[w.rank];
+    send_to(w, protocol::encode_control(h, protocol::encode_text(server.endpoint)));
+    ++resending;
+  }
+  const double at = clock_.seconds();
+  replaced_servers_.push_back({{"rank", server.rank}, {"step", step}, {"seconds", at}});
+  log_.write({{"event", "server_replaced"}, {"rank", server.rank}, {"step", step}, {"version", m.header.base_version},
+              {"worker_clocks", *clocks}});
+  spdlog::info("scheduler: server {} took the dead server's place from its snapshot of step {}; {} workers resend "
+               "their pushes since",
+               server.rank, step, resending);
+  if (free_ranks(Role::kServer).empty()) {
+    server_wait_deadline_ = 0;
+    server_loss_.clear();
+  }
+}
+
 Coordinator::Node* Coordinator::joining_worker(uint32_t rank) {
   for (auto& [k, n] : nodes_)
     if (n.role == Role::kWorker && n.rank == rank && n.alive && n.joining) return &n;
@@ -383,11 +498,9 @@ Coordinator::Node* Coordinator::joining_worker(uint32_t rank) {
 
 void Coordinator::handle_rejoin(const std::string& key, net::Received& received, const protocol::RegisterInfo& info) {
   // Ranks whose worker died and that no live worker holds again.
-  std::vector<uint32_t> free_ranks;
-  for (const auto& [k, n] : nodes_)
-    if (n.role == Role::kWorker && !n.alive && !rank_taken(Role::kWorker, n.rank, true)) free_ranks.push_back(n.rank);
-  std::sort(free_ranks.begin(), free_ranks.end());
-  free_ranks.erase(std::unique(free_ranks.begin(), free_ranks.end()), free_ranks.end());
+  const std::vector<uint32_t> free_ranks = this->free_ranks(Role::kWorker);
+  bool server_missing = !this->free_ranks(Role::kServer).empty();
+  for (const auto& [k, n] : nodes_) server_missing = server_missing || n.restoring;
   const bool any_rank = info.requested_rank < 0;
   const auto wanted = static_cast<uint32_t>(info.requested_rank);
   std::string refusal;
@@ -398,6 +511,7 @@ void Coordinator::handle_rejoin(const std::string& key, net::Received& received,
   else if (cfg_.cluster.on_worker_loss != config::WorkerLoss::kContinue)
     refusal = "registration is closed (the job has started; with cluster.on_worker_loss: continue a new worker can "
               "take a dead worker's place)";
+  else if (server_missing) refusal = "a dead server is being replaced; try again once it is";
   else if (info.num_params != num_params_)
     refusal = fmt::format("model size {} differs from the job's {}", info.num_params, num_params_);
   else if (!any_rank && wanted >= static_cast<uint32_t>(cfg_.cluster.num_workers))
@@ -550,11 +664,17 @@ void Coordinator::check_liveness() {
     if (!n.alive || n.done || finished_ || finishing_) continue;
     if (now - n.last_seen > limit) {
       node_died(n, fmt::format("silent for {:.1f} s", now - n.last_seen));
-    } else if (n.joining && now > n.join_deadline) {
-      node_died(n, fmt::format("it did not rejoin within cluster.startup_timeout_ms ({} ms)",
-                               cfg_.cluster.startup_timeout_ms));
+    } else if ((n.joining || n.restoring) && now > n.join_deadline) {
+      node_died(n, fmt::format("it did not {} within cluster.startup_timeout_ms ({} ms)",
+                               n.joining ? "rejoin" : "restore the shard", cfg_.cluster.startup_timeout_ms));
     }
+    if (finished_) return;
   }
+  bool restoring = false;  // a replacement registered: its own deadline runs
+  for (const auto& [k, n] : nodes_) restoring = restoring || (n.alive && n.restoring);
+  if (server_wait_deadline_ > 0 && now > server_wait_deadline_ && !restoring)
+    fail(fmt::format("{}, and no new server took its place within cluster.startup_timeout_ms ({} ms)", server_loss_,
+                     cfg_.cluster.startup_timeout_ms));
 }
 
 void Coordinator::node_died(Node& n, const std::string& why) {
@@ -563,7 +683,20 @@ void Coordinator::node_died(Node& n, const std::string& why) {
   log_.write({{"event", "node_dead"}, {"role", worker ? "worker" : "server"}, {"rank", n.rank}, {"why", why}});
   spdlog::warn("scheduler: {} {} is dead ({})", worker ? "worker" : "server", n.rank, why);
   if (!worker) {
-    fail(fmt::format("server {} died ({}); its shard is lost", n.rank, why));
+    if (cfg_.cluster.on_server_loss != config::ServerLoss::kReplace || !released_ || finishing_) {
+      fail(fmt::format("server {} died ({}); its shard is lost", n.rank, why));
+      return;
+    }
+    // The workers wait (their pulls of this shard go unanswered) while a new
+    // server takes its place. A worker joining now would get a start clock
+    // without this shard's answer: it is written off (it may register again).
+    server_wait_deadline_ = clock_.seconds() + cfg_.cluster.startup_timeout_ms / 1000.0;
+    if (server_loss_.empty()) server_loss_ = fmt::format("server {} died ({})", n.rank, why);
+    spdlog::warn("scheduler: waiting up to {} ms for a new server to take server {}'s place "
+                 "(cluster.on_server_loss: replace)",
+                 cfg_.cluster.startup_timeout_ms, n.rank);
+    for (auto& [k, w] : nodes_)
+      if (w.role == Role::kWorker && w.alive && w.joining) node_died(w, "a server died while it joined");
     return;
   }
   dead_workers_.push_back(n.rank);
@@ -692,6 +825,7 @@ void Coordinator::write_summary() {
       {"servers", cfg_.cluster.num_servers},
       {"dead_workers", dead_workers_},
       {"rejoined_workers", rejoined_},
+      {"replaced_servers", replaced_servers_},
       {"malformed_messages_at_scheduler", malformed_},
       {"config", config::to_json(cfg_)},
   };

@@ -16,6 +16,12 @@
 // largest answer J is where it starts (kJoinAt to every server, echoed),
 // and then its start barrier is released with J. No shard can have applied
 // clock J before that, so every clock from J on waits for the new worker.
+// Server replacement (cluster.on_server_loss: replace): a dead server does
+// not end the job; the workers wait while a server that registers in its
+// place loads that shard's newest snapshot and reports, per worker, the
+// clock of the first push it lacks (kServerRestored). Each worker is then
+// sent the new endpoint and its clock (kServerMoved) and sends its pushes
+// again from there, from the copies it keeps until a snapshot holds them.
 #pragma once
 
 #include <cstdint>
@@ -83,6 +89,9 @@ class Coordinator {
     std::set<uint32_t> join_replied;  // servers that answered kJoin, then that echoed kJoinAt
     bool join_clock_sent = false;
     bool join_clock_set = false;  // every server echoed kJoinAt
+    // A server replacing a dead one: restoring until it reports kServerRestored
+    // (join_deadline bounds that too).
+    bool restoring = false;
   };
 
   // Returns true when the socket was read empty (false: stopped at the bound).
@@ -94,6 +103,14 @@ class Coordinator {
   Node& add_node(const std::string& key, net::Received& received, const protocol::RegisterInfo& info, uint32_t rank);
   // A server's kJoin answer or kJoinAt echo for worker `rank`.
   void handle_join_reply(const Node& server, const protocol::MessageView& m);
+  // A server registering after the start: one replacing a dead server, or a refusal.
+  void handle_server_rejoin(const std::string& key, net::Received& received, const protocol::RegisterInfo& info);
+  // The replacement's kServerRestored: tells every worker where to resend from.
+  void handle_server_restored(Node& server, const protocol::MessageView& m);
+  // Ranks of `role` whose node died and that no live node holds again, ascending.
+  std::vector<uint32_t> free_ranks(protocol::Role role) const;
+  // Why a server's registration cannot be taken ("" when it can).
+  std::string server_endpoint_refusal(const protocol::RegisterInfo& info) const;
   void release_joined(Node& n);
   Node* joining_worker(uint32_t rank);
   void note_closed_connections();
@@ -142,6 +159,11 @@ class Coordinator {
   uint64_t last_join_id_ = 0;
   protocol::AssignInfo assignment_;     // what assign_all sent (rank aside)
   nlohmann::json rejoined_ = nlohmann::json::array();  // {rank, step, seconds} per rejoin
+  // on_server_loss: replace: when the wait for the dead servers' replacements
+  // ends, and why the first of them died.
+  double server_wait_deadline_ = 0;
+  std::string server_loss_;
+  nlohmann::json replaced_servers_ = nlohmann::json::array();  // {rank, step, seconds} per replacement
 };
 
 }  // namespace sps::scheduler

@@ -186,7 +186,9 @@ void Server::handle_control(const net::Received& r) {
         exit_status_ = 1;
         return;
       }
+      replacing_ = (m->header.flags & protocol::kFlagRejoin) != 0;
       on_assign(*a);
+      if (done_) return;
       if (cfg_.metrics.enabled) {
         auto started = ServerMetrics::start(cfg_, rank_);
         if (!started.ok()) {
@@ -200,7 +202,11 @@ void Server::handle_control(const net::Received& r) {
         spdlog::info("server {}: metrics on {}", rank_, metrics_->url());
         log_.write({{"event", "metrics"}, {"url", metrics_->url()}});
       }
-      if (cfg_.checkpoint.resume && !resume_shard()) return;
+      if (replacing_) {
+        if (!restore_replacement()) return;
+      } else if (cfg_.checkpoint.resume && !resume_shard()) {
+        return;
+      }
       early_bytes_ = 0;
       while (!early_.empty()) {
         net::Received early = std::move(early_.front());
@@ -299,7 +305,10 @@ void Server::on_assign(const protocol::AssignInfo& a) {
   const auto& s = a.shards[a.rank];
   shard_.emplace(s.key_begin, s.key_end, a.num_workers, Optimizer::from_config(cfg_, s.key_end - s.key_begin),
                  scheduler::make_policy(cfg_.consistency), cfg_.cluster.server_threads);
-  auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_), cfg_.checkpoint.resume);
+  worker_routes_.resize(a.num_workers);
+  // A resumed job, or a server taking a dead one's place, appends to the log.
+  auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_),
+                               cfg_.checkpoint.resume || replacing_);
   if (log.ok()) log_ = std::move(log).value();
   if (cfg_.downlink.method != config::CompressionMethod::kDense) {
     const Status st = shard_->enable_downlink(Shard::downlink_selection(cfg_.downlink, shard_->size()),
@@ -389,6 +398,11 @@ void Server::snapshot_if_due() {
   w.add_f32("params", shard_->params());
   w.add_f32("velocity", shard_->velocity());
   w.add_f32("second_moment", shard_->second_moment());
+  // What a server replacing this one needs to take every worker's pushes
+  // from the right clock (in ssp/asp workers are at different clocks).
+  const std::vector<uint64_t> clocks = shard_->worker_clocks();
+  w.add_u64s("worker_clocks", clocks);
+  w.add_u64s("joined_at", shard_->joined_at());
   if (shard_->downlink()) {
     w.add_f32("published", shard_->pulled_params());
     w.add_u64("published_version", shard_->published_version());
@@ -408,6 +422,76 @@ void Server::snapshot_if_due() {
   stats_.snapshot_seconds += seconds;
   log_.write({{"event", "snapshot"}, {"step", step}, {"version", shard_->version()}, {"bytes", w.bytes()},
               {"seconds", seconds}, {"file", path}});
+  notify_snapshot(clocks);
+}
+
+void Server::notify_snapshot(const std::vector<uint64_t>& clocks) {
+  if (cfg_.cluster.on_server_loss != config::ServerLoss::kReplace) return;
+  for (uint32_t w = 0; w < clocks.size() && w < worker_routes_.size(); ++w) {
+    if (clocks[w] == Shard::kWorkerGone || worker_routes_[w].size() == 0) continue;
+    Header h;
+    h.type = MessageType::kSnapshotted;
+    h.sender = rank_;
+    h.shard = rank_;
+    h.clock = clocks[w];
+    (void)net::send(data_, protocol::encode_control(h), &worker_routes_[w]);
+  }
+}
+
+bool Server::restore_replacement() {
+  const std::string dir = cfg_.checkpoint_dir();
+  auto fail = [&](const std::string& why) {
+    spdlog::error("server {}: cannot take the dead server's place: {}", rank_, why);
+    send_control(MessageType::kError, protocol::encode_text(fmt::format("server {}'s replacement: {}", rank_, why)));
+    finish("cannot restore");
+    exit_status_ = 1;
+    return false;
+  };
+  std::vector<std::string> skipped;
+  auto snap = newest_snapshot_of(dir, "server", rank_, skipped);
+  if (!snap.ok()) return fail(snap.status().message());
+  for (const auto& s : skipped) spdlog::warn("server {}: skipped a snapshot: {}", rank_, s);
+  auto step = snap->u64("step");
+  auto key_begin = snap->u64("key_begin");
+  auto key_end = snap->u64("key_end");
+  auto version = snap->u64("version");
+  auto params = snap->f32("params");
+  auto velocity = snap->f32("velocity");
+  auto second_moment = snap->f32("second_moment");
+  auto clocks = snap->u64s("worker_clocks");
+  auto joined_at = snap->u64s("joined_at");
+  for (const Status* s : {&step.status(), &key_begin.status(), &key_end.status(), &version.status(),
+                          &params.status(), &velocity.status(), &second_moment.status(), &clocks.status(),
+                          &joined_at.status()})
+    if (!s->ok()) return fail(fmt::format("{}: {}", snap->path(), s->message()));
+  if (*key_begin != shard_->key_begin() || *key_end != shard_->key_end())
+    return fail(fmt::format("{} holds keys [{}, {}) but shard {} is [{}, {})", snap->path(), *key_begin, *key_end,
+                            rank_, shard_->key_begin(), shard_->key_end()));
+  Status st = shard_->restore(*params, *velocity, *second_moment, *version, *step);
+  if (st.ok()) st = shard_->restore_workers(*clocks, *joined_at);
+  if (st.ok() && shard_->downlink() && snap->has("published")) {
+    auto published = snap->f32("published");
+    auto published_version = snap->u64("published_version");
+    st = !published.ok() ? published.status()
+         : !published_version.ok() ? published_version.status()
+                                   : shard_->restore_published(*published, *published_version);
+  }
+  if (!st.ok()) return fail(fmt::format("{}: {}", snap->path(), st.message()));
+  initialised_ = true;
+  running_ = true;
+  last_snapshot_step_ = *step;
+  log_.write({{"event", "restored"}, {"step", *step}, {"version", *version}, {"file", snap->path()},
+              {"worker_clocks", *clocks}, {"skipped", skipped}});
+  spdlog::info("server {}: took the dead server's place from {} (step {}, version {})", rank_, snap->path(), *step,
+               *version);
+  Header h;
+  h.type = MessageType::kServerRestored;
+  h.sender = rank_;
+  h.clock = *step;
+  h.base_version = *version;
+  auto r = net::send(control_, protocol::encode_control(h, protocol::encode_clocks(*clocks)));
+  if (!r.ok()) spdlog::warn("server {}: cannot reach the scheduler: {}", rank_, r.status().message());
+  return true;
 }
 
 void Server::count_malformed(const std::string& peer, const Status& why) {
@@ -476,11 +560,17 @@ void Server::handle_data(net::Received& received) {
     }
     if (!initialised_) return count_malformed(peer, failed_precondition("push before initialisation"));
     Stopwatch sw;
-    Status s = shard_->add_push(h.sender, h.clock, h.base_version, *data, owned);
+    // The route first: add_push keeps `owned`, which holds it.
+    zmq::message_t route;
+    route.copy(r.routing_id);
+    const bool resent = (h.flags & protocol::kFlagResent) != 0;
+    const uint64_t base_version = resent ? std::min(h.base_version, shard_->version()) : h.base_version;
+    Status s = shard_->add_push(h.sender, h.clock, base_version, *data, owned);
     if (!s.ok()) {
       ++stats_.pushes_rejected;
       return count_malformed(peer, s);
     }
+    if (h.sender < worker_routes_.size()) worker_routes_[h.sender] = std::move(route);
     shard_->apply_ready();
     stats_.apply_seconds += sw.seconds();
     record_handled();
@@ -495,10 +585,16 @@ void Server::handle_data(net::Received& received) {
     if (!initialised_) return count_malformed(peer, failed_precondition("pull before initialisation"));
     // A worker waits for each pull before the next, so one held pull per
     // worker is all a valid job needs; more is a flood and would grow the queue.
-    for (const auto& p : pending_pulls_)
-      if (p.worker == h.sender)
+    // A worker that reconnected (its server was replaced) asks again on its
+    // new connection: that pull takes the old one's place.
+    for (auto it = pending_pulls_.begin(); it != pending_pulls_.end(); ++it) {
+      if (it->worker != h.sender) continue;
+      if (net::routing_id_hex(it->routing_id) == peer)
         return count_malformed(peer, failed_precondition(fmt::format(
-                                         "a second pull from worker {} while its clock-{} pull waits", h.sender, p.clock)));
+                                         "a second pull from worker {} while its clock-{} pull waits", h.sender, it->clock)));
+      pending_pulls_.erase(it);
+      break;
+    }
     PendingPull pull{std::move(r.routing_id), h.sender, h.clock, (h.flags & protocol::kFlagHaveVersion) != 0,
                      h.base_version, clock_.seconds(), (h.flags & protocol::kFlagExact) != 0};
     if (shard_->may_answer_pull(h.clock)) {

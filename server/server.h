@@ -86,6 +86,15 @@ class Server {
   // checkpoint.resume: loads this rank's shard from the newest complete
   // snapshot; false (after telling the scheduler) when it cannot.
   bool resume_shard();
+  // The scheduler assigned this server a dead server's shard
+  // (cluster.on_server_loss: replace): loads that rank's newest snapshot,
+  // with each worker's clock, and tells the scheduler (kServerRestored)
+  // where each worker's pushes must start again; false (after telling the
+  // scheduler why) when it cannot.
+  bool restore_replacement();
+  // on_server_loss: replace: tells each live worker that the snapshot just
+  // written holds its pushes before its clock there, so it can drop them.
+  void notify_snapshot(const std::vector<uint64_t>& clocks);
   void send_control(protocol::MessageType type, protocol::Bytes payload = {});
   // Answers (kJoin) or echoes (kJoinAt) the scheduler's join message `m` with `clock`.
   void reply_join(const protocol::MessageView& m, uint64_t clock);
@@ -114,6 +123,10 @@ class Server {
   uint32_t rank_ = 0;
   uint32_t num_workers_ = 0;
   bool initialised_ = false;
+  bool replacing_ = false;  // assigned a dead server's shard (kFlagRejoin)
+  // Per worker: the routing id its last valid push came from (the
+  // snapshot notices go there); empty until it pushed.
+  std::vector<zmq::message_t> worker_routes_;
   bool running_ = false;
   bool done_ = false;
   int exit_status_ = 0;

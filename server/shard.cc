@@ -480,6 +480,36 @@ Status Shard::set_worker_clock(uint32_t w, uint64_t clock) {
   return {};
 }
 
+std::vector<uint64_t> Shard::worker_clocks() const {
+  std::vector<uint64_t> clocks(pushed_.size());
+  for (uint32_t w = 0; w < pushed_.size(); ++w) {
+    // Aggregating: clocks before version_ are applied and the pushes from
+    // there on are held (not in the parameters); a worker that joined later
+    // pushed nothing before its join clock.
+    const uint64_t c = policy_->apply_on_arrival() ? pushed_.clock(w)
+                                                   : std::max(joined_at_[w], std::min(pushed_.clock(w), version_));
+    clocks[w] = pushed_.live(w) ? c : kWorkerGone;
+  }
+  return clocks;
+}
+
+Status Shard::restore_workers(std::span<const uint64_t> clocks, std::span<const uint64_t> joined_at) {
+  if (clocks.size() != pushed_.size() || joined_at.size() != pushed_.size())
+    return invalid_argument(fmt::format("the snapshot lists {} workers' clocks, this job has {} workers",
+                                        clocks.size(), pushed_.size()));
+  for (uint32_t w = 0; w < pushed_.size(); ++w) {
+    pending_[w].clear();
+    if (clocks[w] == kWorkerGone) {
+      pushed_.mark_dead(w);
+      continue;
+    }
+    pushed_.mark_live(w);
+    pushed_.set_clock(w, clocks[w]);
+    joined_at_[w] = joined_at[w];
+  }
+  return {};
+}
+
 bool Shard::may_answer_pull(uint64_t clock) const { return policy_->may_answer_pull(clock, version_, pushed_); }
 
 bool Shard::changed_since(uint64_t since_version, size_t limit, std::vector<uint32_t>& keys) const {

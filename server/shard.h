@@ -154,6 +154,18 @@ class Shard {
   Status restore_published(std::span<const float> published, uint64_t published_version);
   uint64_t published_version() const { return published_version_; }
 
+  // Per worker, the clock of its first push the parameters do not hold yet
+  // (a held aggregating push is not held by them), or kWorkerGone for a
+  // worker that left the job: with joined_at(), what a snapshot needs so a
+  // server replacing this one can restore() and then restore_workers() to
+  // take each worker's pushes from exactly there.
+  static constexpr uint64_t kWorkerGone = UINT64_MAX;
+  std::vector<uint64_t> worker_clocks() const;
+  std::span<const uint64_t> joined_at() const { return joined_at_; }
+  // After restore(): every worker at its own clock (kWorkerGone: dead) and
+  // join clock. Fails, changing nothing, on a size mismatch.
+  Status restore_workers(std::span<const uint64_t> clocks, std::span<const uint64_t> joined_at);
+
   // Aggregating policies: applies every complete clock; returns how many.
   int apply_ready();
   // Worker `w` left the job: its held push is dropped and nobody waits for it.

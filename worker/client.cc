@@ -92,7 +92,14 @@ Status PsClient::handle_scheduler_message(const protocol::MessageView& m) {
     case MessageType::kBarrierRelease:
       released_ = true;
       start_clock_ = m.header.clock;
+      next_push_clock_ = start_clock_;
       return {};
+    case MessageType::kServerMoved: {
+      auto endpoint = protocol::decode_text(m.frame1);
+      if (!endpoint.ok() || m.header.shard >= servers_.size())
+        return malformed("unreadable server_moved message from the scheduler");
+      return move_server(m.header.shard, *endpoint, m.header.clock);
+    }
     case MessageType::kShutdown: {
       auto text = protocol::decode_text(m.frame1);
       shutdown_seen_ = true;
@@ -157,14 +164,83 @@ Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
         ep->host, ep->port, cfg_.cluster.connect_timeout_ms,
         fmt::format("server {} (the address it advertised; see cluster.advertise_host)", i)));
   }
-  for (const auto& shard : assign_.shards) {
-    servers_.push_back(net::make_socket(ctx_, net::SocketKind::kDealer));
-    servers_.back().set(zmq::sockopt::sndhwm, kDataSendHighWaterMark);
-    net::make_curve_client(servers_.back(), curve_);
-    servers_.back().connect(shard.endpoint);
-  }
+  for (const auto& shard : assign_.shards) servers_.push_back(connect_server(shard.endpoint));
   versions_.assign(assign_.shards.size(), 0);
   pulled_.assign(assign_.shards.size(), false);
+  retain_ = cfg_.cluster.on_server_loss == config::ServerLoss::kReplace && cfg_.checkpoint.interval > 0;
+  retained_.clear();
+  retained_.resize(assign_.shards.size());
+  return {};
+}
+
+zmq::socket_t PsClient::connect_server(const std::string& endpoint) {
+  zmq::socket_t sock = net::make_socket(ctx_, net::SocketKind::kDealer);
+  sock.set(zmq::sockopt::sndhwm, kDataSendHighWaterMark);
+  net::make_curve_client(sock, curve_);
+  sock.connect(endpoint);
+  return sock;
+}
+
+Status PsClient::send_push(size_t s, uint64_t clock, protocol::EncodedMessage&& m) {
+  next_push_clock_ = clock + 1;
+  if (retain_) {
+    RetainedPush copy{clock, {m.header, protocol::Frame::copy_of(m.frame1), protocol::Frame::copy_of(m.frame2)}};
+    retained_bytes_ += copy.msg.total_bytes();
+    retained_[s].push_back(std::move(copy));
+    if (retained_bytes_ > static_cast<uint64_t>(cfg_.cluster.replay_buffer_mb) << 20) {
+      spdlog::warn("worker {}: the pushes since the servers' last snapshots exceed cluster.replay_buffer_mb ({} MiB); "
+                   "dropped: a server replaced before its next snapshot cannot get them back",
+                   assign_.rank, cfg_.cluster.replay_buffer_mb);
+      for (auto& q : retained_) q.clear();
+      retained_bytes_ = 0;
+    }
+  }
+  return send_to_server(s, std::move(m));
+}
+
+void PsClient::drop_retained(size_t s, uint64_t clock) {
+  auto& q = retained_[s];
+  while (!q.empty() && q.front().clock < clock) {
+    retained_bytes_ -= q.front().msg.total_bytes();
+    q.pop_front();
+  }
+}
+
+Status PsClient::move_server(size_t s, const std::string& endpoint, uint64_t clock) {
+  if (!retain_) return failed_precondition(fmt::format("server {} was replaced, but this worker keeps no pushes to "
+                                                       "send it again (cluster.on_server_loss)", s));
+  auto& q = retained_[s];
+  // Every push from `clock` to the last one must be here (they are contiguous).
+  const bool held = clock <= next_push_clock_ && (q.empty() ? clock == next_push_clock_ : q.front().clock <= clock);
+  if (!held)
+    return failed_precondition(fmt::format(
+        "server {}'s replacement restored a snapshot that lacks this worker's pushes from clock {} on, and this "
+        "worker no longer holds them (it holds {}; cluster.replay_buffer_mb is {} MiB)",
+        s, clock, q.empty() ? std::string("none") : fmt::format("clocks {} to {}", q.front().clock, q.back().clock),
+        cfg_.cluster.replay_buffer_mb));
+  servers_[s].set(zmq::sockopt::linger, 0);  // what waits for the dead server is dropped
+  servers_[s].close();
+  servers_[s] = connect_server(endpoint);
+  assign_.shards[s].endpoint = endpoint;
+  pulled_[s] = false;  // the new server answers the next pull densely
+  uint64_t resent = 0, bytes = 0;
+  for (auto& p : q) {
+    if (p.clock < clock) continue;
+    auto h = protocol::decode_header(p.msg.header);
+    if (!h.ok()) return h.status().with_context("a kept push");
+    h->flags |= protocol::kFlagResent;
+    p.msg.header = protocol::encode_header(*h);
+    auto r = net::send(servers_[s], p.msg, nullptr);
+    if (!r.ok()) return r.status().with_context(fmt::format("resending to server {}", s));
+    ++resent;
+    bytes += *r;
+  }
+  drop_retained(s, clock);
+  counters_.pushes_resent += resent;
+  counters_.bytes_resent += bytes;
+  spdlog::info("worker {}: server {} moved to {}; resent {} pushes (clocks {} to {})", assign_.rank, s, endpoint,
+               resent, clock, next_push_clock_);
+  if (pull_.active && !pull_.got[s]) return request_pull(s);
   return {};
 }
 
@@ -209,30 +285,40 @@ Status PsClient::start_barrier() {
   return {};
 }
 
+Status PsClient::request_pull(size_t s) {
+  const auto& shard = assign_.shards[s];
+  Header h;
+  h.type = MessageType::kPullRequest;
+  h.sender = assign_.rank;
+  h.clock = pull_.clock;
+  h.shard = static_cast<uint32_t>(s);
+  h.key_begin = shard.key_begin;
+  h.key_end = shard.key_end;
+  if (pull_.exact) {
+    h.flags = protocol::kFlagExact;
+  } else if (pulled_[s]) {
+    h.flags = protocol::kFlagHaveVersion;
+    h.base_version = versions_[s];
+  }
+  return send_to_server(s, protocol::encode_control(h));
+}
+
 Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullChanges* changes, bool exact) {
   if (changes != nullptr) changes->clear();
   refused_shards_.clear();
   const uint64_t pulled_before = counters_.bytes_pulled;
   Stopwatch wait;
   const size_t n = servers_.size();
-  for (size_t s = 0; s < n; ++s) {
-    const auto& shard = assign_.shards[s];
-    Header h;
-    h.type = MessageType::kPullRequest;
-    h.sender = assign_.rank;
-    h.clock = clock;
-    h.shard = static_cast<uint32_t>(s);
-    h.key_begin = shard.key_begin;
-    h.key_end = shard.key_end;
-    if (exact) {
-      h.flags = protocol::kFlagExact;
-    } else if (pulled_[s]) {
-      h.flags = protocol::kFlagHaveVersion;
-      h.base_version = versions_[s];
-    }
-    SPS_RETURN_IF_ERROR(send_to_server(s, protocol::encode_control(h)));
-  }
-  std::vector<bool> got(n, false);
+  pull_.active = true;
+  pull_.clock = clock;
+  pull_.exact = exact;
+  pull_.got.assign(n, false);
+  struct EndPull {
+    PullInFlight& p;
+    ~EndPull() { p.active = false; }
+  } end_pull{pull_};
+  for (size_t s = 0; s < n; ++s) SPS_RETURN_IF_ERROR(request_pull(s));
+  std::vector<bool>& got = pull_.got;
   size_t remaining = n;
   uint64_t min_version = UINT64_MAX;
   std::vector<zmq::socket_t*> socks;
@@ -245,6 +331,10 @@ Result<uint64_t> PsClient::pull(uint64_t clock, std::span<float> params, PullCha
       while (auto r = net::try_recv(servers_[s], false)) {
         auto m = net::decode(*r);
         if (!m.ok()) return m.status().with_context(fmt::format("pull response from server {}", s));
+        if (m->header.type == MessageType::kSnapshotted) {
+          drop_retained(s, m->header.clock);
+          continue;
+        }
         const auto& shard = assign_.shards[s];
         auto data = protocol::decode_data(*m, shard.key_begin, shard.key_end, scratch_);
         if (!data.ok()) return data.status().with_context(fmt::format("pull response from server {}", s));
@@ -326,7 +416,7 @@ Status PsClient::push_sparse(uint64_t clock, const kernels::SparseVector& sel, V
                                      std::span(sel.values).subspan(begin, pos - begin), protocol::wire_value_type(values), &pool_,
                                      runs_);
     counters_.bytes_pushed += msg.total_bytes();
-    SPS_RETURN_IF_ERROR(send_to_server(s, std::move(msg)));
+    SPS_RETURN_IF_ERROR(send_push(s, clock, std::move(msg)));
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
     counters_.nnz_pushed += pos - begin;
   }
@@ -353,7 +443,7 @@ Status PsClient::push_dense(uint64_t clock, std::span<const float> values, Value
     auto msg = protocol::encode_data(h, {}, values.subspan(shard.key_begin, shard.key_end - shard.key_begin),
                                      protocol::wire_value_type(format), &pool_, runs_);
     counters_.bytes_pushed += msg.total_bytes();
-    SPS_RETURN_IF_ERROR(send_to_server(s, std::move(msg)));
+    SPS_RETURN_IF_ERROR(send_push(s, clock, std::move(msg)));
     counters_.bytes_pushed_dense_equivalent += protocol::kHeaderBytes + 4 * uint64_t{shard.key_end - shard.key_begin};
     counters_.nnz_pushed += shard.key_end - shard.key_begin;
   }

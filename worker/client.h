@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <span>
 #include <string>
 #include <utility>
@@ -32,6 +33,10 @@ struct ClientCounters {
   uint64_t bytes_pulled = 0;
   uint64_t sparse_pulls = 0;  // shard pulls answered with changed keys only
   uint64_t nnz_pushed = 0;
+  // cluster.on_server_loss: replace: pushes sent again to servers that took
+  // a dead one's place (not in bytes_pushed), and their bytes.
+  uint64_t pushes_resent = 0;
+  uint64_t bytes_resent = 0;
 };
 
 // What a pull rewrote in the caller's buffer: whole key ranges (shards that
@@ -120,6 +125,18 @@ class PsClient {
   Status check_alive();
   void heartbeat_if_due();
   Status send_to_server(size_t s, protocol::EncodedMessage&& m);
+  // Sends a push and, with cluster.on_server_loss: replace, keeps a copy
+  // until a snapshot of that shard holds it.
+  Status send_push(size_t s, uint64_t clock, protocol::EncodedMessage&& m);
+  zmq::socket_t connect_server(const std::string& endpoint);
+  // Sends shard s's pull request for the pull in progress.
+  Status request_pull(size_t s);
+  // kServerMoved: shard s is served by a new process at `endpoint`, which
+  // lacks this worker's pushes from `clock` on: reconnect, send them again,
+  // and ask again for the pull in progress.
+  Status move_server(size_t s, const std::string& endpoint, uint64_t clock);
+  // kSnapshotted: shard s's snapshot holds this worker's pushes before `clock`.
+  void drop_retained(size_t s, uint64_t clock);
   Status send_control(protocol::MessageType type, protocol::Bytes payload = {});
   // cluster.link_mbps: waits as long as `bytes` take on the emulated link in
   // one direction, queued behind that direction's earlier transfers.
@@ -152,6 +169,26 @@ class PsClient {
   double downlink_free_at_ = 0;
   std::vector<uint64_t> versions_;  // per shard: the version last pulled
   std::vector<bool> pulled_;        // per shard: pulled at least once
+  // The pull in progress (a replaced server is asked again).
+  struct PullInFlight {
+    bool active = false;
+    uint64_t clock = 0;
+    bool exact = false;
+    std::vector<bool> got;  // per shard: answered
+  };
+  PullInFlight pull_;
+  // on_server_loss: replace. Per shard, copies of the pushes no snapshot of
+  // it holds yet, contiguous in clock and ending at the last push (cleared
+  // when over cluster.replay_buffer_mb: a replacement before the next
+  // snapshot then fails, saying so).
+  struct RetainedPush {
+    uint64_t clock = 0;
+    protocol::EncodedMessage msg;
+  };
+  bool retain_ = false;
+  std::vector<std::deque<RetainedPush>> retained_;
+  uint64_t retained_bytes_ = 0;
+  uint64_t next_push_clock_ = 0;  // the clock of this worker's next push
   std::vector<uint32_t> refused_shards_;  // the last pull's PUSH_REFUSED flags, ascending
   std::vector<ScaleRun> runs_;  // one shard message's scale runs (reused)
   // Push frames are encoded straight into pooled buffers that ZeroMQ adopts

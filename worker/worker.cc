@@ -602,6 +602,8 @@ TrainResult Worker::finish_impl(const Dataset* train_set, const Dataset* test_se
                {"bytes_pushed_dense_equivalent", c.bytes_pushed_dense_equivalent},
                {"bytes_pulled", c.bytes_pulled},
                {"nnz_pushed", c.nnz_pushed},
+               {"pushes_resent", c.pushes_resent},
+               {"bytes_resent", c.bytes_resent},
                {"residual_norm", std::sqrt(w.compression->residual_norm_sq())},
                {"pushes_refused", w.pushes_refused},
                {"values_refused", w.values_refused},

@@ -104,6 +104,12 @@ TEST(ConfigTest, CrossKeyRules) {
   expect_error("compression:\n  method: randomk\n  randomk_unbiased: true\n", "error_feedback: none");
   expect_error("cluster:\n  heartbeat_ms: 1000\n  heartbeat_timeout_ms: 500\n", "must exceed cluster.heartbeat_ms");
   expect_error("run:\n  name: a/b\n", "run.name");
+  // Where the key was set, and why it cannot work.
+  expect_error("run:\n  name: x\ncluster:\n  on_server_loss: replace\n",
+               "job.yaml:4:3: cluster.on_server_loss: replace restores the dead server's shard from its newest "
+               "snapshot, which needs checkpoint.interval > 0");
+  auto ok = load_from_string("cluster:\n  on_server_loss: replace\ncheckpoint:\n  interval: 10\n", "job.yaml");
+  EXPECT_TRUE(ok.ok()) << ok.status().message();
 }
 
 TEST(ConfigTest, AdaptiveOptimizersNeedGradientPushesAndNoSgdMomentum) {

@@ -105,5 +105,15 @@ int main(int argc, char** argv) {
   }
   h.type = MessageType::kBarrierRelease;
   write(dir + "/barrier_release_at", encode_control(h));
+  // A server replacing a dead one: its restore report (a clock per worker,
+  // one gone), the scheduler's move notice, a snapshot notice.
+  h.type = MessageType::kServerRestored;
+  const uint64_t clocks[] = {200, 203, kWorkerGone};
+  write(dir + "/server_restored", encode_control(h, encode_clocks(clocks)));
+  h.type = MessageType::kServerMoved;
+  h.shard = 1;
+  write(dir + "/server_moved", encode_control(h, encode_text("tcp://127.0.0.1:40123")));
+  h.type = MessageType::kSnapshotted;
+  write(dir + "/snapshotted", encode_control(h));
   return 0;
 }

@@ -57,6 +57,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* bytes, size_t size) {
       (void)decode_done(m->frame1);
       (void)decode_text(m->frame1);
       (void)decode_rank(m->frame1);
+      (void)decode_clocks(m->frame1);
       (void)decode_server_report(m->frame1);
       break;
   }

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include "common/snapshot.h"
@@ -195,6 +196,118 @@ TEST(ResumeTest, ResumeWithoutSnapshotsFailsFastAndSaysWhy) {
   const std::string out = read_text(job.path("scheduler.out"));
   EXPECT_NE(out.find("cannot resume"), std::string::npos) << out;
   EXPECT_NE(out.find("checkpoints"), std::string::npos) << out;
+}
+
+// cluster.on_server_loss: replace. A server is SIGKILLed some steps after its
+// snapshot and a new process takes its place while the workers wait: it
+// loads the snapshot and the workers send it again every push since. From
+// the servers' own apply logs, every (worker, clock) is applied exactly once
+// on the surviving shard, and on the replaced shard once after its restore
+// from the snapshot's clock on; in bsp the final parameters are bit for bit
+// those of a run that was never interrupted.
+class ServerReplacementTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwice) {
+  const std::string mode = GetParam();
+  const std::vector<std::string> extra = {"consistency.mode=" + mode, "cluster.on_server_loss=replace"};
+  const int64_t steps = 600;
+  std::vector<float> expected;
+  if (mode == "bsp") {
+    Job reference("replace_server_reference", 2, 2, resume_sets(extra));
+    ASSERT_TRUE(reference.start());
+    ASSERT_TRUE(reference.wait_all(120));
+    ASSERT_EQ(reference.scheduler.exit_status(), 0) << read_text(reference.path("scheduler.out"));
+    expected = read_f32(reference.path("params.f32"));
+    ASSERT_FALSE(expected.empty());
+  }
+  Job job("replace_server_" + mode, 2, 2, resume_sets(extra));
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 200, "server", 1), 60))
+      << read_text(job.path("scheduler.out"));
+  // Some steps after the snapshot (4 ms each), so there is something to resend.
+  std::this_thread::sleep_for(std::chrono::milliseconds(120));
+  job.servers[1].send_signal(SIGKILL);
+  EXPECT_EQ(job.servers[1].wait(10), 128 + SIGKILL);
+  job.start_server(1);  // servers[2]
+  ASSERT_TRUE(job.wait_all(120)) << "the job hung after a server was replaced";
+  const std::string sched_out = read_text(job.path("scheduler.out"));
+  ASSERT_EQ(job.scheduler.exit_status(), 0) << sched_out;
+  EXPECT_EQ(job.servers[0].exit_status(), 0);
+  EXPECT_EQ(job.servers[2].exit_status(), 0) << read_text(job.path("server-1.out"));
+  for (auto& p : job.workers) EXPECT_EQ(p.exit_status(), 0);
+  const auto summary = read_json(job.path("summary.json"));
+  EXPECT_EQ(summary["steps"].get<int64_t>(), steps);
+  ASSERT_EQ(summary["replaced_servers"].size(), 1u) << summary.dump();
+  EXPECT_EQ(summary["replaced_servers"][0]["rank"].get<int>(), 1);
+  const auto restored_step = summary["replaced_servers"][0]["step"].get<int64_t>();
+  EXPECT_GE(restored_step, 200);
+
+  // The replaced shard: its log holds the dead process's lines, then the
+  // replacement's "restored" event with each worker's clock, then applies.
+  std::vector<uint64_t> from;
+  std::map<uint32_t, std::vector<uint64_t>> after_restore;
+  int64_t applied_by_dead = -1;
+  for (const auto& line : read_jsonl(job.path("server-1.jsonl"))) {
+    const std::string event = line.value("event", "");
+    if (event == "restored") {
+      from = line["worker_clocks"].get<std::vector<uint64_t>>();
+      after_restore.clear();
+    } else if (event == "apply" && !from.empty()) {
+      after_restore[line["worker"].get<uint32_t>()].push_back(line["clock"].get<uint64_t>());
+    } else if (event == "apply") {
+      applied_by_dead = std::max<int64_t>(applied_by_dead, line["clock"].get<int64_t>());
+    }
+  }
+  ASSERT_EQ(from.size(), 2u) << "no restore in server-1.jsonl";
+  uint64_t resent_any = 0;
+  for (uint32_t w = 0; w < 2; ++w) {
+    std::vector<uint64_t> want;
+    for (uint64_t c = from[w]; c < static_cast<uint64_t>(steps); ++c) want.push_back(c);
+    EXPECT_EQ(after_restore[w], want) << "worker " << w << "'s clocks on the replaced shard after its restore";
+    resent_any += applied_by_dead >= 0 && static_cast<int64_t>(from[w]) <= applied_by_dead ? 1 : 0;
+  }
+  EXPECT_GT(resent_any, 0u) << "the dead server had applied nothing after its snapshot: nothing was resent";
+  // The surviving shard saw each clock once.
+  std::map<uint32_t, std::vector<uint64_t>> applied;
+  for (const auto& line : read_jsonl(job.path("server-0.jsonl")))
+    if (line.value("event", "") == "apply") applied[line["worker"].get<uint32_t>()].push_back(line["clock"].get<uint64_t>());
+  for (uint32_t w = 0; w < 2; ++w) {
+    ASSERT_EQ(applied[w].size(), static_cast<size_t>(steps)) << "worker " << w << " on server 0";
+    for (int64_t c = 0; c < steps; ++c) ASSERT_EQ(applied[w][c], static_cast<uint64_t>(c));
+  }
+  EXPECT_NE(read_text(job.path("worker-0.out")).find("resent"), std::string::npos);
+
+  if (mode == "bsp") {
+    const std::vector<float> got = read_f32(job.path("params.f32"));
+    ASSERT_EQ(got.size(), expected.size());
+    size_t differ = 0;
+    for (size_t i = 0; i < got.size(); ++i)
+      differ += std::bit_cast<uint32_t>(got[i]) != std::bit_cast<uint32_t>(expected[i]) ? 1 : 0;
+    EXPECT_EQ(differ, 0u) << "the run with a replaced server differs from the uninterrupted one in " << differ
+                          << " of " << got.size() << " parameters";
+  } else {
+    EXPECT_GT(summary["test_accuracy"].get<double>(), 0.6) << "the job did not learn";
+  }
+  std::cout << mode << ": server 1 restored from step " << restored_step << " (dead process had applied up to clock "
+            << applied_by_dead << "); workers resent from clocks " << from[0] << ", " << from[1] << "\n";
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, ServerReplacementTest, ::testing::Values("bsp", "asp"));
+
+TEST(ServerReplacementTest, WithoutAReplacementTheJobEndsAfterTheWaitNamingTheServer) {
+  Job job("replace_server_none", 2, 2,
+          resume_sets({"cluster.on_server_loss=replace", "cluster.startup_timeout_ms=5000"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 100, "server", 1), 60));
+  job.servers[1].send_signal(SIGKILL);
+  ASSERT_TRUE(job.wait_all(60)) << "the job hung without a replacement";
+  EXPECT_EQ(job.scheduler.exit_status(), 1);
+  const std::string out = read_text(job.path("scheduler.out"));
+  EXPECT_NE(out.find("waiting up to 5000 ms for a new server to take server 1's place"), std::string::npos) << out;
+  EXPECT_NE(out.find("server 1 died (its connection to the scheduler closed"), std::string::npos) << out;
+  EXPECT_NE(out.find("no new server took its place within cluster.startup_timeout_ms (5000 ms)"), std::string::npos)
+      << out;
+  for (int w = 0; w < 2; ++w) EXPECT_EQ(job.workers[w].exit_status(), 1);
 }
 
 }  // namespace

@@ -172,6 +172,35 @@ class LauncherTest(unittest.TestCase):
         self.assertEqual(r.returncode, 2)
         self.assertIn("--replace-workers needs cluster.on_worker_loss: continue", r.stderr)
 
+    def test_replace_servers_starts_a_new_server_from_the_dead_ones_snapshot(self):
+        # BSP: the job with a replaced server ends bit for bit as a straight run.
+        sets = ("training.steps=1500", "cluster.num_workers=2", "checkpoint.interval=100", "run.save_params=true",
+                "cluster.on_server_loss=replace", "workers.delay_ms=[2, 2]")
+        r = subprocess.run(self.launch("straight", *sets), capture_output=True, text=True, timeout=180)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        rc, out = self.run_until_snapshot_then_kill("server_replaced", 300, ("sps-server", "--rank 1"), sets,
+                                                    ["--replace-servers", "1"])
+        self.assertEqual(rc, 0, out)
+        self.assertIn("server-1 exited with status -9; a new server takes its place from its snapshot once the "
+                      "scheduler has written it off (replacement 1 of 1)", out)
+        self.assertRegex(out, r"servers replaced +1 \(from its snapshot of step [1-9]\d\d\)")
+        with open(os.path.join(self.tmp, "server_replaced", "summary.json")) as f:
+            s = json.load(f)
+        self.assertEqual(s["steps"], 1500)
+        self.assertEqual([r["rank"] for r in s["replaced_servers"]], [1], s)
+        self.assertNotIn("restarts", s)
+        with open(os.path.join(self.tmp, "straight", "params.f32"), "rb") as f:
+            straight = f.read()
+        with open(os.path.join(self.tmp, "server_replaced", "params.f32"), "rb") as f:
+            self.assertTrue(f.read() == straight, "the job with a replaced server differs from the straight run")
+        self.assertEqual(processes_mentioning(self.tmp), [])
+
+    def test_replace_servers_needs_replace(self):
+        r = subprocess.run(self.launch("replace_servers_abort") + ["--replace-servers", "1"],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--replace-servers needs cluster.on_server_loss: replace", r.stderr)
+
     def test_without_restarts_left_the_job_fails_with_the_cause(self):
         sets = ("training.steps=100000000", "cluster.num_workers=2", "checkpoint.interval=100")
         rc, out = self.run_until_snapshot_then_kill("no_restart", 100, ("sps-server", "--rank 0"), sets)
