@@ -288,11 +288,15 @@ size_t remove_snapshots(const std::string& dir) {
 
 void prune_snapshots(const std::string& dir, const std::string& role, uint32_t rank, int keep) {
   namespace fs = std::filesystem;
-  const auto steps = steps_in(dir);
   std::error_code ec;
-  for (size_t i = static_cast<size_t>(std::max(keep, 1)); i < steps.size(); ++i) {
-    fs::remove(snapshot_path(dir, steps[i], role, rank), ec);
-    fs::remove(snapshot_step_dir(dir, steps[i]), ec);  // only succeeds once empty
+  // Counted over this process's own files: other processes' newer step
+  // folders (a fast asp worker's) must not push its only snapshots out.
+  size_t kept = 0;
+  for (const uint64_t step : steps_in(dir)) {
+    const std::string path = snapshot_path(dir, step, role, rank);
+    if (!fs::exists(path, ec) || ++kept <= static_cast<size_t>(std::max(keep, 1))) continue;
+    fs::remove(path, ec);
+    fs::remove(snapshot_step_dir(dir, step), ec);  // only succeeds once empty
   }
 }
 

@@ -90,8 +90,9 @@ Result<Snapshot> newest_snapshot_of(const std::string& dir, const std::string& r
 // earlier run's snapshots must not resume from them later); returns how many.
 size_t remove_snapshots(const std::string& dir);
 
-// Deletes this process's files (role, rank) from all but the newest `keep`
-// steps, and step folders left empty.
+// Deletes this process's files (role, rank) but its newest `keep` (counted
+// over its own files: other processes' newer step folders do not count),
+// and step folders left empty.
 void prune_snapshots(const std::string& dir, const std::string& role, uint32_t rank, int keep);
 
 }  // namespace sps

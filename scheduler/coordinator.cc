@@ -49,6 +49,7 @@ struct Coordinator::Metrics {
   prometheus::Gauge* running = nullptr;
   prometheus::Counter* malformed = nullptr;
   prometheus::Counter* replaced = nullptr;
+  prometheus::Counter* servers_replaced = nullptr;
 };
 
 Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
@@ -105,6 +106,11 @@ Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
                               .Help("Dead workers whose place a new process took while the job ran")
                               .Register(r)
                               .Add({});
+    metrics_->servers_replaced = &prometheus::BuildCounter()
+                                      .Name("sps_scheduler_servers_replaced_total")
+                                      .Help("Dead servers whose shard a new process restored while the job ran")
+                                      .Register(r)
+                                      .Add({});
     auto ep = net::MetricsEndpoint::start(cfg_.metrics.bind_host, cfg_.metrics.port, metrics_->registry);
     if (!ep.ok()) throw std::runtime_error(ep.status().message());
     metrics_->endpoint = std::move(ep).value();
@@ -148,6 +154,9 @@ void Coordinator::update_metrics() {
   if (m > metrics_->malformed->Value()) metrics_->malformed->Increment(m - metrics_->malformed->Value());
   const double replaced = static_cast<double>(rejoined_.size());
   if (replaced > metrics_->replaced->Value()) metrics_->replaced->Increment(replaced - metrics_->replaced->Value());
+  const double servers = static_cast<double>(replaced_servers_.size());
+  if (servers > metrics_->servers_replaced->Value())
+    metrics_->servers_replaced->Increment(servers - metrics_->servers_replaced->Value());
 }
 
 uint32_t Coordinator::live_nodes(Role role) const {

@@ -223,11 +223,16 @@ void Server::handle_control(const net::Received& r) {
       auto w = protocol::decode_rank(m->frame1);
       if (!w.ok() || !shard_) break;
       shard_->remove_worker(*w);
+      if (*w < parked_.size()) {
+        for (const auto& p : parked_[*w]) parked_bytes_ -= p.bytes;
+        parked_[*w].clear();
+      }
       log_.write({{"event", "worker_dead"}, {"worker", *w}, {"version", shard_->version()}});
       spdlog::warn("server {}: worker {} left; continuing with {} workers", rank_, *w,
                    shard_->pushed().live_count());
       shard_->apply_ready();
       record_handled();
+      drain_parked();
       answer_pulls();
       snapshot_if_due();
       break;
@@ -306,6 +311,7 @@ void Server::on_assign(const protocol::AssignInfo& a) {
   shard_.emplace(s.key_begin, s.key_end, a.num_workers, Optimizer::from_config(cfg_, s.key_end - s.key_begin),
                  scheduler::make_policy(cfg_.consistency), cfg_.cluster.server_threads);
   worker_routes_.resize(a.num_workers);
+  parked_.resize(a.num_workers);
   // A resumed job, or a server taking a dead one's place, appends to the log.
   auto log = JsonlWriter::open(fmt::format("{}/server-{}.jsonl", cfg_.run_folder(), rank_),
                                cfg_.checkpoint.resume || replacing_);
@@ -564,6 +570,7 @@ void Server::handle_data(net::Received& received) {
     zmq::message_t route;
     route.copy(r.routing_id);
     const bool resent = (h.flags & protocol::kFlagResent) != 0;
+    if (resent && park_if_early(h, *data, owned, r.bytes())) return;
     const uint64_t base_version = resent ? std::min(h.base_version, shard_->version()) : h.base_version;
     Status s = shard_->add_push(h.sender, h.clock, base_version, *data, owned);
     if (!s.ok()) {
@@ -574,6 +581,7 @@ void Server::handle_data(net::Received& received) {
     shard_->apply_ready();
     stats_.apply_seconds += sw.seconds();
     record_handled();
+    drain_parked();
     answer_pulls();
     snapshot_if_due();
     return;
@@ -605,6 +613,47 @@ void Server::handle_data(net::Received& received) {
     return;
   }
   count_malformed(peer, malformed(fmt::format("a server does not take {} messages", protocol::message_type_name(h.type))));
+}
+
+bool Server::park_if_early(const Header& h, const protocol::DataView& data, std::shared_ptr<const void> owner,
+                           size_t bytes) {
+  if (h.sender >= parked_.size()) return false;
+  auto& q = parked_[h.sender];
+  const uint32_t w = h.sender;
+  const bool behind_parked = !q.empty() && h.clock == q.back().clock + 1;
+  const bool early = q.empty() && shard_->pushed().live(w) && h.clock == shard_->pushed().clock(w) &&
+                     !shard_->accepts_push(w, h.clock, std::min(h.base_version, shard_->version()));
+  // Bounded like the early messages; past it the push is refused as usual.
+  if ((!behind_parked && !early) || parked_bytes_ + bytes > kMaxEarlyBytes) return false;
+  q.push_back({std::move(owner), data, h.clock, h.base_version, bytes});
+  parked_bytes_ += bytes;
+  return true;
+}
+
+void Server::drain_parked() {
+  if (parked_bytes_ == 0) return;
+  for (bool progress = true; progress;) {
+    progress = false;
+    for (uint32_t w = 0; w < parked_.size(); ++w) {
+      auto& q = parked_[w];
+      while (!q.empty()) {
+        const ParkedPush& p = q.front();
+        const uint64_t base_version = std::min(p.base_version, shard_->version());
+        if (!shard_->accepts_push(w, p.clock, base_version)) break;
+        const Status s = shard_->add_push(w, p.clock, base_version, p.data, p.owner);
+        parked_bytes_ -= p.bytes;
+        q.pop_front();
+        if (!s.ok()) {  // accepts_push said yes: only a key outside the range gets here
+          ++stats_.pushes_rejected;
+          count_malformed(fmt::format("worker {}", w), s);
+          continue;
+        }
+        shard_->apply_ready();
+        progress = true;
+      }
+    }
+  }
+  record_handled();
 }
 
 void Server::record_handled() {

@@ -102,6 +102,23 @@ class Server {
   void handle_join(const protocol::MessageView& m);
   void finish(const std::string& reason);
   void send_report();
+  // Pushes a worker resends to a server that took a dead one's place come
+  // all at once, but an aggregating shard takes a worker's push only for the
+  // clock it aggregates: a resent push for a later clock waits here (per
+  // worker, in clock order) until the shard gets there. True when parked.
+  bool park_if_early(const protocol::Header& h, const protocol::DataView& data, std::shared_ptr<const void> owner,
+                     size_t bytes);
+  // Feeds parked pushes the shard takes now, applying as it goes.
+  void drain_parked();
+  struct ParkedPush {
+    std::shared_ptr<const void> owner;  // keeps data's arrays alive
+    protocol::DataView data;
+    uint64_t clock = 0;
+    uint64_t base_version = 0;
+    size_t bytes = 0;
+  };
+  std::vector<std::deque<ParkedPush>> parked_;
+  size_t parked_bytes_ = 0;
 
   config::Config cfg_;
   // security.curve: declared before the sockets so the authenticator

@@ -99,6 +99,10 @@ class Shard {
                   std::shared_ptr<const void> owner);
   Status add_push(uint32_t w, uint64_t clock, uint64_t base_version, std::span<const uint32_t> keys,
                   std::span<const float> values);
+  // Whether add_push would take worker w's push for `clock` now.
+  bool accepts_push(uint32_t w, uint64_t clock, uint64_t base_version) const {
+    return check_push(w, clock, base_version).ok();
+  }
 
   // Compressed pulls from now on: `selection` picks what each publish sends
   // of x - x_hat (its k counts keys of this shard); `values` is the wire

@@ -166,5 +166,22 @@ TEST(SnapshotTest, PruneKeepsTheNewestStepsOfOneProcess) {
   EXPECT_FALSE(fs::exists(snapshot_step_dir(dir, 5)));
 }
 
+// In asp a fast worker writes snapshots for steps the servers (whose step
+// is the slowest worker's) reach much later: a server keeps its own newest
+// files, however many newer step folders the worker made.
+TEST(SnapshotTest, PruneCountsOnlyTheProcessOwnFiles) {
+  const std::string dir = fresh_dir("prune_own");
+  for (uint64_t step : {100, 150, 200}) write_server(dir, step, 0);
+  for (uint64_t step : {250, 300, 350, 400}) write_worker(dir, step, 0);
+  prune_snapshots(dir, "server", 0, 2);
+  EXPECT_FALSE(fs::exists(snapshot_path(dir, 100, "server", 0)));
+  EXPECT_TRUE(fs::exists(snapshot_path(dir, 150, "server", 0)));
+  EXPECT_TRUE(fs::exists(snapshot_path(dir, 200, "server", 0)));
+  prune_snapshots(dir, "worker", 0, 2);
+  EXPECT_FALSE(fs::exists(snapshot_step_dir(dir, 250)));
+  EXPECT_TRUE(fs::exists(snapshot_path(dir, 350, "worker", 0)));
+  EXPECT_TRUE(fs::exists(snapshot_path(dir, 200, "server", 0)));
+}
+
 }  // namespace
 }  // namespace sps

@@ -147,6 +147,7 @@ class MetricsTest(unittest.TestCase):
                 self.assertLess(time.time(), deadline, "the server never dropped the dead worker")
                 time.sleep(0.2)
             self.assertEqual(sched["sps_scheduler_workers_replaced_total"], 0)
+            self.assertEqual(sched["sps_scheduler_servers_replaced_total"], 0)
             # The same command again: a new process takes worker 1's place.
             replacement = subprocess.Popen(worker_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
