@@ -297,6 +297,38 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
 
 INSTANTIATE_TEST_SUITE_P(Modes, ServerReplacementTest, ::testing::Values("bsp", "ssp", "asp"));
 
+// Dense pushes of the demo model are 31 KB a step, so a 1 MiB buffer is
+// full about 33 steps after a snapshot; the copies are dropped with a
+// warning and a replacement from that snapshot cannot be fed: the job ends
+// naming the key, instead of training on with pushes missing.
+TEST(ServerReplacementTest, AWorkerThatDroppedItsCopiesEndsTheJobNamingTheBuffer) {
+  Job job("replace_server_overflow", 2, 2,
+          resume_sets({"cluster.on_server_loss=replace", "cluster.replay_buffer_mb=1", "compression.method=dense",
+                       "checkpoint.interval=100"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 200, "server", 1), 60));
+  // Well past the overflow (about step 233), before the next snapshot (300).
+  size_t steps_seen = 0;
+  for (int i = 0; i < 2000 && steps_seen < 260; ++i) {
+    steps_seen = 0;
+    for (const auto& line : read_jsonl(job.path("worker-0.jsonl"))) steps_seen += line.contains("loss") ? 1 : 0;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_GE(steps_seen, 260u);
+  ASSERT_LT(steps_seen, 300u) << "the job ran past the next snapshot before the kill";
+  job.servers[1].send_signal(SIGKILL);
+  EXPECT_EQ(job.servers[1].wait(10), 128 + SIGKILL);
+  job.start_server(1);
+  ASSERT_TRUE(job.wait_all(60)) << "the job hung";
+  EXPECT_EQ(job.scheduler.exit_status(), 1);
+  const std::string out = read_text(job.path("scheduler.out"));
+  EXPECT_NE(out.find("lacks this worker's pushes from clock 200 on, and this worker no longer holds them"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("cluster.replay_buffer_mb is 1 MiB"), std::string::npos) << out;
+  EXPECT_NE(read_text(job.path("worker-0.out")).find("exceed cluster.replay_buffer_mb (1 MiB)"), std::string::npos);
+}
+
 TEST(ServerReplacementTest, WithoutAReplacementTheJobEndsAfterTheWaitNamingTheServer) {
   Job job("replace_server_none", 2, 2,
           resume_sets({"cluster.on_server_loss=replace", "cluster.startup_timeout_ms=5000"}));

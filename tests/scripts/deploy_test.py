@@ -238,6 +238,32 @@ class SshLaunchTest(unittest.TestCase):
             time.sleep(0.1)
         self.assertEqual(processes_mentioning(token), [])
 
+    def test_replace_servers_starts_the_replacement_on_the_dead_servers_host(self):
+        name = "ssh_replace_server"
+        p = subprocess.Popen(self.launch(name, "training.steps=1500", "checkpoint.interval=100",
+                                         "cluster.on_server_loss=replace") + ["--replace-servers", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        token = f"sps-launch-{name}-{p.pid}.json"
+        folder = os.path.join(self.tmp, name, "checkpoints", "step-000000000200")
+        deadline = time.time() + 90
+        while time.time() < deadline and not os.path.exists(os.path.join(folder, "server-1.snap")):
+            time.sleep(0.01)
+        victims = [pid for pid, cmd in sps_processes(token) if "sps-server --rank 1 " in cmd]
+        self.assertEqual(len(victims), 1)
+        os.kill(victims[0], signal.SIGKILL)
+        out, _ = p.communicate(timeout=180)
+        self.assertEqual(p.returncode, 0, out[-3000:])
+        self.assertIn("server-1@127.0.0.2 exited with status 137; a new server takes its place", out)
+        # The replacement runs where server 1 ran (its output has that host's prefix).
+        self.assertRegex(out, r"\[server-1@127\.0\.0\.2 *\] .*took the dead server's place from ")
+        s = read_summary(os.path.join(self.tmp, name))
+        self.assertEqual([r["rank"] for r in s["replaced_servers"]], [1], s)
+        self.assertEqual(s["steps"], 1500)
+        deadline = time.time() + 10
+        while time.time() < deadline and processes_mentioning(token):
+            time.sleep(0.1)
+        self.assertEqual(processes_mentioning(token), [])
+
     def test_an_unreachable_host_fails_before_anything_starts(self):
         bad = os.path.join(self.tmp, "bad_hosts.txt")
         with open(bad, "w") as f:
