@@ -297,6 +297,58 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
 
 INSTANTIATE_TEST_SUITE_P(Modes, ServerReplacementTest, ::testing::Values("bsp", "ssp", "asp"));
 
+// A replacement is a server like any other: when it dies too, the next one
+// restores (from the first's snapshot if it wrote one, else the same one)
+// and the workers resend from there again.
+TEST(ServerReplacementTest, WhenTheReplacementDiesTooTheNextOneTakesOver) {
+  Job job("replace_server_twice", 2, 2, resume_sets({"cluster.on_server_loss=replace"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 150, "server", 1), 60));
+  job.servers[1].send_signal(SIGKILL);
+  EXPECT_EQ(job.servers[1].wait(10), 128 + SIGKILL);
+  job.start_server(1);  // servers[2]
+  // Once it has restored and applied a while, it dies too.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  size_t applied_after_restore = 0;
+  while (applied_after_restore < 100 && std::chrono::steady_clock::now() < deadline) {
+    applied_after_restore = 0;
+    bool restored = false;
+    for (const auto& line : read_jsonl(job.path("server-1.jsonl"))) {
+      restored = restored || line.value("event", "") == "restored";
+      applied_after_restore += restored && line.value("event", "") == "apply" ? 1 : 0;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_GE(applied_after_restore, 100u) << read_text(job.path("server-1.out"));
+  job.servers[2].send_signal(SIGKILL);
+  EXPECT_EQ(job.servers[2].wait(10), 128 + SIGKILL);
+  job.start_server(1);  // servers[3]
+  ASSERT_TRUE(job.wait_all(120)) << "the job hung";
+  ASSERT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  EXPECT_EQ(job.servers[3].exit_status(), 0);
+  const auto summary = read_json(job.path("summary.json"));
+  ASSERT_EQ(summary["replaced_servers"].size(), 2u) << summary.dump();
+  EXPECT_EQ(summary["steps"].get<int64_t>(), 600);
+  // After the last restore, each worker's clocks on the shard run from its
+  // restored clock to the end, once each.
+  std::vector<uint64_t> from;
+  std::map<uint32_t, std::vector<uint64_t>> after;
+  for (const auto& line : read_jsonl(job.path("server-1.jsonl"))) {
+    if (line.value("event", "") == "restored") {
+      from = line["worker_clocks"].get<std::vector<uint64_t>>();
+      after.clear();
+    } else if (line.value("event", "") == "apply" && !from.empty()) {
+      after[line["worker"].get<uint32_t>()].push_back(line["clock"].get<uint64_t>());
+    }
+  }
+  ASSERT_EQ(from.size(), 2u);
+  EXPECT_GE(from[0], 150u);
+  for (uint32_t w = 0; w < 2; ++w) {
+    ASSERT_EQ(after[w].size(), 600 - from[w]) << "worker " << w;
+    for (size_t i = 0; i < after[w].size(); ++i) ASSERT_EQ(after[w][i], from[w] + i);
+  }
+}
+
 // Dense pushes of the demo model are 31 KB a step, so a 1 MiB buffer is
 // full about 33 steps after a snapshot; the copies are dropped with a
 // warning and a replacement from that snapshot cannot be fed: the job ends
