@@ -382,17 +382,20 @@ TEST(ServerReplacementTest, AWorkerThatDroppedItsCopiesEndsTheJobNamingTheBuffer
 }
 
 TEST(ServerReplacementTest, WithoutAReplacementTheJobEndsAfterTheWaitNamingTheServer) {
+  // The wait is cluster.startup_timeout_ms, which also bounds the job's own
+  // start: long enough for a loaded sanitizer run to register every node.
   Job job("replace_server_none", 2, 2,
-          resume_sets({"cluster.on_server_loss=replace", "cluster.startup_timeout_ms=5000"}));
+          resume_sets({"cluster.on_server_loss=replace", "cluster.startup_timeout_ms=30000"}));
   ASSERT_TRUE(job.start());
-  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 100, "server", 1), 60));
+  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 100, "server", 1), 60))
+      << read_text(job.path("scheduler.out"));
   job.servers[1].send_signal(SIGKILL);
-  ASSERT_TRUE(job.wait_all(60)) << "the job hung without a replacement";
+  ASSERT_TRUE(job.wait_all(90)) << "the job hung without a replacement";
   EXPECT_EQ(job.scheduler.exit_status(), 1);
   const std::string out = read_text(job.path("scheduler.out"));
-  EXPECT_NE(out.find("waiting up to 5000 ms for a new server to take server 1's place"), std::string::npos) << out;
+  EXPECT_NE(out.find("waiting up to 30000 ms for a new server to take server 1's place"), std::string::npos) << out;
   EXPECT_NE(out.find("server 1 died (its connection to the scheduler closed"), std::string::npos) << out;
-  EXPECT_NE(out.find("no new server took its place within cluster.startup_timeout_ms (5000 ms)"), std::string::npos)
+  EXPECT_NE(out.find("no new server took its place within cluster.startup_timeout_ms (30000 ms)"), std::string::npos)
       << out;
   for (int w = 0; w < 2; ++w) EXPECT_EQ(job.workers[w].exit_status(), 1);
 }
