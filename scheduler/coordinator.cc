@@ -385,6 +385,14 @@ Coordinator::Node& Coordinator::add_node(const std::string& key, net::Received& 
   return nodes_.emplace(key, std::move(n)).first->second;
 }
 
+void Coordinator::refuse_registration(const net::Received& received, const protocol::RegisterInfo& info,
+                                      const std::string& why) {
+  spdlog::warn("scheduler: refused registration from {} (pid {}): {}", info.host, info.pid, why);
+  Header err;
+  err.type = MessageType::kError;
+  (void)net::send(socket_, protocol::encode_control(err, protocol::encode_text(why)), &received.routing_id);
+}
+
 std::string Coordinator::server_endpoint_refusal(const protocol::RegisterInfo& info) const {
   if (info.endpoint.empty()) return "a server must report its data endpoint";
   auto ep = net::parse_tcp_endpoint(info.endpoint);
@@ -423,11 +431,7 @@ void Coordinator::handle_server_rejoin(const std::string& key, net::Received& re
     refusal = fmt::format("rank {} is already taken (server {} is alive)", wanted, wanted);
   else if (free.empty()) refusal = fmt::format("the job already has its {} servers, all alive", cfg_.cluster.num_servers);
   if (!refusal.empty()) {
-    spdlog::warn("scheduler: refused registration from {} (pid {}): {}", info.host, info.pid, refusal);
-    Header err;
-    err.type = MessageType::kError;
-    auto msg = protocol::encode_control(err, protocol::encode_text(refusal));
-    (void)net::send(socket_, msg, &received.routing_id);
+    refuse_registration(received, info, refusal);
     return;
   }
   const uint32_t rank = any_rank ? free.front() : wanted;
@@ -532,11 +536,7 @@ void Coordinator::handle_rejoin(const std::string& key, net::Received& received,
   else if (!any_rank && !std::binary_search(free_ranks.begin(), free_ranks.end(), wanted))
     refusal = fmt::format("rank {} is free but never ran in this job", wanted);
   if (!refusal.empty()) {
-    spdlog::warn("scheduler: refused registration from {} (pid {}): {}", info.host, info.pid, refusal);
-    Header err;
-    err.type = MessageType::kError;
-    auto msg = protocol::encode_control(err, protocol::encode_text(refusal));
-    (void)net::send(socket_, msg, &received.routing_id);
+    refuse_registration(received, info, refusal);
     return;
   }
   const uint32_t rank = any_rank ? free_ranks.front() : wanted;

@@ -109,6 +109,8 @@ class Coordinator {
   void handle_server_restored(Node& server, const protocol::MessageView& m);
   // Ranks of `role` whose node died and that no live node holds again, ascending.
   std::vector<uint32_t> free_ranks(protocol::Role role) const;
+  // Answers a registration it cannot take with the reason (and logs it).
+  void refuse_registration(const net::Received& received, const protocol::RegisterInfo& info, const std::string& why);
   // Why a server's registration cannot be taken ("" when it can).
   std::string server_endpoint_refusal(const protocol::RegisterInfo& info) const;
   void release_joined(Node& n);
