@@ -243,6 +243,15 @@ void Coordinator::handle(const std::string& key, net::Received& received, const 
   n.last_seen = clock_.seconds();
   switch (m.header.type) {
     case MessageType::kHeartbeat: {
+      if (!m.frame1.empty()) {
+        if (n.role == Role::kWorker) {
+          auto d = protocol::decode_done(m.frame1);
+          if (d.ok()) n.progress = *d; else ++malformed_;
+        } else {
+          auto r = protocol::decode_server_report(m.frame1);
+          if (r.ok()) n.server_progress = *r; else ++malformed_;
+        }
+      }
       Header h;
       h.type = MessageType::kHeartbeat;
       send_to(n, protocol::encode_control(h));
@@ -745,7 +754,8 @@ void Coordinator::check_reports() {
   for (const auto& [k, n] : nodes_)
     if (n.role == Role::kServer && n.alive && !n.server_report) all = false;
   if (!all && clock_.seconds() < finish_deadline_) return;
-  if (!all) spdlog::warn("scheduler: not every server sent its statistics; the summary lacks them");
+  if (!all)
+    spdlog::warn("scheduler: not every server sent its final statistics; the summary counts their last heartbeat's");
   write_summary();
   exit_status_ = 0;
   finished_ = true;
@@ -774,9 +784,15 @@ void Coordinator::write_summary() {
   protocol::DoneReport total;
   double train_loss = NAN, test_accuracy = NAN, last_batch_loss = NAN;
   double max_wall = 0;
+  // Nodes that died (or never reported) count with their last heartbeat's figures.
+  nlohmann::json from_heartbeats = nlohmann::json::array();
+  const auto note_heartbeat = [&](const Node& n) {
+    from_heartbeats.push_back({{"role", n.role == Role::kWorker ? "worker" : "server"}, {"rank", n.rank}});
+  };
   for (const auto& [k, n] : nodes_) {
-    if (n.role != Role::kWorker || !n.report) continue;
-    const auto& r = *n.report;
+    if (n.role != Role::kWorker || (!n.report && !n.progress)) continue;
+    if (!n.report) note_heartbeat(n);
+    const auto& r = n.report ? *n.report : *n.progress;
     total.steps = std::max(total.steps, r.steps);
     total.bytes_pushed += r.bytes_pushed;
     total.bytes_pushed_dense_equivalent += r.bytes_pushed_dense_equivalent;
@@ -785,20 +801,22 @@ void Coordinator::write_summary() {
     max_wall = std::max(max_wall, r.wall_seconds);
     if (std::isfinite(r.train_loss)) train_loss = r.train_loss;
     if (std::isfinite(r.test_accuracy)) test_accuracy = r.test_accuracy;
-    if (n.rank == 0) last_batch_loss = r.last_batch_loss;
+    if (n.rank == 0 && std::isfinite(r.last_batch_loss)) last_batch_loss = r.last_batch_loss;
   }
   CountHistogram staleness;
   LogHistogram pull_wait;
-  uint64_t sparse_pulls = 0, pulls = 0, malformed_at_servers = 0, refused_stale = 0;
+  uint64_t sparse_pulls = 0, pulls = 0, malformed_at_servers = 0, refused_stale = 0, applied = 0;
   for (const auto& [k, n] : nodes_) {
-    if (n.role != Role::kServer || !n.server_report) continue;
-    const auto& r = *n.server_report;
+    if (n.role != Role::kServer || (!n.server_report && !n.server_progress)) continue;
+    if (!n.server_report) note_heartbeat(n);
+    const auto& r = n.server_report ? *n.server_report : *n.server_progress;
     for (const auto& [value, count] : r.staleness) staleness.add(value, count);
     pull_wait.merge(LogHistogram::from_raw(r.wait_buckets, r.wait_sum, r.wait_max));
     sparse_pulls += r.sparse_pulls;
     pulls += r.pulls_answered;
     malformed_at_servers += r.malformed;
     refused_stale += r.pushes_refused_stale;
+    applied += r.pushes_applied;
   }
   auto policy = make_policy(cfg_.consistency);
   const uint64_t bound = policy->staleness_bound(static_cast<uint32_t>(cfg_.cluster.num_workers));
@@ -812,6 +830,7 @@ void Coordinator::write_summary() {
       {"max_push_staleness", cfg_.consistency.max_push_staleness < 0
                                  ? nlohmann::json(nullptr)
                                  : nlohmann::json(cfg_.consistency.max_push_staleness)},
+      {"pushes_applied", applied},
       {"pushes_refused_stale", refused_stale},
       {"pull_wait_seconds", pull_wait.summary()},
       {"pulls", pulls},
@@ -835,6 +854,7 @@ void Coordinator::write_summary() {
       {"dead_workers", dead_workers_},
       {"rejoined_workers", rejoined_},
       {"replaced_servers", replaced_servers_},
+      {"stats_from_heartbeats", from_heartbeats},
       {"malformed_messages_at_scheduler", malformed_},
       {"config", config::to_json(cfg_)},
   };

@@ -77,6 +77,10 @@ class Coordinator {
     bool done = false;
     std::optional<protocol::DoneReport> report;
     std::optional<protocol::ServerReport> server_report;
+    // The counters its last heartbeat carried: the summary's figures for a
+    // node that died before its final report.
+    std::optional<protocol::DoneReport> progress;
+    std::optional<protocol::ServerReport> server_progress;
     double last_seen = 0;
     int fd = -1;                      // its connection to the scheduler, until that closes
     bool connection_closed = false;   // the kernel closed it: the process exited or was killed

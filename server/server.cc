@@ -144,7 +144,9 @@ void Server::heartbeat_if_due() {
   if (done_) return;
   const double now = clock_.seconds();
   if ((now - last_heartbeat_sent_) * 1000.0 >= cfg_.cluster.heartbeat_ms) {
-    send_control(MessageType::kHeartbeat);
+    // The statistics so far ride along: a server killed before its report
+    // still counts in the summary (up to one heartbeat period short).
+    send_control(MessageType::kHeartbeat, protocol::encode_server_report(stats_report()));
     last_heartbeat_sent_ = now;
   }
   // A port that accepts connections but never answers (a wrong port, a
@@ -741,6 +743,10 @@ void Server::answer_pulls() {
 }
 
 void Server::send_report() {
+  send_control(MessageType::kServerReport, protocol::encode_server_report(stats_report()));
+}
+
+protocol::ServerReport Server::stats_report() const {
   protocol::ServerReport r;
   r.version = shard_ ? shard_->version() : 0;
   r.pushes_applied = stats_.pushes_applied;
@@ -755,7 +761,7 @@ void Server::send_report() {
   r.wait_buckets = stats_.pull_wait.buckets();
   r.wait_sum = stats_.pull_wait.sum();
   r.wait_max = stats_.pull_wait.max();
-  send_control(MessageType::kServerReport, protocol::encode_server_report(r));
+  return r;
 }
 
 void Server::finish(const std::string& reason) {

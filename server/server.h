@@ -102,6 +102,7 @@ class Server {
   void handle_join(const protocol::MessageView& m);
   void finish(const std::string& reason);
   void send_report();
+  protocol::ServerReport stats_report() const;
   // Pushes a worker resends to a server that took a dead one's place come
   // all at once, but an aggregating shard takes a worker's push only for the
   // clock it aggregates: a resent push for a later clock waits here (per

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <thread>
 
@@ -46,7 +47,19 @@ void PsClient::heartbeat_if_due() {
   const double now = clock_.seconds();
   if ((now - last_heartbeat_sent_) * 1000.0 < cfg_.cluster.heartbeat_ms) return;
   last_heartbeat_sent_ = now;
-  (void)send_control(MessageType::kHeartbeat);
+  // The counters so far ride along, so a worker killed before its kDone
+  // still counts in the job's totals (up to one heartbeat period short).
+  protocol::DoneReport progress;
+  progress.steps = next_push_clock_;
+  progress.bytes_pushed = counters_.bytes_pushed;
+  progress.bytes_pushed_dense_equivalent = counters_.bytes_pushed_dense_equivalent;
+  progress.bytes_pulled = counters_.bytes_pulled;
+  progress.nnz_pushed = counters_.nnz_pushed;
+  progress.train_loss = NAN;
+  progress.test_accuracy = NAN;
+  progress.last_batch_loss = NAN;
+  progress.wall_seconds = now;
+  (void)send_control(MessageType::kHeartbeat, protocol::encode_done(progress));
 }
 
 Status PsClient::check_alive() {

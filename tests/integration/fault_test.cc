@@ -5,6 +5,7 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <thread>
@@ -45,6 +46,7 @@ TEST(FaultTest, KilledWorkerIsDroppedAndTheJobCompletes) {
            "data.test_limit=500", "training.steps=1500", "training.batch_size=8"});
   ASSERT_TRUE(job.start());
   ASSERT_GE(wait_for_lines(job.path("worker-2.jsonl"), 50, 60), 50u) << "worker 2 never got going";
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // a few heartbeats with counters in them
   job.workers[2].send_signal(SIGKILL);
   ASSERT_TRUE(job.wait_all(120)) << "the job hung after a worker died";
   EXPECT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
@@ -65,6 +67,23 @@ TEST(FaultTest, KilledWorkerIsDroppedAndTheJobCompletes) {
   EXPECT_EQ(std::get<0>(dead[0]), "worker");
   EXPECT_EQ(std::get<1>(dead[0]), 2);
   EXPECT_NE(std::get<2>(dead[0]).find("connection to the scheduler closed"), std::string::npos) << std::get<2>(dead[0]);
+
+  // The dead worker's pushes count in the totals, from its last heartbeat:
+  // more than nothing, and no more than it logged plus the push in flight.
+  int64_t live_bytes = 0;
+  for (int w = 0; w < 2; ++w)
+    for (const auto& line : read_jsonl(job.path("worker-" + std::to_string(w) + ".jsonl")))
+      if (line.value("event", "") == "done") live_bytes += line["bytes_pushed"].get<int64_t>();
+  int64_t logged = 0, largest_step = 0;
+  for (const auto& line : read_jsonl(job.path("worker-2.jsonl")))
+    if (line.contains("step") && line.contains("bytes_pushed")) {
+      logged += line["bytes_pushed"].get<int64_t>();
+      largest_step = std::max(largest_step, line["bytes_pushed"].get<int64_t>());
+    }
+  const int64_t dead_share = s["bytes_pushed"].get<int64_t>() - live_bytes;
+  EXPECT_GT(dead_share, 0) << s.dump();
+  EXPECT_LE(dead_share, logged + largest_step) << "logged " << logged;
+  EXPECT_EQ(s["stats_from_heartbeats"], nlohmann::json::parse(R"([{"role": "worker", "rank": 2}])")) << s.dump();
 }
 
 TEST(FaultTest, AFrozenWorkerIsDeclaredDeadByItsSilence) {

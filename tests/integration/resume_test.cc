@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <thread>
 
 #include "common/snapshot.h"
@@ -250,6 +251,7 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
   std::vector<uint64_t> from;
   std::map<uint32_t, std::vector<uint64_t>> after_restore;
   int64_t applied_by_dead = -1;
+  int64_t applies_by_dead = 0, applies_after_restore = 0;
   for (const auto& line : read_jsonl(job.path("server-1.jsonl"))) {
     const std::string event = line.value("event", "");
     if (event == "restored") {
@@ -257,10 +259,19 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
       after_restore.clear();
     } else if (event == "apply" && !from.empty()) {
       after_restore[line["worker"].get<uint32_t>()].push_back(line["clock"].get<uint64_t>());
+      ++applies_after_restore;
     } else if (event == "apply") {
       applied_by_dead = std::max<int64_t>(applied_by_dead, line["clock"].get<int64_t>());
+      ++applies_by_dead;
     }
   }
+  // The dead server's applies count in the totals, from its last heartbeat:
+  // more than nothing, no more than it logged (server 0 applied 2 x steps).
+  const int64_t dead_share = summary["pushes_applied"].get<int64_t>() - 2 * steps - applies_after_restore;
+  EXPECT_GT(dead_share, 0) << summary.dump();
+  EXPECT_LE(dead_share, applies_by_dead);
+  EXPECT_EQ(summary["stats_from_heartbeats"], nlohmann::json::parse(R"([{"role": "server", "rank": 1}])"))
+      << summary.dump();
   ASSERT_EQ(from.size(), 2u) << "no restore in server-1.jsonl";
   uint64_t resent_any = 0;
   for (uint32_t w = 0; w < 2; ++w) {
@@ -347,6 +358,50 @@ TEST(ServerReplacementTest, WhenTheReplacementDiesTooTheNextOneTakesOver) {
     ASSERT_EQ(after[w].size(), 600 - from[w]) << "worker " << w;
     for (size_t i = 0; i < after[w].size(); ++i) ASSERT_EQ(after[w][i], from[w] + i);
   }
+}
+
+// Every server dies at once: nothing holds the parameters but the snapshots
+// and the workers' copies. Both ranks are replaced, each from its own newest
+// snapshot, and the job still ends bit for bit as an uninterrupted one.
+TEST(ServerReplacementTest, EveryServerKilledAtOnceIsReplacedAndTheRunIsBitIdentical) {
+  const std::vector<std::string> extra = {"cluster.on_server_loss=replace"};
+  Job reference("replace_all_servers_reference", 2, 2, resume_sets(extra));
+  ASSERT_TRUE(reference.start());
+  ASSERT_TRUE(reference.wait_all(120));
+  ASSERT_EQ(reference.scheduler.exit_status(), 0) << read_text(reference.path("scheduler.out"));
+  const std::vector<float> expected = read_f32(reference.path("params.f32"));
+  ASSERT_FALSE(expected.empty());
+
+  Job job("replace_all_servers", 2, 2, resume_sets(extra));
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 200, "server", 0), 60));
+  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 200, "server", 1), 60));
+  std::this_thread::sleep_for(std::chrono::milliseconds(120));
+  job.servers[0].send_signal(SIGKILL);
+  job.servers[1].send_signal(SIGKILL);
+  EXPECT_EQ(job.servers[0].wait(10), 128 + SIGKILL);
+  EXPECT_EQ(job.servers[1].wait(10), 128 + SIGKILL);
+  job.start_server(1);  // servers[2]
+  job.start_server(0);  // servers[3]
+  ASSERT_TRUE(job.wait_all(120)) << "the job hung after both servers were replaced";
+  ASSERT_EQ(job.scheduler.exit_status(), 0) << read_text(job.path("scheduler.out"));
+  for (auto& p : job.workers) EXPECT_EQ(p.exit_status(), 0);
+  const auto summary = read_json(job.path("summary.json"));
+  EXPECT_EQ(summary["steps"].get<int64_t>(), 600);
+  ASSERT_EQ(summary["replaced_servers"].size(), 2u) << summary.dump();
+  std::set<int> ranks;
+  for (const auto& r : summary["replaced_servers"]) {
+    ranks.insert(r["rank"].get<int>());
+    EXPECT_GE(r["step"].get<int64_t>(), 200);
+  }
+  EXPECT_EQ(ranks, (std::set<int>{0, 1}));
+  const std::vector<float> got = read_f32(job.path("params.f32"));
+  ASSERT_EQ(got.size(), expected.size());
+  size_t differ = 0;
+  for (size_t i = 0; i < got.size(); ++i)
+    differ += std::bit_cast<uint32_t>(got[i]) != std::bit_cast<uint32_t>(expected[i]) ? 1 : 0;
+  EXPECT_EQ(differ, 0u) << "differs from the uninterrupted run in " << differ << " of " << got.size()
+                        << " parameters";
 }
 
 // Dense pushes of the demo model are 31 KB a step, so a 1 MiB buffer is
