@@ -158,6 +158,8 @@ class LauncherTest(unittest.TestCase):
         self.assertIn("worker 1: a new process in the place of the dead worker 1", out)
         self.assertIn("worker-1 exited with status -9; the scheduler decides whether the job goes on", out)
         self.assertIn("workers replaced        1 (from step ", out)
+        # Both dead processes' traffic counts, from their last heartbeats.
+        self.assertIn("from last heartbeat     worker 1 (x2) (died before the final report)", out)
         with open(os.path.join(self.tmp, name, "summary.json")) as f:
             s = json.load(f)
         self.assertEqual(s["dead_workers"], [1, 1], s)
