@@ -50,7 +50,26 @@ struct Coordinator::Metrics {
   prometheus::Counter* malformed = nullptr;
   prometheus::Counter* replaced = nullptr;
   prometheus::Counter* servers_replaced = nullptr;
+  // Per worker rank, from the heartbeats; a rank's counters add up every
+  // process that held it (a dead one's last heartbeat and its replacement's).
+  struct WorkerSeries {
+    prometheus::Gauge* step = nullptr;
+    prometheus::Gauge* loss = nullptr;
+    prometheus::Counter* pushed_bytes = nullptr;
+    prometheus::Counter* pulled_bytes = nullptr;
+    prometheus::Counter* pushed_values = nullptr;
+  };
+  std::vector<WorkerSeries> workers;
 };
+
+namespace {
+
+// prometheus-cpp counters only go up by increments: raise one to a total.
+void raise_to(prometheus::Counter& c, double total) {
+  if (total > c.Value()) c.Increment(total - c.Value());
+}
+
+}  // namespace
 
 Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
     : cfg_(cfg), socket_(net::make_socket(ctx, net::SocketKind::kRouter)), closed_(ctx, socket_) {
@@ -111,6 +130,32 @@ Coordinator::Coordinator(const config::Config& cfg, zmq::context_t& ctx)
                                       .Help("Dead servers whose shard a new process restored while the job ran")
                                       .Register(r)
                                       .Add({});
+    auto& step = prometheus::BuildGauge()
+                     .Name("sps_worker_step")
+                     .Help("Steps the worker has pushed (its next clock), from its last heartbeat")
+                     .Register(r);
+    auto& loss = prometheus::BuildGauge()
+                     .Name("sps_worker_last_batch_loss")
+                     .Help("Loss of the worker's last training batch, from its last heartbeat")
+                     .Register(r);
+    auto& pushed = prometheus::BuildCounter()
+                       .Name("sps_worker_pushed_bytes_total")
+                       .Help("Protocol bytes the worker pushed, from its heartbeats")
+                       .Register(r);
+    auto& pulled = prometheus::BuildCounter()
+                       .Name("sps_worker_pulled_bytes_total")
+                       .Help("Protocol bytes the worker pulled, from its heartbeats")
+                       .Register(r);
+    auto& values = prometheus::BuildCounter()
+                       .Name("sps_worker_pushed_values_total")
+                       .Help("Values (nonzeros) the worker pushed, from its heartbeats")
+                       .Register(r);
+    for (int rank = 0; rank < cfg_.cluster.num_workers; ++rank) {
+      const prometheus::Labels l = {{"rank", std::to_string(rank)}};
+      metrics_->workers.push_back(
+          {&step.Add(l), &loss.Add(l), &pushed.Add(l), &pulled.Add(l), &values.Add(l)});
+      metrics_->workers.back().loss->Set(NAN);
+    }
     auto ep = net::MetricsEndpoint::start(cfg_.metrics.bind_host, cfg_.metrics.port, metrics_->registry);
     if (!ep.ok()) throw std::runtime_error(ep.status().message());
     metrics_->endpoint = std::move(ep).value();
@@ -150,13 +195,37 @@ void Coordinator::update_metrics() {
   metrics_->expected_workers->Set(cfg_.cluster.num_workers);
   metrics_->expected_servers->Set(cfg_.cluster.num_servers);
   metrics_->running->Set(released_ && !finished_ ? 1 : 0);
-  const double m = static_cast<double>(malformed_);
-  if (m > metrics_->malformed->Value()) metrics_->malformed->Increment(m - metrics_->malformed->Value());
-  const double replaced = static_cast<double>(rejoined_.size());
-  if (replaced > metrics_->replaced->Value()) metrics_->replaced->Increment(replaced - metrics_->replaced->Value());
-  const double servers = static_cast<double>(replaced_servers_.size());
-  if (servers > metrics_->servers_replaced->Value())
-    metrics_->servers_replaced->Increment(servers - metrics_->servers_replaced->Value());
+  raise_to(*metrics_->malformed, static_cast<double>(malformed_));
+  raise_to(*metrics_->replaced, static_cast<double>(rejoined_.size()));
+  raise_to(*metrics_->servers_replaced, static_cast<double>(replaced_servers_.size()));
+
+  const size_t ranks = metrics_->workers.size();
+  std::vector<protocol::DoneReport> sum(ranks);
+  std::vector<const protocol::DoneReport*> current(ranks, nullptr);  // the live process's, else the last one's
+  std::vector<bool> current_alive(ranks, false);
+  for (const auto& [k, n] : nodes_) {
+    if (n.role != Role::kWorker || n.rank >= ranks) continue;
+    const protocol::DoneReport* r = n.report ? &*n.report : n.progress ? &*n.progress : nullptr;
+    if (r == nullptr) continue;
+    sum[n.rank].bytes_pushed += r->bytes_pushed;
+    sum[n.rank].bytes_pulled += r->bytes_pulled;
+    sum[n.rank].nnz_pushed += r->nnz_pushed;
+    const bool newer = current[n.rank] == nullptr || n.alive ||
+                       (!current_alive[n.rank] && r->steps >= current[n.rank]->steps);
+    if (newer) {
+      current[n.rank] = r;
+      current_alive[n.rank] = n.alive;
+    }
+  }
+  for (size_t rank = 0; rank < ranks; ++rank) {
+    auto& series = metrics_->workers[rank];
+    raise_to(*series.pushed_bytes, static_cast<double>(sum[rank].bytes_pushed));
+    raise_to(*series.pulled_bytes, static_cast<double>(sum[rank].bytes_pulled));
+    raise_to(*series.pushed_values, static_cast<double>(sum[rank].nnz_pushed));
+    if (current[rank] == nullptr) continue;
+    series.step->Set(static_cast<double>(current[rank]->steps));
+    if (std::isfinite(current[rank]->last_batch_loss)) series.loss->Set(current[rank]->last_batch_loss);
+  }
 }
 
 uint32_t Coordinator::live_nodes(Role role) const {
@@ -801,7 +870,7 @@ void Coordinator::write_summary() {
     max_wall = std::max(max_wall, r.wall_seconds);
     if (std::isfinite(r.train_loss)) train_loss = r.train_loss;
     if (std::isfinite(r.test_accuracy)) test_accuracy = r.test_accuracy;
-    if (n.rank == 0 && std::isfinite(r.last_batch_loss)) last_batch_loss = r.last_batch_loss;
+    if (n.rank == 0 && n.report && std::isfinite(r.last_batch_loss)) last_batch_loss = r.last_batch_loss;
   }
   CountHistogram staleness;
   LogHistogram pull_wait;

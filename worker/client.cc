@@ -57,7 +57,7 @@ void PsClient::heartbeat_if_due() {
   progress.nnz_pushed = counters_.nnz_pushed;
   progress.train_loss = NAN;
   progress.test_accuracy = NAN;
-  progress.last_batch_loss = NAN;
+  progress.last_batch_loss = last_batch_loss_;
   progress.wall_seconds = now;
   (void)send_control(MessageType::kHeartbeat, protocol::encode_done(progress));
 }

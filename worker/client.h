@@ -107,6 +107,9 @@ class PsClient {
   uint32_t rank() const { return assign_.rank; }
   const protocol::AssignInfo& assignment() const { return assign_; }
   const ClientCounters& counters() const { return counters_; }
+  // The last training batch's loss, for the heartbeats (the scheduler's
+  // sps_worker_last_batch_loss metric).
+  void note_batch_loss(double loss) { last_batch_loss_ = loss; }
   double last_pull_wait_seconds() const { return last_pull_wait_; }
 
   // For long local work between protocol calls (evaluating a model):
@@ -188,7 +191,8 @@ class PsClient {
   bool retain_ = false;
   std::vector<std::deque<RetainedPush>> retained_;
   uint64_t retained_bytes_ = 0;
-  uint64_t next_push_clock_ = 0;  // the clock of this worker's next push
+  uint64_t next_push_clock_ = 0;
+  double last_batch_loss_ = NAN;  // the clock of this worker's next push
   std::vector<uint32_t> refused_shards_;  // the last pull's PUSH_REFUSED flags, ascending
   std::vector<ScaleRun> runs_;  // one shard message's scale runs (reused)
   // Push frames are encoded straight into pooled buffers that ZeroMQ adopts

@@ -514,6 +514,7 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   log.write(std::move(line));
   last_push_step = step;
   last_loss = loss;
+  client->note_batch_loss(loss);
   loss_window += loss;
   ++window;
   ++step;

@@ -120,6 +120,21 @@ class MetricsTest(unittest.TestCase):
             self.assertEqual(sched['sps_scheduler_nodes{role="worker",state="live"}'], 2)
             self.assertEqual(sched['sps_scheduler_nodes{role="server",state="live"}'], 2)
             self.assertEqual(sched["sps_scheduler_job_running"], 1)
+            # Each worker's progress, from its heartbeats: steps and bytes move,
+            # and the loss is a real number.
+            time.sleep(0.5)
+            later = parse(curl(sched_url)[1])
+            for rank in ("0", "1"):
+                step = f'sps_worker_step{{rank="{rank}"}}'
+                pushed = f'sps_worker_pushed_bytes_total{{rank="{rank}"}}'
+                self.assertGreater(sched[step], 0)
+                self.assertGreater(later[step], sched[step], "a worker's step did not move between two scrapes")
+                self.assertGreater(later[pushed], sched[pushed])
+                self.assertGreater(later[f'sps_worker_pulled_bytes_total{{rank="{rank}"}}'], 0)
+                self.assertGreater(later[f'sps_worker_pushed_values_total{{rank="{rank}"}}'], 0)
+                loss = later[f'sps_worker_last_batch_loss{{rank="{rank}"}}']
+                self.assertTrue(0 < loss < 100, loss)
+            self.assertIn("# TYPE sps_worker_pushed_bytes_total counter", curl(sched_url)[1])
 
             # Other paths and methods are refused; HEAD has no body.
             self.assertEqual(curl(server_url.replace("/metrics", "/nope"))[0], 404)
@@ -133,6 +148,7 @@ class MetricsTest(unittest.TestCase):
             self.assertEqual(len(pids), 1, pids)
             with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
                 worker_argv = [a.decode() for a in f.read().split(b"\0") if a]
+            pushed_before_kill = parse(curl(sched_url)[1])['sps_worker_pushed_bytes_total{rank="1"}']
             os.kill(int(pids[0]), signal.SIGKILL)
             deadline = time.time() + 10
             while True:
@@ -161,6 +177,14 @@ class MetricsTest(unittest.TestCase):
                     time.sleep(0.2)
                 self.assertEqual(sched['sps_scheduler_nodes{role="worker",state="live"}'], 2)
                 self.assertEqual(sched['sps_scheduler_nodes{role="worker",state="dead"}'], 1)
+                # Rank 1's byte counter adds the replacement to the dead process:
+                # it never goes back, and grows once the replacement pushes.
+                key = 'sps_worker_pushed_bytes_total{rank="1"}'
+                self.assertGreaterEqual(sched[key], pushed_before_kill)
+                deadline = time.time() + 10
+                while parse(curl(sched_url)[1])[key] <= sched[key]:
+                    self.assertLess(time.time(), deadline, "the replacement's pushes never showed under rank 1")
+                    time.sleep(0.2)
             finally:
                 replacement.kill()
                 replacement.wait()
