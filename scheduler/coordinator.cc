@@ -532,27 +532,46 @@ void Coordinator::handle_server_rejoin(const std::string& key, net::Received& re
 
 void Coordinator::handle_server_restored(Node& server, const protocol::MessageView& m) {
   auto clocks = protocol::decode_clocks(m.frame1);
-  if (server.role != Role::kServer || !server.restoring || !clocks.ok() ||
+  if (server.role != Role::kServer || !server.restoring || !server.awaiting_join_at.empty() || !clocks.ok() ||
       clocks->size() != static_cast<size_t>(assignment_.num_workers)) {
     ++malformed_;
     log_.write({{"event", "unexpected"}, {"rank", server.rank}, {"type", protocol::message_type_name(m.header.type)}});
     return;
   }
-  server.restoring = false;
-  const uint64_t step = m.header.clock;
-  // A worker that took a dead worker's place after the snapshot has none of
-  // the pushes the restored shard lacks from that rank.
+  server.restored_step = m.header.clock;
+  server.restored_clocks = std::move(clocks).value();
+  log_.write({{"event", "server_restored"}, {"rank", server.rank}, {"step", server.restored_step},
+              {"version", m.header.base_version}, {"worker_clocks", server.restored_clocks}});
+  // A worker that took a dead worker's place after the snapshot pushed
+  // nothing before its join clock, and holds its pushes from there: the
+  // shard starts it there. What the dead process pushed to this shard after
+  // the snapshot is lost, as its residual was.
+  std::map<uint32_t, uint64_t> joined;
   for (const auto& r : rejoined_) {
     const uint32_t rank = r["rank"];
-    const uint64_t joined = r["step"];
-    const uint64_t from = (*clocks)[rank];
-    if (rank_taken(Role::kWorker, rank, true) && (from == protocol::kWorkerGone || from < joined)) {
-      fail(fmt::format("server {} died, and its newest snapshot (step {}) is older than worker {}'s replacement "
-                       "(it joined at step {}): the restored shard lacks pushes that no live process holds",
-                       server.rank, step, rank, joined));
-      return;
-    }
+    joined[rank] = std::max<uint64_t>(joined[rank], r["step"].get<uint64_t>());
   }
+  for (const auto& [rank, at] : joined) {
+    const uint64_t from = server.restored_clocks[rank];
+    if (!rank_taken(Role::kWorker, rank, true) || (from != protocol::kWorkerGone && from >= at)) continue;
+    Header h;
+    h.type = MessageType::kJoinAt;
+    h.flags = protocol::kFlagRejoin;
+    h.clock = at;
+    h.base_version = 0;  // no join attempt: join ids start at 1
+    send_to(server, protocol::encode_control(h, protocol::encode_rank(rank)));
+    server.awaiting_join_at.insert(rank);
+    server.restored_clocks[rank] = at;
+    spdlog::warn("scheduler: server {}'s newest snapshot (step {}) is older than worker {}'s replacement, which "
+                 "joined at step {}: the shard starts it there (the dead worker's pushes to this shard since the "
+                 "snapshot are lost)",
+                 server.rank, server.restored_step, rank, at);
+  }
+  if (server.awaiting_join_at.empty()) announce_restored(server);
+}
+
+void Coordinator::announce_restored(Node& server) {
+  server.restoring = false;
   assignment_.shards[server.rank].endpoint = server.endpoint;
   // Workers that died since the snapshot: the restored shard must not wait for them.
   Header dead;
@@ -560,18 +579,19 @@ void Coordinator::handle_server_restored(Node& server, const protocol::MessageVi
   for (const uint32_t rank : free_ranks(Role::kWorker)) send_to(server, protocol::encode_control(dead, protocol::encode_rank(rank)));
   uint32_t resending = 0;
   for (const auto& [k, w] : nodes_) {
-    if (w.role != Role::kWorker || !w.alive || (*clocks)[w.rank] == protocol::kWorkerGone) continue;
+    if (w.role != Role::kWorker || !w.alive || server.restored_clocks[w.rank] == protocol::kWorkerGone) continue;
     Header h;
     h.type = MessageType::kServerMoved;
     h.shard = server.rank;
-    h.clock = (*clocks)[w.rank];
+    h.clock = server.restored_clocks[w.rank];
     send_to(w, protocol::encode_control(h, protocol::encode_text(server.endpoint)));
     ++resending;
   }
+  const uint64_t step = server.restored_step;
   const double at = clock_.seconds();
   replaced_servers_.push_back({{"rank", server.rank}, {"step", step}, {"seconds", at}});
-  log_.write({{"event", "server_replaced"}, {"rank", server.rank}, {"step", step}, {"version", m.header.base_version},
-              {"worker_clocks", *clocks}});
+  log_.write({{"event", "server_replaced"}, {"rank", server.rank}, {"step", step},
+              {"worker_clocks", server.restored_clocks}});
   spdlog::info("scheduler: server {} took the dead server's place from its snapshot of step {}; {} workers resend "
                "their pushes since",
                server.rank, step, resending);
@@ -640,13 +660,19 @@ void Coordinator::handle_rejoin(const std::string& key, net::Received& received,
     if (s.role == Role::kServer && s.alive) send_to(s, msg);
 }
 
-void Coordinator::handle_join_reply(const Node& server, const protocol::MessageView& m) {
+void Coordinator::handle_join_reply(Node& server, const protocol::MessageView& m) {
   auto rank = protocol::decode_rank(m.frame1);
   Node* w = rank.ok() ? joining_worker(*rank) : nullptr;
   const bool answer = m.header.type == MessageType::kJoin;
   if (server.role != Role::kServer) {  // only servers answer joins
     ++malformed_;
     log_.write({{"event", "unexpected"}, {"worker", server.rank}, {"type", protocol::message_type_name(m.header.type)}});
+    return;
+  }
+  // A restored server set a replaced worker's start clock (handle_server_restored).
+  if (!answer && m.header.base_version == 0 && rank.ok() && server.restoring &&
+      server.awaiting_join_at.erase(*rank) == 1) {
+    if (server.awaiting_join_at.empty()) announce_restored(server);
     return;
   }
   // A reply to an earlier attempt (a replacement that died while joining),

@@ -96,6 +96,11 @@ class Coordinator {
     // A server replacing a dead one: restoring until it reports kServerRestored
     // (join_deadline bounds that too).
     bool restoring = false;
+    // Restored, and told to start these workers at their join clock (they took
+    // a dead worker's place after the snapshot): announced once each is echoed.
+    std::set<uint32_t> awaiting_join_at;
+    std::vector<uint64_t> restored_clocks;  // where each worker resends from
+    uint64_t restored_step = 0;
   };
 
   // Returns true when the socket was read empty (false: stopped at the bound).
@@ -106,11 +111,13 @@ class Coordinator {
   void handle_rejoin(const std::string& key, net::Received& received, const protocol::RegisterInfo& info);
   Node& add_node(const std::string& key, net::Received& received, const protocol::RegisterInfo& info, uint32_t rank);
   // A server's kJoin answer or kJoinAt echo for worker `rank`.
-  void handle_join_reply(const Node& server, const protocol::MessageView& m);
+  void handle_join_reply(Node& server, const protocol::MessageView& m);
   // A server registering after the start: one replacing a dead server, or a refusal.
   void handle_server_rejoin(const std::string& key, net::Received& received, const protocol::RegisterInfo& info);
   // The replacement's kServerRestored: tells every worker where to resend from.
   void handle_server_restored(Node& server, const protocol::MessageView& m);
+  // The restored server takes its shard's place: every live worker learns where to resend from.
+  void announce_restored(Node& server);
   // Ranks of `role` whose node died and that no live node holds again, ascending.
   std::vector<uint32_t> free_ranks(protocol::Role role) const;
   // Answers a registration it cannot take with the reason (and logs it).

@@ -291,7 +291,11 @@ void Server::handle_join(const protocol::MessageView& m) {
     reply_join(m, *held);
     return;
   }
-  const Status st = shard_->set_worker_clock(*w, m.header.clock);
+  // From the scheduler after this server restored a snapshot older than the
+  // worker's join: the worker is live from its join clock, whatever the
+  // snapshot said of the dead process that held its rank.
+  const bool restart = (m.header.flags & protocol::kFlagRejoin) != 0;
+  const Status st = restart ? shard_->restart_worker(*w, m.header.clock) : shard_->set_worker_clock(*w, m.header.clock);
   if (!st.ok()) {
     spdlog::warn("server {}: join_at for worker {}: {}", rank_, *w, st.message());
     return;

@@ -480,6 +480,18 @@ Status Shard::set_worker_clock(uint32_t w, uint64_t clock) {
   return {};
 }
 
+Status Shard::restart_worker(uint32_t w, uint64_t clock) {
+  if (w >= pushed_.size()) return invalid_argument(fmt::format("no worker {}", w));
+  if (!policy_->apply_on_arrival() && clock < version_)
+    return failed_precondition(fmt::format("the shard has applied clock {} already (version {})", clock, version_));
+  pushed_.set_clock(w, clock);
+  joined_at_[w] = clock;
+  pushed_.mark_live(w);
+  pending_[w].clear();
+  refused_clock_[w] = kNoClock;
+  return {};
+}
+
 std::vector<uint64_t> Shard::worker_clocks() const {
   std::vector<uint64_t> clocks(pushed_.size());
   for (uint32_t w = 0; w < pushed_.size(); ++w) {

@@ -186,6 +186,11 @@ class Shard {
   std::optional<uint64_t> add_worker(uint32_t w);
   // REQUIRES: w live; `clock` >= its clock (a clock only moves forward).
   Status set_worker_clock(uint32_t w, uint64_t clock);
+  // A shard restored from a snapshot older than `w`'s replacement: `w` is
+  // live from `clock`, its join, whatever the snapshot held for the dead
+  // process (its held push dropped). Fails, changing nothing, when an
+  // aggregating shard has applied `clock` already.
+  Status restart_worker(uint32_t w, uint64_t clock);
   bool may_answer_pull(uint64_t clock) const;
 
   // Keys (global) of pulled_params() changed after `since_version`, ascending, into `keys`;

@@ -251,8 +251,12 @@ Status PsClient::move_server(size_t s, const std::string& endpoint, uint64_t clo
   drop_retained(s, clock);
   counters_.pushes_resent += resent;
   counters_.bytes_resent += bytes;
-  spdlog::info("worker {}: server {} moved to {}; resent {} pushes (clocks {} to {})", assign_.rank, s, endpoint,
-               resent, clock, next_push_clock_);
+  if (resent == 0)
+    spdlog::info("worker {}: server {} moved to {}; resent nothing (its snapshot holds every push)", assign_.rank, s,
+                 endpoint);
+  else
+    spdlog::info("worker {}: server {} moved to {}; resent {} push{} (clocks {} to {})", assign_.rank, s, endpoint,
+                 resent, resent == 1 ? "" : "es", clock, clock + resent - 1);
   if (pull_.active && !pull_.got[s]) return request_pull(s);
   return {};
 }

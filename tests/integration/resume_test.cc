@@ -13,6 +13,8 @@
 #include <set>
 #include <thread>
 
+#include <fmt/format.h>
+
 #include "common/snapshot.h"
 #include "tests/integration/harness.h"
 
@@ -402,6 +404,74 @@ TEST(ServerReplacementTest, EveryServerKilledAtOnceIsReplacedAndTheRunIsBitIdent
     differ += std::bit_cast<uint32_t>(got[i]) != std::bit_cast<uint32_t>(expected[i]) ? 1 : 0;
   EXPECT_EQ(differ, 0u) << "differs from the uninterrupted run in " << differ << " of " << got.size()
                         << " parameters";
+}
+
+// A worker dies and a new process takes its place; then a server dies before
+// its next snapshot. The snapshot knows only the dead worker process, and
+// the new one holds its pushes from its join on: the replacement server
+// starts it there (what the dead process pushed to this shard since the
+// snapshot is lost, as its residual was) and the job trains on.
+TEST(ServerReplacementTest, ASnapshotOlderThanAReplacedWorkerStartsThatWorkerAtItsJoin) {
+  // 10 ms a step and snapshots every 300: a 3 s window for the worker's
+  // replacement to join between two snapshots, sanitizers included.
+  const int64_t steps = 900;
+  Job job("replace_server_after_worker", 2, 2,
+          resume_sets({"cluster.on_server_loss=replace", "training.steps=900", "checkpoint.interval=300",
+                       "workers.delay_ms=[10, 10]"}));
+  ASSERT_TRUE(job.start());
+  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 300, "server", 1), 60));
+  job.workers[1].send_signal(SIGKILL);
+  EXPECT_EQ(job.workers[1].wait(10), 128 + SIGKILL);
+  auto scheduler_logged = [&](const std::string& event) {
+    for (int i = 0; i < 1200; ++i) {
+      for (const auto& e : read_jsonl(job.path("scheduler.jsonl")))
+        if (e.value("event", "") == event) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return false;
+  };
+  ASSERT_TRUE(scheduler_logged("node_dead"));
+  job.start_worker(1);  // workers[2]
+  ASSERT_TRUE(scheduler_logged("worker_rejoined")) << read_text(job.path("scheduler.out"));
+  job.servers[1].send_signal(SIGKILL);
+  EXPECT_EQ(job.servers[1].wait(10), 128 + SIGKILL);
+  job.start_server(1);  // servers[2]
+  ASSERT_TRUE(job.wait_all(120)) << "the job hung";
+  const std::string out = read_text(job.path("scheduler.out"));
+  ASSERT_EQ(job.scheduler.exit_status(), 0) << out;
+  EXPECT_EQ(job.workers[0].exit_status(), 0);
+  EXPECT_EQ(job.workers[2].exit_status(), 0) << read_text(job.path("worker-1.out"));
+  const auto summary = read_json(job.path("summary.json"));
+  EXPECT_EQ(summary["steps"].get<int64_t>(), steps);
+  ASSERT_EQ(summary["rejoined_workers"].size(), 1u) << summary.dump();
+  const auto join = summary["rejoined_workers"][0]["step"].get<int64_t>();
+  ASSERT_EQ(summary["replaced_servers"].size(), 1u) << summary.dump();
+  ASSERT_EQ(summary["replaced_servers"][0]["step"].get<int64_t>(), 300) << "the server died after its next snapshot";
+  EXPECT_GT(join, 300);
+  EXPECT_NE(out.find(fmt::format("server 1's newest snapshot (step 300) is older than worker 1's replacement, which "
+                                 "joined at step {}: the shard starts it there",
+                                 join)),
+            std::string::npos)
+      << out;
+  // On the replaced shard after its restore: worker 0 from its snapshot
+  // clock, the new worker 1 from its join, each clock once, to the end.
+  std::vector<uint64_t> from;
+  std::map<uint32_t, std::vector<uint64_t>> after;
+  for (const auto& line : read_jsonl(job.path("server-1.jsonl"))) {
+    if (line.value("event", "") == "restored") {
+      from = line["worker_clocks"].get<std::vector<uint64_t>>();
+      after.clear();
+    } else if (line.value("event", "") == "apply" && !from.empty()) {
+      after[line["worker"].get<uint32_t>()].push_back(line["clock"].get<uint64_t>());
+    }
+  }
+  ASSERT_EQ(from.size(), 2u);
+  const std::vector<uint64_t> start = {from[0], static_cast<uint64_t>(join)};
+  for (uint32_t w = 0; w < 2; ++w) {
+    ASSERT_EQ(after[w].size(), static_cast<size_t>(steps) - start[w]) << "worker " << w;
+    for (size_t i = 0; i < after[w].size(); ++i) ASSERT_EQ(after[w][i], start[w] + i) << "worker " << w;
+  }
+  EXPECT_GT(summary["test_accuracy"].get<double>(), 0.6);
 }
 
 // Dense pushes of the demo model are 31 KB a step, so a 1 MiB buffer is

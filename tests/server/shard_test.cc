@@ -126,6 +126,43 @@ TEST(ShardTest, AJoiningWorkerStartsAtAClockNoShardHasApplied) {
   }
 }
 
+// A shard restored from a snapshot older than a replaced worker's join: the
+// worker is live from its join clock whatever the snapshot held for the
+// dead process, and the clocks before it complete without it.
+TEST(ShardTest, ARestoredShardRestartsAReplacedWorkerAtItsJoin) {
+  for (const uint64_t snapshot_clock_of_worker_1 : {uint64_t{3}, Shard::kWorkerGone}) {
+    Shard s = make_shard(2);
+    auto push = [&](uint32_t w, uint64_t c) {
+      return s.add_push(w, c, s.version(), std::vector<uint32_t>{100}, std::vector<float>{1});
+    };
+    for (uint64_t c = 0; c < 3; ++c) {
+      ASSERT_TRUE(push(0, c).ok());
+      ASSERT_TRUE(push(1, c).ok());
+      EXPECT_EQ(s.apply_ready(), 1);
+    }
+    // As restored: worker 0 at clock 3, worker 1 as the snapshot held it.
+    const std::vector<uint64_t> clocks = {3, snapshot_clock_of_worker_1};
+    const std::vector<uint64_t> joined = {0, 0};
+    ASSERT_TRUE(s.restore_workers(clocks, joined).ok());
+    EXPECT_FALSE(s.restart_worker(2, 5).ok()) << "no such worker";
+    EXPECT_FALSE(s.restart_worker(1, 2).ok()) << "clock 2 is applied";
+    ASSERT_TRUE(s.restart_worker(1, 5).ok());
+    EXPECT_EQ(s.worker_clocks()[1], 5u);
+    // Clocks 3 and 4 complete with worker 0 alone; clock 5 waits for worker 1.
+    for (uint64_t c = 3; c < 5; ++c) {
+      ASSERT_TRUE(push(0, c).ok());
+      EXPECT_EQ(s.apply_ready(), 1);
+    }
+    ASSERT_TRUE(push(0, 5).ok());
+    EXPECT_EQ(s.apply_ready(), 0);
+    EXPECT_EQ(s.version(), 5u);
+    EXPECT_FALSE(push(1, 4).ok()) << "before its join";
+    ASSERT_TRUE(push(1, 5).ok());
+    EXPECT_EQ(s.apply_ready(), 1);
+    EXPECT_EQ(s.version(), 6u);
+  }
+}
+
 // The clocks a lagging shard applies below a replacement's start, after
 // every worker that pushed them died: no participant, so no average and no
 // optimizer step (momentum would otherwise divide by a count of 0); the
