@@ -257,9 +257,76 @@ int Coordinator::run() {
     if (!finished_) check_liveness();
     if (finishing_ && !finished_) check_reports();
     update_metrics();
+    write_status_if_due();
   }
   update_metrics();
+  write_status_if_due(true);
   return exit_status_;
+}
+
+void Coordinator::write_status_if_due(bool now) {
+  const double t = clock_.seconds();
+  if (!now && status_written_ >= 0 && t - status_written_ < 1.0) return;
+  status_written_ = t;
+  const char* state = finished_ ? (exit_status_ == 0 ? "finished" : "failed")
+                      : finishing_ ? "finishing"
+                      : released_  ? "training"
+                                   : "starting";
+  nlohmann::json workers = nlohmann::json::array(), servers = nlohmann::json::array();
+  for (const auto& [k, n] : nodes_) {
+    nlohmann::json node = {{"rank", n.rank},      {"alive", n.alive},
+                           {"host", n.host},      {"pid", n.pid},
+                           {"heard_seconds_ago", std::max(0.0, t - n.last_seen)}};
+    if (n.role == Role::kWorker) {
+      const protocol::DoneReport* r = n.report ? &*n.report : n.progress ? &*n.progress : nullptr;
+      node["done"] = n.done;
+      node["joining"] = n.joining;
+      if (r != nullptr) {
+        node["step"] = r->steps;
+        node["last_batch_loss"] = finite_or_null(r->last_batch_loss);
+        node["bytes_pushed"] = r->bytes_pushed;
+        node["bytes_pulled"] = r->bytes_pulled;
+      }
+      workers.push_back(std::move(node));
+    } else {
+      const protocol::ServerReport* r = n.server_report ? &*n.server_report : n.server_progress ? &*n.server_progress : nullptr;
+      node["restoring"] = n.restoring;
+      if (r != nullptr) {
+        node["version"] = r->version;
+        node["pushes_applied"] = r->pushes_applied;
+        node["pulls_answered"] = r->pulls_answered;
+        node["bytes_in"] = r->bytes_in;
+        node["bytes_out"] = r->bytes_out;
+      }
+      servers.push_back(std::move(node));
+    }
+  }
+  const auto by_rank = [](const nlohmann::json& a, const nlohmann::json& b) { return a["rank"] < b["rank"]; };
+  std::stable_sort(workers.begin(), workers.end(), by_rank);
+  std::stable_sort(servers.begin(), servers.end(), by_rank);
+  const nlohmann::json status = {
+      {"run", cfg_.run.name},
+      {"state", state},
+      {"failure", failure_.empty() ? nlohmann::json(nullptr) : nlohmann::json(failure_)},
+      {"seconds", t},
+      {"train_seconds", released_ ? t - release_time_ : 0.0},
+      {"steps", cfg_.training.steps},
+      {"consistency", make_policy(cfg_.consistency)->name()},
+      {"num_workers", cfg_.cluster.num_workers},
+      {"num_servers", cfg_.cluster.num_servers},
+      {"heartbeat_ms", cfg_.cluster.heartbeat_ms},
+      {"workers", workers},
+      {"servers", servers},
+      {"dead_workers", dead_workers_},
+      {"rejoined_workers", rejoined_},
+      {"replaced_servers", replaced_servers_},
+  };
+  try {
+    write_file_atomically(cfg_.run_folder() + "/status.json", status.dump(1) + "\n");
+  } catch (const std::exception& e) {  // the job goes on without it
+    if (!status_failed_) spdlog::warn("scheduler: cannot write status.json: {}", e.what());
+    status_failed_ = true;
+  }
 }
 
 bool Coordinator::drain_messages() {
@@ -859,6 +926,7 @@ void Coordinator::check_reports() {
 void Coordinator::fail(const std::string& reason) {
   if (finished_) return;
   spdlog::error("scheduler: job failed: {}", reason);
+  failure_ = reason;
   log_.write({{"event", "job_failed"}, {"reason", reason}});
   shutdown_all(true, reason);
   exit_status_ = 1;

@@ -146,6 +146,9 @@ class Coordinator {
   // metrics.enabled: the job's state for Prometheus, refreshed every tick.
   struct Metrics;
   void update_metrics();
+  // <run>/status.json: the job's state and every node's progress from its
+  // heartbeats, rewritten once a second and at the end (what sps-status shows).
+  void write_status_if_due(bool now = false);
 
   config::Config cfg_;
   std::unique_ptr<Metrics> metrics_;
@@ -167,6 +170,9 @@ class Coordinator {
   double finish_deadline_ = 0;
   bool finished_ = false;
   int exit_status_ = 0;
+  std::string failure_;         // why the job failed, once it has
+  double status_written_ = -1;  // clock_ seconds of the last status.json
+  bool status_failed_ = false;
   uint64_t malformed_ = 0;
   std::vector<uint32_t> dead_workers_;
   uint64_t last_join_id_ = 0;

@@ -47,6 +47,56 @@ class LauncherTest(unittest.TestCase):
         self.assertLess(s["bytes_pushed"] * 20, s["bytes_pushed_dense_equivalent"])
         self.assertEqual(processes_mentioning(self.tmp), [])
 
+    def test_status_shows_every_workers_progress_while_the_job_runs(self):
+        status = os.path.join(ROOT, "scripts", "sps-status")
+        run = os.path.join(self.tmp, "watched")
+        p = subprocess.Popen(self.launch("watched", "training.steps=100000", "cluster.num_workers=2",
+                                         "consistency.mode=asp", "workers.delay_ms=[1, 20]"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            def current():
+                r = subprocess.run([sys.executable, status, run, "--json"], capture_output=True, text=True,
+                                   timeout=30)
+                return r.returncode, (json.loads(r.stdout) if r.returncode == 0 else r.stderr)
+
+            deadline = time.time() + 60
+            while True:
+                rc, s = current()
+                if rc == 0 and s["state"] == "training" and all(w.get("step", 0) > 50 for w in s["workers"]):
+                    break
+                self.assertLess(time.time(), deadline, f"no training status with steps: {s}")
+                time.sleep(0.2)
+            time.sleep(1.5)
+            _, later = current()
+            self.assertEqual([w["rank"] for w in later["workers"]], [0, 1])
+            self.assertEqual([v["rank"] for v in later["servers"]], [0, 1])
+            for before, after in zip(s["workers"], later["workers"]):
+                self.assertGreater(after["step"], before["step"], "a worker's step did not move")
+                self.assertGreater(after["bytes_pushed"], before["bytes_pushed"])
+                self.assertGreater(after["last_batch_loss"], 0)
+                self.assertLess(after["heard_seconds_ago"], 5)
+            # Worker 1 is paced 20 ms a step (asp: nobody waits for it): it shows behind.
+            self.assertLess(later["workers"][1]["step"], later["workers"][0]["step"], later)
+            self.assertGreater(later["servers"][0]["pushes_applied"], 0)
+            r = subprocess.run([sys.executable, status, run], capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertIn("sps job 'watched': training, step ", r.stdout)
+            self.assertRegex(r.stdout, r"\n0 +live +\S+ +\d+ +\d+ +\d+\.\d{4} ")
+            self.assertIn("server  state", r.stdout)
+        finally:
+            os.killpg(p.pid, signal.SIGINT)
+            p.communicate(timeout=60)
+        # Stopped: the last status says so, and so does the exit status.
+        r = subprocess.run([sys.executable, status, run], capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 1, r.stdout)
+        self.assertIn("sps job 'watched': failed", r.stdout)
+        # Ctrl-C reaches every process: the reason is whichever the scheduler heard first.
+        self.assertRegex(r.stdout, r"\nfailed: (.*stopped by signal|server \d died)")
+        r = subprocess.run([sys.executable, status, os.path.join(self.tmp, "nothing")], capture_output=True,
+                           text=True, timeout=30)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("no scheduler has run there", r.stderr)
+
     def test_resume_flag_restarts_from_the_newest_snapshot(self):
         sets = ("training.steps=120", "cluster.num_workers=2", "checkpoint.interval=50")
         r = subprocess.run(self.launch("again", *sets), capture_output=True, text=True, timeout=120)
@@ -272,6 +322,10 @@ class LauncherTest(unittest.TestCase):
         r = subprocess.run([sys.executable, LAUNCH, "--help"], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0)
         self.assertIn("--set", r.stdout)
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sps-status"), "--help"],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("--watch", r.stdout)
 
 
 if __name__ == "__main__":
