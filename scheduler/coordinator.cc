@@ -291,6 +291,7 @@ void Coordinator::write_status_if_due(bool now) {
     } else {
       const protocol::ServerReport* r = n.server_report ? &*n.server_report : n.server_progress ? &*n.server_progress : nullptr;
       node["restoring"] = n.restoring;
+      node["done"] = n.server_report.has_value();  // sent its final statistics
       if (r != nullptr) {
         node["version"] = r->version;
         node["pushes_applied"] = r->pushes_applied;
