@@ -1,9 +1,13 @@
 #include "net/metrics_http.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 #include <boost/asio/ip/tcp.hpp>
@@ -22,6 +26,12 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
+// What the owner published, read by every session.
+struct Documents {
+  std::mutex mu;
+  std::map<std::string, std::string, std::less<>> by_path;
+};
+
 constexpr auto kRequestTimeout = std::chrono::seconds(5);
 constexpr size_t kMaxRequestBytes = 8 * 1024;
 constexpr int kMaxConnections = 64;
@@ -30,8 +40,9 @@ constexpr int kMaxConnections = 64;
 // limit is hit or the endpoint stops.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket socket, std::shared_ptr<prometheus::Registry> registry, std::atomic<int>& open)
-      : stream_(std::move(socket)), registry_(std::move(registry)), open_(open) {
+  Session(tcp::socket socket, std::shared_ptr<prometheus::Registry> registry, std::shared_ptr<Documents> documents,
+          std::atomic<int>& open)
+      : stream_(std::move(socket)), registry_(std::move(registry)), documents_(std::move(documents)), open_(open) {
     ++open_;
   }
   ~Session() { --open_; }
@@ -55,21 +66,36 @@ class Session : public std::enable_shared_from_this<Session> {
     res->set(http::field::server, "sps");
     res->keep_alive(req.keep_alive());
     const beast::string_view target = req.target();
+    const std::string_view path(target.data(), std::min(target.find('?'), target.size()));
+    std::optional<std::string> document;
+    {
+      std::lock_guard lock(documents_->mu);
+      if (auto it = documents_->by_path.find(path); it != documents_->by_path.end()) document = it->second;
+    }
     if (req.method() != http::verb::get && req.method() != http::verb::head) {
       res->result(http::status::method_not_allowed);
       res->set(http::field::allow, "GET, HEAD");
       res->set(http::field::content_type, "text/plain");
       res->body() = "only GET and HEAD\n";
-    } else if (target == "/metrics" || target.starts_with("/metrics?")) {
+    } else if (path == "/metrics") {
       std::ostringstream text;
       prometheus::TextSerializer().Serialize(text, registry_->Collect());
       res->result(http::status::ok);
       res->set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
       res->body() = std::move(text).str();
+    } else if (document) {
+      res->result(http::status::ok);
+      res->set(http::field::content_type, "application/json");
+      res->body() = std::move(*document);
     } else {
       res->result(http::status::not_found);
       res->set(http::field::content_type, "text/plain");
-      res->body() = "not found: this endpoint serves /metrics\n";
+      std::string paths = "/metrics";
+      {
+        std::lock_guard lock(documents_->mu);
+        for (const auto& [p, _] : documents_->by_path) paths += ", " + p;
+      }
+      res->body() = fmt::format("not found: this endpoint serves {}\n", paths);
     }
     res->prepare_payload();
     if (req.method() == http::verb::head) res->body().clear();
@@ -89,6 +115,7 @@ class Session : public std::enable_shared_from_this<Session> {
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<Documents> documents_;
   std::atomic<int>& open_;
 };
 
@@ -98,6 +125,7 @@ struct MetricsEndpoint::Impl {
   asio::io_context io{1};
   tcp::acceptor acceptor{io};
   std::shared_ptr<prometheus::Registry> registry;
+  std::shared_ptr<Documents> documents = std::make_shared<Documents>();
   std::atomic<int> open{0};
   std::string host;
   int port = 0;
@@ -111,7 +139,7 @@ struct MetricsEndpoint::Impl {
           beast::error_code ignored;
           socket.close(ignored);  // over the limit: refuse rather than queue
         } else {
-          std::make_shared<Session>(std::move(socket), registry, open)->start();
+          std::make_shared<Session>(std::move(socket), registry, documents, open)->start();
         }
       }
       accept();
@@ -145,6 +173,11 @@ Result<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::start(const std::strin
 MetricsEndpoint::~MetricsEndpoint() {
   impl_->io.stop();
   if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+void MetricsEndpoint::publish(const std::string& path, std::string json) {
+  std::lock_guard lock(impl_->documents->mu);
+  impl_->documents->by_path[path] = std::move(json);
 }
 
 int MetricsEndpoint::port() const { return impl_->port; }

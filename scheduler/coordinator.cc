@@ -1,6 +1,7 @@
 #include "scheduler/coordinator.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -246,7 +247,7 @@ int Coordinator::run() {
   const auto tick = std::chrono::milliseconds(std::min(100, cfg_.cluster.heartbeat_ms));
   while (!finished_) {
     if (stop_requested()) {
-      fail(fmt::format("stopped by signal {}", stop_signal()));
+      fail("stopped");
       break;
     }
     (void)net::wait_readable({&socket_, &closed_.socket()}, tick);
@@ -268,7 +269,7 @@ void Coordinator::write_status_if_due(bool now) {
   const double t = clock_.seconds();
   if (!now && status_written_ >= 0 && t - status_written_ < 1.0) return;
   status_written_ = t;
-  const char* state = finished_ ? (exit_status_ == 0 ? "finished" : "failed")
+  const char* state = finished_ ? (exit_status_ == 0 ? "finished" : stopped_ ? "stopped" : "failed")
                       : finishing_ ? "finishing"
                       : released_  ? "training"
                                    : "starting";
@@ -310,6 +311,7 @@ void Coordinator::write_status_if_due(bool now) {
       {"state", state},
       {"failure", failure_.empty() ? nlohmann::json(nullptr) : nlohmann::json(failure_)},
       {"seconds", t},
+      {"written_at", std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()},
       {"train_seconds", released_ ? t - release_time_ : 0.0},
       {"steps", cfg_.training.steps},
       {"consistency", make_policy(cfg_.consistency)->name()},
@@ -322,8 +324,10 @@ void Coordinator::write_status_if_due(bool now) {
       {"rejoined_workers", rejoined_},
       {"replaced_servers", replaced_servers_},
   };
+  const std::string text = status.dump(1) + "\n";
+  if (metrics_ && metrics_->endpoint) metrics_->endpoint->publish("/status", text);
   try {
-    write_file_atomically(cfg_.run_folder() + "/status.json", status.dump(1) + "\n");
+    write_file_atomically(cfg_.run_folder() + "/status.json", text);
   } catch (const std::exception& e) {  // the job goes on without it
     if (!status_failed_) spdlog::warn("scheduler: cannot write status.json: {}", e.what());
     status_failed_ = true;
@@ -924,11 +928,19 @@ void Coordinator::check_reports() {
   finished_ = true;
 }
 
-void Coordinator::fail(const std::string& reason) {
+void Coordinator::fail(const std::string& why) {
   if (finished_) return;
-  spdlog::error("scheduler: job failed: {}", reason);
+  // A signal to the scheduler stops the job on purpose, even when the
+  // scheduler first hears of it as a node that the same signal stopped.
+  stopped_ = stop_requested();
+  const std::string reason = stopped_ ? fmt::format("stopped by signal {}", stop_signal()) : why;
+  if (stopped_) {
+    spdlog::warn("scheduler: job stopped: {}", reason);
+  } else {
+    spdlog::error("scheduler: job failed: {}", reason);
+  }
   failure_ = reason;
-  log_.write({{"event", "job_failed"}, {"reason", reason}});
+  log_.write({{"event", stopped_ ? "job_stopped" : "job_failed"}, {"reason", reason}});
   shutdown_all(true, reason);
   exit_status_ = 1;
   finished_ = true;

@@ -171,6 +171,7 @@ class Coordinator {
   bool finished_ = false;
   int exit_status_ = 0;
   std::string failure_;         // why the job failed, once it has
+  bool stopped_ = false;        // it failed because a signal stopped it
   double status_written_ = -1;  // clock_ seconds of the last status.json
   bool status_failed_ = false;
   uint64_t malformed_ = 0;

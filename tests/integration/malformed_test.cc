@@ -7,7 +7,11 @@
 
 #include <signal.h>
 
+#include <fstream>
 #include <thread>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include <zmq.hpp>
 
@@ -169,6 +173,80 @@ TEST(MalformedMessageTest, ServerCountsDropsAndKeepsServing) {
   }
   ASSERT_TRUE(found) << "the server wrote no stats line";
   EXPECT_EQ(malformed, bad.size() + refused_pulls);
+}
+
+// A registered worker whose heartbeats carry payloads that do not decode:
+// each is counted and dropped, every heartbeat is still answered (the node
+// stays alive), and the next good payload's progress shows in status.json.
+TEST(MalformedMessageTest, SchedulerCountsBadHeartbeatPayloadsAndKeepsTheNode) {
+  Job job("bad-heartbeat", 1, 1, {"cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=5000"});
+  ASSERT_TRUE(job.start_scheduler());
+  job.start_server(0);
+  zmq::context_t ctx(1);
+  zmq::socket_t peer(ctx, zmq::socket_type::dealer);
+  peer.set(zmq::sockopt::linger, 0);
+  peer.connect(fmt::format("tcp://127.0.0.1:{}", job.port));
+  auto send = [&](MessageType type, Bytes payload) {
+    Header h;
+    h.type = type;
+    const auto m = protocol::encode_control(h, std::move(payload));
+    send_frames(peer, {m.header, m.frame1.to_bytes(), m.frame2.to_bytes()});
+  };
+  auto receive = [&]() -> MessageType {
+    if (!net::wait_readable({&peer}, std::chrono::seconds(10))[0]) return MessageType{};
+    auto r = net::try_recv(peer, false);
+    if (!r) return MessageType{};
+    auto m = net::decode(*r);
+    return m.ok() ? m->header.type : MessageType{};
+  };
+  protocol::RegisterInfo info;
+  info.role = protocol::Role::kWorker;
+  info.num_params = 7850;
+  info.host = "hostile";
+  info.pid = 4242;
+  send(MessageType::kRegister, protocol::encode_register(info));
+  ASSERT_EQ(receive(), MessageType::kAssign) << "the scheduler did not assign the worker";
+
+  protocol::DoneReport progress;
+  progress.steps = 7;
+  progress.bytes_pushed = 1234;
+  progress.last_batch_loss = 0.5;
+  Bytes longer = protocol::encode_done(progress);
+  longer.push_back(std::byte{0});
+  Bytes shorter = protocol::encode_done(progress);
+  shorter.resize(shorter.size() - 8);
+  const std::vector<Bytes> bad = {Bytes(3), longer, shorter, protocol::encode_server_report({})};
+  for (const auto& payload : bad) send(MessageType::kHeartbeat, payload);
+  send(MessageType::kHeartbeat, protocol::encode_done(progress));
+  for (size_t i = 0; i < bad.size() + 1; ++i)
+    ASSERT_EQ(receive(), MessageType::kHeartbeat) << "heartbeat " << i << " was not answered";
+
+  // status.json is rewritten once a second: the good payload's figures show.
+  nlohmann::json worker = nlohmann::json::object();
+  for (int i = 0; i < 100 && worker.value("step", 0) != 7; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::ifstream in(job.path("status.json"));
+    const auto status = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (!status.is_discarded() && status.contains("workers") && status["workers"].size() == 1)
+      worker = status["workers"][0];
+  }
+  EXPECT_EQ(worker.value("step", 0), 7) << worker.dump();
+  EXPECT_EQ(worker.value("bytes_pushed", 0), 1234);
+  EXPECT_TRUE(worker.value("alive", false));
+  EXPECT_EQ(worker.value("host", ""), "hostile");
+
+  job.scheduler.send_signal(SIGTERM);
+  ASSERT_TRUE(job.wait_all(20));
+  uint64_t malformed = 0;
+  bool found = false;
+  for (const auto& line : read_jsonl(job.path("scheduler.jsonl"))) {
+    if (line.value("event", "") == "shutdown") {
+      malformed = line["malformed"].get<uint64_t>();
+      found = true;
+    }
+  }
+  ASSERT_TRUE(found) << "the scheduler logged no shutdown";
+  EXPECT_EQ(malformed, bad.size());
 }
 
 // The scheduler refuses registrations it cannot honour, with a reason, and

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """The /metrics endpoints of a real job, read with a real HTTP client (curl):
 Prometheus text that parses, counters that move while the job trains, a
-dead worker and its replacement visible in the scheduler's gauges, 404/405 for other requests,
+dead worker and its replacement visible in the scheduler's gauges, its /status
+read by sps-status, 404/405 for other requests,
 and a clear error when the configured port is taken.
 Usage: metrics_test.py BIN_DIR"""
+import json
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "scripts", "sps-launch")
+STATUS = os.path.join(ROOT, "scripts", "sps-status")
 DEMO = os.path.join(ROOT, "config", "demo.yaml")
 BIN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build", "bin")
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
@@ -142,6 +145,19 @@ class MetricsTest(unittest.TestCase):
                 self.assertTrue(0 < loss < 100, loss)
             self.assertIn("# TYPE sps_worker_pushed_bytes_total counter", curl(sched_url)[1])
 
+            # The scheduler's /status: status.json over HTTP, for sps-status on another host.
+            code, body = curl(sched_url.replace("/metrics", "/status"))
+            self.assertEqual(code, 200)
+            remote = json.loads(body)
+            self.assertEqual(remote["state"], "training")
+            self.assertEqual([w["rank"] for w in remote["workers"]], [0, 1])
+            self.assertGreater(remote["workers"][0]["step"], 0)
+            self.assertLess(abs(remote["written_at"] - time.time()), 5)
+            r = subprocess.run([sys.executable, STATUS, sched_url], capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertIn("sps job 'live': training, step ", r.stdout)
+            self.assertRegex(r.stdout, r"\n1 +live +\S+ +\d+ +\d+ ")
+
             # Other paths and methods are refused; HEAD has no body.
             self.assertEqual(curl(server_url.replace("/metrics", "/nope"))[0], 404)
             self.assertEqual(curl(server_url, "-X", "POST")[0], 405)
@@ -197,6 +213,14 @@ class MetricsTest(unittest.TestCase):
         finally:
             os.killpg(job.pid, signal.SIGINT)
             job.communicate(timeout=30)
+        # Ctrl-C: the job reads "stopped"; the scheduler no longer answers.
+        r = subprocess.run([sys.executable, STATUS, sched_url], capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+        self.assertIn("the scheduler is gone", r.stderr)
+        r = subprocess.run([sys.executable, STATUS, run], capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("sps job 'live': stopped", r.stdout)
+        self.assertIn("\nstopped: stopped by signal", r.stdout)
 
     def test_taken_port_is_a_clear_error(self):
         with socket.socket() as s:
