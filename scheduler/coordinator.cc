@@ -265,6 +265,30 @@ int Coordinator::run() {
   return exit_status_;
 }
 
+void Coordinator::note_steps(Node& n, double t, uint64_t steps) {
+  constexpr double kRateWindow = 2.0;  // long enough that one late heartbeat barely moves it
+  if (n.rate_since < 0 || steps < n.rate_from_step) {
+    n.rate_since = t;
+    n.rate_from_step = steps;
+  } else if (t - n.rate_since >= kRateWindow) {
+    n.steps_per_second = static_cast<double>(steps - n.rate_from_step) / (t - n.rate_since);
+    n.rate_since = t;
+    n.rate_from_step = steps;
+  }
+}
+
+double Coordinator::eta_seconds() const {
+  if (!released_) return NAN;
+  double eta = 0;
+  for (const auto& [k, n] : nodes_) {
+    if (n.role != Role::kWorker || !n.alive || n.done) continue;
+    if (!n.progress || !(n.steps_per_second > 0)) return NAN;
+    const double left = static_cast<double>(cfg_.training.steps) - static_cast<double>(n.progress->steps);
+    eta = std::max(eta, std::max(0.0, left) / n.steps_per_second);
+  }
+  return eta;
+}
+
 void Coordinator::write_status_if_due(bool now) {
   const double t = clock_.seconds();
   if (!now && status_written_ >= 0 && t - status_written_ < 1.0) return;
@@ -284,6 +308,7 @@ void Coordinator::write_status_if_due(bool now) {
       node["joining"] = n.joining;
       if (r != nullptr) {
         node["step"] = r->steps;
+        node["steps_per_second"] = finite_or_null(n.done ? NAN : n.steps_per_second);
         node["last_batch_loss"] = finite_or_null(r->last_batch_loss);
         node["bytes_pushed"] = r->bytes_pushed;
         node["bytes_pulled"] = r->bytes_pulled;
@@ -313,6 +338,7 @@ void Coordinator::write_status_if_due(bool now) {
       {"seconds", t},
       {"written_at", std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()},
       {"train_seconds", released_ ? t - release_time_ : 0.0},
+      {"eta_seconds", finite_or_null(finished_ || finishing_ ? 0.0 : eta_seconds())},
       {"steps", cfg_.training.steps},
       {"consistency", make_policy(cfg_.consistency)->name()},
       {"num_workers", cfg_.cluster.num_workers},
@@ -387,7 +413,12 @@ void Coordinator::handle(const std::string& key, net::Received& received, const 
       if (!m.frame1.empty()) {
         if (n.role == Role::kWorker) {
           auto d = protocol::decode_done(m.frame1);
-          if (d.ok()) n.progress = *d; else ++malformed_;
+          if (d.ok()) {
+            n.progress = *d;
+            note_steps(n, clock_.seconds(), d->steps);
+          } else {
+            ++malformed_;
+          }
         } else {
           auto r = protocol::decode_server_report(m.frame1);
           if (r.ok()) n.server_progress = *r; else ++malformed_;

@@ -24,6 +24,7 @@
 // again from there, from the copies it keeps until a snapshot holds them.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -81,6 +82,11 @@ class Coordinator {
     // node that died before its final report.
     std::optional<protocol::DoneReport> progress;
     std::optional<protocol::ServerReport> server_progress;
+    // Steps per second over the last ≥ kRateWindow seconds of heartbeats
+    // (NaN until a window has passed): status.json's rate and ETA.
+    double steps_per_second = NAN;
+    double rate_since = -1;
+    uint64_t rate_from_step = 0;
     double last_seen = 0;
     int fd = -1;                      // its connection to the scheduler, until that closes
     bool connection_closed = false;   // the kernel closed it: the process exited or was killed
@@ -125,6 +131,10 @@ class Coordinator {
   // Why a server's registration cannot be taken ("" when it can).
   std::string server_endpoint_refusal(const protocol::RegisterInfo& info) const;
   void release_joined(Node& n);
+  // A worker's heartbeat counted `steps` at time `t`: updates its rate.
+  static void note_steps(Node& n, double t, uint64_t steps);
+  // Seconds until every live worker is done at its current rate; NaN when unknown.
+  double eta_seconds() const;
   Node* joining_worker(uint32_t rank);
   void note_closed_connections();
   void check_closed_connections();

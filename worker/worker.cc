@@ -232,6 +232,14 @@ void Worker::Impl::resume(uint32_t rank) {
 
 namespace {
 
+// "42 s", "3 min 07 s", "2 h 05 min": a time left, as a person reads it.
+std::string human_duration(double seconds) {
+  const auto s = static_cast<int64_t>(std::llround(std::max(0.0, seconds)));
+  if (s < 60) return fmt::format("{} s", s);
+  if (s < 3600) return fmt::format("{} min {:02} s", s / 60, s % 60);
+  return fmt::format("{} h {:02} min", s / 3600, s % 3600 / 60);
+}
+
 // A dataset seen through the worker: every batch drawn first keeps the
 // scheduler connection alive, so evaluating a model for longer than
 // cluster.heartbeat_timeout_ms does not get the worker declared dead.
@@ -523,13 +531,14 @@ void Worker::Impl::push(std::span<const float> grad, double loss, const Batch* b
   const int64_t progress_every = std::max<int64_t>(1, steps / cfg.run.progress_lines);
   if (rank == 0 && cfg.run.progress && (step % progress_every == 0 || step == steps)) {
     const double elapsed = train_clock.seconds();
+    const double rate = double(step - first_step) / std::max(elapsed, 1e-9);
     spdlog::info("step {:>6}/{} ({:3.0f}%)  loss {:.4f}  pushed {:.1f} KiB/step ({:.1f}x less than dense)  "
-                 "{:.0f} steps/s",
+                 "{:.0f} steps/s{}",
                  step, steps, 100.0 * double(step) / double(steps), loss_window / double(window),
                  double(after.bytes_pushed) / 1024.0 / double(step - first_step),
                  after.bytes_pushed > 0 ? double(after.bytes_pushed_dense_equivalent) / double(after.bytes_pushed)
                                         : 0.0,
-                 double(step - first_step) / std::max(elapsed, 1e-9));
+                 rate, step < steps ? "  eta " + human_duration(double(steps - step) / rate) : std::string());
     loss_window = 0;
     window = 0;
   }

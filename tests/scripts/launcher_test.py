@@ -62,7 +62,9 @@ class LauncherTest(unittest.TestCase):
             deadline = time.time() + 60
             while True:
                 rc, s = current()
-                if rc == 0 and s["state"] == "training" and all(w.get("step", 0) > 50 for w in s["workers"]):
+                # A rate needs 2 s of heartbeats.
+                if rc == 0 and s["state"] == "training" and all(w.get("step", 0) > 50 and w.get("steps_per_second")
+                                                                  for w in s["workers"]):
                     break
                 self.assertLess(time.time(), deadline, f"no training status with steps: {s}")
                 time.sleep(0.2)
@@ -77,11 +79,20 @@ class LauncherTest(unittest.TestCase):
                 self.assertLess(after["heard_seconds_ago"], 5)
             # Worker 1 is paced 20 ms a step (asp: nobody waits for it): it shows behind.
             self.assertLess(later["workers"][1]["step"], later["workers"][0]["step"], later)
+            # Its rate is at most 50 steps/s, and it sets the time left: its
+            # steps to go at that rate (within a window's change of rate).
+            slow, fast = later["workers"][1], later["workers"][0]
+            self.assertLess(slow["steps_per_second"], 51, slow)
+            self.assertLess(slow["steps_per_second"], fast["steps_per_second"], later)
+            expected = (100000 - slow["step"]) / slow["steps_per_second"]
+            self.assertGreater(later["eta_seconds"], 0.5 * expected, later)
+            self.assertLess(later["eta_seconds"], 2 * expected, later)
             self.assertGreater(later["servers"][0]["pushes_applied"], 0)
             r = subprocess.run([sys.executable, status, run], capture_output=True, text=True, timeout=30)
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertIn("sps job 'watched': training, step ", r.stdout)
-            self.assertRegex(r.stdout, r"\n0 +live +\S+ +\d+ +\d+ +\d+\.\d{4} ")
+            self.assertRegex(r.stdout, r"about (\d+ min \d\d s|\d+ h \d\d min) left")
+            self.assertRegex(r.stdout, r"\n0 +live +\S+ +\d+ +\d+ +\d+\.\d +\d+\.\d{4} ")
             self.assertIn("server  state", r.stdout)
         finally:
             os.killpg(p.pid, signal.SIGINT)
