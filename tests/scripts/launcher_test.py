@@ -51,7 +51,8 @@ class LauncherTest(unittest.TestCase):
         status = os.path.join(ROOT, "scripts", "sps-status")
         run = os.path.join(self.tmp, "watched")
         p = subprocess.Popen(self.launch("watched", "training.steps=100000", "cluster.num_workers=2",
-                                         "consistency.mode=asp", "workers.delay_ms=[1, 20]"),
+                                         "consistency.mode=asp", "workers.delay_ms=[1, 20]",
+                                         "checkpoint.interval=100"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             def current():
@@ -96,14 +97,21 @@ class LauncherTest(unittest.TestCase):
             self.assertIn("server  state", r.stdout)
         finally:
             os.killpg(p.pid, signal.SIGINT)
-            p.communicate(timeout=60)
+            out, _ = p.communicate(timeout=60)
+        # The launcher says where the job stopped (there is no summary.json).
+        self.assertEqual(p.returncode, 130)
+        self.assertFalse(os.path.exists(os.path.join(run, "summary.json")))
+        self.assertIn("sps job 'watched' stopped (figures from the last heartbeats)", out)
+        self.assertRegex(out, r"\nwhy +stopped by signal \d+\n")
+        self.assertRegex(out, r"\nsteps \(per worker\) +\d+ to \d+ of 100000\n")
+        self.assertRegex(out, r"\nsnapshots +newest at step \d+00: the same command with --resume")
         # Stopped: the last status says so, and so does the exit status.
         r = subprocess.run([sys.executable, status, run], capture_output=True, text=True, timeout=30)
         self.assertEqual(r.returncode, 1, r.stdout)
         # Ctrl-C reaches every process at once: the job reads stopped, not
         # failed, even when the scheduler first hears of a server that stopped.
         self.assertIn("sps job 'watched': stopped", r.stdout)
-        self.assertIn("\nstopped: stopped by signal 2", r.stdout)
+        self.assertRegex(r.stdout, r"\nstopped: stopped by signal \d+")
         r = subprocess.run([sys.executable, status, os.path.join(self.tmp, "nothing")], capture_output=True,
                            text=True, timeout=30)
         self.assertEqual(r.returncode, 1)
