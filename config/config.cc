@@ -387,6 +387,7 @@ const std::vector<Field>& fields() {
       integer_field("workers.gradient_delay", SPS_REF(workers.gradient_delay), 0, 10000),
 
       integer_field("checkpoint.interval", SPS_REF(checkpoint.interval), 0, 1000000000),
+      real_field("checkpoint.every_seconds", SPS_REF(checkpoint.every_seconds), 0.0, 1e7, false),
       string_field("checkpoint.dir", SPS_REF(checkpoint.dir), {}, /*allow_empty=*/true),
       integer_field("checkpoint.keep", SPS_REF(checkpoint.keep), 2, 1000),
       bool_field("checkpoint.workers", SPS_REF(checkpoint.workers)),
@@ -484,10 +485,11 @@ Status check_cross_keys(const Config& c) {
     return invalid_argument(fmt::format("{}: cluster.port_min/port_max: {}..{} is not a port range (set both, "
                                         "port_min <= port_max, or both 0 for any free port)",
                                         c.source, c.cluster.port_min, c.cluster.port_max));
-  if (c.cluster.on_server_loss == ServerLoss::kReplace && c.checkpoint.interval <= 0) {
+  if (c.cluster.on_server_loss == ServerLoss::kReplace && !c.checkpoint.enabled()) {
     const auto it = c.set_at.find("cluster.on_server_loss");
     return invalid_argument(fmt::format("{}: cluster.on_server_loss: replace restores the dead server's shard from "
-                                        "its newest snapshot, which needs checkpoint.interval > 0",
+                                        "its newest snapshot, which needs checkpoint.interval > 0 or "
+                                        "checkpoint.every_seconds > 0",
                                         it != c.set_at.end() ? it->second : c.source));
   }
   if (c.model.device == "cuda" && c.compression.backend != BackendName::kCuda)

@@ -84,7 +84,7 @@ struct ClusterConfig {
   // abort: a dead server ends the job with an error. replace: the job waits
   // (cluster.startup_timeout_ms) for a new server process to take the dead
   // one's place; it loads the dead server's newest snapshot and the workers
-  // send it again every push since (needs checkpoint.interval > 0).
+  // send it again every push since (needs checkpoint.interval or every_seconds).
   // Default: abort.
   ServerLoss on_server_loss = ServerLoss::kAbort;
   // on_server_loss: replace: the most memory each worker keeps its pushes
@@ -294,6 +294,11 @@ struct CheckpointConfig {
   // Snapshot every N worker steps: servers write their shard, workers their
   // residual (0 = off). Default: 0. Range [0, 1e9].
   int64_t interval = 0;
+  // Also snapshot about every S seconds of training: the scheduler names a
+  // step every live worker has yet to reach (0 = off). Default: 0. Range [0, 1e7].
+  double every_seconds = 0;
+  // Snapshots are on (by steps, by time, or both).
+  bool enabled() const { return interval > 0 || every_seconds > 0; }
   // Folder of the snapshots; "" = <run folder>/checkpoints. Multi-host jobs
   // need a folder every host sees at the same path. Default: "".
   std::string dir;

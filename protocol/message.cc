@@ -49,6 +49,7 @@ const char* message_type_name(MessageType type) {
     case MessageType::kServerRestored: return "server_restored";
     case MessageType::kServerMoved: return "server_moved";
     case MessageType::kSnapshotted: return "snapshotted";
+    case MessageType::kSnapshotAt: return "snapshot_at";
   }
   return "unknown";
 }

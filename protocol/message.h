@@ -58,8 +58,9 @@ enum class MessageType : uint16_t {
   kServerMoved = 17,     // scheduler -> worker: shard `shard` is now served at the payload's endpoint;
                          // resend your pushes from clock `clock` on
   kSnapshotted = 18,     // server -> worker: a snapshot holds your pushes before clock `clock`
+  kSnapshotAt = 19,      // scheduler -> node: snapshot at step `clock` too (checkpoint.every_seconds)
 };
-inline constexpr uint16_t kMaxMessageType = 18;
+inline constexpr uint16_t kMaxMessageType = 19;
 
 enum class ValueType : uint8_t {
   kNone = 0,  // no values (control messages)

@@ -257,6 +257,7 @@ int Coordinator::run() {
     if (drain_messages() && !finished_) check_closed_connections();
     if (!finished_) check_liveness();
     if (finishing_ && !finished_) check_reports();
+    if (!finished_) announce_snapshot_if_due();
     update_metrics();
     write_status_if_due();
   }
@@ -287,6 +288,41 @@ double Coordinator::eta_seconds() const {
     eta = std::max(eta, std::max(0.0, left) / n.steps_per_second);
   }
   return eta;
+}
+
+void Coordinator::send_snapshot_at(const Node& n, uint64_t step) {
+  Header h;
+  h.type = MessageType::kSnapshotAt;
+  h.clock = step;
+  send_to(n, protocol::encode_control(h));
+}
+
+void Coordinator::announce_snapshot_if_due() {
+  const double every = cfg_.checkpoint.every_seconds;
+  if (every <= 0 || !released_ || finishing_) return;
+  const double t = clock_.seconds();
+  if (next_snapshot_at_ < 0) next_snapshot_at_ = release_time_ + every;
+  if (t < next_snapshot_at_) return;
+  // Ahead of every live worker by what the fastest can do before the
+  // message reaches it: its last heartbeat is up to one period old.
+  uint64_t ahead = 0;
+  double fastest = 0;
+  for (const auto& [k, n] : nodes_) {
+    if (n.role != Role::kWorker || !n.alive || n.done) continue;
+    if (!n.progress || !(n.steps_per_second >= 0)) return;  // rates need 2 s of heartbeats: next tick
+    ahead = std::max(ahead, n.progress->steps);
+    fastest = std::max(fastest, n.steps_per_second);
+  }
+  const double lead_seconds = 2.0 * cfg_.cluster.heartbeat_ms / 1000.0 + 0.5;
+  const uint64_t step = std::max(ahead + static_cast<uint64_t>(std::ceil(fastest * lead_seconds)) + 1,
+                                 last_announced_step_ + 1);
+  next_snapshot_at_ = t + every;
+  if (step >= static_cast<uint64_t>(cfg_.training.steps)) return;  // the job ends first
+  last_announced_step_ = step;
+  for (const auto& [k, n] : nodes_)
+    if (n.alive) send_snapshot_at(n, step);
+  log_.write({{"event", "snapshot_at"}, {"step", step}, {"ahead_of", ahead}});
+  spdlog::info("scheduler: snapshot at step {} (checkpoint.every_seconds {})", step, every);
 }
 
 void Coordinator::write_status_if_due(bool now) {
@@ -690,6 +726,8 @@ void Coordinator::announce_restored(Node& server) {
     send_to(w, protocol::encode_control(h, protocol::encode_text(server.endpoint)));
     ++resending;
   }
+  // The newest named step, which it may not have heard of (it would skip one it passed).
+  if (last_announced_step_ > server.restored_step) send_snapshot_at(server, last_announced_step_);
   const uint64_t step = server.restored_step;
   const double at = clock_.seconds();
   replaced_servers_.push_back({{"rank", server.rank}, {"step", step}, {"seconds", at}});
@@ -812,6 +850,7 @@ void Coordinator::release_joined(Node& n) {
   h.type = MessageType::kBarrierRelease;
   h.clock = n.join_clock;
   send_to(n, protocol::encode_control(h));
+  if (last_announced_step_ > n.join_clock) send_snapshot_at(n, last_announced_step_);
   const double at = clock_.seconds();
   rejoined_.push_back({{"rank", n.rank}, {"step", n.join_clock}, {"seconds", at}});
   log_.write({{"event", "worker_rejoined"}, {"rank", n.rank}, {"step", n.join_clock}});

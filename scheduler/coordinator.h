@@ -135,6 +135,10 @@ class Coordinator {
   static void note_steps(Node& n, double t, uint64_t steps);
   // Seconds until every live worker is done at its current rate; NaN when unknown.
   double eta_seconds() const;
+  // checkpoint.every_seconds: names every node a step to snapshot at, one
+  // no live worker has reached yet.
+  void announce_snapshot_if_due();
+  void send_snapshot_at(const Node& n, uint64_t step);
   Node* joining_worker(uint32_t rank);
   void note_closed_connections();
   void check_closed_connections();
@@ -182,6 +186,8 @@ class Coordinator {
   int exit_status_ = 0;
   std::string failure_;         // why the job failed, once it has
   bool stopped_ = false;        // it failed because a signal stopped it
+  double next_snapshot_at_ = -1;  // clock_ seconds of the next checkpoint.every_seconds announcement
+  uint64_t last_announced_step_ = 0;
   double status_written_ = -1;  // clock_ seconds of the last status.json
   bool status_failed_ = false;
   uint64_t malformed_ = 0;

@@ -51,7 +51,7 @@ int main(int argc, char** argv) {
     }
     for (const auto& s : point->skipped) spdlog::warn("scheduler: skipped a snapshot: {}", s);
     spdlog::info("scheduler: resuming the job from step {} ({})", point->step, cfg.checkpoint_dir());
-  } else if (cfg.checkpoint.interval > 0) {
+  } else if (cfg.checkpoint.enabled()) {
     if (const size_t old = sps::remove_snapshots(cfg.checkpoint_dir()); old > 0)
       spdlog::warn("scheduler: removed {} snapshot step(s) of an earlier run from {} (a fresh start)", old,
                    cfg.checkpoint_dir());

@@ -260,6 +260,10 @@ void Server::handle_control(const net::Received& r) {
     }
     case MessageType::kHeartbeat:
       break;
+    case MessageType::kSnapshotAt:
+      if (m->header.clock > last_snapshot_step_) snapshot_steps_.insert(m->header.clock);
+      snapshot_if_due();
+      break;
     default:
       spdlog::warn("server {}: unexpected {} from the scheduler", rank_, protocol::message_type_name(m->header.type));
   }
@@ -392,13 +396,28 @@ bool Server::resume_shard() {
 
 void Server::snapshot_if_due() {
   const int64_t every = cfg_.checkpoint.interval;
-  if (every <= 0 || !shard_) return;
+  if ((every <= 0 && snapshot_steps_.empty()) || !shard_) return;
   const uint64_t min_clock = shard_->pushed().min_live_clock();
   if (min_clock == UINT64_MAX) return;
-  const uint64_t step = min_clock / static_cast<uint64_t>(every) * static_cast<uint64_t>(every);
-  if (step == 0 || step <= last_snapshot_step_ || step >= static_cast<uint64_t>(cfg_.training.steps)) return;
+  uint64_t step = every > 0 ? min_clock / static_cast<uint64_t>(every) * static_cast<uint64_t>(every) : 0;
   // bsp: the step's pushes must be applied (they are, right after the last arrives).
-  if (!shard_->policy().apply_on_arrival() && shard_->version() != step) return;
+  const bool bsp = !shard_->policy().apply_on_arrival();
+  // The named steps every live worker has reached.
+  while (!snapshot_steps_.empty() && *snapshot_steps_.begin() <= min_clock) {
+    const uint64_t named = *snapshot_steps_.begin();
+    if (bsp && named > shard_->version()) break;  // not applied yet
+    snapshot_steps_.erase(snapshot_steps_.begin());
+    if (bsp && named < shard_->version() && named > last_snapshot_step_) {
+      // Named after the shard passed it: that step's snapshot is incomplete, the next one is not.
+      spdlog::warn("server {}: the snapshot at step {} was named at version {}: skipped", rank_, named,
+                   shard_->version());
+      log_.write({{"event", "snapshot_missed"}, {"step", named}, {"version", shard_->version()}});
+      continue;
+    }
+    step = std::max(step, named);
+  }
+  if (step == 0 || step <= last_snapshot_step_ || step >= static_cast<uint64_t>(cfg_.training.steps)) return;
+  if (bsp && shard_->version() != step) return;
   Stopwatch sw;
   SnapshotWriter w;
   w.add_u64("rank", rank_);

@@ -81,7 +81,7 @@ class Server {
   void record_handled();
   void heartbeat_if_due();
   // Writes the shard when every live worker has passed a multiple of
-  // checkpoint.interval (common/snapshot.h).
+  // checkpoint.interval or a step the scheduler named (common/snapshot.h).
   void snapshot_if_due();
   // checkpoint.resume: loads this rank's shard from the newest complete
   // snapshot; false (after telling the scheduler) when it cannot.
@@ -161,6 +161,7 @@ class Server {
   static constexpr size_t kMaxEarlyBytes = size_t{256} << 20;
   static constexpr size_t kMaxReportedPeers = 1024;
   uint64_t last_snapshot_step_ = 0;
+  std::set<uint64_t> snapshot_steps_;  // named by the scheduler (checkpoint.every_seconds), not yet written
   std::set<std::string> reported_peers_;  // malformed senders already logged
   ServerStats stats_;
   std::unique_ptr<ServerMetrics> metrics_;  // metrics.enabled, from the assignment on

@@ -126,6 +126,9 @@ Status PsClient::handle_scheduler_message(const protocol::MessageView& m) {
     }
     case MessageType::kHeartbeat:
       return {};
+    case MessageType::kSnapshotAt:
+      snapshot_steps_.push_back(m.header.clock);
+      return {};
     default:
       spdlog::warn("worker: unexpected {} from the scheduler", protocol::message_type_name(m.header.type));
       return {};
@@ -180,7 +183,7 @@ Status PsClient::register_worker(uint64_t num_params, int requested_rank) {
   for (const auto& shard : assign_.shards) servers_.push_back(connect_server(shard.endpoint));
   versions_.assign(assign_.shards.size(), 0);
   pulled_.assign(assign_.shards.size(), false);
-  retain_ = cfg_.cluster.on_server_loss == config::ServerLoss::kReplace && cfg_.checkpoint.interval > 0;
+  retain_ = cfg_.cluster.on_server_loss == config::ServerLoss::kReplace && cfg_.checkpoint.enabled();
   retained_.clear();
   retained_.resize(assign_.shards.size());
   return {};

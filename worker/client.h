@@ -111,6 +111,9 @@ class PsClient {
   // sps_worker_last_batch_loss metric).
   void note_batch_loss(double loss) { last_batch_loss_ = loss; }
   double last_pull_wait_seconds() const { return last_pull_wait_; }
+  // The steps the scheduler named for a snapshot (checkpoint.every_seconds)
+  // since the last call, in the order they came.
+  std::vector<uint64_t> take_snapshot_steps() { return std::exchange(snapshot_steps_, {}); }
 
   // For long local work between protocol calls (evaluating a model):
   // reads what the scheduler sent and sends a heartbeat when one is due,
@@ -191,8 +194,9 @@ class PsClient {
   bool retain_ = false;
   std::vector<std::deque<RetainedPush>> retained_;
   uint64_t retained_bytes_ = 0;
-  uint64_t next_push_clock_ = 0;
-  double last_batch_loss_ = NAN;  // the clock of this worker's next push
+  uint64_t next_push_clock_ = 0;  // the clock of this worker's next push
+  double last_batch_loss_ = NAN;  // for the heartbeats
+  std::vector<uint64_t> snapshot_steps_;  // kSnapshotAt steps not yet taken
   std::vector<uint32_t> refused_shards_;  // the last pull's PUSH_REFUSED flags, ascending
   std::vector<ScaleRun> runs_;  // one shard message's scale runs (reused)
   // Push frames are encoded straight into pooled buffers that ZeroMQ adopts

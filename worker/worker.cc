@@ -12,6 +12,7 @@
 #include <fstream>
 #include <limits>
 #include <optional>
+#include <set>
 #include <thread>
 
 #include <fmt/format.h>
@@ -151,15 +152,27 @@ struct Worker::Impl {
     }
   }
   void push(std::span<const float> grad, double loss, const Batch* batch);
-  // checkpoint.interval: the residual and step after every interval-th push.
+  // checkpoint.interval: the residual and step after every interval-th push;
+  // checkpoint.every_seconds: after the push before each step the scheduler named.
   void snapshot_if_due(uint32_t rank);
+  std::set<int64_t> snapshot_at;  // steps the scheduler named, not reached yet
   // checkpoint.resume: the step (and residual) to start from.
   void resume(uint32_t rank);
 };
 
 void Worker::Impl::snapshot_if_due(uint32_t rank) {
+  for (const uint64_t s : client->take_snapshot_steps()) {
+    if (static_cast<int64_t>(s) >= step) {
+      snapshot_at.insert(static_cast<int64_t>(s));
+    } else {  // the scheduler's lead was too short: that step's snapshot is incomplete, the next one is not
+      spdlog::warn("worker {}: the snapshot at step {} was named at step {}: skipped", rank, s, step);
+      log.write({{"event", "snapshot_missed"}, {"step", s}, {"at_step", step}});
+    }
+  }
+  const bool named = snapshot_at.erase(step) > 0;
   const int64_t every = cfg.checkpoint.interval;
-  if (every <= 0 || !cfg.checkpoint.workers || step % every != 0 || step >= cfg.training.steps) return;
+  const bool due = named || (every > 0 && step % every == 0);
+  if (!due || !cfg.checkpoint.workers || step >= cfg.training.steps) return;
   Stopwatch sw;
   SnapshotWriter snap;
   snap.add_u64("rank", rank);

@@ -107,9 +107,13 @@ TEST(ConfigTest, CrossKeyRules) {
   // Where the key was set, and why it cannot work.
   expect_error("run:\n  name: x\ncluster:\n  on_server_loss: replace\n",
                "job.yaml:4:3: cluster.on_server_loss: replace restores the dead server's shard from its newest "
-               "snapshot, which needs checkpoint.interval > 0");
+               "snapshot, which needs checkpoint.interval > 0 or checkpoint.every_seconds > 0");
   auto ok = load_from_string("cluster:\n  on_server_loss: replace\ncheckpoint:\n  interval: 10\n", "job.yaml");
   EXPECT_TRUE(ok.ok()) << ok.status().message();
+  ok = load_from_string("cluster:\n  on_server_loss: replace\ncheckpoint:\n  every_seconds: 600\n", "job.yaml");
+  EXPECT_TRUE(ok.ok()) << ok.status().message();
+  EXPECT_TRUE(ok->checkpoint.enabled());
+  expect_error("checkpoint:\n  every_seconds: -1\n", "checkpoint.every_seconds");
 }
 
 TEST(ConfigTest, AdaptiveOptimizersNeedGradientPushesAndNoSgdMomentum) {

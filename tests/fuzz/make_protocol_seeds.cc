@@ -115,5 +115,8 @@ int main(int argc, char** argv) {
   write(dir + "/server_moved", encode_control(h, encode_text("tcp://127.0.0.1:40123")));
   h.type = MessageType::kSnapshotted;
   write(dir + "/snapshotted", encode_control(h));
+  h.type = MessageType::kSnapshotAt;
+  h.clock = 1234;
+  write(dir + "/snapshot_at", encode_control(h));
   return 0;
 }

@@ -155,6 +155,64 @@ void kill_a_server_and_resume(const std::string& name, const std::vector<std::st
 
 TEST(ResumeTest, KilledServerResumesBitIdenticalToAnUninterruptedRun) { kill_a_server_and_resume("resume", {}); }
 
+// checkpoint.every_seconds: the scheduler names the steps. Every process
+// snapshots exactly those, and a run resumed from one ends bit for bit as
+// an uninterrupted one.
+TEST(ResumeTest, SnapshotsNamedByTimeResumeBitIdentical) {
+  const std::vector<std::string> by_time = {"checkpoint.interval=0", "checkpoint.every_seconds=0.5",
+                                            "training.steps=1000"};
+  Job reference("by_time_reference", 2, 2, resume_sets(by_time));
+  ASSERT_TRUE(reference.start());
+  ASSERT_TRUE(reference.wait_all(120));
+  ASSERT_EQ(reference.scheduler.exit_status(), 0) << read_text(reference.path("scheduler.out"));
+  const std::vector<float> expected = read_f32(reference.path("params.f32"));
+  ASSERT_FALSE(expected.empty());
+
+  Job killed("by_time_job", 2, 2, resume_sets(by_time));
+  ASSERT_TRUE(killed.start());
+  const std::string ckpt = killed.path("checkpoints");
+  auto named_steps = [&] {
+    std::set<uint64_t> steps;
+    for (const auto& line : read_jsonl(killed.path("scheduler.jsonl")))
+      if (line.value("event", "") == "snapshot_at") steps.insert(line["step"].get<uint64_t>());
+    return steps;
+  };
+  // Wait for a named step that both servers wrote, then kill one.
+  uint64_t written = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (written == 0 && std::chrono::steady_clock::now() < deadline) {
+    for (const uint64_t s : named_steps())
+      if (fs::exists(snapshot_path(ckpt, s, "server", 0)) && fs::exists(snapshot_path(ckpt, s, "server", 1))) written = s;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_GT(written, 0u) << "no named step was written: " << read_text(killed.path("scheduler.out"));
+  killed.servers[1].send_signal(SIGKILL);
+  ASSERT_TRUE(killed.wait_all(60)) << "the job hung after a server died";
+  EXPECT_EQ(killed.scheduler.exit_status(), 1);
+  const std::set<uint64_t> named = named_steps();
+  // Only named steps were written (checkpoint.interval is 0).
+  for (const auto& dir : fs::directory_iterator(ckpt)) {
+    const std::string name = dir.path().filename().string();
+    ASSERT_EQ(name.rfind("step-", 0), 0u) << name;
+    EXPECT_EQ(named.count(std::stoull(name.substr(5))), 1u) << name << " was not named by the scheduler";
+  }
+
+  std::vector<std::string> resume = by_time;
+  resume.push_back("checkpoint.resume=true");
+  Job resumed("by_time_job", 2, 2, resume_sets(resume), /*fresh_folder=*/false);
+  ASSERT_TRUE(resumed.start());
+  ASSERT_TRUE(resumed.wait_all(120));
+  ASSERT_EQ(resumed.scheduler.exit_status(), 0) << read_text(resumed.path("scheduler.out"));
+  const int64_t from = resumed_step(resumed.path("worker-0.jsonl"));
+  EXPECT_GE(from, static_cast<int64_t>(written));
+  EXPECT_EQ(named.count(static_cast<uint64_t>(from)), 1u) << from;
+  EXPECT_EQ(resumed_step(resumed.path("worker-1.jsonl")), from);
+  const std::vector<float> got = read_f32(resumed.path("params.f32"));
+  ASSERT_EQ(got.size(), expected.size());
+  EXPECT_EQ(bits_differing(got, expected), 0u) << "resumed from named step " << from;
+  std::cout << "steps named: " << named.size() << ", resumed from " << from << "\n";
+}
+
 // Adam's two moments per key are in the servers' snapshots: without them
 // the resumed run would restart the moments at zero and end elsewhere.
 TEST(ResumeTest, AdamStateResumesBitIdentical) {
