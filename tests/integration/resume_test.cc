@@ -45,6 +45,19 @@ bool wait_for_file(const std::string& path, double timeout_s) {
   return true;
 }
 
+// Some step folder holds `role`-`rank`'s snapshot.
+bool wait_for_any_snapshot(const std::string& dir, const std::string& role, uint32_t rank, double timeout_s) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  const std::string file = fmt::format("{}-{}.snap", role, rank);
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::error_code ec;
+    for (const auto& step : fs::directory_iterator(dir, ec))
+      if (fs::exists(step.path() / file)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
 // Parameters whose bit patterns differ (got and expected must have one size).
 size_t bits_differing(const std::vector<float>& got, const std::vector<float>& expected) {
   size_t differ = 0;
@@ -298,10 +311,18 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
   // "bsp+downlink": compressed pulls, whose published copy restarts from the
   // snapshot's (the shard itself is restored exactly, the workers' view is
   // not), so the bar is learning, not bit-identity.
+  // "asp+every_seconds": snapshots at the steps the scheduler names by time.
   const std::string param = GetParam();
   const bool downlink = param == "bsp+downlink";
-  const std::string mode = downlink ? "bsp" : param;
+  const bool by_time = param == "asp+every_seconds";
+  const std::string mode = param.substr(0, 3);
   std::vector<std::string> extra = {"consistency.mode=" + mode, "cluster.on_server_loss=replace"};
+  if (by_time) {
+    // Longer: the first step is named after 2 s (the workers' rates), ahead of the fast worker.
+    extra.push_back("checkpoint.interval=0");
+    extra.push_back("checkpoint.every_seconds=0.5");
+    extra.push_back("training.steps=1200");
+  }
   if (downlink) {
     extra.push_back("downlink.method=topk");
     extra.push_back("downlink.ratio=0.1");
@@ -309,7 +330,7 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
   // ssp/asp: worker 1 twice as slow, so the workers' clocks in the snapshot
   // differ and each must resend from its own.
   if (mode != "bsp") extra.push_back("workers.delay_ms=[4, 8]");
-  const int64_t steps = 600;
+  const int64_t steps = by_time ? 1200 : 600;
   std::vector<float> expected;
   if (mode == "bsp" && !downlink) {
     Job reference("replace_server_reference", 2, 2, resume_sets(extra));
@@ -319,10 +340,15 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
     expected = read_f32(reference.path("params.f32"));
     ASSERT_FALSE(expected.empty());
   }
-  Job job("replace_server_" + (downlink ? std::string("bsp_downlink") : mode), 2, 2, resume_sets(extra));
+  Job job("replace_server_" + (downlink ? std::string("bsp_downlink") : by_time ? std::string("asp_by_time") : mode),
+          2, 2, resume_sets(extra));
   ASSERT_TRUE(job.start());
-  ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 200, "server", 1), 60))
-      << read_text(job.path("scheduler.out"));
+  if (by_time) {
+    ASSERT_TRUE(wait_for_any_snapshot(job.path("checkpoints"), "server", 1, 60)) << read_text(job.path("scheduler.out"));
+  } else {
+    ASSERT_TRUE(wait_for_file(snapshot_path(job.path("checkpoints"), 200, "server", 1), 60))
+        << read_text(job.path("scheduler.out"));
+  }
   // Some steps after the snapshot (4 ms each), so there is something to resend.
   std::this_thread::sleep_for(std::chrono::milliseconds(120));
   job.servers[1].send_signal(SIGKILL);
@@ -339,7 +365,7 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
   ASSERT_EQ(summary["replaced_servers"].size(), 1u) << summary.dump();
   EXPECT_EQ(summary["replaced_servers"][0]["rank"].get<int>(), 1);
   const auto restored_step = summary["replaced_servers"][0]["step"].get<int64_t>();
-  EXPECT_GE(restored_step, 200);
+  EXPECT_GE(restored_step, by_time ? 1 : 200);
 
   // The replaced shard: its log holds the dead process's lines, then the
   // replacement's "restored" event with each worker's clock, then applies.
@@ -399,7 +425,8 @@ TEST_P(ServerReplacementTest, AKilledServerIsReplacedAndNoPushIsLostOrAppliedTwi
             << applied_by_dead << "); workers resent from clocks " << from[0] << ", " << from[1] << "\n";
 }
 
-INSTANTIATE_TEST_SUITE_P(Modes, ServerReplacementTest, ::testing::Values("bsp", "ssp", "asp", "bsp+downlink"));
+INSTANTIATE_TEST_SUITE_P(Modes, ServerReplacementTest,
+                         ::testing::Values("bsp", "ssp", "asp", "bsp+downlink", "asp+every_seconds"));
 
 // A replacement is a server like any other: when it dies too, the next one
 // restores (from the first's snapshot if it wrote one, else the same one)
