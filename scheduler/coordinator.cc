@@ -319,8 +319,9 @@ void Coordinator::announce_snapshot_if_due() {
   next_snapshot_at_ = t + every;
   if (step >= static_cast<uint64_t>(cfg_.training.steps)) return;  // the job ends first
   last_announced_step_ = step;
+  // A joining worker hears of it when released (release_joined), if it starts before it.
   for (const auto& [k, n] : nodes_)
-    if (n.alive) send_snapshot_at(n, step);
+    if (n.alive && !n.joining) send_snapshot_at(n, step);
   log_.write({{"event", "snapshot_at"}, {"step", step}, {"ahead_of", ahead}});
   spdlog::info("scheduler: snapshot at step {} (checkpoint.every_seconds {})", step, every);
 }
